@@ -1,0 +1,56 @@
+"""Shared pytest fixtures: project paths and the optional real-data slices (keep this file small)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = REPO_ROOT / "tests" / "fixtures"
+REAL_DATA = REPO_ROOT.parent / "shared" / "data" / "real"  # read-only slices; absent on user machines
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    """The project root (parent of the t2t_mtl package)."""
+    return REPO_ROOT
+
+
+@pytest.fixture
+def fixtures_dir() -> Path:
+    """tests/fixtures: small templates and data written for the tests."""
+    return FIXTURES
+
+
+@pytest.fixture
+def real_data_dir() -> Path:
+    """/work/shared/data/real (or the same place relative to the repo); skips the test when absent."""
+    if not REAL_DATA.is_dir():
+        pytest.skip(f"real data slices not found at {REAL_DATA}")
+    return REAL_DATA
+
+
+# --- tiny local models (tests/tiny_models.py), built once per test session ---------------
+
+
+@pytest.fixture(scope="session")
+def tiny_models_root(tmp_path_factory) -> Path:
+    """Session folder holding the tiny models below."""
+    return tmp_path_factory.mktemp("tiny-models")
+
+
+@pytest.fixture(scope="session")
+def tiny_causal_dir(tiny_models_root) -> Path:
+    """Folder of a tiny Llama-style causal LM with a ChatML (SmolLM2) chat-template tokenizer."""
+    from tiny_models import tiny_causal
+
+    return tiny_causal(tiny_models_root)
+
+
+@pytest.fixture(scope="session")
+def tiny_t5_dir(tiny_models_root) -> Path:
+    """Folder of a tiny T5 with a SentencePiece tokenizer trained in the test session."""
+    from tiny_models import tiny_t5
+
+    return tiny_t5(tiny_models_root)

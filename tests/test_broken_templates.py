@@ -1,0 +1,150 @@
+"""Broken templates and broken rows: each must give an exact `file:line: message` and exit 2, never a traceback.
+
+Every fixture in tests/fixtures/broken/ (names not starting with '_') states what `validate` must
+report in header lines `# expect: [FILE:]LINE: fragment` (FILE relative to the fixture's folder).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from t2t_mtl.cli import main
+
+BROKEN = Path(__file__).resolve().parent / "fixtures" / "broken"
+EXPECT = re.compile(r"^# expect: (?:(?P<file>[^\s:]+):)?(?P<line>\d+): (?P<frag>.+)$")
+
+
+def _expectations(path: Path) -> list[tuple[Path, int, str]]:
+    out = []
+    for ln in path.read_text(encoding="utf-8").splitlines():
+        m = EXPECT.match(ln)
+        if m:
+            target = (path.parent / m["file"]).resolve() if m["file"] else path
+            out.append((target, int(m["line"]), m["frag"]))
+    return out
+
+
+CASES = [pytest.param(p, _expectations(p), id=p.stem) for p in sorted(BROKEN.glob("[!_]*.yaml"))]
+
+
+def _assert_reported(err: str, expects) -> None:
+    lines = err.splitlines()
+    for target, line, frag in expects:
+        prefix = f"{target}:{line}: "
+        assert any(ln.startswith(prefix) and frag in ln for ln in lines), \
+            f"expected a line starting {prefix!r} containing {frag!r}; got:\n{err}"
+
+
+def test_suite_is_big_enough():
+    assert len(CASES) >= 20
+    assert all(c.values[1] for c in CASES), "every broken fixture must state at least one expectation"
+
+
+@pytest.mark.parametrize("path,expects", CASES)
+def test_broken_fixture_reports_exact_location(path, expects, capsys):
+    rc = main(["validate", str(path)])
+    out, err = capsys.readouterr()
+    assert rc == 2
+    assert out == ""  # validate writes problems and the summary on stderr only
+    assert "Traceback" not in err
+    _assert_reported(err, expects)
+    assert err.splitlines()[-1].startswith("validate: ")
+    # Every reported problem is one `file:line: message` line (the summary is the only other line).
+    for ln in err.splitlines()[:-1]:
+        assert re.match(r"^\S+:\d+: ", ln), ln
+
+
+def test_whole_folder_reports_every_expectation(capsys):
+    rc = main(["validate", str(BROKEN)])
+    _, err = capsys.readouterr()
+    assert rc == 2
+    for case in CASES:
+        _assert_reported(err, case.values[1])
+    n_files = len(list(BROKEN.glob("*.yaml")))  # an explicitly named folder: snippets are checked too
+    assert f"{n_files} template(s) checked" in err.splitlines()[-1]
+
+
+def test_console_script_subprocess(tmp_path):
+    script = Path(sys.executable).parent / "t2t-mtl"
+    exe = [str(script)] if script.exists() else [shutil.which("t2t-mtl") or "t2t-mtl"]
+    env = dict(os.environ, T2T_MTL_TEMPLATES="")
+    r = subprocess.run(exe + ["validate", str(BROKEN / "undefined_var.yaml")], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert r.returncode == 2
+    assert r.stdout == ""
+    assert f"{BROKEN / 'undefined_var.yaml'}:9: variant 'direct' input: undefined variable 'txt'" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+# ------------------------------------------------------------------ broken rows through preview
+
+
+def test_bad_rows_fail_lists_every_row(capsys):
+    rc = main(["preview", str(BROKEN / "rows_task.yaml"), "-n", "20", "--bad-rows", "fail"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "" and "Traceback" not in err
+    _assert_reported(err, [e for e in _expectations(BROKEN / "rows_task.yaml") if e[0].name == "train.jsonl"])
+    assert "rows_task/train: 7 bad row(s) in" in err
+
+
+def test_bad_rows_skip_counts_them_on_stderr(capsys):
+    rc = main(["preview", str(BROKEN / "rows_task.yaml"), "-n", "20"])
+    out, err = capsys.readouterr()
+    assert rc == 0
+    recs = [json.loads(ln) for ln in out.splitlines()]
+    assert [r["input"] for r in recs] == ["fine film", "good again"]  # the only two good rows
+    data = BROKEN / "data" / "rows_task" / "train.jsonl"
+    assert f"rows_task/train: 7 bad rows skipped (first: {data}:5: not valid JSON" in err
+
+
+def test_bad_rows_blank_lines_keep_line_numbers(capsys):
+    # validation.jsonl is valid JSON (read by `datasets`, which drops the blank line 2).
+    rc = main(["preview", str(BROKEN / "rows_task.yaml"), "--split", "validation", "--bad-rows", "fail"])
+    _, err = capsys.readouterr()
+    assert rc == 2
+    assert f"{BROKEN / 'data' / 'rows_task' / 'validation.jsonl'}:4: label 'neutral' not in answer_choices" in err
+
+
+def test_bad_csv_rows_count_the_header(tmp_path, capsys):
+    f = tmp_path / "train.csv"
+    f.write_text("txt,label\nfine film,1\nso-so,neutral\n,0\n", encoding="utf-8")
+    rc = main(["preview", str(BROKEN / "rows_task.yaml"), "--source", str(f), "--columns", "txt=text",
+               "--bad-rows", "fail"])
+    _, err = capsys.readouterr()
+    assert rc == 2
+    assert f"{f}:3: label 'neutral' not in answer_choices" in err
+    assert f"{f}:4: missing field 'text'" in err  # empty CSV cell reads as null
+
+
+def test_bad_parquet_rows_use_row_index(tmp_path, capsys):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    f = tmp_path / "train.parquet"
+    pq.write_table(pa.table({"text": ["good", "bad label", "fine"], "label": [1, 5, 0]}), f)
+    rc = main(["preview", str(BROKEN / "rows_task.yaml"), "--source", str(f), "--bad-rows", "fail"])
+    _, err = capsys.readouterr()
+    assert rc == 2
+    assert f"{f}:1: label 5 not in answer_choices" in err  # 0-based row index for parquet
+    rc = main(["preview", str(BROKEN / "rows_task.yaml"), "--source", str(f)])
+    out, err = capsys.readouterr()
+    assert rc == 0 and [json.loads(x)["output"] for x in out.splitlines()] == ["positive", "negative"]
+    assert "rows_task/train: 1 bad row skipped" in err
+
+
+def test_missing_split_file_suggests_mapping(tmp_path, capsys):
+    (tmp_path / "train_v2.jsonl").write_text('{"text": "x", "label": 1}\n', encoding="utf-8")
+    rc = main(["preview", str(BROKEN / "rows_task.yaml"), "--source", str(tmp_path)])
+    _, err = capsys.readouterr()
+    assert rc == 2
+    assert f"{tmp_path}: no train.jsonl/.csv/.parquet for split 'train' (did you mean 'train_v2'?" in err
+    rc = main(["preview", str(BROKEN / "rows_task.yaml"), "--source", str(tmp_path), "--splits", "train=train_v2"])
+    out, _ = capsys.readouterr()
+    assert rc == 0 and json.loads(out)["output"] == "positive"

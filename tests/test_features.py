@@ -1,0 +1,248 @@
+"""Tokenisation, completion-only labels, truncation, collators and attention-correct packing."""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import pytest
+import torch
+
+from t2t_mtl.features import (IGNORE_INDEX, CausalCollator, Seq2SeqCollator, encode, length_grouped_batches,
+                              model_inputs, pack_bins, packing_supported, prompt_ids, resolve_packing,
+                              target_ids, task_loss_sums)
+from t2t_mtl.prompt_format import PromptFormat
+from t2t_mtl.records import Record
+
+INSTR = "Is the sentiment positive or negative?"
+
+
+def rec(i: int, words: int = 3, out: str = "positive") -> Record:
+    return Record("t", INSTR, " ".join(["the movie was good"] * words) + f" {i}.", out)
+
+
+@pytest.fixture(scope="module")
+def causal(tiny_causal_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_causal_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_causal_dir, dtype=torch.float32)
+    return model, tok, PromptFormat.for_tokenizer(tok, "causal")
+
+
+@pytest.fixture(scope="module")
+def t5(tiny_t5_dir):
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_t5_dir)
+    return AutoModelForSeq2SeqLM.from_pretrained(tiny_t5_dir), tok, PromptFormat.for_tokenizer(tok, "seq2seq")
+
+
+def test_labels_cover_exactly_the_answer(causal):
+    _, tok, fmt = causal
+    r = rec(1)
+    f = encode(r, tok, fmt, 512, 64, task_index=2)
+    p, t = prompt_ids(tok, fmt, r)[0], target_ids(tok, fmt, r)
+    assert f["input_ids"] == p + t and f["task"] == 2 and not f["truncated"]
+    assert f["labels"] == [IGNORE_INDEX] * len(p) + t
+    assert f["labels"][-1] == tok.eos_token_id  # end-of-turn text became the EOS token
+    assert tok.decode(t) == "positive<|im_end|>"
+
+
+def test_prompt_tokens_are_what_inference_feeds(causal):
+    _, tok, fmt = causal
+    r = rec(2)
+    # apply_chat_template(tokenize=True) is the reference for chat prompts (no extra BOS)
+    ref = tok.apply_chat_template([{"role": "user", "content": fmt.user_message(r)}],
+                                  tokenize=True, add_generation_prompt=True)
+    ref = ref["input_ids"] if isinstance(ref, dict) or hasattr(ref, "keys") else ref
+    assert prompt_ids(tok, fmt, r)[0] == list(ref)
+
+
+def test_plain_layout_has_exactly_one_bos(causal):
+    _, tok, _ = causal
+    fmt = PromptFormat.for_tokenizer(tok, "causal", mode="plain")
+    ids = encode(rec(3), tok, fmt, 512, 64)["input_ids"]
+    assert ids[0] == tok.bos_token_id and ids[1] != tok.bos_token_id
+    assert ids.count(tok.bos_token_id) == 1
+
+
+def test_truncation_cuts_the_input_and_keeps_the_answer(causal):
+    _, tok, fmt = causal
+    r = rec(4, words=60, out="negative and sad")
+    full = encode(r, tok, fmt, 4096, 64)
+    cut = encode(r, tok, fmt, 150, 64)
+    assert len(full["input_ids"]) > 150 >= len(cut["input_ids"]) and cut["truncated"]
+    t = target_ids(tok, fmt, r)
+    assert cut["input_ids"][-len(t):] == t and cut["labels"][-len(t):] == t
+    assert sum(lab != IGNORE_INDEX for lab in cut["labels"]) == len(t)
+    text = tok.decode(cut["input_ids"][:-len(t)])
+    assert INSTR in text and text.endswith("<|im_start|>assistant\n")  # layout and instruction intact
+    kept = text.split(INSTR + "\n\n", 1)[1].split("<|im_end|>", 1)[0]
+    assert kept and r.input.startswith(kept)  # the input's beginning is what survives
+
+
+def test_overlong_target_is_cut_but_fits(causal):
+    _, tok, fmt = causal
+    r = Record("t", INSTR, "short", " ".join(["wonderful"] * 200))
+    f = encode(r, tok, fmt, 160, 64)
+    assert len(f["input_ids"]) <= 160 and f["target_truncated"]
+    assert any(lab == IGNORE_INDEX for lab in f["labels"])  # a prompt is still there
+
+
+def test_seq2seq_features(t5):
+    _, tok, fmt = t5
+    r = Record("t", "Summarize the text.", "The story is long and funny. " * 30, "The story is funny.")
+    f = encode(r, tok, fmt, 48, 6, task_index=1)
+    assert len(f["input_ids"]) <= 48 and f["truncated"] and f["input_ids"][-1] == tok.eos_token_id
+    assert tok.decode(f["input_ids"]).startswith("Summarize the text.")
+    assert f["labels"][-1] == tok.eos_token_id and len(f["labels"]) <= 6 and f["target_truncated"]
+    short = encode(Record("t", "Summarize the text.", "Paris is good.", "Paris."), tok, fmt, 48, 16)
+    assert short["labels"] == tok("Paris.")["input_ids"] and not short["target_truncated"]
+    assert short["input_ids"] == tok("Summarize the text.\n\nParis is good.")["input_ids"]
+
+
+def test_causal_collator_pads_and_marks_tasks(causal):
+    _, tok, fmt = causal
+    feats = [encode(rec(i, words=1 + 3 * i), tok, fmt, 512, 64, task_index=i) for i in range(3)]
+    b = CausalCollator(pad_token_id=tok.eos_token_id)(feats)
+    width = max(len(f["input_ids"]) for f in feats)
+    assert b["input_ids"].shape == (3, width) and set(b) == {"input_ids", "labels", "attention_mask",
+                                                             "position_ids", "task_ids"}
+    for i, f in enumerate(feats):
+        n = len(f["input_ids"])
+        assert b["attention_mask"][i].tolist() == [1] * n + [0] * (width - n)
+        assert b["labels"][i, n:].eq(IGNORE_INDEX).all()
+        answer = torch.tensor(f["labels"]) != IGNORE_INDEX
+        assert b["task_ids"][i, :n][answer].eq(i).all() and b["task_ids"][i, :n][~answer].eq(-1).all()
+        assert b["task_ids"][i, n:].eq(-1).all()
+
+
+def test_pack_bins_first_fit_decreasing():
+    assert sorted(map(sorted, pack_bins([5, 5, 4, 3, 3], 10))) == [[0, 1], [2, 3, 4]]
+    rng = random.Random(0)
+    lengths = [rng.randint(1, 50) for _ in range(200)]
+    bins = pack_bins(lengths, 64)
+    assert sorted(i for b in bins for i in b) == list(range(200))
+    assert all(sum(lengths[i] for i in b) <= 64 for b in bins)
+    assert len(bins) <= -(-sum(lengths) // 64) * 1.25  # FFD is close to the lower bound
+    assert pack_bins([70], 64) == [[0]]  # too long: alone
+
+
+def _mixed_batch(tok, fmt):
+    outs = ["positive", "negative and sad", "neutral", "a great and wonderful story", "bad"]
+    return [encode(rec(i, words=1 + (i * 7) % 5, out=outs[i % 5]), tok, fmt, 512, 64, task_index=i % 3)
+            for i in range(7)]
+
+
+def test_packed_loss_equals_unpacked_loss(causal):
+    """The key property: packing changes the batch layout, not the loss or the gradients."""
+    model, tok, fmt = causal
+    feats = _mixed_batch(tok, fmt)
+    unpacked = CausalCollator(tok.eos_token_id)(feats)
+    packed = CausalCollator(tok.eos_token_id, packing=True, max_length=256)(feats)
+    assert packed["input_ids"].shape[0] < unpacked["input_ids"].shape[0]  # it really packed
+    assert "attention_mask" not in packed
+    assert (packed["labels"] != IGNORE_INDEX).sum() == (unpacked["labels"] != IGNORE_INDEX).sum()
+    model.train()
+    losses, grads = [], []
+    for batch in (unpacked, packed):
+        model.zero_grad()
+        out = model(**model_inputs(batch))
+        out.loss.backward()
+        losses.append(out.loss.detach())
+        grads.append(model.model.layers[0].self_attn.q_proj.weight.grad.clone())
+        sums, counts = task_loss_sums(out.logits.detach(), batch["labels"], batch["task_ids"], 3, shift=True)
+        assert torch.allclose(sums.sum() / counts.sum(), out.loss.detach(), atol=1e-5)
+        losses.append(sums / counts)
+    assert torch.allclose(losses[0], losses[2], atol=1e-5)  # overall loss
+    assert torch.allclose(losses[1], losses[3], atol=1e-5)  # per-task losses
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)
+
+
+def test_packed_rows_restart_positions_and_never_label_across_examples(causal):
+    _, tok, fmt = causal
+    feats = _mixed_batch(tok, fmt)
+    packed = CausalCollator(tok.eos_token_id, packing=True, max_length=256)(feats)
+    starts = 0
+    for r in range(packed["input_ids"].shape[0]):
+        pos = packed["position_ids"][r]
+        for s in (pos == 0).nonzero().flatten().tolist():
+            assert packed["labels"][r, s] == IGNORE_INDEX  # first token of every segment
+            starts += 1
+    assert starts >= len(feats)
+    assert (packed["labels"] != IGNORE_INDEX).sum() == sum(sum(x != IGNORE_INDEX for x in f["labels"]) for f in feats)
+
+
+def test_packing_needs_use_cache_false(causal):
+    """Why model_inputs adds use_cache=False: with a KV cache transformers stops detecting
+    packed rows and attention leaks across examples (the loss changes)."""
+    model, tok, fmt = causal
+    feats = _mixed_batch(tok, fmt)
+    unpacked = CausalCollator(tok.eos_token_id)(feats)
+    packed = CausalCollator(tok.eos_token_id, packing=True, max_length=256)(feats)
+    model.eval()
+    with torch.no_grad():
+        ref = model(**model_inputs(unpacked)).loss
+        leaky = model(**{k: v for k, v in packed.items() if k != "task_ids"}, use_cache=True).loss
+    assert abs(leaky - ref) > 1e-3
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packing_supported_on_llama(tiny_causal_dir, attn):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_causal_dir, attn_implementation=attn)
+    model.train()
+    assert packing_supported(model) and model.training  # probe restores the mode
+    assert resolve_packing("auto", model) and resolve_packing("on", model) and not resolve_packing("off", model)
+
+
+class _HidesPacking(torch.nn.Module):
+    """A model wrapper that always passes a 2D mask, which defeats packed-sequence detection."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.config = inner, inner.config
+
+    def forward(self, input_ids, **kw):
+        kw.pop("attention_mask", None)
+        return self.inner(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kw)
+
+
+def test_packing_refused_where_it_would_be_wrong(causal, t5, caplog):
+    assert not packing_supported(t5[0])  # encoder-decoder
+    wrapped = _HidesPacking(causal[0])
+    assert not packing_supported(wrapped) and not resolve_packing("auto", wrapped)
+    with caplog.at_level(logging.WARNING):
+        assert not resolve_packing("on", wrapped)
+    assert "packing" in caplog.text
+
+
+def test_seq2seq_collator_and_loss(t5):
+    model, tok, fmt = t5
+    recs = [Record("t", "Summarize the text.", "The movie was good " * (i + 1), "Good " * (i + 1)) for i in range(3)]
+    feats = [encode(r, tok, fmt, 64, 16, task_index=i % 2) for i, r in enumerate(recs)]
+    b = Seq2SeqCollator(tok.pad_token_id)(feats)
+    assert b["labels"].shape[1] == max(len(f["labels"]) for f in feats)
+    assert b["attention_mask"].sum().item() == sum(len(f["input_ids"]) for f in feats)
+    assert (b["task_ids"] >= 0).eq(b["labels"] != IGNORE_INDEX).all()
+    out = model(**{k: v for k, v in b.items() if k != "task_ids"})
+    sums, counts = task_loss_sums(out.logits, b["labels"], b["task_ids"], 2, shift=False)
+    assert torch.allclose(sums.sum() / counts.sum(), out.loss, atol=1e-5)
+
+
+def test_length_grouped_batches():
+    rng = random.Random(1)
+    lengths = [rng.randint(5, 300) for _ in range(400)]
+    batches = length_grouped_batches(lengths, 8, seed=3, window=10)
+    assert sorted(i for b in batches for i in b) == list(range(400))
+    assert batches == length_grouped_batches(lengths, 8, seed=3, window=10)
+    assert batches != length_grouped_batches(lengths, 8, seed=4, window=10)
+
+    def padding(bs):
+        return sum(len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in bs)
+
+    plain = [list(range(i, min(i + 8, 400))) for i in range(0, 400, 8)]
+    assert padding(batches) < padding(plain) / 4
+    assert all(max(b) - min(b) < 80 for b in batches)  # items stay within their window
