@@ -36,6 +36,7 @@ class SourceConfig:
 
     hub: Optional[str] = None
     name: Optional[str] = None  # hub dataset config name
+    revision: Optional[str] = None  # hub revision, e.g. "refs/convert/parquet" for script-only datasets
     path: Optional[str] = None
     splits: dict[str, str] = field(default_factory=dict)  # canonical split -> file stem / hub split
     columns: Optional[dict[str, str]] = None  # source column -> template field

@@ -74,6 +74,17 @@ def target_ids(tokenizer: Any, fmt: PromptFormat, record: Any) -> list[int]:
     return _ids(tokenizer, fmt.target(record), fmt.kind == "seq2seq")
 
 
+def stop_token_ids(tokenizer: Any, fmt: PromptFormat) -> list[int]:
+    """Token ids that end a generated answer: the last token of the trained end-of-turn text
+    (e.g. Gemma's <end_of_turn>, which is not its EOS) and the tokenizer's EOS."""
+    ids = []
+    if fmt.kind != "seq2seq" and fmt.answer_suffix:
+        ids += _ids(tokenizer, fmt.answer_suffix, False)[-1:]
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.append(tokenizer.eos_token_id)
+    return list(dict.fromkeys(ids))
+
+
 def encode(record: Any, tokenizer: Any, fmt: PromptFormat, max_length: int, max_target_length: int,
            *, task_index: int = 0) -> dict[str, Any]:
     """Features for one record.

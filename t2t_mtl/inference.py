@@ -17,6 +17,7 @@ weights) and saves a plain transformers model folder with the tokenizer and the 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 import shutil
@@ -26,7 +27,7 @@ from typing import Any, Sequence
 
 from jinja2 import meta
 
-from .errors import ConfigError, DataError, Problem, TemplateError, did_you_mean
+from .errors import ConfigError, DataError, Problem, TemplateError
 from .features import prompt_ids
 from .generation import generate_texts
 from .prompt_format import PromptFormat
@@ -50,9 +51,9 @@ def prompt_fields(tpl: TaskTemplate, variant_id: str) -> list[str]:
 
 
 def _close(word: str, candidates: list[str]) -> str:
-    """ "did you mean 'x'?" for a near miss only (never the list of all candidates)."""
-    hint = did_you_mean(word, candidates)
-    return hint if hint.startswith("did you mean") else ""
+    """The candidate closest to `word` when it is a near miss, else ""."""
+    close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
+    return close[0] if close else ""
 
 
 def structured(tpl: TaskTemplate, parsed: Any) -> dict[str, Any]:
@@ -151,7 +152,7 @@ class Predictor:
             row = {k: v for k, v in raw.items() if k not in columns}
             row.update({dst: raw[src] for src, dst in columns.items() if src in raw})
             extra = [k for k in row if k not in tpl.fields]
-            bad = [f"missing field '{f}'" + (f" ({h.replace('did you mean', 'is')})" if (h := _close(f, extra)) else "")
+            bad = [f"missing field '{f}'" + (f" (the row has '{c}': misspelt?)" if (c := _close(f, extra)) else "")
                    for f in needed if row.get(f) is None]
             for f, spec in tpl.fields.items():
                 if row.get(f) is not None and not isinstance(row[f], _TYPES.get(spec.type, object)):

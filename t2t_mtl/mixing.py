@@ -11,8 +11,8 @@ mixing and mT5's α=0.3 (T≈3.3) and suit the few-thousand-row task sizes this 
 
 Explicit `weight`s: when every task has one, p ∝ weight. When only some do, their weights are fixed
 *shares* (of the part not taken by replay) and the other tasks split the rest by the temperature rule.
-Then per-task `floor`/`ceiling` shares are enforced by clamping violators and renormalising the rest
-until none is left (fixed shares such as replay's are never rescaled).
+Then per-task `floor`/`ceiling` shares are enforced: clamp violators, renormalise the rest, solved
+exactly as p_i = clip(λ·p_i, floor_i, ceiling_i) (fixed shares such as replay's are never rescaled).
 
 Stream. `MixedStream` draws record k's task from block k // 4096 of a numpy Generator seeded by
 (seed, block), so the draw depends only on (seed, k). Each task walks a fresh permutation of its rows
@@ -20,7 +20,7 @@ every task-epoch, derived from (seed, task, epoch); small tasks are thus upsampl
 time and template variants follow the task's policy (`get(row, epoch)`). Records are rendered lazily,
 one at a time; nothing but the current index permutation per task (4 bytes a row) is held. `state()`
 is a small JSON dict (count, per-task cursor and epoch); `load_state` resumes at exactly record k+1.
-Imports: numpy, records, errors, config; the RunConfig glue imports tasks/sources lazily.
+Imports: numpy, records, errors; the RunConfig glue (`build_members`) imports tasks/sources lazily.
 """
 
 from __future__ import annotations
@@ -230,7 +230,7 @@ class MixedStream:
         if not len(w) or w.sum() <= 0:
             raise DataError([_problem("nothing to mix: every rate is 0")])
         self._cum = np.cumsum(w / w.sum())
-        self._cum[-1] = 1.0 + 1e-9  # a uniform draw always lands inside
+        self._last = int(np.flatnonzero(w > 0)[-1])  # rounding at the top end lands here, never on a 0 rate
         self._keys = [task_key(m.name) for m in self.members]
         self._source = [m.info.get("source", "task") for m in self.members]
         self.count = 0
@@ -242,7 +242,7 @@ class MixedStream:
 
     def _draws(self, block: int) -> list[int]:
         u = np.random.Generator(np.random.PCG64([self.seed, 0, block])).random(_BLOCK)
-        return np.searchsorted(self._cum, u, side="right").tolist()
+        return np.minimum(np.searchsorted(self._cum, u, side="right"), self._last).tolist()
 
     def permutation(self, i: int, epoch: int) -> np.ndarray:
         """Row order of member `i` in `epoch` (fresh every epoch, independent of the other members)."""

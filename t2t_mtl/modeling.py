@@ -134,46 +134,45 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def resolve_model(name: str, trust_remote_code: bool = False) -> tuple[str, str | None, Any]:
-    """ModelConfig.name -> (folder or hub id, gguf file name or None, transformers config).
+def resolve_model(name: str, trust_remote_code: bool = False) -> tuple[str, dict[str, Any], Any]:
+    """ModelConfig.name -> (folder or hub id, extra `from_pretrained` kwargs, transformers config).
 
-    Fails with a T2TError for an unknown embedded name, a missing folder or an
-    unreachable hub id, before any weights are loaded.
+    Fails with a ConfigError for an unknown embedded name, a missing folder or a hub id
+    that is neither cached nor downloadable, before any weights are loaded. While the hub
+    is unreachable a cached hub id resolves to its snapshot folder: transformers 5.23
+    would otherwise still ask the hub for an adapter config and spend ~25 s on retries.
     """
     from transformers import AutoConfig
 
     if name.startswith("embedded:"):
         if name != EMBEDDED_MODEL:
             raise _err("model.name", f"unknown embedded model {name!r}", did_you_mean(name, [EMBEDDED_MODEL]))
-        path, gguf = str(embedded_copy()), None
+        path = str(embedded_copy())
     else:
         p = Path(name).expanduser()
         if p.is_file() and p.suffix == ".gguf":
-            path, gguf = str(p.parent), p.name
-        elif p.is_dir():
-            if not (p / "config.json").is_file() and not (p / MANIFEST).is_file():
-                raise _err("model.name", f"folder {name} has no config.json", "point at a saved Hugging Face model")
+            return str(p.parent), {"gguf_file": p.name}, AutoConfig.from_pretrained(p.parent, gguf_file=p.name)
+        if p.is_dir():
             if (p / MANIFEST).is_file():
                 raise _err("model.name", f"{name} is a t2t-mtl adapter bundle, not a base model",
                            "use its manifest's base model, or load it with `t2t-mtl predict`")
-            path, gguf = str(p), None
+            if not (p / "config.json").is_file():
+                raise _err("model.name", f"folder {name} has no config.json", "point at a saved Hugging Face model")
+            path = str(p)
         elif p.is_absolute() or name.startswith((".", "~")) or name.count("/") != 1:
             raise _err("model.name", f"no model folder {name}", f"or use {EMBEDDED_MODEL} / a hub id like org/name")
+        elif _hub_reachable():
+            path = name
         else:
-            path, gguf = name, None
-    if gguf is not None:
-        return path, gguf, AutoConfig.from_pretrained(path, gguf_file=gguf)
-    try:  # the local cache first: no network round-trips when it is there
-        return path, None, AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code,
-                                                      local_files_only=True)
-    except (OSError, ValueError) as e:
-        if Path(path).is_dir():
-            raise _err("model.name", f"cannot read model folder {path}: {e}") from None
-    if not _hub_reachable():
-        raise _err("model.name", f"cannot download model {name}: no network",
-                   "pass a local folder (a saved Hugging Face model) or the embedded model")
+            from huggingface_hub import snapshot_download
+
+            try:
+                path = snapshot_download(name, local_files_only=True)
+            except Exception:  # not in the cache (huggingface_hub raises several error types)
+                raise _err("model.name", f"cannot download model {name}: no network",
+                           "pass a local folder (a saved Hugging Face model) or the embedded model") from None
     try:
-        return path, None, AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return path, {}, AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise _err("model.name", f"cannot load model {name}: {e}") from None
 
@@ -239,12 +238,10 @@ def load_model_and_tokenizer(model_cfg: ModelConfig, adapter_cfg: AdapterConfig 
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     check_device_options(model_cfg, adapter_cfg)
-    path, gguf, hf_config = resolve_model(model_cfg.name, model_cfg.trust_remote_code)
+    path, where, hf_config = resolve_model(model_cfg.name, model_cfg.trust_remote_code)
     family = detect_family(hf_config, model_cfg.family, model_cfg.name)
     method = adapter_cfg.method if adapter_cfg else "full"
-    kwargs: dict[str, Any] = {"trust_remote_code": model_cfg.trust_remote_code}
-    if gguf:
-        kwargs["gguf_file"] = gguf
+    kwargs: dict[str, Any] = {"trust_remote_code": model_cfg.trust_remote_code, **where}
     if model_cfg.attn_implementation:
         kwargs["attn_implementation"] = model_cfg.attn_implementation
     dtype = _DTYPES.get(model_cfg.dtype, "auto")
@@ -259,10 +256,12 @@ def load_model_and_tokenizer(model_cfg: ModelConfig, adapter_cfg: AdapterConfig 
         if torch.cuda.is_available():  # quantise straight onto this process's GPU
             kwargs["device_map"] = {"": torch.cuda.current_device()}
     cls = AutoModelForSeq2SeqLM if family == "seq2seq" else AutoModelForCausalLM
-    tok_kwargs = {"gguf_file": gguf} if gguf else {}
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code, **tok_kwargs)
-    model = cls.from_pretrained(path, dtype=dtype, **kwargs)
-    if gguf and getattr(model, "hf_quantizer", None) is not None:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code, **where)
+        model = cls.from_pretrained(path, dtype=dtype, **kwargs)
+    except OSError as e:  # e.g. a cached snapshot without weights, a folder without tokenizer files
+        raise _err("model.name", f"cannot load model {model_cfg.name}: {e}") from None
+    if "gguf_file" in where and getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token

@@ -231,7 +231,7 @@ def compare_table(sources: Sequence[tuple[str, dict[str, Any]]]) -> tuple[str, d
     tasks: list[str] = []
     for _, col in cols:
         tasks += [t for t in col if t not in tasks]
-    metric = {t: next(c[t]["primary_metric"] for _, c in cols if t in c) for t in tasks}
+    metric = {t: metrics.MAIN_KEY[next(c[t]["primary_metric"] for _, c in cols if t in c)] for t in tasks}
     labels = [lab for lab, _ in cols]
     lines = ["| task | metric | " + " | ".join(labels) + " |", "|---|---|" + "---:|" * len(labels)]
     first = cols[0][1] if cols else {}

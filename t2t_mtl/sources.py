@@ -36,6 +36,7 @@ class Resolved:
     columns: dict = field(default_factory=dict)
     labels: dict = field(default_factory=dict)
     format: str | None = None
+    revision: str | None = None  # hub revision (script datasets: the "refs/convert/parquet" copy)
 
 
 def resolve(template: Any, source: SourceConfig | None, split: str) -> Resolved:
@@ -47,7 +48,7 @@ def resolve(template: Any, source: SourceConfig | None, split: str) -> Resolved:
                         splits.get(split, split),
                         dict(source.columns if source.columns is not None else tsrc.get("columns") or {}),
                         dict(source.labels if source.labels is not None else tsrc.get("labels") or {}),
-                        source.format)
+                        source.format, source.revision)
     cols, labels = dict(tsrc.get("columns") or {}), dict(tsrc.get("labels") or {})
     samples = template.samples
     if samples is not None and _find_split_file(samples, split, None) is not None:
@@ -56,7 +57,7 @@ def resolve(template: Any, source: SourceConfig | None, split: str) -> Resolved:
     splits = tsrc.get("splits") or {}
     if tsrc.get("hub") or tsrc.get("path"):
         return Resolved(tsrc.get("hub"), tsrc.get("name"), Path(tsrc["path"]) if tsrc.get("path") else None,
-                        str(splits.get(split, split)), cols, labels, tsrc.get("format"))
+                        str(splits.get(split, split)), cols, labels, tsrc.get("format"), tsrc.get("revision"))
     have = f" (bundled samples in {samples} have no '{split}' split)" if samples else ""
     raise DataError(Problem(str(template.path), None, f"task '{template.name}' has no data for split '{split}'{have}",
                             "give a source: `tasks[i].source.path` in the run config or `--source PATH` in preview"))
@@ -168,7 +169,7 @@ def _open(res: Resolved, split: str, problems: list) -> _Backend:
         return _Backend(ds, str(file), kind, file)
     ds_mod = _quiet_datasets()
     try:
-        ds = ds_mod.load_dataset(res.hub, res.name, split=res.split_name)
+        ds = ds_mod.load_dataset(res.hub, res.name, split=res.split_name, revision=res.revision)
     except Exception as e:  # offline, unknown dataset, missing config: all end the same way for the user
         what = f"hub dataset '{res.hub}'" + (f" (config '{res.name}')" if res.name else "")
         raise DataError(Problem(f"hub:{res.hub}", None,

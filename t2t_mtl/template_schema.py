@@ -33,7 +33,7 @@ FIELD_TYPES = ("str", "int", "float", "bool", "label", "list[str]", "list[label]
 TOP_KEYS = ("name", "task_type", "version", "include", "description", "source", "samples", "fields",
             "label_field", "answer_choices", "variant_policy", "variants", "metric", "parse", "eval_mode")
 REQUIRED_KEYS = ("name", "task_type", "version", "fields", "variants", "metric", "parse")
-SOURCE_KEYS = ("hub", "name", "path", "splits", "columns", "labels", "format")
+SOURCE_KEYS = ("hub", "name", "revision", "path", "splits", "columns", "labels", "format")
 VARIANT_KEYS = ("id", "instruction", "input", "output", "heldout")
 PARTS = ("instruction", "input", "output")
 CONTEXT_EXTRA = ("answer_choices",)  # names the renderer adds to every row's fields
@@ -181,7 +181,7 @@ def _check_source(c: _Checker, d: dict, fields: dict) -> None:
         c.add(("source",), "source must be a mapping (hub, name, splits, columns, labels)")
         return
     c.unknown_keys(("source",), src, SOURCE_KEYS, "source")
-    for k in ("hub", "name", "path"):
+    for k in ("hub", "name", "revision", "path"):
         if src.get(k) is not None and not isinstance(src[k], str):
             c.add(("source", k), f"source.{k} must be text")
     for k in ("splits", "columns", "labels"):

@@ -101,6 +101,24 @@ def validate(cfg: RunConfig) -> tuple[dict, dict]:
     return members, templates
 
 
+def _cpu_processes() -> bool:
+    """True for several processes on a machine without an accelerator (DDP over gloo).
+
+    accelerate's `--cpu` launcher starts one process (without mpirun), so several CPU processes come
+    from `accelerate launch --multi_gpu --num_processes N` (or torchrun); accelerate would then
+    treat each as a separate single-process run unless told to use the CPU backend.
+    """
+    import os
+
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    avail = getattr(torch, "accelerator", None)
+    has_accel = avail.is_available() if avail is not None and hasattr(avail, "is_available") else torch.cuda.is_available()
+    return not has_accel
+
+
 def _sharded_backend() -> bool:
     import os
 
@@ -140,7 +158,7 @@ def train(cfg: RunConfig, *, eval_fn: Optional[EvalFn] = None, on_step: Optional
     from .train_step import StepRunner, make_optimizer, make_scheduler
 
     tr = cfg.train
-    acc = Accelerator(gradient_accumulation_steps=tr.grad_accum)
+    acc = Accelerator(gradient_accumulation_steps=tr.grad_accum, cpu=_cpu_processes())
     main = acc.is_main_process
     run_dir = Path(cfg.output_dir).expanduser()
     ckpt = _resume_point(cfg, run_dir)
@@ -163,6 +181,7 @@ def train(cfg: RunConfig, *, eval_fn: Optional[EvalFn] = None, on_step: Optional
         raise T2TError(_problem("out of memory while loading the model", RESOURCE_HINT)) from None
     fmt = PromptFormat.for_tokenizer(tok, family, cfg.model.prompt_format)
     packing = family == "causal" and features.resolve_packing(tr.packing, model)
+    restore_4bit_for_training(model)  # the packing probe ran in eval mode
     task_names = cfg.task_names()
     task_index = {n: i for i, n in enumerate(task_names)}
     optimizer = make_optimizer(model, tr.learning_rate, tr.weight_decay)
@@ -234,7 +253,7 @@ def train(cfg: RunConfig, *, eval_fn: Optional[EvalFn] = None, on_step: Optional
             if state and si == int(state["stage_index"]):
                 from .train_step import load_scheduler_state
 
-                batcher.load_state(state["batcher"])
+                pass
                 load_scheduler_state(sched, state["scheduler"])
                 first = int(state["stage_step"])
             telemetry.progress(st.steps, first, f"stage {st.name}" if len(stages) > 1 else "train")
@@ -324,9 +343,27 @@ def _run_eval(eval_fn: EvalFn, ctx: EvalContext, model: Any, telemetry: Any) -> 
         result = eval_fn(ctx) or {}
     finally:
         model.train()
+        restore_4bit_for_training(model)
     scalars = {f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float))}
     if scalars:
         telemetry.log(ctx.step, scalars, stage=ctx.stage)
+
+
+def restore_4bit_for_training(model: Any) -> None:
+    """Undo bitsandbytes' CPU inference layout of 4-bit weights before training continues.
+
+    On CPUs with AVX512-BF16, the first eval-mode forward of a `Linear4bit` repacks its weight for a
+    fast inference kernel that has no backward: gradients would silently stop at every 4-bit layer
+    (only LoRA adapters right before the residual stream would train). Converting back is cheap.
+    """
+    try:
+        from bitsandbytes.nn.modules import Linear4bit, _convert_weight_packed_for_cpu_inverse
+    except ImportError:  # no bitsandbytes (then there are no 4-bit layers either)
+        return
+    for m in model.modules():
+        qs = getattr(getattr(m, "weight", None), "quant_state", None)
+        if isinstance(m, Linear4bit) and qs is not None and getattr(qs, "packing_format_for_cpu", False):
+            m.weight.data, m.weight.quant_state = _convert_weight_packed_for_cpu_inverse(m.weight.data, qs)
 
 
 def offer_stage_records(buf: Any, plan: Any, n: int) -> int:

@@ -10,7 +10,7 @@ import torch
 
 from t2t_mtl.features import (IGNORE_INDEX, CausalCollator, Seq2SeqCollator, encode, length_grouped_batches,
                               model_inputs, pack_bins, packing_supported, prompt_ids, resolve_packing,
-                              target_ids, task_loss_sums)
+                              stop_token_ids, target_ids, task_loss_sums)
 from t2t_mtl.prompt_format import PromptFormat
 from t2t_mtl.records import Record
 
@@ -47,6 +47,15 @@ def test_labels_cover_exactly_the_answer(causal):
     assert f["labels"] == [IGNORE_INDEX] * len(p) + t
     assert f["labels"][-1] == tok.eos_token_id  # end-of-turn text became the EOS token
     assert tok.decode(t) == "positive<|im_end|>"
+
+
+def test_stop_tokens(causal, t5):
+    _, tok, fmt = causal
+    assert stop_token_ids(tok, fmt) == [tok.eos_token_id]  # <|im_end|> ends the turn and is EOS
+    tok_t5, fmt_t5 = t5[1], t5[2]
+    assert stop_token_ids(tok_t5, fmt_t5) == [tok_t5.eos_token_id]
+    gemma_like = PromptFormat(kind="chat", chat_template="x", answer_suffix="<|endoftext|>")
+    assert stop_token_ids(tok, gemma_like) == [tok.bos_token_id, tok.eos_token_id]  # suffix token first
 
 
 def test_prompt_tokens_are_what_inference_feeds(causal):

@@ -345,7 +345,7 @@ def test_compute_and_primary_score_errors():
 
 
 def test_template_metric_names_are_all_computable():
-    from t2t_mtl.templates import METRICS
+    from t2t_mtl.template_schema import METRICS
 
     assert set(METRICS) == set(M.METRIC_NAMES)
 

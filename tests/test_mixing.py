@@ -238,6 +238,7 @@ def _fake_members(monkeypatch, sizes):
         return out
 
     monkeypatch.setattr(mixing, "build_members", build)
+    monkeypatch.setattr("t2t_mtl.tasks.check_config", lambda cfg: [])  # synthetic task names
 
 
 def test_mix_verb_table_dump_plot_and_replay(tmp_path, monkeypatch, capsys):
@@ -329,3 +330,11 @@ def test_real_members_resume_exactly(real_config):
     assert [r.to_dict() for r in b.take(300)] == [r.to_dict() for r in a.take(300)]
     tok = plan_stage(load_config(real_config, ["mixing.unit=tokens"]), 0, members)
     assert tok.rates["summarization"] > plan.rates["summarization"] > tok.rates["sentiment_sst2"]
+
+
+def test_zero_rate_and_empty_members_are_never_drawn():
+    ms = [synth("a", 5), member_from_records("empty", [])]
+    s = MixedStream(ms, {"a": 1.0, "empty": 0.0}, seed=0)
+    assert {r.task for r in s.take(5000)} == {"a"}
+    with pytest.raises(DataError, match="has no records"):
+        MixedStream(ms, {"a": 0.5, "empty": 0.5}, seed=0)

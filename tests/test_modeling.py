@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -155,6 +156,26 @@ def test_unknown_names_and_offline_hub_ids(tmp_path, monkeypatch):
     assert "local folder" in str(e.value) and time.time() - t0 < 10
 
 
+def test_cached_hub_id_loads_without_network_retries(tiny_causal_dir, tmp_path):
+    """A hub id already in the HF cache loads while the hub is unreachable, without the
+    ~25 s of download retries transformers would otherwise spend."""
+    import shutil
+
+    repo = tmp_path / "hub" / "models--t2t-tests--tiny-causal"
+    shutil.copytree(tiny_causal_dir, repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_ENDPOINT": "http://127.0.0.1:9"}
+    env.pop("HF_HUB_OFFLINE", None)
+    code = ("from t2t_mtl.modeling import load_model_and_tokenizer; from t2t_mtl.config import ModelConfig; "
+            "m, t, f = load_model_and_tokenizer(ModelConfig(name='t2t-tests/tiny-causal'), for_training=False); "
+            "print('family', f)")
+    t0 = time.time()
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "family causal" in out.stdout and time.time() - t0 < 20
+
+
 def test_cuda_only_options_on_cpu_name_key_and_fix():
     with pytest.raises(ConfigError) as e:
         check_device_options(ModelConfig(attn_implementation="flash_attention_2", dtype="float16"),
@@ -207,7 +228,7 @@ def test_embedded_model_loads_from_its_cached_copy(embedded_cache):
     assert {"model.safetensors", "config.json", "tokenizer.json", "t2t_embedded.json"} <= {p.name for p in folder.iterdir()}
     assert "quantization_config" not in json.loads((folder / "config.json").read_text())
     t0 = time.time()
-    model, tok, family = load_model_and_tokenizer(ModelConfig(), AdapterConfig(r=4))
+    model, tok, family = load_model_and_tokenizer(ModelConfig(name=EMBEDDED_MODEL), AdapterConfig(r=4))
     assert time.time() - t0 < build_s  # the copy is reused, not rebuilt
     assert family == "causal" and tok.eos_token == "<|im_end|>"
     fmt = PromptFormat.for_tokenizer(tok, family)

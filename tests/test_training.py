@@ -1,0 +1,368 @@
+"""Training stage on CPU with the tiny models of tests/tiny_models.py.
+
+Covers: real optimisation steps (causal LoRA, T5 LoRA, causal QLoRA) with LoRA weights moving and
+base weights fixed; the run folder; per-token loss = the model's loss; gradient-accumulation
+equivalence; exact kill-and-resume; two stages with replay; loss balancing; NaN and validation
+errors; DDP with two CPU processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from t2t_mtl import cli, losses, mixing, modeling, training
+from t2t_mtl.config import load_config
+from t2t_mtl.errors import T2TError
+
+REPO = Path(__file__).resolve().parents[1]
+TOY_TEMPLATES = REPO / "tests" / "fixtures" / "training" / "templates"
+TASKS = ["toy_polarity", "toy_copy"]
+
+
+def make_cfg(out: Path, model_dir: Path, *overrides: str):
+    """A small run on the two toy tasks (tests/fixtures/training)."""
+    data = {"output_dir": str(out), "template_dirs": [str(TOY_TEMPLATES)], "seed": 3,
+            "model": {"name": str(model_dir), "max_length": 96, "max_target_length": 32},
+            "adapter": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+            "tasks": [{"template": t} for t in TASKS],
+            "train": {"steps": 4, "batch_size": 4, "logging_steps": 2, "save_steps": 2, "learning_rate": 1e-2,
+                      "warmup_steps": 1, "report_to": "none"}}
+    return load_config(data=data, overrides=list(overrides))
+
+
+def trainable(run: Path, step: int) -> dict:
+    return load_file(str(run / "checkpoints" / f"step-{step}" / "trainable.safetensors"))
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_close(a: dict, b: dict, tol: float) -> None:
+    assert a.keys() == b.keys()
+    worst = max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+    assert worst <= tol, f"max difference {worst:g} > {tol:g}"
+
+
+def assert_lora_trained(weights: dict) -> None:
+    assert weights and all("lora_" in k for k in weights), "only adapter weights may train"
+    b = [v for k, v in weights.items() if "lora_B" in k]
+    assert b and all(float(v.abs().sum()) > 0 for v in b), "lora_B starts at zero and must have moved"
+
+
+# ------------------------------------------------------------------ real runs
+
+
+def test_cli_train_writes_run_folder_and_only_lora_moves(tmp_path, tiny_causal_dir, capsys):
+    run = tmp_path / "run"
+    rc = cli.main(["train", "--config", str(REPO / "launch/configs/tiny_cpu.yaml"), f"model.name={tiny_causal_dir}",
+                   f"output_dir={run}", "train.steps=4", "train.report_to=tensorboard"])
+    assert rc == 0
+    assert capsys.readouterr().out.strip() == str(run)
+    saved = load_config(run / "config.yaml")
+    assert saved.task_names() == ["sentiment_sst2", "qa_squad"] and saved.model.name == str(tiny_causal_dir)
+    assert (run / "templates" / "sentiment_sst2.yaml").is_file()
+    assert (run / "templates" / "_shared" / "label_task.yaml").is_file()  # includes keep their layout
+    mix = json.loads((run / "mixture.json").read_text())["stages"]
+    assert [m["name"] for m in mix[0]["members"]] == ["sentiment_sst2", "qa_squad"]
+    assert abs(sum(m["rate"] for m in mix[0]["members"]) - 1) < 1e-9
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == [2, 4]
+    for r in rows:
+        assert r["loss"] > 0 and r["lr"] > 0 and r["tokens_per_s"] > 0
+        assert abs(sum(v for k, v in r.items() if k.startswith("share/")) - 1) < 1e-9
+        assert any(k.startswith("loss/") for k in r) and any(k.startswith("tokens/") for k in r)
+    assert list((run / "logs").glob("events.out.tfevents.*"))
+    assert (run / "loss_curves.png").stat().st_size > 1000
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2", "step-4"]
+    assert (run / "stages" / "main" / "adapter" / "t2t_manifest.json").is_file()
+    man = json.loads((run / "adapter" / "t2t_manifest.json").read_text())
+    assert man["family"] == "causal" and man["prompt_format"]["kind"] == "chat" and man["step"] == 4
+    assert [(t["name"], t["version"], t["parse"]) for t in man["tasks"]] == [("sentiment_sst2", 1, "label"),
+                                                                           ("qa_squad", 1, "span")]
+    assert man["tasks"][0]["template_file"] == "templates/sentiment_sst2.yaml"
+    assert_lora_trained(trainable(run, 4))
+    # The base weights of the saved bundle are the original ones.
+    from transformers import AutoModelForCausalLM
+
+    tuned, _, _, _ = modeling.load_for_inference(run / "adapter")
+    base = tuned.unload().state_dict()
+    orig = AutoModelForCausalLM.from_pretrained(tiny_causal_dir).state_dict()
+    assert base.keys() == orig.keys()
+    assert all(torch.equal(base[k], orig[k]) for k in orig)
+
+
+def test_t5_lora_trains(tmp_path, tiny_t5_dir):
+    cfg = make_cfg(tmp_path / "t5", tiny_t5_dir, "train.steps=3")
+    run = training.train(cfg)
+    assert_lora_trained(trainable(run, 3))
+    man = json.loads((run / "adapter" / "t2t_manifest.json").read_text())
+    assert man["family"] == "seq2seq" and man["prompt_format"]["kind"] == "seq2seq"
+    assert all(r["loss"] > 0 for r in metrics(run))
+
+
+def test_qlora_causal_trains(tmp_path, tiny_causal_dir):
+    cfg = make_cfg(tmp_path / "q", tiny_causal_dir, "adapter.method=qlora", "train.steps=2")
+    run = training.train(cfg)
+    assert_lora_trained(trainable(run, 2))
+    man = json.loads((run / "adapter" / "t2t_manifest.json").read_text())
+    assert man["adapter"]["method"] == "qlora"
+
+
+# ------------------------------------------------------------------ the step itself
+
+
+class _SGDRecorder:
+    """Stands in for the optimiser: records gradients, then plain SGD (Adam would hide loss scale)."""
+
+    def __init__(self, model, lr=0.5):
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.lr, self.grads = lr, []
+
+    def step(self):
+        self.grads.append({n: p.grad.detach().clone() for n, p in self.params.items()})
+        with torch.no_grad():
+            for p in self.params.values():
+                p -= self.lr * p.grad
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params.values():
+            p.grad = None
+
+
+def _runner(tmp_path, model_dir, batch, accum, balancing="none"):
+    from accelerate import Accelerator
+
+    from t2t_mtl import features
+    from t2t_mtl.batching import Batcher
+    from t2t_mtl.prompt_format import PromptFormat
+    from t2t_mtl.train_step import StepRunner
+
+    cfg = make_cfg(tmp_path / "unused", model_dir, f"train.batch_size={batch}", f"train.grad_accum={accum}")
+    members, _ = training.validate(cfg)
+    torch.manual_seed(0)
+    model, tok, family = modeling.load_model_and_tokenizer(cfg.model, cfg.adapter)
+    fmt = PromptFormat.for_tokenizer(tok, family)
+    idx = {n: i for i, n in enumerate(TASKS)}
+    collate = features.Seq2SeqCollator(tok.pad_token_id) if family == "seq2seq" else \
+        features.CausalCollator(tok.pad_token_id, packing=True, max_length=96)
+    batcher = Batcher(mixing.plan_stage(cfg, 0, members).stream(), batch_size=batch, grad_accum=accum,
+                      encode=lambda r: features.encode(r, tok, fmt, 96, 32, task_index=idx[r.task]), collate=collate)
+    opt = _SGDRecorder(model)
+    acc = Accelerator(gradient_accumulation_steps=accum)
+    runner = StepRunner(acc, model, opt, losses.make_balancer(balancing, TASKS, [1.0, 2.0]), TASKS, family, 0.0)
+    return runner, batcher, opt, model
+
+
+@pytest.mark.parametrize("model_fixture", ["tiny_causal_dir", "tiny_t5_dir"])
+def test_per_token_losses_equal_the_models_loss(tmp_path, model_fixture, request):
+    runner, batcher, _, model = _runner(tmp_path, request.getfixturevalue(model_fixture), 4, 1)
+    batch = batcher.next_window().micro[0]
+    model.eval()  # T5 has dropout: both forwards must be deterministic
+    tok_loss, tok_task = runner.token_losses(batch)
+    labels = batch["labels"]
+    ref = model(**{k: v for k, v in batch.items() if k != "task_ids"}, use_cache=False).loss
+    assert abs(float(tok_loss.mean()) - float(ref)) < 1e-5
+    targets = labels[:, 1:] if model_fixture == "tiny_causal_dir" else labels
+    assert sorted(set(tok_task.tolist())) == [0, 1] and len(tok_loss) == int((targets != -100).sum())
+
+
+@pytest.mark.parametrize("balancing", ["none", "equal"])
+def test_grad_accumulation_equivalence(tmp_path, tiny_causal_dir, balancing):
+    """batch 2 × accum 1 and batch 1 × accum 2 see the same records and give the same gradients."""
+    grads = []
+    for batch, accum in ((2, 1), (1, 2)):
+        runner, batcher, opt, _ = _runner(tmp_path, tiny_causal_dir, batch, accum, balancing)
+        values = [runner.run(batcher.next_window()).objective for _ in range(3)]
+        grads.append((opt.grads, values))
+    (g1, v1), (g2, v2) = grads
+    assert len(g1) == len(g2) == 3
+    for a, b in zip(g1, g2):
+        assert_close(a, b, 1e-6)
+    assert max(abs(x - y) for x, y in zip(v1, v2)) < 1e-6
+    assert any(float(v.abs().sum()) > 0 for k, v in g1[2].items() if "lora_A" in k)  # A moves once B has
+
+
+def test_grad_accumulation_equivalence_end_to_end(tmp_path, tiny_causal_dir):
+    a = training.train(make_cfg(tmp_path / "a", tiny_causal_dir, "train.batch_size=2", "train.grad_accum=1"))
+    b = training.train(make_cfg(tmp_path / "b", tiny_causal_dir, "train.batch_size=1", "train.grad_accum=2"))
+    assert_close(trainable(a, 4), trainable(b, 4), 1e-6)
+
+
+def test_training_steps_lower_the_loss_on_repeated_data(tmp_path, tiny_causal_dir):
+    runner, batcher, _, _ = _runner(tmp_path, tiny_causal_dir, 4, 1)
+    window = batcher.next_window()
+    values = [runner.run(window).objective for _ in range(4)]
+    assert values[-1] < values[0] - 0.05, values
+
+
+# ------------------------------------------------------------------ resume
+
+
+def test_kill_and_resume_gives_the_same_records_and_weights(tmp_path, tiny_causal_dir):
+    over = ("train.steps=6", "train.save_steps=2", "train.logging_steps=1", "adapter.dropout=0.1",
+            "train.loss_balancing=uncertainty")
+    seen_a: dict = {}
+    full = training.train(make_cfg(tmp_path / "full", tiny_causal_dir, *over),
+                          on_step=lambda s, info: seen_a.__setitem__(s, info["records"]))
+
+    def killer(step, info):
+        if step == 3:
+            raise RuntimeError("killed")
+
+    cut = tmp_path / "cut"
+    with pytest.raises(RuntimeError, match="killed"):
+        training.train(make_cfg(cut, tiny_causal_dir, *over), on_step=killer)
+    assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == ["step-2"]
+    seen_b: dict = {}
+    training.train(make_cfg(cut, tiny_causal_dir, *over), on_step=lambda s, info: seen_b.__setitem__(s, info["records"]))
+    assert sorted(seen_b) == [3, 4, 5, 6]
+    assert all(seen_b[s] == seen_a[s] for s in seen_b)
+    assert_close(trainable(full, 6), trainable(cut, 6), 1e-6)
+    ma, mb = metrics(full), metrics(cut)
+    assert [r["step"] for r in mb] == [1, 2, 3, 4, 5, 6]  # the killed run's step-3 row was replaced
+    assert max(abs(x["loss"] - y["loss"]) for x, y in zip(ma, mb)) < 1e-6
+    sa = json.loads((full / "checkpoints/step-6/trainer_state.json").read_text())["balancer"]
+    sb = json.loads((cut / "checkpoints/step-6/trainer_state.json").read_text())["balancer"]
+    assert max(abs(x - y) for x, y in zip(sa["s"], sb["s"])) < 1e-9
+
+
+# ------------------------------------------------------------------ stages and replay
+
+
+def test_two_stages_with_replay(tmp_path, tiny_causal_dir):
+    seen: dict = {}
+    run = training.train(
+        make_cfg(tmp_path / "st", tiny_causal_dir, "stages=[{name: s1, tasks: [toy_polarity], steps: 3}, "
+                 "{name: s2, tasks: [toy_copy], steps: 4}]", "replay.enabled=true", "replay.per_task=6",
+                 "replay.share=0.5"),
+        on_step=lambda s, info: seen.__setitem__(s, (info["stage"], {r[0] for r in info["records"]})))
+    assert all(seen[s] == ("s1", {"toy_polarity"}) for s in (1, 2, 3))
+    assert {t for s in (4, 5, 6, 7) for t in seen[s][1]} == {"toy_polarity", "toy_copy"}  # replay joins s2
+    buf = [json.loads(x) for x in (run / "replay" / "buffer.jsonl").read_text().splitlines()]
+    assert 0 < len(buf) <= 6 and {r["task"] for r in buf} == {"toy_polarity"}
+    stages = json.loads((run / "mixture.json").read_text())["stages"]
+    assert [s["stage"] for s in stages] == ["s1", "s2"]
+    rep = [m for m in stages[1]["members"] if m["name"] == "replay"]
+    assert rep and abs(rep[0]["rate"] - 0.5) < 1e-9 and rep[0]["tasks"] == ["toy_polarity"]
+    for st in ("s1", "s2"):
+        assert json.loads((run / "stages" / st / "adapter" / "t2t_manifest.json").read_text())["stage"] == st
+    assert {r["stage"] for r in metrics(run)} == {"s1", "s2"}
+    assert any(k == "share/replay" for r in metrics(run) for k in r)
+
+
+# ------------------------------------------------------------------ loss balancing
+
+
+def test_balancer_coefficients_and_directions():
+    tok = torch.tensor([10.0, 2.0], dtype=torch.float64)
+    none = losses.make_balancer("none", TASKS, [1.0, 3.0])
+    assert torch.allclose(none.coefficients(tok), torch.tensor([1 / 12, 3 / 12], dtype=torch.float64))
+    eq = losses.make_balancer("equal", TASKS, [1.0, 1.0])
+    assert torch.allclose(eq.coefficients(tok), torch.tensor([1 / 20, 1 / 4], dtype=torch.float64))
+    assert torch.equal(eq.coefficients(torch.tensor([5.0, 0.0], dtype=torch.float64))[1:], torch.zeros(1, dtype=torch.float64))
+
+    unc = losses.make_balancer("uncertainty", TASKS, [1.0, 1.0])
+    for _ in range(400):  # task 0 has mean loss 4, task 1 has 0.25: s_i -> log L_i
+        unc.observe(torch.tensor([40.0, 0.5], dtype=torch.float64), tok)
+    s = unc.s
+    assert abs(float(s[0]) - 1.386) < 0.1 and abs(float(s[1]) + 1.386) < 0.1
+    w = unc.weights()
+    assert w["toy_polarity"] < 1 < w["toy_copy"]
+    clone = losses.make_balancer("uncertainty", TASKS, [1.0, 1.0])
+    clone.load_state_dict(json.loads(json.dumps(unc.state_dict())))
+    assert torch.equal(clone.s, unc.s)
+
+    gn = losses.make_balancer("gradnorm", TASKS, [1.0, 1.0], gradnorm_alpha=1.5)
+    grads = torch.tensor([[10.0, 0.0], [0.0, 1.0]])  # task 0's gradient is 10x larger, same training rate
+    for _ in range(10):
+        gn.observe(torch.tensor([20.0, 4.0], dtype=torch.float64), tok, grads)
+    assert gn.g[0] < 1 < gn.g[1] and abs(float(gn.g.sum()) - 2) < 1e-9
+    gn2 = losses.make_balancer("gradnorm", TASKS, [1.0, 1.0], gradnorm_alpha=1.5)
+    eq_grads = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    gn2.observe(torch.tensor([20.0, 4.0], dtype=torch.float64), tok, eq_grads)
+    for _ in range(10):  # task 1's loss halves, task 0's stays: task 0 trains slower and gains weight
+        gn2.observe(torch.tensor([20.0, 2.0], dtype=torch.float64), tok, eq_grads)
+    assert gn2.g[0] > 1 > gn2.g[1]
+
+
+@pytest.mark.parametrize("strategy", ["equal", "uncertainty", "gradnorm"])
+def test_balancing_strategies_train(tmp_path, tiny_causal_dir, strategy):
+    run = training.train(make_cfg(tmp_path / strategy, tiny_causal_dir, f"train.loss_balancing={strategy}",
+                                  "train.logging_steps=1", "train.steps=3"))
+    rows = metrics(run)
+    assert len(rows) == 3 and all(r["loss"] == r["loss"] for r in rows)
+    last = rows[-1]
+    if strategy == "equal":  # objective = mean of the two tasks' token-mean losses
+        both = [r for r in rows if "loss/toy_polarity" in r and "loss/toy_copy" in r]
+        assert both and all(abs(r["loss"] - (r["loss/toy_polarity"] + r["loss/toy_copy"]) / 2) < 1e-6 for r in both)
+    elif strategy == "uncertainty":  # losses ~6 > 1: every log-variance grows, weights fall below 1
+        assert all(last[f"weight/{t}"] < 1 for t in TASKS)
+    else:
+        w = [last[f"weight/{t}"] for t in TASKS]
+        assert abs(sum(w) - 2) < 1e-6 and max(abs(x - 1) for x in w) > 1e-4
+
+
+# ------------------------------------------------------------------ errors
+
+
+def test_nan_loss_stops_with_step_and_tasks(tmp_path, tiny_causal_dir, monkeypatch):
+    calls = {"n": 0}
+    real = losses.token_losses
+
+    def poisoned(*a, **k):
+        calls["n"] += 1
+        out, tasks = real(*a, **k)
+        return (out * float("nan"), tasks) if calls["n"] == 3 else (out, tasks)
+
+    monkeypatch.setattr(losses, "token_losses", poisoned)
+    run = tmp_path / "nan"
+    with pytest.raises(T2TError) as e:
+        training.train(make_cfg(run, tiny_causal_dir))
+    msg = e.value.problems[0].format()
+    assert "step 3" in msg and "non-finite loss" in msg and "toy_" in msg and "step-2" in msg
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2"]
+
+
+def test_validation_reports_every_problem_before_loading(tmp_path, capsys):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(f"template_dirs: [{TOY_TEMPLATES}]\n"
+                   "model: {name: ./no/such/model, attn_implementation: flash_attention_2}\n"
+                   "tasks: [{template: toy_polarity}, {template: toy_polarty}]\n")
+    rc = cli.main(["train", "--config", str(cfg), f"output_dir={tmp_path / 'out'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert "toy_polarty" in err and "did you mean 'toy_polarity'" in err
+    assert "no model folder" in err and "flash_attention_2 needs a CUDA GPU" in err
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ two processes
+
+
+def test_ddp_two_cpu_processes_agree(tmp_path, tiny_causal_dir):
+    """`accelerate launch` with two processes (gloo): ranks agree, and match one process with accum 2."""
+    run = tmp_path / "ddp"
+    over = [f"model.name={tiny_causal_dir}", "train.steps=3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           str(REPO / "launch" / "train.py"), "--config", str(REPO / "launch/configs/tiny_cpu.yaml"),
+                           *over, f"output_dir={run}"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] == 3
+    a, b = summary["weight_checksums"]
+    assert a == b
+    single = training.train(load_config(REPO / "launch/configs/tiny_cpu.yaml",
+                                        over + ["train.grad_accum=2", f"output_dir={tmp_path / 'one'}"]))
+    assert_close(trainable(run, 3), trainable(single, 3), 1e-5)
