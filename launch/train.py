@@ -10,6 +10,7 @@ and exits with status 2, without a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -29,7 +30,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         from t2t_mtl import training
 
-        print(training.train(cfg))
+        run_dir = training.train(cfg)
+        if os.environ.get("RANK", "0") == "0":
+            print(run_dir)
     except T2TError as e:
         for prob in e.problems:
             print(prob.format(), file=sys.stderr)

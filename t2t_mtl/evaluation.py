@@ -15,7 +15,8 @@ per-task primary scores.
 
 `evaluate` works on a loaded model; `evaluate_run` loads a run's bundle (or its base model)
 and writes `RUN/eval/<name>.json`, a markdown table and per-example predictions;
-`EvalHook` is what training calls every `eval.every_steps` steps.
+`training_eval_fn(cfg)` is the hook `training.train(cfg, eval_fn=...)` calls every
+`eval.every_steps` steps (an `EvalHook` on a fixed per-task subset).
 """
 
 from __future__ import annotations
@@ -305,22 +306,27 @@ def training_eval_fn(cfg: RunConfig, *, progress: bool = False) -> Callable[[Any
     """The `eval_fn` for `training.train`: called with its EvalContext every `eval.every_steps`,
     returns flat scalars (logged as `eval/...`): `combined` (mean primary score: the model-selection
     number), `<task>` (primary score) and `<task>/invalid_rate`. The main process also appends the
-    full results to `RUN/eval/during_training.jsonl`. Data is read once, at the first call."""
+    full results to `RUN/eval/during_training.jsonl`.
+
+    The eval data is read and rendered here, before training starts, so a missing eval split
+    fails at once instead of at the first evaluation.
+    """
+    tasks = eval_tasks(cfg)
+    for t in tasks:
+        load_examples(t, cfg.eval.split, cfg.eval.limit or None, bad_rows=cfg.train.bad_rows)
     hook: list[EvalHook] = []
 
     def eval_fn(ctx: Any) -> dict:
-        if not hook:
-            hook.append(EvalHook(ctx.cfg, ctx.tokenizer, ctx.prompt_format, template_dir=Path(ctx.run_dir) / "templates",
-                                 progress=progress))
+        if not hook:  # tokenizer and prompt format exist only once training has loaded the model
+            hook.append(EvalHook(ctx.cfg, ctx.tokenizer, ctx.prompt_format, tasks=tasks, progress=progress))
         out = hook[0](ctx.model, ctx.step)
         flat = {"combined": out["combined"], **out["tasks"], **{f"{n}/invalid_rate": v for n, v in out["invalid"].items()}}
         acc = getattr(ctx, "accelerator", None)
         if acc is None or acc.is_main_process:
-            res = {**out["results"], "stage": ctx.stage}
             path = Path(ctx.run_dir) / "eval" / "during_training.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
             with path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(res, ensure_ascii=False) + "\n")
+                f.write(json.dumps({**out["results"], "stage": ctx.stage}, ensure_ascii=False) + "\n")
         return {k: v for k, v in flat.items() if v is not None}
 
     return eval_fn

@@ -148,7 +148,13 @@ def trim_metrics(run_dir: Path, last_step: int) -> None:
 
 
 def clear_previous(run_dir: Path) -> None:
-    """Remove a previous run's checkpoints, logs and metrics (fresh start in an existing folder)."""
+    """Remove a previous run's checkpoints, logs and metrics (fresh start in an existing folder).
+
+    Only in a folder that is a run folder (has config.yaml): an output_dir pointing at some other
+    folder never loses its `logs/` or other files.
+    """
+    if not (Path(run_dir) / CONFIG_FILE).is_file():
+        return
     for name in ("checkpoints", "logs", "stages", "replay"):
         shutil.rmtree(Path(run_dir) / name, ignore_errors=True)
     for name in ("metrics.jsonl", MIXTURE_FILE, "loss_curves.png"):

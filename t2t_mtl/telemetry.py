@@ -216,6 +216,9 @@ def plot_loss_curves(metrics_path: Path, png_path: Path) -> Optional[Path]:
     for step, stage in bounds:
         ax.axvline(step, color="grey", linestyle="--", linewidth=0.8)
         ax.text(step, ax.get_ylim()[1], f" {stage}", va="top", fontsize=8, color="grey")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("optimiser step")
     ax.set_ylabel("mean target-token loss")
     ax.set_title("training loss per task")

@@ -89,9 +89,7 @@ def validate(cfg: RunConfig) -> tuple[dict, dict]:
                                          f"{limit} positions", f"use model.max_length <= {limit}"))
     except T2TError as e:
         problems += e.problems
-    if cfg.train.loss_balancing == "gradnorm" and _sharded_backend():
-        problems.append(_problem("train.loss_balancing: gradnorm needs whole parameters on every process",
-                                 "use it with single-GPU, DDP or DeepSpeed ZeRO-1/2, not FSDP or ZeRO-3"))
+    problems += _backend_problems(cfg)
     if cfg.replay.enabled and len(cfg.stage_list()) < 2:
         print("note: replay.enabled has no effect with a single stage", file=sys.stderr)
     if problems:
@@ -99,6 +97,32 @@ def validate(cfg: RunConfig) -> tuple[dict, dict]:
     extra = [cfg.resolve_path(d) for d in cfg.template_dirs]
     templates = {n: tasks.load_task(t.template, extra) for n, t in zip(cfg.task_names(), cfg.tasks)}
     return members, templates
+
+
+def _backend_problems(cfg: RunConfig) -> list[Problem]:
+    """Settings the launch environment (accelerate config, GPU generation) cannot run."""
+    import os
+
+    import torch
+
+    out = []
+    sharded = _sharded_backend()
+    if cfg.train.loss_balancing == "gradnorm" and sharded:
+        out.append(_problem("train.loss_balancing: gradnorm needs whole parameters on every process",
+                            "use it with one GPU, DDP or DeepSpeed ZeRO-1/2, not FSDP or ZeRO-3"))
+    if cfg.adapter.method == "qlora" and sharded:
+        out.append(_problem("adapter.method: qlora is not supported with FSDP or DeepSpeed ZeRO-3 here",
+                            "use launch/accelerate/ddp.yaml or deepspeed_zero2.yaml, or method: lora"))
+    mixed = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    cuda = torch.cuda.is_available()
+    if mixed == "fp16" and not cuda:
+        out.append(_problem("accelerate mixed_precision fp16 needs a GPU", "use --mixed_precision bf16 or no on CPU"))
+    wants_bf16 = cfg.model.dtype == "bfloat16" or mixed == "bf16" or (
+        cfg.adapter.method == "qlora" and cfg.adapter.compute_dtype == "bfloat16")
+    if cuda and wants_bf16 and not torch.cuda.is_bf16_supported():
+        out.append(_problem("bfloat16 is not supported by this GPU (needs compute capability 8.0+)",
+                            "set model.dtype/adapter.compute_dtype to float16 or float32 and mixed_precision fp16"))
+    return out
 
 
 def _cpu_processes() -> bool:
@@ -253,7 +277,7 @@ def train(cfg: RunConfig, *, eval_fn: Optional[EvalFn] = None, on_step: Optional
             if state and si == int(state["stage_index"]):
                 from .train_step import load_scheduler_state
 
-                pass
+                batcher.load_state(state["batcher"])
                 load_scheduler_state(sched, state["scheduler"])
                 first = int(state["stage_step"])
             telemetry.progress(st.steps, first, f"stage {st.name}" if len(stages) > 1 else "train")

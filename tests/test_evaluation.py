@@ -215,10 +215,13 @@ def test_evaluate_reports_a_missing_split_per_task_and_scores_the_rest(causal, r
     from t2t_mtl.config import SourceConfig
 
     model, tok, fmt = causal
-    local = SourceConfig(path=str(repo_root / "data" / "qa_squad"))  # a local folder: no hub look-up
-    tasks = [_task("sentiment_sst2", mode="rank"), _task("qa_squad", source=local)]
+    def local(name):  # local folders: no hub look-up for the missing split
+        return SourceConfig(path=str(repo_root / "data" / name))
+
+    tasks = [_task("sentiment_sst2", mode="rank", source=local("sentiment_sst2")), _task("qa_squad", source=local("qa_squad"))]
     res = evaluate(model, tok, fmt, tasks, split="test", limit=2, progress=False, max_new_tokens=4)
     assert "no test.jsonl" in res["tasks"]["qa_squad"]["error"] and "primary" not in res["tasks"]["qa_squad"]
+    assert res["combined"] is None
     res = evaluate(model, tok, fmt, tasks, split="validation", limit=2, progress=False, keep_predictions=True,
                    max_new_tokens=4, max_prompt_tokens=96)
     sent = res["tasks"]["sentiment_sst2"]
@@ -262,6 +265,17 @@ def test_eval_cli_mistakes_are_one_line_problems(run_dir, tmp_path, capsys):
     assert "did you mean 'qa_squad'" in capsys.readouterr().err
     assert main(["eval", "--run", str(tmp_path)]) == 2
     assert "not a t2t-mtl run folder" in capsys.readouterr().err
+
+
+def test_training_logs_the_hooks_scores_every_eval_steps(run_dir):
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval/combined" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    for r in evals:
+        assert r["eval/combined"] == pytest.approx(sum(r[f"eval/{t}"] for t in ("sentiment_sst2", "ner_conll2003",
+                                                                                 "qa_squad")) / 3)
+    during = [json.loads(x) for x in (run_dir / "eval" / "during_training.jsonl").read_text().splitlines()]
+    assert [(d["step"], d["stage"]) for d in during[:2]] == [(2, "first"), (4, "second")]
 
 
 def test_training_hook_returns_primary_scores_and_combined(run_dir):

@@ -2,7 +2,8 @@
 
 `tiny_staged_run(root, model_dir) -> Path`: two stages of two optimiser steps each on the shipped
 templates' bundled samples (stage `first`: sentiment_sst2; stage `second`: ner_conll2003 + qa_squad),
-LoRA on the tiny causal model with a high learning rate so the adapter visibly changes the model.
+LoRA on the tiny causal model with a high learning rate so the adapter visibly changes the model;
+the evaluation hook runs every 2 steps (2 rows per task).
 """
 
 from __future__ import annotations
@@ -21,20 +22,21 @@ def run_config(model_dir: Path, out_dir: Path) -> dict:
     """The run config (as a dict) of the tiny staged run."""
     return {
         "run_name": "tiny-staged", "output_dir": str(out_dir), "seed": 1,
-        "model": {"name": str(model_dir), "max_length": 192},
+        "model": {"name": str(model_dir), "max_length": 512},
         "adapter": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
         "tasks": [{"template": t} for t in TASKS],
         "stages": [{"name": "first", "tasks": ["sentiment_sst2"], "steps": 2},
                    {"name": "second", "tasks": ["ner_conll2003", "qa_squad"], "steps": 2}],
         "train": {"batch_size": 2, "learning_rate": 0.02, "warmup_steps": 0, "save_steps": 100,
                   "report_to": "none", "logging_steps": 1},
-        "eval": {"limit": 3, "max_new_tokens": 6, "batch_size": 4},
+        "eval": {"limit": 2, "max_new_tokens": 6, "batch_size": 4, "every_steps": 2},
     }
 
 
 def tiny_staged_run(root: str | os.PathLike, model_dir: Path) -> Path:
     """Train the tiny staged run into `root/tiny-staged` once; returns the run folder."""
     from t2t_mtl.config import load_config
+    from t2t_mtl.evaluation import training_eval_fn
     from t2t_mtl.training import train
 
     target = Path(root) / "tiny-staged"
@@ -46,7 +48,8 @@ def tiny_staged_run(root: str | os.PathLike, model_dir: Path) -> Path:
         cfg_file = tmp / "run.yaml"
         run_dir = tmp / "run"
         cfg_file.write_text(yaml.safe_dump(run_config(model_dir, run_dir)), encoding="utf-8")
-        train(load_config(cfg_file))
+        cfg = load_config(cfg_file)
+        train(cfg, eval_fn=training_eval_fn(cfg))  # evaluates every 2 steps, as a real run would
         # The saved config names its own output_dir; move the whole run and point it at the new place.
         saved = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
         saved["output_dir"] = str(target)

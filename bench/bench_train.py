@@ -1,0 +1,407 @@
+"""Training throughput of the default recipe versus a plain TRL `SFTTrainer` (with and without packing).
+
+    .venv/bin/python bench/bench_train.py [DATA_DIR] [--warmup 3] [--steps 12] [--profile-steps 2]
+        [--variants ours,trl_packed,trl_padded] [--pool 2000] [--out bench/results/train.json]
+        [--doc docs/benchmarks.md] [--no-doc]
+
+DATA_DIR (default ../shared/data/real from the repository root) holds the five real slices:
+sentiment_sst2, nli_sick, qa_squad, ner_conll2003, summarization_scitldr. Every variant uses the same
+settings, taken from launch/configs/default.yaml (model, LoRA, batch size, max length, learning rate,
+schedule, dtype), with those five slices as tasks rendered by the shipped templates:
+- ours: `training.train(cfg)` itself (mixed stream -> lazy render/tokenise -> packing collator ->
+  `StepRunner`), timed from its `on_step` hook;
+- trl_packed / trl_padded: `trl.SFTTrainer` (prompt/completion dataset, completion-only loss) with
+  `packing=True` (TRL's default BFD strategy, which implies padding-free) or `packing=False`. The
+  prompt/completion texts are the decoded token ids of *our* encoding of the first `--pool` records of
+  the same mixed stream, so the token content is identical (checked and reported); the LoRA adapter is
+  TRL's own (`peft_config`) with our r / alpha / dropout / target modules.
+Each variant runs in its own child process (sequentially, in this one invocation) so its peak RSS is
+its own: `--warmup` optimiser steps, then `--steps` timed steps, then optionally `--profile-steps`
+steps under torch.profiler (not timed). Tokens are counted identically: *input tokens* = tokens of the
+real examples fed to the model in a step (prompt + target; padding excluded; counted from example
+lengths, not `!= pad_id`, because SmolLM2's pad token is its `<|im_end|>`), *target tokens* = tokens
+with a loss. Prints a table, writes --out and replaces the "Training throughput vs TRL" section of --doc.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SLICES = (("sentiment_sst2", "sentiment_sst2"), ("nli_3way", "nli_sick"), ("qa_squad", "qa_squad"),
+          ("ner_conll2003", "ner_conll2003"), ("summarization", "summarization_scitldr"))  # (template, folder)
+VARIANTS = ("ours", "trl_packed", "trl_padded", "ours_unpacked")
+DEFAULT_VARIANTS = "ours,trl_packed,trl_padded"
+SECTION = "## Training throughput vs TRL"
+
+
+# ------------------------------------------------------------------ shared set-up (children)
+
+
+def run_config(data_dir: Path, out_dir: Path, total_steps: int, packing: str = "auto"):
+    """launch/configs/default.yaml with the five real slices as tasks (absolute paths)."""
+    import yaml
+
+    from t2t_mtl.config import load_config
+
+    data = yaml.safe_load((ROOT / "launch" / "configs" / "default.yaml").read_text(encoding="utf-8"))
+    data["tasks"] = [{"template": t, "source": {"path": str(data_dir / f)}} for t, f in SLICES]
+    data["output_dir"] = str(out_dir)
+    data["train"].update({"steps": total_steps, "save_steps": 10 ** 6, "resume": "never", "packing": packing})
+    return load_config(data=data)
+
+
+class StepClock:
+    """Step-end timestamps, per-step token counts, RSS at step ends and an optional profiler window."""
+
+    def __init__(self, warmup: int, steps: int, profile_steps: int):
+        import psutil
+
+        self.warmup, self.steps, self.profile_steps = warmup, steps, profile_steps
+        self.proc = psutil.Process()
+        self.ends: list[float] = []
+        self.tokens: list[tuple[int, int, int, int]] = []  # (input, target, padded slots, rows) per step
+        self.rss: list[int] = []
+        self.prof = None
+        self.profile_rows: list[dict] = []
+
+    def add_tokens(self, inputs: int, targets: int, slots: int, rows: int) -> None:
+        self.tokens.append((int(inputs), int(targets), int(slots), int(rows)))
+
+    def step_end(self) -> None:
+        self.ends.append(time.perf_counter())
+        self.rss.append(self.proc.memory_info().rss)
+        n = len(self.ends)
+        if self.profile_steps and n == self.warmup + self.steps:
+            import torch
+
+            self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            self.prof.start()
+        elif self.prof is not None and n == self.warmup + self.steps + self.profile_steps:
+            self.prof.stop()
+            self.profile_rows = profile_table(self.prof, self.profile_steps)
+            self.prof = None
+
+    def result(self) -> dict:
+        w, n = self.warmup, self.steps
+        seconds = self.ends[w + n - 1] - self.ends[w - 1]
+        tok = self.tokens[w:w + n]
+        inp, tgt, slots = (sum(t[i] for t in tok) for i in range(3))
+        per_step = [round(b - a, 3) for a, b in zip(self.ends[w - 1:w + n - 1], self.ends[w:w + n])]
+        return {"timed_steps": n, "seconds": round(seconds, 3), "step_seconds": per_step,
+                "input_tokens": inp, "target_tokens": tgt, "padded_slots": slots,
+                "rows_per_step": round(sum(t[3] for t in tok) / n, 2),
+                "input_tokens_per_s": round(inp / seconds, 1), "target_tokens_per_s": round(tgt / seconds, 1),
+                "padding_efficiency": round(inp / max(slots, 1), 3),
+                "input_tokens_per_step": round(inp / n, 1),
+                "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                "max_step_rss_mib": round(max(self.rss) / 2 ** 20, 1),
+                "profile": self.profile_rows}
+
+
+def profile_table(prof, steps: int, top: int = 12) -> list[dict]:
+    """Top operators by self CPU time (ms per step) and their share of all self CPU time."""
+    rows = [e for e in prof.key_averages() if not e.key.startswith("ProfilerStep")]
+    total = sum(e.self_cpu_time_total for e in rows) or 1.0
+    rows.sort(key=lambda e: -e.self_cpu_time_total)
+    return [{"op": e.key, "ms_per_step": round(e.self_cpu_time_total / 1000 / steps, 1),
+             "share": round(e.self_cpu_time_total / total, 4), "calls_per_step": round(e.count / steps, 1)}
+            for e in rows[:top]] + [{"op": "(all operators)", "ms_per_step": round(total / 1000 / steps, 1),
+                                      "share": 1.0, "calls_per_step": None}]
+
+
+def child_ours(spec: dict, packing: str) -> dict:
+    """Run `training.train` for warmup + steps (+ profile) + 1 steps; the last step (final checkpoint) is not timed."""
+    from t2t_mtl import train_step, training
+
+    clock = StepClock(spec["warmup"], spec["steps"], spec["profile_steps"])
+    original = train_step.StepRunner.run
+
+    def counted(self, window):  # instrumentation only: the counts come from the window and StepResult
+        res = original(self, window)
+        clock.add_tokens(window.input_tokens, float(res.tokens.sum()),
+                         sum(m["input_ids"].numel() for m in window.micro),
+                         sum(m["input_ids"].shape[0] for m in window.micro))
+        return res
+
+    total = spec["warmup"] + spec["steps"] + spec["profile_steps"] + 1
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        cfg = run_config(Path(spec["data_dir"]), Path(tmp) / "run", total, packing)
+        train_step.StepRunner.run = counted
+        t0 = time.perf_counter()
+        try:
+            training.train(cfg, on_step=lambda step, info: clock.step_end())
+        finally:
+            train_step.StepRunner.run = original
+        wall = time.perf_counter() - t0
+    res = clock.result()
+    res.update({"setup_and_tail_seconds": round(wall - (clock.ends[-1] - clock.ends[0]), 1), "packing": packing})
+    return res
+
+
+def stream_examples(cfg, tok, fmt, n: int) -> list[dict]:
+    """Our encoding of the first `n` records of the stage-0 stream (what `ours` trains on, in order)."""
+    from t2t_mtl import features, mixing
+
+    members = mixing.build_members(cfg)
+    index = {name: i for i, name in enumerate(cfg.task_names())}
+    stream = mixing.plan_stage(cfg, 0, members).stream()
+    out = []
+    for rec in stream.take(n):
+        f = features.encode(rec, tok, fmt, cfg.model.max_length, cfg.model.max_target_length,
+                            task_index=index[rec.task])
+        cut = sum(1 for x in f["labels"] if x == features.IGNORE_INDEX)
+        ids = f["input_ids"]
+        out.append({"ids": ids, "labels": f["labels"], "prompt": tok.decode(ids[:cut], clean_up_tokenization_spaces=False),
+                    "completion": tok.decode(ids[cut:], clean_up_tokenization_spaces=False)})
+    return out
+
+
+def child_trl(spec: dict, packing: bool) -> dict:
+    """Plain `trl.SFTTrainer` on the same texts, model, LoRA settings, batch size, max length and dtype."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from t2t_mtl import modeling
+    from t2t_mtl.prompt_format import PromptFormat
+
+    clock = StepClock(spec["warmup"], spec["steps"], spec["profile_steps"])
+    total = spec["warmup"] + spec["steps"] + spec["profile_steps"]
+    with tempfile.TemporaryDirectory(prefix="bench-train-trl-") as tmp:
+        cfg = run_config(Path(spec["data_dir"]), Path(tmp) / "run", total)
+        tr, ad = cfg.train, cfg.adapter
+        model, tok, family = modeling.load_model_and_tokenizer(cfg.model, None, for_training=True)
+        fmt = PromptFormat.for_tokenizer(tok, family, cfg.model.prompt_format)
+        examples = stream_examples(cfg, tok, fmt, spec["pool"])
+        data = Dataset.from_dict({"prompt": [e["prompt"] for e in examples],
+                                  "completion": [e["completion"] for e in examples]})
+        args = SFTConfig(
+            output_dir=tmp, max_steps=total, per_device_train_batch_size=tr.batch_size,
+            gradient_accumulation_steps=tr.grad_accum, learning_rate=tr.learning_rate, weight_decay=tr.weight_decay,
+            warmup_steps=tr.warmup_steps, lr_scheduler_type=tr.scheduler, max_grad_norm=tr.max_grad_norm,
+            max_length=cfg.model.max_length, packing=packing, completion_only_loss=True,
+            bf16=False, fp16=False, gradient_checkpointing=tr.gradient_checkpointing,  # same dtype/setting as ours
+            # sequential: step k sees exactly ours' step-k examples; packed bins come sorted by length, so
+            # they keep TRL's default random order (a sequential walk would start with the longest bins)
+            train_sampling_strategy="random" if packing else "sequential",
+            logging_steps=tr.logging_steps, save_strategy="no", report_to="none", disable_tqdm=True,
+            seed=cfg.seed, dataloader_num_workers=0)
+        lora = LoraConfig(r=ad.r, lora_alpha=ad.alpha, lora_dropout=ad.dropout, target_modules=ad.target_modules,
+                          task_type="CAUSAL_LM")
+        t0 = time.perf_counter()
+
+        class Counting(SFTTrainer):
+            def training_step(self, model, inputs, num_items_in_batch=None):
+                if "attention_mask" in inputs:
+                    real = int(inputs["attention_mask"].sum())
+                else:  # padding-free: one flattened row, no padding (pad_to_multiple_of is None)
+                    real = int(inputs["position_ids"].numel())
+                clock.add_tokens(real, int((inputs["labels"][:, 1:] != -100).sum()), inputs["input_ids"].numel(),
+                                 inputs["input_ids"].shape[0])
+                return super().training_step(model, inputs, num_items_in_batch)
+
+        class Clock(TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):
+                clock.step_end()
+
+        trainer = Counting(model=model, args=args, train_dataset=data, processing_class=tok, peft_config=lora,
+                           callbacks=[Clock()])
+        prep = time.perf_counter() - t0
+        check = token_check(trainer.train_dataset, examples, packing)
+        t1 = time.perf_counter()
+        trainer.train()
+        wall = time.perf_counter() - t1
+    res = clock.result()
+    res.update({"trl_dataset_prep_seconds": round(prep, 1), "token_check": check,
+                "setup_and_tail_seconds": round(wall - (clock.ends[-1] - clock.ends[0]), 1),
+                "torch_threads": torch.get_num_threads()})
+    return res
+
+
+def token_check(ds, examples: list[dict], packing: bool) -> dict:
+    """Does TRL's tokenisation give our token ids and loss mask? (per example unpacked; totals packed)"""
+    if packing:
+        trl_total = sum(sum(x) for x in ds["seq_lengths"])
+        ours = sum(len(e["ids"]) for e in examples)
+        return {"total_tokens_trl": trl_total, "total_tokens_ours": ours, "identical": trl_total == ours}
+    same_ids = same_labels = 0
+    for row, e in zip(ds, examples):
+        same_ids += row["input_ids"] == e["ids"]
+        same_labels += row["labels"] == e["labels"]
+    return {"examples": len(ds), "pool": len(examples), "same_input_ids": same_ids, "same_labels": same_labels,
+            "identical": len(ds) == len(examples) == same_ids == same_labels}
+
+
+# --------------------------------------------------------------------------- parent
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def run_child(variant: str, spec: dict) -> dict:
+    """One variant in a fresh interpreter; returns its result dict (raises on failure)."""
+    with tempfile.TemporaryDirectory(prefix="bench-train-child-") as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", variant, "--spec", json.dumps(spec),
+               "--result", str(out)]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode != 0 or not out.is_file():
+            sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+            raise SystemExit(f"bench_train: variant {variant} failed (exit {proc.returncode})")
+        res = json.loads(out.read_text())
+        res["child_wall_seconds"] = round(time.perf_counter() - t0, 1)
+        return res
+
+
+def table(results: dict) -> str:
+    """Markdown table: throughput, ratios against both TRL variants, padding, memory."""
+    lines = ["| variant | input tokens/s | target tokens/s | input tokens/step | rows/step | padding efficiency "
+             "| s/step (median) | ours ÷ this (input tok/s) | peak RSS (MiB) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, r in results.items():
+        steps = sorted(r["step_seconds"])
+        ratio = results["ours"]["input_tokens_per_s"] / r["input_tokens_per_s"] if "ours" in results else None
+        lines.append(f"| {name} | {r['input_tokens_per_s']:,.0f} | {r['target_tokens_per_s']:,.1f} | "
+                     f"{r['input_tokens_per_step']:,.0f} | {r['rows_per_step']:g} | {r['padding_efficiency']:.2f} | "
+                     f"{steps[len(steps) // 2]:.2f} | {ratio:.2f} | {r['peak_rss_mib']:,.0f} |"
+                     if ratio is not None else "")
+    return "\n".join(lines)
+
+
+def ratios(results: dict) -> dict:
+    """ours / each other variant, for input and target tokens/s."""
+    if "ours" not in results:
+        return {}
+    o = results["ours"]
+    return {f"ours/{k}": {"input": round(o["input_tokens_per_s"] / r["input_tokens_per_s"], 3),
+                          "target": round(o["target_tokens_per_s"] / r["target_tokens_per_s"], 3)}
+            for k, r in results.items() if k != "ours"}
+
+
+def profile_md(results: dict) -> str:
+    """Per variant, the top operators by self CPU time from the profiled steps."""
+    parts = []
+    for name, r in results.items():
+        if not r.get("profile"):
+            continue
+        rows = ["| operator | ms/step | share | calls/step |", "|---|---:|---:|---:|"]
+        rows += [f"| `{p['op']}` | {p['ms_per_step']:,.1f} | {100 * p['share']:.1f} % | "
+                 f"{'' if p['calls_per_step'] is None else format(p['calls_per_step'], 'g')} |" for p in r["profile"]]
+        parts.append(f"*{name}*:\n\n" + "\n".join(rows))
+    return "\n\n".join(parts)
+
+
+def section_body(meta: dict, results: dict, rat: dict, tbl: str, prof: str) -> str:
+    """The doc section (filled in below)."""
+    return tbl + "\n\n" + json.dumps(rat) + "\n\n" + prof
+
+
+def update_doc(doc: Path, body: str) -> None:
+    """Replace (or append) this benchmark's section of `doc`, leaving the other sections alone."""
+    text = doc.read_text(encoding="utf-8") if doc.is_file() else "# Benchmarks\n"
+    section = f"{SECTION}\n\n{body.strip()}\n"
+    start = text.find(SECTION + "\n")
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        nxt = text.find("\n## ", start + len(SECTION))
+        text = text[:start] + section + (text[nxt:] if nxt >= 0 else "")
+    doc.write_text(text, encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("data_dir", nargs="?", default=str(ROOT.parent / "shared" / "data" / "real"))
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--profile-steps", type=int, default=0, help="extra profiled steps per variant (not timed)")
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, from {', '.join(VARIANTS)}")
+    ap.add_argument("--pool", type=int, default=2000, help="stream records given to TRL (its dataset)")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "train.json"))
+    ap.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks.md"))
+    ap.add_argument("--no-doc", action="store_true")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--spec", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.child:
+        spec = json.loads(args.spec)
+        res = {"ours": lambda: child_ours(spec, "auto"), "ours_unpacked": lambda: child_ours(spec, "off"),
+               "trl_packed": lambda: child_trl(spec, True), "trl_padded": lambda: child_trl(spec, False)}[args.child]()
+        Path(args.result).write_text(json.dumps(res))
+        return 0
+
+    data = Path(args.data_dir).resolve()
+    missing = [f for _, f in SLICES if not (data / f / "train.jsonl").is_file()]
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    bad = [v for v in variants if v not in VARIANTS]
+    if missing or bad or args.warmup < 1 or args.steps < 1:
+        print(f"bench_train: missing slices {missing} under {data}" if missing else
+              f"bench_train: unknown variant(s) {bad}; use {', '.join(VARIANTS)}" if bad else
+              "bench_train: --warmup and --steps must be >= 1", file=sys.stderr)
+        return 2
+    need = (args.warmup + args.steps + args.profile_steps + 1) * 8
+    spec = {"data_dir": str(data), "warmup": args.warmup, "steps": args.steps,
+            "profile_steps": args.profile_steps, "pool": max(args.pool, need)}
+    load_before = os.getloadavg()
+    results = {}
+    for v in variants:
+        print(f"running {v} ...", flush=True)
+        results[v] = run_child(v, spec)
+        r = results[v]
+        print(f"  {r['input_tokens_per_s']:,.0f} input tokens/s, {r['target_tokens_per_s']:,.1f} target tokens/s "
+              f"({r['timed_steps']} steps, {r['seconds']:.1f} s; child {r['child_wall_seconds']:.0f} s)", flush=True)
+    load_after = os.getloadavg()
+    import torch
+    import transformers
+    import trl
+
+    command = "python bench/bench_train.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    meta = {"date": dt.datetime.now().astimezone().isoformat(timespec="seconds"), "nproc": os.cpu_count(),
+            "cpu": _cpu(), "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "trl": trl.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "loadavg_1_5_15_before": [round(x, 2) for x in load_before],
+            "loadavg_1_5_15_after": [round(x, 2) for x in load_after],
+            "command": command.strip(), **{k: v for k, v in spec.items() if k != "data_dir"},
+            "data": [f"{data.name}/{f}/train.jsonl" for _, f in SLICES]}
+    tbl = table(results)
+    print(tbl)
+    rat = ratios(results)
+    print(json.dumps(rat))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "ratios": rat, "results": results}, indent=1) + "\n", encoding="utf-8")
+    print(f"wrote {out}")
+    if not args.no_doc:
+        update_doc(Path(args.doc), section_body(meta, results, rat, tbl, profile_md(results)))
+        print(f"updated {args.doc} ({SECTION[3:]})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
