@@ -277,17 +277,17 @@ def run_child(variant: str, spec: dict) -> dict:
 
 
 def table(results: dict) -> str:
-    """Markdown table: throughput, ratios against both TRL variants, padding, memory."""
+    """Markdown table: throughput, ours ÷ each variant, padding, step time, memory."""
     lines = ["| variant | input tokens/s | target tokens/s | input tokens/step | rows/step | padding efficiency "
              "| s/step (median) | ours ÷ this (input tok/s) | peak RSS (MiB) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
         steps = sorted(r["step_seconds"])
-        ratio = results["ours"]["input_tokens_per_s"] / r["input_tokens_per_s"] if "ours" in results else None
+        ratio = (f"{results['ours']['input_tokens_per_s'] / r['input_tokens_per_s']:.2f}"
+                 if "ours" in results else "–")
         lines.append(f"| {name} | {r['input_tokens_per_s']:,.0f} | {r['target_tokens_per_s']:,.1f} | "
                      f"{r['input_tokens_per_step']:,.0f} | {r['rows_per_step']:g} | {r['padding_efficiency']:.2f} | "
-                     f"{steps[len(steps) // 2]:.2f} | {ratio:.2f} | {r['peak_rss_mib']:,.0f} |"
-                     if ratio is not None else "")
+                     f"{steps[len(steps) // 2]:.2f} | {ratio} | {r['peak_rss_mib']:,.0f} |")
     return "\n".join(lines)
 
 
@@ -315,8 +315,48 @@ def profile_md(results: dict) -> str:
 
 
 def section_body(meta: dict, results: dict, rat: dict, tbl: str, prof: str) -> str:
-    """The doc section (filled in below)."""
-    return tbl + "\n\n" + json.dumps(rat) + "\n\n" + prof
+    """The doc section: when/where/how, the table, the ratios and what they mean."""
+    lb, la = meta["loadavg_1_5_15_before"], meta["loadavg_1_5_15_after"]
+    out = [f"Measured {meta['date']} on {meta['nproc']} CPU cores ({meta['cpu']}, shared with other jobs), "
+           f"torch {meta['torch']} ({meta['torch_threads']} threads), transformers {meta['transformers']}, "
+           f"TRL {meta['trl']}, Python {meta['python']}. Load average (1/5/15 min) before the run: "
+           f"{' / '.join(map(str, lb))}; after: {' / '.join(map(str, la))}. Command, from the repository root:",
+           f"    .venv/bin/{meta['command']}",
+           "Same for every variant: the embedded SmolLM2-135M-Instruct (float32), LoRA r 16 / alpha 32 / dropout "
+           "0.05 on all linear layers, batch size 8, no gradient accumulation, max length 384, AdamW lr 3e-4 with "
+           "cosine schedule, gradient clipping 1.0, no gradient checkpointing (all from "
+           "`launch/configs/default.yaml`); data: the five real slices (" + ", ".join(f for _, f in SLICES) +
+           ") rendered by the shipped templates and mixed by our stream (T = 2). *ours* is `training.train` "
+           "itself (lazy render + tokenisation inside the step, packing collator, per-task token losses); "
+           "*trl_packed* / *trl_padded* are a plain `trl.SFTTrainer` with `packing=True` (BFD, which implies "
+           "padding-free) / `packing=False`, `completion_only_loss=True`, `bf16=False`, "
+           "`gradient_checkpointing=False` (TRL's defaults are bf16 autocast and checkpointing; set to ours), "
+           "TRL's own LoRA (`peft_config`) with the same settings. TRL's dataset is the decoded token ids of our "
+           f"encoding of the first {meta['pool']:,} records of the same stream (prompt / completion columns); "
+           "*trl_padded* walks it in order, so its step k holds exactly our step-k examples; *trl_packed* keeps "
+           f"TRL's random order of packed rows. {meta['warmup']} warm-up steps, then {meta['steps']} timed "
+           "optimiser steps per variant, each variant in its own process, one after the other. *Input tokens* "
+           "are the real prompt + target tokens a step feeds the model (padding excluded), *target tokens* "
+           "those with a loss; *padding efficiency* = input tokens / token slots of the batch tensor; peak RSS "
+           "is the process's `ru_maxrss` (model load included).",
+           tbl]
+    for k, v in rat.items():
+        out.append(f"- {k}: **{v['input']:.2f}×** input tokens/s, {v['target']:.2f}× target tokens/s.")
+    checks = [f"{k}: {json.dumps(results[k]['token_check'])}" for k in results if "token_check" in results[k]]
+    if checks:
+        out.append("Token identity (TRL's tokenisation of the texts vs our ids and loss masks): " + "; ".join(checks))
+    if "ours/trl_packed" in rat:
+        met = rat["ours/trl_packed"]["input"] >= 2.0
+        out.append(f"Target ours ≥ 2× TRL-with-packing (input tokens/s): **{'met' if met else 'not met'}**.")
+    out.append(ANALYSIS)
+    if prof:
+        out.append(f"Profile (torch.profiler, CPU, {meta['profile_steps']} steps after the timed ones, top operators "
+                   "by self CPU time):\n\n" + prof)
+    out.append("Raw numbers (per-step times, RSS, profile): `bench/results/train.json`.")
+    return "\n\n".join(out)
+
+
+ANALYSIS = "(analysis pending)"
 
 
 def update_doc(doc: Path, body: str) -> None:

@@ -50,6 +50,20 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
     return found[-1][1] if found else None
 
 
+def resume_point(mode: str, run_dir: Path, resolve=Path) -> Optional[Path]:
+    """The checkpoint `train.resume` asks for: auto = newest complete one (or None), never = None,
+    else a checkpoint folder (`resolve` turns the configured path into a real one)."""
+    if mode == "never":
+        return None
+    if mode == "auto":
+        return latest_checkpoint(run_dir)
+    p = Path(resolve(mode))
+    if not (p / STATE_FILE).is_file():
+        raise T2TError(Problem("<config>", None, f"train.resume: {mode} is not a checkpoint folder",
+                               "use auto, never, or a run's checkpoints/step-N folder"))
+    return p
+
+
 def read_state(ckpt: Path) -> dict:
     """The trainer state of a checkpoint folder; a missing or broken file is a T2TError."""
     path = Path(ckpt) / STATE_FILE

@@ -36,13 +36,14 @@ def add_eval(sub) -> None:
     p.add_argument("--variant", help="prompt variant id, or 'heldout' for each task's first heldout variant")
     p.add_argument("--name", help="results file stem under RUN/eval (default: split[-base][-mode][-variant])")
     p.add_argument("--forgetting", action="store_true", help="staged runs: score every task after every stage")
-    p.add_argument("--with-base", action="store_true", help="with --forgetting: also score the base model (forward transfer)")
+    p.add_argument("--with-base", action="store_true",
+                   help="with --forgetting: also score the base model (forward transfer)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_eval)
 
 
 def _eval(args) -> int:
-    from .evaluation import forgetting_run
+    from .eval_runs import forgetting_run
     if args.limit is not None and args.limit <= 0:
         raise ConfigError(Problem("<cli>", None, "--limit must be > 0"))
     if args.forgetting:
@@ -56,7 +57,7 @@ def _eval(args) -> int:
         print(forgetting_markdown(rep, rep.get("metric")))
         print(f"wrote {path}, {path.with_suffix('.md')}, {path.with_suffix('.png')}", file=sys.stderr)
         return 0
-    from .evaluation import evaluate_run
+    from .eval_runs import evaluate_run
     from .reports import results_markdown
     res, path = evaluate_run(args.run, tasks=_csv(args.tasks), split=args.split, limit=args.limit, base=args.base,
                              mode=args.mode, variant=args.variant, name=args.name, progress=not args.no_progress)

@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .features import prompt_ids, target_ids
+from .features import prompt_ids, stop_token_ids, target_ids
 from .prompt_format import PromptFormat
 
 
@@ -36,6 +36,16 @@ def _device(model: Any) -> torch.device:
         return next(model.parameters()).device
     except (StopIteration, AttributeError):
         return torch.device("cpu")
+
+
+def place(model: Any) -> Any:
+    """Move a model loaded on the CPU to the GPU when there is one. Quantised and device-mapped
+    models stay where loading put them."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if (torch.cuda.is_available() and _device(model).type == "cpu" and getattr(inner, "hf_device_map", None) is None
+            and not getattr(inner, "is_loaded_in_4bit", False) and not getattr(inner, "is_loaded_in_8bit", False)):
+        model.to("cuda")
+    return model
 
 
 def _is_seq2seq(model: Any, fmt: PromptFormat) -> bool:
@@ -48,21 +58,6 @@ def pad_id(tokenizer: Any) -> int:
     if pid is None:
         pid = getattr(tokenizer, "eos_token_id", None)
     return int(pid) if pid is not None else 0
-
-
-def stop_token_ids(tokenizer: Any, fmt: PromptFormat) -> list[int]:
-    """Token ids that end an answer: the tokenizer's EOS and the format's end-of-turn token
-    (when `answer_suffix` is one token, e.g. `<|im_end|>`)."""
-    out: list[int] = []
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if eos is not None:
-        out += eos if isinstance(eos, list) else [int(eos)]
-    suffix = fmt.answer_suffix.strip() if fmt.kind != "seq2seq" else ""
-    if suffix:
-        ids = tokenizer(suffix, add_special_tokens=False)["input_ids"]
-        if len(ids) == 1:
-            out.append(int(ids[0]))
-    return list(dict.fromkeys(out))
 
 
 def _left_pad(rows: Sequence[Sequence[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,7 +114,8 @@ class _EvalMode:
         return False
 
 
-def encode_prompts(tokenizer: Any, fmt: PromptFormat, records: Sequence[Any], max_prompt_tokens: int | None) -> list[list[int]]:
+def encode_prompts(tokenizer: Any, fmt: PromptFormat, records: Sequence[Any],
+                   max_prompt_tokens: int | None) -> list[list[int]]:
     """Prompt ids of each record, exactly as training tokenises them (`features.prompt_ids`)."""
     return [prompt_ids(tokenizer, fmt, r, max_prompt_tokens)[0] for r in records]
 
@@ -138,7 +134,10 @@ def generate_texts(model: Any, tokenizer: Any, fmt: PromptFormat, records: Seque
     stops = stop_token_ids(tokenizer, fmt)
     seq2seq = _is_seq2seq(model, fmt)
     gc = _greedy_config(model, max_new_tokens, stops, pad)
-    prefix = [] if seq2seq or not fmt.answer_prefix else list(tokenizer(fmt.answer_prefix, add_special_tokens=False)["input_ids"])
+    start = getattr(getattr(model, "config", None), "decoder_start_token_id", None)
+    start = pad if start is None else int(start)  # seq2seq output begins with the decoder start token
+    prefix = ([] if seq2seq or not fmt.answer_prefix
+              else list(tokenizer(fmt.answer_prefix, add_special_tokens=False)["input_ids"]))
     prompts = encode_prompts(tokenizer, fmt, records, max_prompt_tokens)
     order = _length_order([len(p) for p in prompts])
     out: list[str] = [""] * len(records)
@@ -150,7 +149,7 @@ def generate_texts(model: Any, tokenizer: Any, fmt: PromptFormat, records: Seque
             gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=gc)
             new = gen if seq2seq else gen[:, ids.shape[1]:]
             for i, row in zip(idx, new.tolist()):
-                out[i] = _decode_answer(tokenizer, row, stops, prefix, pad if seq2seq else None)
+                out[i] = _decode_answer(tokenizer, row, stops, prefix, start if seq2seq else None)
             if progress is not None:
                 progress(len(idx))
     return out

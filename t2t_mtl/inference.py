@@ -29,7 +29,7 @@ from jinja2 import meta
 
 from .errors import ConfigError, DataError, Problem, TemplateError
 from .features import prompt_ids
-from .generation import generate_texts
+from .generation import generate_texts, place
 from .prompt_format import PromptFormat
 from .records import Record
 from .runs import Run
@@ -93,7 +93,8 @@ class Predictor:
 
     def _load(self) -> None:
         if self._model is None and self._loader is not None:
-            self._model, self._tokenizer, _family, self.manifest = self._loader()
+            model, self._tokenizer, _family, self.manifest = self._loader()
+            self._model = place(model)
             self._fmt = PromptFormat.from_dict(self.manifest["prompt_format"])
 
     @property
@@ -164,7 +165,10 @@ class Predictor:
                 continue
             ctx = {f: row.get(f) for f in tpl.fields}  # absent optional fields are None, as in training
             try:
-                recs[-1] = tpl.render(ctx, vid, row_id=str(loc[1] or len(recs)), split="predict", with_output=False)
+                rec = tpl.render(ctx, vid, row_id=str(loc[1] or len(recs)), split="predict", with_output=False)
+                if tpl.parse == "entities":  # parsing aligns entities to the (mapped) row's tokens
+                    rec.meta["tokens"] = [str(t) for t in row["tokens"]]
+                recs[-1] = rec
             except TemplateError as e:
                 problems.append(Problem(*loc, e.problems[0].message, e.problems[0].hint))
         return recs, problems
@@ -185,9 +189,8 @@ class Predictor:
         texts = self.generate(recs, progress)
         out = []
         for (where, row), rec, text in zip(rows, recs, texts):
-            tokens = row.get("tokens") if tpl.parse == "entities" else None
-            parsed = tpl.parse_output(text, tokens=[str(t) for t in tokens or []]) if tpl.parse == "entities" \
-                else tpl.parse_output(text)
+            parsed = (tpl.parse_output(text, tokens=rec.meta["tokens"]) if tpl.parse == "entities"
+                      else tpl.parse_output(text))
             item = {"task": task, "variant": rec.meta.get("variant"), "raw": text,
                     "prediction": structured(tpl, parsed), "valid": parsed.valid}
             if isinstance(row, dict) and row.get("id") is not None:
@@ -286,7 +289,8 @@ def export(run_dir: str | Path, out_dir: str | Path, *, dtype: str | None = None
     bundle = run.bundle_dir()
     out = Path(out_dir).expanduser()
     if out.exists() and any(out.iterdir()) and not force:
-        raise ConfigError(Problem(str(out), None, "output folder exists and is not empty", "pass --force to replace it"))
+        raise ConfigError(Problem(str(out), None, "output folder exists and is not empty",
+                                  "pass --force to replace it"))
     if dtype not in (None, "float32", "bfloat16", "float16"):
         raise ConfigError(Problem("<cli>", None, f"--dtype: invalid value {dtype!r}",
                                   "expected one of: float32, bfloat16, float16"))

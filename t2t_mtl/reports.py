@@ -190,7 +190,8 @@ def load_results(spec: str, name: str | None = None) -> tuple[str, dict[str, Any
         if not f.is_file():
             have = sorted(x.stem for x in run.eval_dir.glob("*.json")) if run.eval_dir.is_dir() else []
             raise ConfigError(Problem(str(f), None, "no evaluation results here",
-                                      f"run `t2t-mtl eval --run {p}` first" + (f"; found: {', '.join(have)}" if have else "")))
+                                      f"run `t2t-mtl eval --run {p}` first"
+                                      + (f"; found: {', '.join(have)}" if have else "")))
         return label or run.name + ("" if stem == run.cfg.eval.split else f" ({stem})"), _read_json(f)
     if not p.is_file():
         raise ConfigError(Problem(path_s, None, "no such run folder or results file",

@@ -156,6 +156,23 @@ class StepRunner:
                                  for g, p in zip(grads, self.shared)])
 
 
+def restore_4bit_for_training(model: Any) -> None:
+    """Undo bitsandbytes' CPU inference layout of 4-bit weights before training continues.
+
+    On CPUs with AVX512-BF16, the first eval-mode forward of a `Linear4bit` repacks its weight for a
+    fast inference kernel that has no backward: gradients would silently stop at every 4-bit layer
+    (only LoRA adapters right before the residual stream would train). Converting back is cheap.
+    """
+    try:
+        from bitsandbytes.nn.modules import Linear4bit, _convert_weight_packed_for_cpu_inverse
+    except ImportError:  # no bitsandbytes (then there are no 4-bit layers either)
+        return
+    for m in model.modules():
+        qs = getattr(getattr(m, "weight", None), "quant_state", None)
+        if isinstance(m, Linear4bit) and qs is not None and getattr(qs, "packing_format_for_cpu", False):
+            m.weight.data, m.weight.quant_state = _convert_weight_packed_for_cpu_inverse(m.weight.data, qs)
+
+
 # ------------------------------------------------------------- optimiser and schedule
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -27,6 +26,14 @@ CHOICES = ["negative", "positive"]
 RECS = [Record("s", "Is the sentiment positive or negative?", text, "") for text in
         ("the movie is good", "a bad film. " * 6, "Paris", "the river was sad and long, 12 times.")]
 
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread; several threads spin-wait badly when the CPU is shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 @pytest.fixture(scope="module")
 def causal(tiny_causal_dir):

@@ -16,6 +16,14 @@ from t2t_mtl.prompt_format import PromptFormat
 from t2t_mtl.records import Record
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread; several threads spin-wait badly when the CPU is shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 @pytest.fixture(scope="module")
 def run_dir(tiny_models_root, tiny_causal_dir, tmp_path_factory):
     """The tiny staged run with its final adapter's LoRA weights made large (as long training would),
