@@ -174,6 +174,9 @@ def _console_line(step: int, stage: str, s: dict[str, float]) -> str:
     per_task = [(k[5:], v) for k, v in s.items() if k.startswith("loss/")]
     if per_task:
         parts.append(" ".join(f"{t}={v:.3f}" for t, v in per_task))
+    evals = [(k[5:], v) for k, v in s.items() if k.startswith("eval/") and "/" not in k[5:]]
+    if evals:
+        parts.append("eval " + " ".join(f"{t}={v:.2f}" for t, v in evals))
     if "lr" in s:
         parts.append(f"lr {s['lr']:.2e}")
     if "tokens_per_s" in s:

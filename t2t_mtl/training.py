@@ -51,12 +51,23 @@ EvalFn = Callable[[EvalContext], Optional[dict]]
 StepHook = Callable[[int, dict], None]
 
 
-def train(cfg: RunConfig, *, eval_fn: Optional[EvalFn] = None, on_step: Optional[StepHook] = None) -> Path:
-    """Train per `cfg`; returns the run folder. `eval_fn` is the evaluation hook (called every
-    `eval.every_steps`, its scalars logged as eval/...); `on_step(step, info)` runs after every
-    optimiser step (`info`: stage, stage_step, records of this process, objective)."""
+def train(cfg: RunConfig, *, eval_fn: Optional[EvalFn] | str = "auto", on_step: Optional[StepHook] = None) -> Path:
+    """Train per `cfg`; returns the run folder.
+
+    `eval_fn` is the evaluation hook, called every `eval.every_steps` with an `EvalContext`; its scalars
+    are logged as eval/<key>. "auto" = `evaluation.training_eval_fn(cfg)` when `eval.every_steps` > 0
+    (its eval data is read now, so a missing split fails before training), None = no evaluation.
+    `on_step(step, info)` runs after every optimiser step (`info`: stage, stage_step, records of this
+    process, objective).
+    """
     t0 = time.time()
     members, templates = validate(cfg)
+    if eval_fn == "auto":
+        eval_fn = None
+        if cfg.eval.every_steps:
+            from . import evaluation
+
+            eval_fn = evaluation.training_eval_fn(cfg)
     trainer = _Trainer(cfg, members, templates, eval_fn, on_step, t0)
     try:
         return trainer.run()
