@@ -9,6 +9,6 @@ T2T=.venv/bin/t2t-mtl
 RUN=runs/default
 $T2T validate
 $T2T train --config launch/configs/default.yaml output_dir=$RUN "$@"
-$T2T eval --run $RUN --limit 20
+$T2T eval --run $RUN --limit 10
 $T2T prompt --run $RUN --task sentiment_sst2 text="A warm, funny and beautifully acted film."
 $T2T prompt --run $RUN --instruction "Name the capital of France." --input ""
