@@ -33,6 +33,7 @@ from .generation import generate_texts, place
 from .prompt_format import PromptFormat
 from .records import Record
 from .runs import Run
+from .sources import map_row
 from .template_schema import ENV
 from .templates import TaskTemplate
 
@@ -140,6 +141,7 @@ class Predictor:
         tpl.variant(vid)  # unknown variant: TemplateError before any row
         needed = prompt_fields(tpl, vid)
         columns = dict(tpl.source.get("columns") or {})
+        labels = dict(tpl.source.get("labels") or {})
         recs: list[Record | None] = []
         problems: list[Problem] = []
         for where, raw in rows:
@@ -150,13 +152,15 @@ class Predictor:
                 problems.append(Problem(*loc, f"expected a JSON object with the fields of '{task}', "
                                               f"got {type(raw).__name__}"))
                 continue
-            row = {k: v for k, v in raw.items() if k not in columns}
-            row.update({dst: raw[src] for src, dst in columns.items() if src in raw})
-            extra = [k for k in row if k not in tpl.fields]
+            # The same column/label mapping as training's sources, so rows in the hub schema work
+            # (e.g. SST-2's `sentence` and integer labels); a gold label is never needed to predict.
+            row, _ = map_row(raw, columns, labels, tpl.label_field, tpl.fields)
+            extra = [str(k) for k in raw if k not in columns and k not in tpl.fields]
             bad = [f"missing field '{f}'" + (f" (the row has '{c}': misspelt?)" if (c := _close(f, extra)) else "")
-                   for f in needed if row.get(f) is None]
-            for f, spec in tpl.fields.items():
-                if row.get(f) is not None and not isinstance(row[f], _TYPES.get(spec.type, object)):
+                   for f in needed if row.get(f) is None and (f not in tpl.fields or tpl.fields[f].required)]
+            for f in needed:
+                spec = tpl.fields.get(f)
+                if spec is not None and row.get(f) is not None and not isinstance(row[f], _TYPES.get(spec.type, object)):
                     bad.append(f"field '{f}' should be {spec.type}, got {type(row[f]).__name__}")
             if tpl.parse == "entities" and not bad and not isinstance(row.get("tokens"), list):
                 bad.append("missing field 'tokens' (the sentence's tokens, needed to align entities)")

@@ -249,3 +249,16 @@ def test_export_of_a_qlora_run_reloads_the_base_unquantised(run_dir, tmp_path):
     assert "quantization_config" not in cfg and cfg.get("dtype", cfg.get("torch_dtype")) == "bfloat16"
     exported = json.loads((tmp_path / "merged" / "t2t_manifest.json").read_text())
     assert exported["bundle"]["kind"] == "full" and exported["bundle"]["adapter_method"] == "qlora"
+
+
+def test_predict_accepts_rows_in_the_hub_schema(predictor):
+    """Rows as the hub dataset has them (SST-2's `sentence` column, integer gold label) render like training's:
+    the template's column and label maps apply, and a gold label is not needed to predict."""
+    recs, problems = predictor.render_rows("sentiment_sst2", [
+        ("rows.jsonl:1", {"idx": 0, "sentence": "a marvel of restraint .", "label": 1}),
+        ("rows.jsonl:2", {"sentence": "tiresome ."}),
+        ("rows.jsonl:3", {"idx": 2, "label": 0}),
+    ])
+    assert [r is not None for r in recs] == [True, True, False]
+    assert "a marvel of restraint ." in recs[0].input
+    assert len(problems) == 1 and problems[0].line == 3 and "missing field 'text'" in problems[0].message
