@@ -73,6 +73,20 @@ def train(cfg: RunConfig, *, eval_fn: Optional[EvalFn] | str = "auto", on_step: 
         return trainer.run()
     finally:
         trainer.telemetry.close()
+        _end_distributed()
+
+
+def _end_distributed() -> None:
+    """Tear the process group down explicitly: left to interpreter exit, gloo's worker threads are
+    destroyed while still joinable and a rank can abort ("terminate called without an active exception")
+    after training has already finished."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 class _Trainer:
