@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -290,6 +291,23 @@ class _Trainer:
         scalars = {f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float))}
         if scalars:
             self.telemetry.log(self.global_step, scalars, stage=stage)
+        score = result.get("combined")
+        if self.cfg.eval.select_best and isinstance(score, (int, float)) and score > self._best_score():
+            # Every process got the same result, so all of them reach _save_bundle's barrier together.
+            self._save_bundle(self.run_dir / "best" / "adapter", stage)
+            if self.main:
+                info = {"step": self.global_step, "stage": stage, "combined": float(score)}
+                tmp = self.run_dir / "best" / "best.json.tmp"
+                tmp.write_text(json.dumps(info, indent=1))
+                os.replace(tmp, self.run_dir / "best" / "best.json")
+                self.telemetry.write(f"new best combined score {score:.2f} at step {self.global_step}: "
+                                     f"{self.run_dir / 'best' / 'adapter'}")
+            self.acc.wait_for_everyone()
+
+    def _best_score(self) -> float:
+        """Combined eval score of the kept best bundle (read from disk, so a resumed run keeps it)."""
+        f = self.run_dir / "best" / "best.json"
+        return float(json.loads(f.read_text())["combined"]) if f.is_file() else float("-inf")
 
     def _save_bundle(self, folder: Path, stage: str) -> None:
         from . import modeling

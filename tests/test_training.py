@@ -262,6 +262,34 @@ def test_eval_hook_is_called_in_eval_mode_and_logged(tmp_path, tiny_causal_dir):
     assert [(r["step"], r["eval/score"]) for r in metrics(run) if "eval/score" in r] == [(2, 2.0), (4, 4.0)]
 
 
+def test_best_bundle_is_kept_by_the_combined_eval_score(tmp_path, tiny_causal_dir):
+    """eval.select_best keeps RUN/best/adapter from the step with the highest combined score, not the last."""
+    scores = {2: 10.0, 4: 30.0, 6: 20.0}
+    weights_at: dict = {}
+
+    def hook(ctx):
+        weights_at[ctx.step] = {k: v.detach().clone() for k, v in ctx.model.named_parameters() if "lora_" in k}
+        return {"combined": scores[ctx.step]}
+
+    run = training.train(make_cfg(tmp_path / "best", tiny_causal_dir, "train.steps=6", "eval.every_steps=2"),
+                         eval_fn=hook)
+    best = json.loads((run / "best" / "best.json").read_text())
+    assert best == {"step": 4, "stage": "main", "combined": 30.0}
+    man = json.loads((run / "best" / "adapter" / "t2t_manifest.json").read_text())
+    assert man["step"] == 4
+    from safetensors.torch import load_file
+    saved = load_file(str(run / "best" / "adapter" / "adapter_model.safetensors"))
+    # the saved adapter is step 4's (a later step's weights differ: training went on after it)
+    some = next(iter(saved))
+    suffix = some.split("base_model.model.")[-1]
+
+    def at(step):
+        return [v for k, v in weights_at[step].items() if k.replace(".default", "").endswith(suffix)][0]
+
+    assert torch.allclose(saved[some], at(4))
+    assert not torch.allclose(at(4), at(6))
+
+
 # ------------------------------------------------------------------ resume
 
 
