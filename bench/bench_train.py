@@ -147,7 +147,10 @@ def child_ours(spec: dict, packing: str) -> dict:
             train_step.StepRunner.run = original
         wall = time.perf_counter() - t0
     res = clock.result()
-    res.update({"setup_and_tail_seconds": round(wall - (clock.ends[-1] - clock.ends[0]), 1), "packing": packing})
+    import torch
+
+    res.update({"setup_and_tail_seconds": round(wall - (clock.ends[-1] - clock.ends[0]), 1), "packing": packing,
+                "torch_threads": torch.get_num_threads()})
     return res
 
 
