@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 SLICES = (("sentiment_sst2", "sentiment_sst2"), ("nli_3way", "nli_sick"), ("qa_squad", "qa_squad"),
           ("ner_conll2003", "ner_conll2003"), ("summarization", "summarization_scitldr"))  # (template, folder)
-VARIANTS = ("ours", "trl_packed", "trl_padded", "ours_unpacked")
+VARIANTS = ("ours", "trl_packed", "trl_padded", "ours_unpacked", "ours_proposed")
 DEFAULT_VARIANTS = "ours,trl_packed,trl_padded"
 SECTION = "## Training throughput vs TRL"
 
@@ -122,9 +122,15 @@ def profile_table(prof, steps: int, top: int = 12) -> list[dict]:
                                       "share": 1.0, "calls_per_step": None}]
 
 
-def child_ours(spec: dict, packing: str) -> dict:
-    """Run `training.train` for warmup + steps (+ profile) + 1 steps; the last step (final checkpoint) is not timed."""
+def child_ours(spec: dict, packing: str, proposed: bool = False) -> dict:
+    """Run `training.train` for warmup + steps (+ profile) + 1 steps; the last step (final checkpoint) is not timed.
+
+    proposed=True patches in the two changes suggested for the pipeline (see `install_proposed`).
+    """
     from t2t_mtl import train_step, training
+
+    if proposed:
+        install_proposed()
 
     clock = StepClock(spec["warmup"], spec["steps"], spec["profile_steps"])
     original = train_step.StepRunner.run
@@ -152,6 +158,54 @@ def child_ours(spec: dict, packing: str) -> dict:
     res.update({"setup_and_tail_seconds": round(wall - (clock.ends[-1] - clock.ends[0]), 1), "packing": packing,
                 "torch_threads": torch.get_num_threads()})
     return res
+
+
+_FFD = []  # the shipped pack_bins, kept before install_proposed() replaces it
+
+
+def balanced_bins(lengths, max_length: int) -> list[list[int]]:
+    """Proposed packing: among k = FFD's bin count .. n rows, the longest-first assignment to the least
+    loaded row (each row <= max_length) that needs the fewest token slots (rows x widest row)."""
+    best = _FFD[0](lengths, max_length)
+    best_slots = len(best) * max(sum(lengths[i] for i in b) for b in best)
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    for k in range(len(best), len(lengths) + 1):
+        loads, bins = [0] * k, [[] for _ in range(k)]
+        for i in order:
+            j = min(range(k), key=loads.__getitem__)
+            if loads[j] + lengths[i] > max_length:
+                break
+            loads[j] += lengths[i]
+            bins[j].append(i)
+        else:
+            if k * max(loads) < best_slots:
+                best, best_slots = [sorted(b) for b in bins], k * max(loads)
+    return best
+
+
+def install_proposed() -> None:
+    """Prototype of the suggested pipeline changes (bench-only monkeypatches, not shipped code):
+    1. logits only at target positions: a 2-D boolean `logits_to_keep` (transformers' `slice_logits_to_keep`
+       flattens hidden states to the True positions) instead of the union of label columns over the rows;
+    2. balanced packing rows (`balanced_bins`) instead of first-fit-decreasing: fewer padding slots."""
+    import torch
+
+    from t2t_mtl import features, losses, train_step
+
+    _FFD.append(features.pack_bins)
+    features.pack_bins = balanced_bins
+
+    def token_losses(self, batch):
+        batch = {k: v.to(self.acc.device) for k, v in batch.items()}
+        labels, tasks = self._targets(batch)
+        inputs = features.model_inputs({k: v for k, v in batch.items() if k not in ("task_ids", "labels")})
+        used = labels != features.IGNORE_INDEX
+        keep = torch.zeros_like(batch["labels"], dtype=torch.bool)
+        keep[:, :-1] = used  # hidden state t predicts label t + 1
+        logits = self.model(**inputs, logits_to_keep=keep).logits  # [targets, vocab]
+        return losses.token_losses(logits, labels[used], tasks[used])
+
+    train_step.StepRunner.token_losses = token_losses
 
 
 def stream_examples(cfg, tok, fmt, n: int) -> list[dict]:
@@ -263,19 +317,39 @@ def _cpu() -> str:
     return platform.processor() or "unknown"
 
 
+def _cpu_jiffies() -> tuple[float, float]:
+    """(busy, steal) seconds of all CPUs since boot, from /proc/stat."""
+    f = [float(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    hz = os.sysconf("SC_CLK_TCK")
+    return (f[0] + f[1] + f[2] + f[5] + f[6]) / hz, (f[7] if len(f) > 7 else 0.0) / hz
+
+
 def run_child(variant: str, spec: dict) -> dict:
-    """One variant in a fresh interpreter; returns its result dict (raises on failure)."""
+    """One variant in a fresh interpreter; returns its result dict (raises on failure).
+
+    Also measures how busy the machine was meanwhile: CPU cores used by *other* processes (all CPU
+    time minus the child's) and hypervisor steal, averaged over the child's lifetime.
+    """
     with tempfile.TemporaryDirectory(prefix="bench-train-child-") as tmp:
-        out = Path(tmp) / "result.json"
+        out, log = Path(tmp) / "result.json", Path(tmp) / "child.log"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", variant, "--spec", json.dumps(spec),
                "--result", str(out)]
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t0, (busy0, steal0) = time.perf_counter(), _cpu_jiffies()
+        with log.open("w") as fh:
+            proc = subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT)
+        wall = time.perf_counter() - t0
+        busy1, steal1 = _cpu_jiffies()
+        ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        own = ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime
         if proc.returncode != 0 or not out.is_file():
-            sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+            sys.stderr.write(log.read_text()[-8000:])
             raise SystemExit(f"bench_train: variant {variant} failed (exit {proc.returncode})")
         res = json.loads(out.read_text())
-        res["child_wall_seconds"] = round(time.perf_counter() - t0, 1)
+        res["child_wall_seconds"] = round(wall, 1)
+        res["child_cpu_cores"] = round(own / wall, 2)
+        res["other_processes_cpu_cores"] = round(max(busy1 - busy0 - own, 0.0) / wall, 2)
+        res["steal_cpu_cores"] = round((steal1 - steal0) / wall, 2)
         return res
 
 
@@ -386,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "train.json"))
     ap.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks.md"))
     ap.add_argument("--no-doc", action="store_true")
+    ap.add_argument("--doc-only", action="store_true", help="rewrite the doc section from --out; run nothing")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -394,10 +469,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         spec = json.loads(args.spec)
         res = {"ours": lambda: child_ours(spec, "auto"), "ours_unpacked": lambda: child_ours(spec, "off"),
+               "ours_proposed": lambda: child_ours(spec, "auto", proposed=True),
                "trl_packed": lambda: child_trl(spec, True), "trl_padded": lambda: child_trl(spec, False)}[args.child]()
         Path(args.result).write_text(json.dumps(res))
         return 0
 
+    if args.doc_only:
+        saved = json.loads(Path(args.out).read_text(encoding="utf-8"))
+        res = saved["results"]
+        update_doc(Path(args.doc), section_body(saved["meta"], res, saved["ratios"], table(res), profile_md(res)))
+        print(f"updated {args.doc} ({SECTION[3:]}) from {args.out}")
+        return 0
     data = Path(args.data_dir).resolve()
     missing = [f for _, f in SLICES if not (data / f / "train.jsonl").is_file()]
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -417,7 +499,8 @@ def main(argv: list[str] | None = None) -> int:
         results[v] = run_child(v, spec)
         r = results[v]
         print(f"  {r['input_tokens_per_s']:,.0f} input tokens/s, {r['target_tokens_per_s']:,.1f} target tokens/s "
-              f"({r['timed_steps']} steps, {r['seconds']:.1f} s; child {r['child_wall_seconds']:.0f} s)", flush=True)
+              f"({r['timed_steps']} steps, {r['seconds']:.1f} s; child {r['child_wall_seconds']:.0f} s; other processes "
+              f"{r['other_processes_cpu_cores']:.2f} cores)", flush=True)
     load_after = os.getloadavg()
     import torch
     import transformers
