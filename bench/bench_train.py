@@ -125,7 +125,7 @@ def profile_table(prof, steps: int, top: int = 12) -> list[dict]:
 def child_ours(spec: dict, packing: str, proposed: bool = False) -> dict:
     """Run `training.train` for warmup + steps (+ profile) + 1 steps; the last step (final checkpoint) is not timed.
 
-    proposed=True patches in the two changes suggested for the pipeline (see `install_proposed`).
+    proposed=True patches in the change suggested for the pipeline (see `install_proposed`).
     """
     from t2t_mtl import train_step, training
 
@@ -160,40 +160,14 @@ def child_ours(spec: dict, packing: str, proposed: bool = False) -> dict:
     return res
 
 
-_FFD = []  # the shipped pack_bins, kept before install_proposed() replaces it
-
-
-def balanced_bins(lengths, max_length: int) -> list[list[int]]:
-    """Proposed packing: among k = FFD's bin count .. n rows, the longest-first assignment to the least
-    loaded row (each row <= max_length) that needs the fewest token slots (rows x widest row)."""
-    best = _FFD[0](lengths, max_length)
-    best_slots = len(best) * max(sum(lengths[i] for i in b) for b in best)
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    for k in range(len(best), len(lengths) + 1):
-        loads, bins = [0] * k, [[] for _ in range(k)]
-        for i in order:
-            j = min(range(k), key=loads.__getitem__)
-            if loads[j] + lengths[i] > max_length:
-                break
-            loads[j] += lengths[i]
-            bins[j].append(i)
-        else:
-            if k * max(loads) < best_slots:
-                best, best_slots = [sorted(b) for b in bins], k * max(loads)
-    return best
-
-
 def install_proposed() -> None:
-    """Prototype of the suggested pipeline changes (bench-only monkeypatches, not shipped code):
-    1. logits only at target positions: a 2-D boolean `logits_to_keep` (transformers' `slice_logits_to_keep`
-       flattens hidden states to the True positions) instead of the union of label columns over the rows;
-    2. balanced packing rows (`balanced_bins`) instead of first-fit-decreasing: fewer padding slots."""
+    """Prototype of the change suggested for `StepRunner.token_losses` (a bench-only monkeypatch, not
+    shipped code): logits only at target positions, through a 2-D boolean `logits_to_keep`
+    (transformers' `slice_logits_to_keep` flattens the hidden states to the True positions), instead of
+    the union of label columns over the rows, which with packed rows is nearly every column."""
     import torch
 
     from t2t_mtl import features, losses, train_step
-
-    _FFD.append(features.pack_bins)
-    features.pack_bins = balanced_bins
 
     def token_losses(self, batch):
         batch = {k: v.to(self.acc.device) for k, v in batch.items()}
@@ -221,8 +195,8 @@ def stream_examples(cfg, tok, fmt, n: int) -> list[dict]:
                             task_index=index[rec.task])
         cut = sum(1 for x in f["labels"] if x == features.IGNORE_INDEX)
         ids = f["input_ids"]
-        out.append({"ids": ids, "labels": f["labels"], "prompt": tok.decode(ids[:cut], clean_up_tokenization_spaces=False),
-                    "completion": tok.decode(ids[cut:], clean_up_tokenization_spaces=False)})
+        text = [tok.decode(part, clean_up_tokenization_spaces=False) for part in (ids[:cut], ids[cut:])]
+        out.append({"ids": ids, "labels": f["labels"], "prompt": text[0], "completion": text[1]})
     return out
 
 
@@ -286,7 +260,7 @@ def child_trl(spec: dict, packing: bool) -> dict:
     res = clock.result()
     res.update({"trl_dataset_prep_seconds": round(prep, 1), "token_check": check,
                 "setup_and_tail_seconds": round(wall - (clock.ends[-1] - clock.ends[0]), 1),
-                "torch_threads": torch.get_num_threads()})
+                "torch_threads": torch.get_num_threads(), "param_dtype": str(next(model.parameters()).dtype)[6:]})
     return res
 
 
@@ -393,17 +367,19 @@ def profile_md(results: dict) -> str:
 
 def section_body(meta: dict, results: dict, rat: dict, tbl: str, prof: str) -> str:
     """The doc section: when/where/how, the table, the ratios and what they mean."""
-    lb, la = meta["loadavg_1_5_15_before"], meta["loadavg_1_5_15_after"]
+    lb, la, rc = meta["loadavg_1_5_15_before"], meta["loadavg_1_5_15_after"], meta["recipe"]
     out = [f"Measured {meta['date']} on {meta['nproc']} CPU cores ({meta['cpu']}, shared with other jobs), "
            f"torch {meta['torch']} ({meta['torch_threads']} threads), transformers {meta['transformers']}, "
            f"TRL {meta['trl']}, Python {meta['python']}. Load average (1/5/15 min) before the run: "
            f"{' / '.join(map(str, lb))}; after: {' / '.join(map(str, la))}. Command, from the repository root:",
            f"    .venv/bin/{meta['command']}",
-           "Same for every variant: the embedded SmolLM2-135M-Instruct (float32), LoRA r 16 / alpha 32 / dropout "
-           "0.05 on all linear layers, batch size 8, no gradient accumulation, max length 384, AdamW lr 3e-4 with "
-           "cosine schedule, gradient clipping 1.0, no gradient checkpointing (all from "
-           "`launch/configs/default.yaml`); data: the five real slices (" + ", ".join(f for _, f in SLICES) +
-           ") rendered by the shipped templates and mixed by our stream (T = 2). *ours* is `training.train` "
+           f"Same for every variant, from `launch/configs/default.yaml`: {rc['model']} (weights {rc['dtype']}), "
+           f"LoRA r {rc['r']} / alpha {rc['alpha']} / dropout {rc['dropout']} on {rc['target_modules']}, batch size "
+           f"{rc['batch_size']} × accumulation {rc['grad_accum']}, max length {rc['max_length']}, AdamW lr "
+           f"{rc['learning_rate']:g} ({rc['scheduler']} schedule), gradient clipping {rc['max_grad_norm']}, gradient "
+           f"checkpointing {'on' if rc['gradient_checkpointing'] else 'off'}; data: the five real slices ("
+           + ", ".join(f for _, f in SLICES) + f") rendered by the shipped templates and mixed by our stream "
+           f"(T = {rc['temperature']:g}). *ours* is `training.train` "
            "itself (lazy render + tokenisation inside the step, packing collator, per-task token losses); "
            "*trl_packed* / *trl_padded* are a plain `trl.SFTTrainer` with `packing=True` (BFD, which implies "
            "padding-free) / `packing=False`, `completion_only_loss=True`, `bf16=False`, "
@@ -492,6 +468,15 @@ def main(argv: list[str] | None = None) -> int:
     need = (args.warmup + args.steps + args.profile_steps + 1) * 8
     spec = {"data_dir": str(data), "warmup": args.warmup, "steps": args.steps,
             "profile_steps": args.profile_steps, "pool": max(args.pool, need)}
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = run_config(data, Path(tmp), 1)
+    recipe = {"model": cfg.model.name, "max_length": cfg.model.max_length, "batch_size": cfg.train.batch_size,
+              "grad_accum": cfg.train.grad_accum, "learning_rate": cfg.train.learning_rate,
+              "scheduler": cfg.train.scheduler, "warmup_steps": cfg.train.warmup_steps,
+              "max_grad_norm": cfg.train.max_grad_norm, "gradient_checkpointing": cfg.train.gradient_checkpointing,
+              "packing": cfg.train.packing, "r": cfg.adapter.r, "alpha": cfg.adapter.alpha,
+              "dropout": cfg.adapter.dropout, "target_modules": cfg.adapter.target_modules,
+              "temperature": cfg.mixing.temperature, "dtype": cfg.model.dtype}
     load_before = os.getloadavg()
     results = {}
     for v in variants:
@@ -499,8 +484,8 @@ def main(argv: list[str] | None = None) -> int:
         results[v] = run_child(v, spec)
         r = results[v]
         print(f"  {r['input_tokens_per_s']:,.0f} input tokens/s, {r['target_tokens_per_s']:,.1f} target tokens/s "
-              f"({r['timed_steps']} steps, {r['seconds']:.1f} s; child {r['child_wall_seconds']:.0f} s; other processes "
-              f"{r['other_processes_cpu_cores']:.2f} cores)", flush=True)
+              f"({r['timed_steps']} steps, {r['seconds']:.1f} s; child {r['child_wall_seconds']:.0f} s; "
+              f"other processes {r['other_processes_cpu_cores']:.2f} cores)", flush=True)
     load_after = os.getloadavg()
     import torch
     import transformers
@@ -514,7 +499,10 @@ def main(argv: list[str] | None = None) -> int:
             "loadavg_1_5_15_before": [round(x, 2) for x in load_before],
             "loadavg_1_5_15_after": [round(x, 2) for x in load_after],
             "command": command.strip(), **{k: v for k, v in spec.items() if k != "data_dir"},
-            "data": [f"{data.name}/{f}/train.jsonl" for _, f in SLICES]}
+            "data": [f"{data.name}/{f}/train.jsonl" for _, f in SLICES], "recipe": recipe}
+    dtypes = {r["param_dtype"] for r in results.values() if "param_dtype" in r}
+    if dtypes:
+        recipe["dtype"] = ", ".join(sorted(dtypes))
     tbl = table(results)
     print(tbl)
     rat = ratios(results)
