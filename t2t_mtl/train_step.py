@@ -39,12 +39,23 @@ class StepResult:
     bad_tasks: list[str]
 
 
-def _accepts_logits_to_keep(model: Any) -> bool:
+def logits_mode(model: Any) -> str:
+    """How a causal model can be asked for logits at target positions only.
+
+    "mask": it slices its hidden states with transformers' `slice_logits_to_keep`, which takes a 2-D
+    boolean mask and returns logits for exactly the True positions (flattened), so the big vocabulary
+    projection and its backward run on target tokens only; "columns": it accepts `logits_to_keep` but
+    slices itself (older or remote code), so we keep the union of target columns over the rows;
+    "all": it does not accept `logits_to_keep`.
+    """
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     try:
-        return "logits_to_keep" in inspect.signature(inner.forward).parameters
+        if "logits_to_keep" not in inspect.signature(inner.forward).parameters:
+            return "all"
     except (TypeError, ValueError):
-        return False
+        return "all"
+    module = inspect.getmodule(type(inner))
+    return "mask" if hasattr(module, "slice_logits_to_keep") else "columns"
 
 
 class StepRunner:
@@ -61,7 +72,7 @@ class StepRunner:
         self.causal = family != "seq2seq"
         self.max_grad_norm = max_grad_norm
         inner = accelerator.unwrap_model(model)
-        self.keep_logits = self.causal and _accepts_logits_to_keep(inner)
+        self.logits_mode = logits_mode(inner) if self.causal else "all"
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.shared = [p for _, p in losses.shared_parameters(inner)] if balancer.needs_task_grads else []
 
@@ -85,8 +96,16 @@ class StepRunner:
         inputs = features.model_inputs({k: v for k, v in batch.items() if k != "task_ids"})
         if self.causal:
             inputs.pop("labels")  # the loss is ours (per token); the model's own would be wasted work
-            if self.keep_logits:
-                keep = (labels != features.IGNORE_INDEX).any(0).nonzero().flatten()
+            used = labels != features.IGNORE_INDEX
+            if self.logits_mode == "mask":
+                # With packed rows nearly every column holds some target, so a per-column selection
+                # would still send most positions through the head; the mask sends only targets.
+                keep = torch.zeros_like(batch["labels"], dtype=torch.bool)
+                keep[:, :-1] = used  # hidden state t predicts label t + 1
+                logits = self.model(**inputs, logits_to_keep=keep).logits  # [targets, vocab]
+                labels, tasks = labels[used], tasks[used]
+            elif self.logits_mode == "columns":
+                keep = used.any(0).nonzero().flatten()
                 logits = self.model(**inputs, logits_to_keep=keep).logits
                 labels, tasks = labels[:, keep], tasks[:, keep]
             else:

@@ -175,6 +175,21 @@ def test_per_token_losses_equal_the_models_loss(tmp_path, model_fixture, request
     assert sorted(set(tok_task.tolist())) == [0, 1] and len(tok_loss) == int((targets != -100).sum())
 
 
+def test_logit_selection_modes_give_the_same_token_losses(tmp_path, tiny_causal_dir):
+    """Target-only logits (2-D boolean mask), target columns, and full logits: same losses, same order."""
+    runner, batcher, _, model = _runner(tmp_path, tiny_causal_dir, 4, 1)
+    assert runner.logits_mode == "mask"  # transformers' own causal LMs slice with slice_logits_to_keep
+    batch = batcher.next_window().micro[0]
+    model.eval()
+    out = {}
+    for mode in ("mask", "columns", "all"):
+        runner.logits_mode = mode
+        out[mode] = runner.token_losses(batch)
+    for mode in ("columns", "all"):
+        assert torch.equal(out[mode][1], out["mask"][1])
+        assert_close({"l": out[mode][0]}, {"l": out["mask"][0]}, 1e-5)
+
+
 @pytest.mark.parametrize("balancing", ["none", "equal"])
 def test_grad_accumulation_equivalence(tmp_path, tiny_causal_dir, balancing):
     """batch 2 × accum 1 and batch 1 × accum 2 see the same records and give the same gradients."""
@@ -194,7 +209,9 @@ def test_grad_accumulation_equivalence(tmp_path, tiny_causal_dir, balancing):
 def test_grad_accumulation_equivalence_end_to_end(tmp_path, tiny_causal_dir):
     a = training.train(make_cfg(tmp_path / "a", tiny_causal_dir, "train.batch_size=2", "train.grad_accum=1"))
     b = training.train(make_cfg(tmp_path / "b", tiny_causal_dir, "train.batch_size=1", "train.grad_accum=2"))
-    assert_close(trainable(a, 4), trainable(b, 4), 1e-6)
+    # Gradients agree to 1e-6 (test above); over 4 AdamW steps float summation-order noise (the LM head
+    # runs on differently shaped target sets) is amplified where gradients are tiny, so allow 1e-5.
+    assert_close(trainable(a, 4), trainable(b, 4), 1e-5)
 
 
 def test_training_steps_lower_the_loss_on_repeated_data(tmp_path, tiny_causal_dir):
