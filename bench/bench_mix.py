@@ -28,19 +28,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import common  # noqa: E402
 
 from t2t_mtl import mixing  # noqa: E402
 from t2t_mtl.config import load_config  # noqa: E402
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     ratio, cpu_ratio = statistics.median(ratios), statistics.median(cpu_ratios)
     result = {
         "date": dt.datetime.now().isoformat(timespec="seconds"),
-        "machine": {"cpu": _cpu(), "cores": os.cpu_count(), "python": platform.python_version(),
+        "machine": {"cpu": common.cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
                     "platform": platform.platform()},
         "command": " ".join(["python", "bench/bench_mix.py"] + (argv if argv is not None else sys.argv[1:])),
         "config": args.config, "records": n, "rounds": args.rounds, "setup_s": round(setup_s, 3),

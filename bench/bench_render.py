@@ -28,22 +28,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import common  # noqa: E402
 
 from t2t_mtl import sources, tasks  # noqa: E402
 from t2t_mtl.config import SourceConfig  # noqa: E402
 
 BENCH_TASKS = (("sentiment_sst2", "sentiment_sst2"), ("qa_squad", "qa_squad"))  # (template, slice folder)
 SECTION = "## Rendering throughput"
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _time_loop(fn, n_rows: int, min_records: int, rounds: int) -> dict:
@@ -103,20 +96,6 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def update_doc(doc: Path, body: str) -> None:
-    """Replace (or append) the '## Rendering throughput' section of `doc`, leaving other sections alone."""
-    text = doc.read_text(encoding="utf-8") if doc.is_file() else "# Benchmarks\n"
-    section = f"{SECTION}\n\n{body.strip()}\n"
-    start = text.find(SECTION + "\n")
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + (text[nxt:] if nxt >= 0 else "")
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(text, encoding="utf-8")
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("data_dir", nargs="?", default=str(ROOT.parent / "shared" / "data" / "real"))
@@ -137,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     load1, load5, _ = os.getloadavg()
     command = "python bench/bench_render.py " + " ".join(argv if argv is not None else sys.argv[1:])
     meta = {"date": dt.datetime.now().astimezone().isoformat(timespec="seconds"), "nproc": os.cpu_count(),
-            "cpu": _cpu(), "python": platform.python_version(), "loadavg_1_5": [round(load1, 2), round(load5, 2)],
+            "cpu": common.cpu_name(), "python": platform.python_version(), "loadavg_1_5": [round(load1, 2), round(load5, 2)],
             "command": command.strip(), "rounds": args.rounds, "min_records": args.min_records, "split": args.split}
     tbl = table(results)
     print(tbl)
@@ -157,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"*load*: `sources.load_rows` (open with `datasets`, map and check every row; warm Arrow cache, "
                 f"median of 3). Raw numbers: "
                 f"`bench/results/render.json`.\n\n{tbl}\n")
-        update_doc(Path(args.doc), body)
+        common.update_doc(Path(args.doc), SECTION, body)
         print(f"updated {args.doc} ({SECTION[3:]})")
     return 0
 

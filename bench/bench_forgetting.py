@@ -1,0 +1,162 @@
+"""Forgetting in two-stage training, with and without replay (issue 6, benchmark 2).
+
+    .venv/bin/python bench/bench_forgetting.py [DATA_DIR] [--replay 0,0.1,0.3] [--stage-steps 100]
+        [--batch-size 8] [--per-task 200] [--limit 100] [--work runs/bench_forgetting]
+        [--out bench/results/forgetting.json] [--doc docs/benchmarks.md] [--no-doc]
+
+Stage 1 trains SST-2, SICK and SQuAD; stage 2 trains CoNLL-2003 and SciTLDR (the slices in DATA_DIR,
+default ../shared/data/real), each stage --stage-steps optimiser steps × --batch-size, with the default
+recipe (launch/configs/default.yaml). One run per replay share: 0 = no replay; s > 0 = a reservoir
+buffer of --per-task stage-1 records per task that makes up the share s of stage 2's examples (the
+budget stays the same, so replay displaces new-task examples). Every stage's adapter is scored on all
+five tasks (first --limit validation rows, primary metric) by `t2t-mtl eval --forgetting`'s code, giving
+the forgetting matrix, average forgetting (mean over stage-1 tasks of best earlier score − final score)
+and backward transfer (final − just-learned). Run folders and evaluations are cached under --work, so
+an interrupted invocation continues. Writes --out and the "Forgetting" section of --doc (heatmaps in
+docs/img/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import common  # noqa: E402
+
+STAGE1 = ["sentiment_sst2", "nli_3way", "qa_squad"]
+STAGE2 = ["ner_conll2003", "summarization"]
+SECTION = "## Forgetting"
+TARGET = 0.02  # average forgetting on stage-1 tasks with replay: at most 2 points
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def run_config(args, data: Path, share: float):
+    from t2t_mtl.config import load_config
+
+    d = common.default_recipe()
+    name = f"replay_{round(100 * share)}"
+    d.update(run_name=name, output_dir=str(Path(args.work) / name), tasks=common.slice_tasks(data))
+    d["stages"] = [{"name": "stage1", "tasks": STAGE1, "steps": args.stage_steps},
+                   {"name": "stage2", "tasks": STAGE2, "steps": args.stage_steps}]
+    d["replay"] = {"enabled": share > 0, "per_task": args.per_task, "share": share if share > 0 else 0.1}
+    d["train"].update(batch_size=args.batch_size, save_steps=50, save_total_limit=1, resume="auto", bad_rows="skip")
+    d["eval"].update(every_steps=0, limit=args.limit, split="validation")
+    return load_config(data=d)
+
+
+def one_setting(args, data: Path, share: float) -> dict:
+    """Train (once) and score every stage of one replay setting; returns the forgetting report."""
+    from t2t_mtl import training
+    from t2t_mtl.eval_runs import forgetting_run
+
+    cfg = run_config(args, data, share)
+    run_dir = Path(cfg.output_dir)
+    if not (run_dir / "train_summary.json").is_file():
+        log(f"training {cfg.run_name} (2 stages x {args.stage_steps} steps x {args.batch_size})")
+        training.train(cfg, eval_fn=None)
+    rep_path = run_dir / "eval" / f"forgetting-{args.limit}.json"
+    if rep_path.is_file():
+        return json.loads(rep_path.read_text(encoding="utf-8"))
+    log(f"scoring every stage of {cfg.run_name}")
+    rep, path = forgetting_run(run_dir, split="validation", limit=args.limit, progress=False)
+    for ext in (".json", ".md", ".png"):  # keep this limit's report apart from other `eval --forgetting` calls
+        shutil.copyfile(path.with_suffix(ext), rep_path.with_suffix(ext))
+    summary = json.loads((run_dir / "train_summary.json").read_text(encoding="utf-8"))
+    rep["train_seconds"] = summary.get("seconds")
+    common.write_json(rep_path, rep)
+    return rep
+
+
+def section(results: dict, doc: Path) -> str:
+    """The doc section: per-setting matrix, average forgetting, BWT, target check, heatmaps."""
+    from report_quality import LABEL
+
+    st, m = results["settings"], results.get("machine", {})
+    out = [f"Command: `python bench/bench_forgetting.py ../shared/data/real` (resumable; run folders under "
+           "`runs/bench_forgetting/`). Results: `bench/results/forgetting.json`.", common.machine_line(m),
+           f"Stage 1: SST-2, SICK, SQuAD; stage 2: CoNLL-2003, SciTLDR; {st['stage_steps']} steps × "
+           f"{st['batch_size']} examples per stage, default recipe (embedded SmolLM2-135M-Instruct, LoRA r16). "
+           f"Replay: a reservoir of {st['per_task']} stage-1 records per task makes up the given share of "
+           "stage 2's examples (same budget). Scores: primary metric on the first "
+           f"{st['limit']} validation rows, points. *Average forgetting* = mean over stage-1 tasks of (best "
+           "score before the last stage − final score); *BWT* = mean of (final − score right after learning).",
+           "| replay share | avg forgetting (stage-1 tasks) | BWT | final mean (5 tasks) | target ≤ 2 pts |",
+           "|---:|---:|---:|---:|---|"]
+    for key, rep in results["settings_results"].items():
+        f = rep.get("average_forgetting")
+        ok = "–" if key == "0" else ("met" if f is not None and f <= TARGET else "**not met**")
+        out[-1] += (f"\n| {key} % | {common.fmt_score(f)} | {common.fmt_score(rep.get('backward_transfer'))} | "
+                    f"{common.fmt_score(rep.get('final_average'))} | {ok} |")
+    for key, rep in results["settings_results"].items():
+        tasks = rep["tasks"]
+        lines = [f"**Replay {key} %** — scores after each stage:", "",
+                 "| after | " + " | ".join(LABEL.get(t, t) for t in tasks) + " |", "|---|" + "---:|" * len(tasks)]
+        for s, row in zip(rep["stages"], rep["matrix"]):
+            lines.append(f"| {s} | " + " | ".join(common.fmt_score(v) for v in row) + " |")
+        per = ", ".join(f"{LABEL.get(t, t).split(' (')[0]} {100 * v:+.1f}" for t, v in rep["forgetting"].items())
+        lines.append(f"\nForgetting per stage-1 task (points lost): {per}.")
+        img = doc.parent / "img" / f"forgetting_replay_{key}.png"
+        src = Path(rep.get("run", "")) / "eval" / f"forgetting-{st['limit']}.png"
+        if src.is_file():
+            img.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, img)
+            lines.append(f"\n![forgetting, replay {key} %](img/{img.name})")
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("data_dir", nargs="?", default=str(common.DEFAULT_DATA))
+    ap.add_argument("--replay", default="0,0.1,0.3", help="comma-separated replay shares of stage 2 (0 = none)")
+    ap.add_argument("--stage-steps", type=int, default=100)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--per-task", type=int, default=200, help="replay buffer records per stage-1 task")
+    ap.add_argument("--limit", type=int, default=100)
+    ap.add_argument("--work", default=str(ROOT / "runs" / "bench_forgetting"))
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "forgetting.json"))
+    ap.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks.md"))
+    ap.add_argument("--no-doc", action="store_true")
+    args = ap.parse_args(argv)
+    data = Path(args.data_dir).resolve()
+    try:
+        shares = [float(x) for x in args.replay.split(",") if x.strip()]
+    except ValueError:
+        print(f"error: --replay {args.replay!r}: expected comma-separated numbers such as 0,0.1", file=sys.stderr)
+        return 2
+    missing = common.check_data_dir(data, [f for _, f in common.SLICES])
+    bad = [s for s in shares if not 0 <= s < 1]
+    if missing or bad:
+        for f in missing:
+            print(f"error: {data / f}: slice folder not found (pass the real-data folder as DATA_DIR)", file=sys.stderr)
+        for s in bad:
+            print(f"error: --replay {s}: a share must be in [0, 1)", file=sys.stderr)
+        return 2
+    out_path = Path(args.out)
+    results = json.loads(out_path.read_text(encoding="utf-8")) if out_path.is_file() else {}
+    results["settings"] = {"stage_steps": args.stage_steps, "batch_size": args.batch_size, "per_task": args.per_task,
+                           "limit": args.limit, "data": str(data)}
+    res = results.setdefault("settings_results", {})
+    for share in shares:
+        res[f"{round(100 * share)}"] = one_setting(args, data, share)
+        results["machine"] = common.machine(command="python bench/bench_forgetting.py " + " ".join(argv or sys.argv[1:]))
+        common.write_json(out_path, results)
+    if not args.no_doc:
+        common.update_doc(Path(args.doc), SECTION, section(results, Path(args.doc)))
+        log(f"updated {args.doc}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

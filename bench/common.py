@@ -1,0 +1,135 @@
+"""Helpers shared by the bench/ scripts: the real-data run config, machine facts, doc sections.
+
+Not part of the package (nothing in t2t_mtl imports bench/). Each bench script puts the repository
+root on sys.path and imports this module as `common`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "real"
+
+# The five training slices of the issue-6 benchmarks: (task template, folder under the data dir).
+SLICES = (("sentiment_sst2", "sentiment_sst2"), ("nli_3way", "nli_sick"), ("qa_squad", "qa_squad"),
+          ("ner_conll2003", "ner_conll2003"), ("summarization", "summarization_scitldr"))
+# Left out of every training run, for zero-shot transfer: (template, folder, split overrides).
+HELDOUT_SLICES = (("nli_2way", "nli_rte", {}),
+                  # AG News has no official validation split in the slice; test.jsonl is disjoint from training.
+                  ("topic_ag_news", "topic_ag_news", {"validation": "test", "test": "test"}))
+
+
+def check_data_dir(data: Path, folders: Sequence[str]) -> list[str]:
+    """Missing slice folders under `data` (empty when all are there)."""
+    return [f for f in folders if not (data / f / "train.jsonl").is_file() and not (data / f).is_dir()]
+
+
+def slice_tasks(data: Path, names: Sequence[str] | None = None, max_examples: dict[str, int] | None = None) -> list[dict]:
+    """Run-config `tasks:` entries for the five slices (optionally only `names`, optionally capped)."""
+    out = []
+    for tpl, folder in SLICES:
+        if names is not None and tpl not in names:
+            continue
+        entry: dict[str, Any] = {"template": tpl, "source": {"path": str(data / folder)}}
+        if max_examples and tpl in max_examples:
+            entry["max_examples"] = int(max_examples[tpl])
+        out.append(entry)
+    return out
+
+
+def heldout_tasks(data: Path) -> list[dict]:
+    """`tasks:` entries for the transfer slices (RTE, AG News)."""
+    out = []
+    for tpl, folder, splits in HELDOUT_SLICES:
+        src: dict[str, Any] = {"path": str(data / folder)}
+        if splits:
+            src["splits"] = dict(splits)
+        out.append({"template": tpl, "source": src})
+    return out
+
+
+def default_recipe() -> dict:
+    """launch/configs/default.yaml as a plain dict (the recipe every benchmark starts from)."""
+    import yaml
+
+    return yaml.safe_load((ROOT / "launch" / "configs" / "default.yaml").read_text(encoding="utf-8"))
+
+
+def cpu_name() -> str:
+    """The CPU model name (from /proc/cpuinfo), else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine(**extra: Any) -> dict:
+    """Date, CPU, core count, memory and library versions, for a results file."""
+    import importlib.metadata as md
+
+    def ver(pkg: str) -> str | None:
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return None
+
+    mem = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem = round(int(line.split()[1]) / 2 ** 20, 1)
+    except OSError:
+        pass
+    info = {"date": dt.datetime.now().astimezone().isoformat(timespec="seconds"), "cpu": cpu_name(),
+            "nproc": os.cpu_count(), "mem_gib": mem, "python": platform.python_version(),
+            **{p: ver(p) for p in ("torch", "transformers", "peft", "trl", "accelerate", "datasets")}}
+    try:
+        import torch
+
+        info["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except ImportError:
+        pass
+    info.update(extra)
+    return info
+
+
+def machine_line(m: dict) -> str:
+    """One markdown line describing the machine and versions of a results file."""
+    dev = f", GPU {m['cuda']}" if m.get("cuda") else ", no GPU"
+    return (f"Machine: {m.get('cpu')}, {m.get('nproc')} cores, {m.get('mem_gib')} GiB{dev}; torch {m.get('torch')}, "
+            f"transformers {m.get('transformers')}, peft {m.get('peft')}, trl {m.get('trl')}; measured {m.get('date')}.")
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically (a killed benchmark never leaves half a results file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def update_doc(doc: Path, section: str, body: str) -> None:
+    """Replace (or append) one `## section` of `doc`, leaving the other sections alone."""
+    text = doc.read_text(encoding="utf-8") if doc.is_file() else "# Benchmarks\n"
+    block = f"{section}\n\n{body.strip()}\n"
+    start = text.find(section + "\n")
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + block
+    else:
+        nxt = text.find("\n## ", start + len(section))
+        text = text[:start] + block + (text[nxt:] if nxt >= 0 else "")
+    doc.write_text(text, encoding="utf-8")
+
+
+def fmt_score(x: Any, digits: int = 1) -> str:
+    """A 0..1 score as points (e.g. 0.8734 -> 87.3); '–' when missing."""
+    return "–" if x is None else f"{100 * x:.{digits}f}"

@@ -1,0 +1,106 @@
+"""The benchmark scripts' pure parts: doc sections, tables, plots, imbalanced caps, hand prompts.
+
+The benchmarks themselves take minutes to hours (docs/benchmarks.md); these tests check that the
+numbers they measure end up in the right cells, on synthetic results.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import bench_forgetting  # noqa: E402
+import bench_quality  # noqa: E402
+import common  # noqa: E402
+import report_quality  # noqa: E402
+
+TASKS = report_quality.TASKS
+
+
+def _scores(base: float) -> dict:
+    return {t: round(base + 0.01 * i, 4) for i, t in enumerate(TASKS)}
+
+
+def test_update_doc_replaces_only_its_section(tmp_path):
+    doc = tmp_path / "b.md"
+    doc.write_text("# Benchmarks\n\n## A\n\nold a\n\n## B\n\nkeep b\n", encoding="utf-8")
+    common.update_doc(doc, "## A", "new a")
+    common.update_doc(doc, "## C", "new c")
+    text = doc.read_text(encoding="utf-8")
+    assert "old a" not in text and "new a" in text and "keep b" in text
+    assert text.index("## A") < text.index("## B") < text.index("## C")
+
+
+def test_imbalanced_caps_follow_the_full_dataset_sizes():
+    caps = bench_quality.imbalanced_caps(2000)
+    assert caps["qa_squad"] == 2000  # the largest dataset keeps the whole slice
+    assert caps["sentiment_sst2"] == round(2000 * 67349 / 87599)
+    assert min(caps.values()) >= 20 and caps["summarization"] < caps["nli_3way"] < caps["ner_conll2003"]
+
+
+def test_quality_report_tables_and_plots(tmp_path):
+    runs = {"base": {"scores": _scores(0.1)}, "multi": {"scores": _scores(0.5), "train": {"steps": 200, "seconds": 900,
+                                                                                          "input_tokens_per_s": 170.0,
+                                                                                          "final_loss": 1.234}},
+            "trl": {"scores": _scores(0.3)}}
+    for i, t in enumerate(TASKS):
+        runs[f"single_{t}"] = {"scores": {t: 0.45 + 0.01 * i}}
+    for T, share in ((1.0, 0.6), (2.0, 0.4), (5.0, 0.25)):
+        runs[f"imbalanced_T{T:g}"] = {"temperature": T, "scores": _scores(share),
+                                      "shares": {t: (share if t == "qa_squad" else (1 - share) / 4) for t in TASKS}}
+    results = {"runs": runs, "settings": {"steps": 200, "batch_size": 8, "limit": 100, "examples": 1600},
+               "machine": common.machine(), "imbalanced_caps": bench_quality.imbalanced_caps(),
+               "transfer": {"base_template": {"nli_2way": 0.5, "topic_ag_news": 0.25},
+                            "multi_template": {"nli_2way": 0.6, "topic_ag_news": 0.7},
+                            "base_free": {"nli_2way": 0.4}, "multi_free": {"nli_2way": 0.55}}}
+    doc = tmp_path / "docs" / "benchmarks.md"
+    doc.parent.mkdir()
+    report_quality.write(results, doc)
+    text = doc.read_text(encoding="utf-8")
+    # SST-2 row: base 10.0, multi 50.0, single 45.0, TRL 30.0, multi - single +5.0
+    assert "| SST-2 (accuracy) | 10.0 | 50.0 | 45.0 | 30.0 | +5.0 |" in text
+    assert "| **mean** | **12.0** | **52.0** | **47.0** | **32.0** | **+5.0** |" in text
+    assert "60.0 % → 62.0" in text  # SQuAD share and score at T=1
+    assert "| RTE (accuracy) | 50.0 | 60.0 | 40.0 | 55.0 |" in text
+    assert "| AG News (accuracy) | 25.0 | 70.0 | – | – |" in text
+    assert "| multi | 1,600 | 900 | 170.0 | 1.234 |" in text
+    for png in ("quality.png", "temperature.png"):
+        assert (doc.parent / "img" / png).stat().st_size > 1000
+
+
+class _WordTokenizer:
+    """Whitespace 'tokenizer': enough for the prompt-length budget of the hand-written prompts."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": text.split()}
+
+    def decode(self, ids):
+        return " ".join(ids)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_hand_prompts_cover_every_task_and_cut_long_inputs(task):
+    row = {"text": "a fine film", "premise": "p", "hypothesis": "h", "question": "who?", "tokens": ["EU", "rejects"],
+           "context": "word " * 500, "document": "word " * 500}
+    prompt = bench_quality.hand_prompt(task, row, _WordTokenizer(), budget=50)
+    assert prompt.endswith(":") and len(prompt.split()) < 80
+
+
+def test_forgetting_section_reports_target_per_setting(tmp_path):
+    def rep(f):
+        return {"tasks": list(TASKS), "stages": ["stage1", "stage2"], "matrix": [[0.8, 0.6, 0.5, 0.0, 0.1],
+                                                                                  [0.8 - f, 0.6, 0.5, 0.7, 0.3]],
+                "average_forgetting": f / 3, "forgetting": {"sentiment_sst2": f, "nli_3way": 0.0, "qa_squad": 0.0},
+                "backward_transfer": -f / 3, "final_average": 0.5, "run": str(tmp_path)}
+    results = {"settings": {"stage_steps": 100, "batch_size": 8, "per_task": 200, "limit": 100},
+               "machine": common.machine(), "settings_results": {"0": rep(0.3), "10": rep(0.03), "30": rep(0.09)}}
+    text = bench_forgetting.section(results, tmp_path / "benchmarks.md")
+    assert "| 0 % | 10.0 | -10.0 | 50.0 | – |" in text
+    assert "| 10 % | 1.0 | -1.0 | 50.0 | met |" in text
+    assert "| 30 % | 3.0 | -3.0 | 50.0 | **not met** |" in text
+    assert "| stage2 | 50.0 | 60.0 | 50.0 | 70.0 | 30.0 |" in text
