@@ -263,7 +263,7 @@ def trl_part(args, cfg) -> dict:
     out = {"split": "validation", "limit": args.limit, "tasks": {}}
     for t in tasks:
         examples, rows = evaluation.load_examples(t, "validation", args.limit)
-        prompts = [hand_prompt(t.name, rows[i], tok) for i in range(len(examples))]
+        prompts = [hand_prompt(t.name, rows[int(ex.record.meta["row_id"])], tok) for ex in examples]
         texts = greedy(model, tok, prompts, cfg.eval.max_new_tokens, cfg.eval.batch_size)
         summary, preds = evaluation.score_task(t.template, examples, texts)
         out["tasks"][t.name] = {"mode": "generate", "variant": "hand-written", **summary, "examples": preds[:3]}

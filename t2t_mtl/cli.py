@@ -162,7 +162,7 @@ def _preview(args) -> int:
     if len(rows) == 0:
         print(f"{tpl.name}/{args.split}: no rows to show", file=sys.stderr)
     for i in range(min(args.n, len(rows))):
-        rec = tpl.render(rows[i], args.variant, row_id=str(i), split=args.split)
+        rec = sources.render_row(tpl, rows, i, args.variant, row_id=str(i), split=args.split)
         if task_name:  # a task renamed in the run config keeps that name in its records (as in training)
             rec.task = task_name
         print(json.dumps(rec.to_dict(), ensure_ascii=False))

@@ -167,7 +167,14 @@ def load_examples(task: EvalTask, split: str, limit: int | None, *,
         out = []
         for i in range(len(rows)):
             row = rows[i]
-            rec = tpl.render(row, vid, row_id=str(i), split=split)
+            try:
+                rec = sources.render_row(tpl, rows, i, vid, row_id=str(i), split=split)
+            except TemplateError as e:
+                if bad_rows != "skip":
+                    raise
+                rows.skipped += 1  # a row the template cannot render is a bad row (row_id keeps the index)
+                rows.problems.append(e.problems[-1])
+                continue
             toks = _tokens(tpl, row) if tpl.parse == "entities" else None
             out.append(Example(rec, gold_for(tpl, row, rec, toks), toks))
         task._cache[key] = (out, rows)

@@ -429,8 +429,10 @@ def build_members(cfg: Any, names: Optional[Sequence[str]] = None, *, split: str
 
 
 def _renderer(tmpl: Any, rows: Any, split: str, name: str) -> Callable[[int, int], Record]:
+    from . import sources  # as in build_members
+
     def get(i: int, epoch: int) -> Record:
-        rec = tmpl.render(rows[i], row_id=str(i), split=split, epoch=epoch)  # row id = index, as tasks.task_records
+        rec = sources.render_row(tmpl, rows, i, row_id=str(i), split=split, epoch=epoch)  # row id = index, as tasks.task_records
         if rec.task != name:  # a renamed task (TaskConfig.name) keeps its own name in records
             rec = dataclasses.replace(rec, task=name)
         return rec

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from .config import SourceConfig
-from .errors import DataError, Problem, did_you_mean
+from .errors import DataError, Problem, T2TError, did_you_mean
 
 FORMATS = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}  # extension -> datasets builder
 MAX_SHOWN = 20  # problems listed in an error; the rest are counted
@@ -293,6 +293,18 @@ class Rows(Sequence):
         """One line for stderr: `task/split: N bad rows skipped (first: file:line: message)`."""
         text = f"{self.task}/{self.split}: {self.skipped} bad row{'s' if self.skipped != 1 else ''} skipped"
         return text + (f" (first: {self.problems[0].format()})" if self.problems else "")
+
+
+def render_row(template: Any, rows: Sequence, i: int, variant: Any = None, **kw: Any) -> Any:
+    """`template.render(rows[i], variant, **kw)`; when the template fails on this row, the error also
+    names the row (`file:row`), so the user can tell a broken template from one odd row."""
+    try:
+        return template.render(rows[i], variant, **kw)
+    except T2TError as e:
+        where = rows.location(i) if hasattr(rows, "location") else (f"{getattr(template, 'name', 'task')} rows", i)
+        raise type(e)(list(e.problems) + [Problem(
+            where[0], where[1], "this row fails to render with the template line above",
+            "fix or drop the row, or guard the template against it (e.g. {% if answers.text %}...{% endif %})")]) from None
 
 
 def load_rows(template: Any, source: SourceConfig | None, split: str, *, bad_rows: str = "skip",

@@ -81,7 +81,7 @@ def load_task(name_or_path: str | Path, extra_dirs: Iterable[str | Path] = ()) -
 def task_records(template: TaskTemplate, rows, split: str, *, epoch: int = 0) -> Iterator[Record]:
     """Render every row of `rows` (row id = its index) with the template's variant policy."""
     for i in range(len(rows)):
-        yield template.render(rows[i], row_id=str(i), split=split, epoch=epoch)
+        yield sources.render_row(template, rows, i, row_id=str(i), split=split, epoch=epoch)
 
 
 # ------------------------------------------------------------------ validation

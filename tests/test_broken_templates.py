@@ -148,3 +148,35 @@ def test_missing_split_file_suggests_mapping(tmp_path, capsys):
     rc = main(["preview", str(BROKEN / "rows_task.yaml"), "--source", str(tmp_path), "--splits", "train=train_v2"])
     out, _ = capsys.readouterr()
     assert rc == 0 and json.loads(out)["output"] == "positive"
+
+
+def _squad_with_empty_answers(tmp_path) -> Path:
+    rows = [{"id": "1", "title": "t", "context": "Paris is in France.", "question": "Where is Paris?",
+             "answers": {"text": ["France"], "answer_start": [12]}},
+            {"id": "2", "title": "t", "context": "Bern is in Switzerland.", "question": "Where is Bern?",
+             "answers": {"text": [], "answer_start": []}}]  # SQuAD v2-style unanswerable row
+    f = tmp_path / "squad.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    return f
+
+
+def test_row_the_template_cannot_render_is_named(tmp_path, capsys):
+    """A template failing on one row names the template line *and* the data row (file:row)."""
+    f = _squad_with_empty_answers(tmp_path)
+    rc = main(["preview", "qa_squad", "--source", str(f), "-n", "2", "--variant", "passage_question"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "qa_squad.yaml:" in err and "list object has no element 0" in err
+    assert f"{f}:2: this row fails to render" in err
+
+
+def test_eval_skips_rows_the_template_cannot_render(tmp_path):
+    from t2t_mtl import tasks
+    from t2t_mtl.config import SourceConfig
+    from t2t_mtl.evaluation import EvalTask, load_examples
+
+    f = _squad_with_empty_answers(tmp_path)
+    task = EvalTask("qa_squad", tasks.load_task("qa_squad"), SourceConfig(path=str(f), splits={"validation": "squad"}))
+    examples, rows = load_examples(task, "validation", None, bad_rows="skip")
+    assert [ex.record.meta["row_id"] for ex in examples] == ["0"] and rows.skipped == 1
+    assert rows.problems[-1].format().startswith(f"{f}:2: this row fails to render")
