@@ -107,8 +107,26 @@ class _Backend:
                     self._lines = [n for n, ln in enumerate(f, 1) if ln.strip()]
             return self.desc, self._lines[i] if i < len(self._lines) else i + 1
         if self.kind == "csv":
-            return self.desc, i + 2  # line 1 is the header
+            if self._lines is None:
+                self._lines = _csv_record_lines(self.file)
+            return self.desc, self._lines[i] if i < len(self._lines) else i + 2
         return self.desc, i  # parquet / JSON array / hub: 0-based row index
+
+
+def _csv_record_lines(file: Path | None) -> list[int]:
+    """First line number of every data record of a CSV file: a quoted field may span several lines, so
+    records are found with the csv module, not by counting lines (header and blank lines skipped)."""
+    import csv
+    starts: list[int] = []
+    if file is None:
+        return starts
+    with open(file, newline="", encoding="utf-8", errors="replace") as f:
+        reader, prev = csv.reader(f), 0
+        for rec in reader:
+            if rec:  # csv yields [] for a blank line, which the CSV loader skips as well
+                starts.append(prev + 1)
+            prev = reader.line_num
+    return starts[1:]  # the first record is the header
 
 
 def _scan_jsonl(file: Path, problems: list[tuple[str, int, str]]) -> _Backend:

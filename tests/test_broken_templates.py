@@ -124,6 +124,17 @@ def test_bad_csv_rows_count_the_header(tmp_path, capsys):
     assert f"{f}:4: missing field 'text'" in err  # empty CSV cell reads as null
 
 
+def test_bad_csv_rows_after_multiline_fields_name_the_right_line(tmp_path, capsys):
+    f = tmp_path / "train.csv"
+    f.write_text('txt,label\n"a film\nin two lines",1\n\nso-so,neutral\n"x,\n\ny",2\n', encoding="utf-8")
+    rc = main(["preview", str(BROKEN / "rows_task.yaml"), "--source", str(f), "--columns", "txt=text",
+               "--bad-rows", "fail"])
+    _, err = capsys.readouterr()
+    assert rc == 2
+    assert f"{f}:5: label 'neutral' not in answer_choices" in err  # not :3 (row index + header)
+    assert f"{f}:6: label 2 not in answer_choices" in err or f"{f}:6: label '2' not in answer_choices" in err
+
+
 def test_bad_parquet_rows_use_row_index(tmp_path, capsys):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
