@@ -131,5 +131,5 @@ def update_doc(doc: Path, section: str, body: str) -> None:
 
 
 def fmt_score(x: Any, digits: int = 1) -> str:
-    """A 0..1 score as points (e.g. 0.8734 -> 87.3); '–' when missing."""
-    return "–" if x is None else f"{100 * x:.{digits}f}"
+    """A score in points (the evaluation's primary metrics are 0–100), e.g. 87.3; '–' when missing."""
+    return "–" if x is None else f"{x:.{digits}f}"

@@ -42,13 +42,13 @@ def quality_table(runs: dict) -> tuple[str, dict]:
     b, c = cols.get("(b) ours, multi-task"), cols.get("(c) ours, single-task")
     for t in TASKS:
         cells = [common.fmt_score(v.get(t)) for v in cols.values()]
-        diff = (f"{100 * (b[t] - c[t]):+.1f}" if b and c and b.get(t) is not None and c.get(t) is not None else "–")
+        diff = (f"{b[t] - c[t]:+.1f}" if b and c and b.get(t) is not None and c.get(t) is not None else "–")
         lines.append(f"| {LABEL[t]} | " + " | ".join(cells) + f" | {diff} |")
     means = [common.fmt_score(_mean(v.get(t) for t in TASKS)) if all(t in v for t in TASKS) else "–"
              for v in cols.values()]
     mdiff = "–"
     if b and c and all(t in b and t in c for t in TASKS):
-        mdiff = f"{100 * (_mean(b[t] for t in TASKS) - _mean(c[t] for t in TASKS)):+.1f}"
+        mdiff = f"{_mean(b[t] for t in TASKS) - _mean(c[t] for t in TASKS):+.1f}"
     lines.append("| **mean** | " + " | ".join(f"**{m}**" for m in means) + f" | **{mdiff}** |")
     return "\n".join(lines), cols
 
@@ -103,7 +103,7 @@ def plot_quality(cols: dict, path: Path) -> None:
     width = 0.8 / max(len(cols), 1)
     for j, (name, sc) in enumerate(cols.items()):
         xs = [i + (j - (len(cols) - 1) / 2) * width for i in range(len(TASKS))]
-        ax.bar(xs, [100 * (sc.get(t) or 0) for t in TASKS], width, label=name)
+        ax.bar(xs, [sc.get(t) or 0 for t in TASKS], width, label=name)
     ax.set_xticks(range(len(TASKS)), [LABEL[t] for t in TASKS], fontsize=8)
     ax.set_ylabel("primary metric (points)")
     ax.set_title("SmolLM2-135M-Instruct, 1,600 training examples, 100 validation rows per task", fontsize=9)
@@ -125,7 +125,7 @@ def plot_temperature(runs: dict, path: Path) -> None:
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
     for t in TASKS:
         a1.plot(temps, [100 * runs[n]["shares"].get(t, 0) for n in names], marker="o", label=LABEL[t])
-        a2.plot(temps, [100 * (runs[n]["scores"].get(t) or 0) for n in names], marker="o", label=LABEL[t])
+        a2.plot(temps, [runs[n]["scores"].get(t) or 0 for n in names], marker="o", label=LABEL[t])
     for ax, yl in ((a1, "share of training examples (%)"), (a2, "score (points)")):
         ax.set_xscale("log")
         ax.set_xticks(temps, [f"{t:g}" for t in temps])

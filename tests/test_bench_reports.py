@@ -22,8 +22,8 @@ import report_quality  # noqa: E402
 TASKS = report_quality.TASKS
 
 
-def _scores(base: float) -> dict:
-    return {t: round(base + 0.01 * i, 4) for i, t in enumerate(TASKS)}
+def _scores(base: float) -> dict:  # points (0-100), as the evaluation reports them
+    return {t: round(100 * base + i, 4) for i, t in enumerate(TASKS)}
 
 
 def test_update_doc_replaces_only_its_section(tmp_path):
@@ -49,15 +49,15 @@ def test_quality_report_tables_and_plots(tmp_path):
                                                                                           "final_loss": 1.234}},
             "trl": {"scores": _scores(0.3)}}
     for i, t in enumerate(TASKS):
-        runs[f"single_{t}"] = {"scores": {t: 0.45 + 0.01 * i}}
+        runs[f"single_{t}"] = {"scores": {t: 45.0 + i}}
     for T, share in ((1.0, 0.6), (2.0, 0.4), (5.0, 0.25)):
         runs[f"imbalanced_T{T:g}"] = {"temperature": T, "scores": _scores(share),
                                       "shares": {t: (share if t == "qa_squad" else (1 - share) / 4) for t in TASKS}}
     results = {"runs": runs, "settings": {"steps": 200, "batch_size": 8, "limit": 100, "examples": 1600},
                "machine": common.machine(), "imbalanced_caps": bench_quality.imbalanced_caps(),
-               "transfer": {"base_template": {"nli_2way": 0.5, "topic_ag_news": 0.25},
-                            "multi_template": {"nli_2way": 0.6, "topic_ag_news": 0.7},
-                            "base_free": {"nli_2way": 0.4}, "multi_free": {"nli_2way": 0.55}}}
+               "transfer": {"base_template": {"nli_2way": 50.0, "topic_ag_news": 25.0},
+                            "multi_template": {"nli_2way": 60.0, "topic_ag_news": 70.0},
+                            "base_free": {"nli_2way": 40.0}, "multi_free": {"nli_2way": 55.0}}}
     doc = tmp_path / "docs" / "benchmarks.md"
     doc.parent.mkdir()
     report_quality.write(results, doc)
@@ -93,14 +93,17 @@ def test_hand_prompts_cover_every_task_and_cut_long_inputs(task):
 
 def test_forgetting_section_reports_target_per_setting(tmp_path):
     def rep(f):
-        return {"tasks": list(TASKS), "stages": ["stage1", "stage2"], "matrix": [[0.8, 0.6, 0.5, 0.0, 0.1],
-                                                                                  [0.8 - f, 0.6, 0.5, 0.7, 0.3]],
+        return {"tasks": list(TASKS), "stages": ["stage1", "stage2"], "matrix": [[80.0, 60.0, 50.0, 0.0, 10.0],
+                                                                                  [80.0 - f, 60.0, 50.0, 70.0, 30.0]],
                 "average_forgetting": f / 3, "forgetting": {"sentiment_sst2": f, "nli_3way": 0.0, "qa_squad": 0.0},
-                "backward_transfer": -f / 3, "final_average": 0.5, "run": str(tmp_path)}
+                "backward_transfer": -f / 3, "final_average": 50.0, "run": str(tmp_path)}
     results = {"settings": {"stage_steps": 100, "batch_size": 8, "per_task": 200, "limit": 100},
-               "machine": common.machine(), "settings_results": {"0": rep(0.3), "10": rep(0.03), "30": rep(0.09)}}
+               "machine": common.machine(), "settings_results": {"0": rep(30.0), "10": rep(3.0), "30": rep(9.0)}}
     text = bench_forgetting.section(results, tmp_path / "benchmarks.md")
-    assert "| 0 % | 10.0 | -10.0 | 50.0 | – |" in text
-    assert "| 10 % | 1.0 | -1.0 | 50.0 | met |" in text
-    assert "| 30 % | 3.0 | -3.0 | 50.0 | **not met** |" in text
+    assert "| 0 % | 10.0 | 10.0 | -10.0 | 50.0 | – |" in text
+    assert "| 10 % | 1.0 | 1.0 | -1.0 | 50.0 | met / met |" in text
+    assert "| 30 % | 3.0 | 3.0 | -3.0 | 50.0 | **not met** / **not met** |" in text
+    # a gain on one task hides a loss on another in the standard average, not in "losses only"
+    mixed = {"forgetting": {"sentiment_sst2": 14.0, "nli_3way": -21.0, "qa_squad": 0.6}}
+    assert bench_forgetting.losses_only(mixed) == pytest.approx((14.0 + 0.0 + 0.6) / 3)
     assert "| stage2 | 50.0 | 60.0 | 50.0 | 70.0 | 30.0 |" in text
