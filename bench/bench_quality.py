@@ -110,6 +110,16 @@ def scores(res: dict) -> dict:
     return {t: e.get("primary") for t, e in res["tasks"].items()}
 
 
+def invalid(res: dict) -> dict:
+    """{task: % of answers the task's parser could not read} (format failures, scored as wrong)."""
+    return {t: e.get("invalid_rate") for t, e in res["tasks"].items()}
+
+
+def entry(res: dict, **extra) -> dict:
+    """A run's scores and invalid-answer rates, plus whatever else is given."""
+    return {"scores": scores(res), "invalid": invalid(res), **extra}
+
+
 def summary_of(run_dir: Path) -> dict:
     """Training time and throughput from the run's train_summary.json."""
     s = json.loads((run_dir / "train_summary.json").read_text(encoding="utf-8"))
@@ -342,27 +352,27 @@ def main(argv: list[str] | None = None) -> int:
     all_tasks = common.slice_tasks(data)
     multi_cfg = run_config(args, "multi_T2", all_tasks)
     if "base" in parts:
-        runs["base"] = {"scores": scores(base_eval(args, multi_cfg, "validation"))}
+        runs["base"] = entry(base_eval(args, multi_cfg, "validation"))
         save()
     if "multi" in parts:
         d = train_once(multi_cfg)
-        runs["multi"] = {"scores": scores(eval_once(d, args.limit)), "train": summary_of(d),
-                         "shares": mixture_shares(multi_cfg)}
+        runs["multi"] = entry(eval_once(d, args.limit), train=summary_of(d), shares=mixture_shares(multi_cfg))
         save()
     if "transfer" in parts:
         tcfg = run_config(args, "transfer_eval", common.heldout_tasks(data))
         multi_dir = train_once(multi_cfg)
         tr = results.setdefault("transfer", {})
-        tr["base_template"] = scores(base_eval(args, tcfg, "transfer-template"))
-        tr["base_free"] = scores(base_eval(args, tcfg, "transfer-free", free=True))
-        tr["multi_template"] = scores(run_model_eval(args, multi_dir, tcfg, "transfer-template", free=False))
-        tr["multi_free"] = scores(run_model_eval(args, multi_dir, tcfg, "transfer-free", free=True))
+        for key, res in (("base_template", base_eval(args, tcfg, "transfer-template")),
+                         ("base_free", base_eval(args, tcfg, "transfer-free", free=True)),
+                         ("multi_template", run_model_eval(args, multi_dir, tcfg, "transfer-template", free=False)),
+                         ("multi_free", run_model_eval(args, multi_dir, tcfg, "transfer-free", free=True))):
+            tr[key], tr[f"{key}_invalid"] = scores(res), invalid(res)
         save()
     if "single" in parts:
         for t in all_tasks:
             cfg = run_config(args, f"single_{t['template']}", [t])
             d = train_once(cfg)
-            runs[f"single_{t['template']}"] = {"scores": scores(eval_once(d, args.limit)), "train": summary_of(d)}
+            runs[f"single_{t['template']}"] = entry(eval_once(d, args.limit), train=summary_of(d))
             save()
     if "temperature" in parts:
         caps = imbalanced_caps()
@@ -370,12 +380,12 @@ def main(argv: list[str] | None = None) -> int:
         for T in TEMPERATURES:
             cfg = run_config(args, f"imbalanced_T{T:g}", common.slice_tasks(data, max_examples=caps), temperature=T)
             d = train_once(cfg)
-            runs[f"imbalanced_T{T:g}"] = {"scores": scores(eval_once(d, args.limit)), "train": summary_of(d),
-                                          "shares": mixture_shares(cfg), "temperature": T}
+            runs[f"imbalanced_T{T:g}"] = entry(eval_once(d, args.limit), train=summary_of(d),
+                                               shares=mixture_shares(cfg), temperature=T)
             save()
     if "trl" in parts:
         res = trl_part(args, multi_cfg)
-        runs["trl"] = {"scores": scores(res)}
+        runs["trl"] = entry(res)
         tsum = Path(args.work) / "trl" / "train_summary.json"
         if tsum.is_file():
             runs["trl"]["train"] = {k: v for k, v in json.loads(tsum.read_text()).items() if k != "log"}

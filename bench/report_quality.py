@@ -50,6 +50,16 @@ def quality_table(runs: dict) -> tuple[str, dict]:
     if b and c and all(t in b and t in c for t in TASKS):
         mdiff = f"{_mean(b[t] for t in TASKS) - _mean(c[t] for t in TASKS):+.1f}"
     lines.append("| **mean** | " + " | ".join(f"**{m}**" for m in means) + f" | **{mdiff}** |")
+    inv = {"(a) base, zero-shot": runs.get("base", {}).get("invalid"),
+           "(b) ours, multi-task": runs.get("multi", {}).get("invalid"),
+           "(c) ours, single-task": {t: runs[f"single_{t}"].get("invalid", {}).get(t) for t in TASKS
+                                     if f"single_{t}" in runs},
+           "(d) TRL SFTTrainer, hand prompts": runs.get("trl", {}).get("invalid")}
+    cells = []
+    for k in cols:
+        vals = [v for v in (inv.get(k) or {}).values() if v is not None]
+        cells.append(f"{sum(vals) / len(vals):.0f} %" if vals else "–")
+    lines.append("| unreadable answers (mean over tasks) | " + " | ".join(cells) + " | |")
     return "\n".join(lines), cols
 
 
@@ -89,7 +99,11 @@ def transfer_table(tr: dict) -> str:
     cols = [(k, h) for k, h in cols if k in tr]
     lines = ["| task | " + " | ".join(h for _, h in cols) + " |", "|---|" + "---:|" * len(cols)]
     for t in ("nli_2way", "topic_ag_news"):
-        lines.append(f"| {LABEL[t]} | " + " | ".join(common.fmt_score(tr[k].get(t)) for k, _ in cols) + " |")
+        cells = []
+        for k, _ in cols:
+            inv = (tr.get(f"{k}_invalid") or {}).get(t)
+            cells.append(common.fmt_score(tr[k].get(t)) + (f" ({inv:.0f} % unreadable)" if inv is not None else ""))
+        lines.append(f"| {LABEL[t]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

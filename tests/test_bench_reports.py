@@ -44,7 +44,7 @@ def test_imbalanced_caps_follow_the_full_dataset_sizes():
 
 
 def test_quality_report_tables_and_plots(tmp_path):
-    runs = {"base": {"scores": _scores(0.1)}, "multi": {"scores": _scores(0.5), "train": {"steps": 200, "seconds": 900,
+    runs = {"base": {"scores": _scores(0.1), "invalid": {t: 10.0 for t in TASKS}}, "multi": {"scores": _scores(0.5), "train": {"steps": 200, "seconds": 900,
                                                                                           "input_tokens_per_s": 170.0,
                                                                                           "final_loss": 1.234}},
             "trl": {"scores": _scores(0.3)}}
@@ -57,7 +57,8 @@ def test_quality_report_tables_and_plots(tmp_path):
                "machine": common.machine(), "imbalanced_caps": bench_quality.imbalanced_caps(),
                "transfer": {"base_template": {"nli_2way": 50.0, "topic_ag_news": 25.0},
                             "multi_template": {"nli_2way": 60.0, "topic_ag_news": 70.0},
-                            "base_free": {"nli_2way": 40.0}, "multi_free": {"nli_2way": 55.0}}}
+                            "base_free": {"nli_2way": 40.0}, "multi_free": {"nli_2way": 55.0},
+                            "base_template_invalid": {"nli_2way": 97.0}}}
     doc = tmp_path / "docs" / "benchmarks.md"
     doc.parent.mkdir()
     report_quality.write(results, doc)
@@ -66,7 +67,8 @@ def test_quality_report_tables_and_plots(tmp_path):
     assert "| SST-2 (accuracy) | 10.0 | 50.0 | 45.0 | 30.0 | +5.0 |" in text
     assert "| **mean** | **12.0** | **52.0** | **47.0** | **32.0** | **+5.0** |" in text
     assert "60.0 % → 62.0" in text  # SQuAD share and score at T=1
-    assert "| RTE (accuracy) | 50.0 | 60.0 | 40.0 | 55.0 |" in text
+    assert "| RTE (accuracy) | 50.0 (97 % unreadable) | 60.0 | 40.0 | 55.0 |" in text
+    assert "| unreadable answers (mean over tasks) | 10 % | – | – | – | |" in text
     assert "| AG News (accuracy) | 25.0 | 70.0 | – | – |" in text
     assert "| multi | 1,600 | 900 | 170.0 | 1.234 |" in text
     for png in ("quality.png", "temperature.png"):
