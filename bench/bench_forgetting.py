@@ -153,14 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         print(f"error: --replay {args.replay!r}: expected comma-separated numbers such as 0,0.1", file=sys.stderr)
         return 2
-    missing = common.check_data_dir(data, [f for _, f in common.SLICES])
-    bad = [s for s in shares if not 0 <= s < 1]
-    if missing or bad:
-        for f in missing:
-            print(f"error: {data / f}: slice folder not found (pass the real-data folder as DATA_DIR)", file=sys.stderr)
-        for s in bad:
-            print(f"error: --replay {s}: a share must be in [0, 1)", file=sys.stderr)
-        return 2
+    errors = common.check_data_dir(data, [f for _, f in common.SLICES])
+    errors += [f"error: --replay {s}: a share must be in [0, 1)" for s in shares if not 0 <= s < 1]
+    if errors:
+        return common.report_errors(errors)
     out_path = Path(args.out)
     results = json.loads(out_path.read_text(encoding="utf-8")) if out_path.is_file() else {}
     results["settings"] = {"stage_steps": args.stage_steps, "batch_size": args.batch_size, "per_task": args.per_task,

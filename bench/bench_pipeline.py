@@ -62,11 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-doc", action="store_true")
     args = ap.parse_args(argv)
     data = Path(args.data_dir).resolve()
-    missing = common.check_data_dir(data, [f for _, f in common.SLICES])
-    if missing:
-        for f in missing:
-            print(f"error: {data / f}: slice folder not found (pass the real-data folder as DATA_DIR)", file=sys.stderr)
-        return 2
+    errors = common.check_data_dir(data, [f for _, f in common.SLICES])
+    if errors:
+        return common.report_errors(errors)
     import torch
 
     from t2t_mtl import features, mixing

@@ -132,24 +132,35 @@ def summary_of(run_dir: Path) -> dict:
 # ------------------------------------------------------------------------- base model
 
 
-def base_eval(args, cfg, name: str, free: bool = False) -> dict:
-    """The untuned base model on `cfg`'s tasks through their templates (or free instructions), cached."""
-    path = Path(args.work) / "base" / f"{name}.json"
+def evaluate_cached(path: Path, label: str, load, cfg, limit: int, free: bool) -> dict:
+    """`cfg`'s tasks scored for the model `load()` returns (model, tokenizer, prompt format), through their
+    templates or (`free`) free instructions; the result is cached in `path`."""
     if path.is_file():
         return json.loads(path.read_text(encoding="utf-8"))
-    from t2t_mtl import evaluation, modeling
-    from t2t_mtl.prompt_format import PromptFormat
+    from t2t_mtl import evaluation
 
-    log(f"evaluating the base model: {name}")
-    model, tok, family = modeling.load_model_and_tokenizer(cfg.model, None)
+    log(f"evaluating {label}")
+    model, tok, fmt = load()
     model.eval()
-    fmt = PromptFormat.for_tokenizer(tok, family, cfg.model.prompt_format)
-    res = (free_eval(model, tok, fmt, cfg, args.limit) if free else
-           evaluation.evaluate(model, tok, fmt, evaluation.eval_tasks(cfg), split="validation", limit=args.limit,
+    res = (free_eval(model, tok, fmt, cfg, limit) if free else
+           evaluation.evaluate(model, tok, fmt, evaluation.eval_tasks(cfg), split="validation", limit=limit,
                                batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
                                max_prompt_tokens=cfg.model.max_length, progress=False))
     common.write_json(path, res)
     return res
+
+
+def base_eval(args, cfg, name: str, free: bool = False) -> dict:
+    """The untuned base model on `cfg`'s tasks (cached under WORK/base/)."""
+    def load():
+        from t2t_mtl import modeling
+        from t2t_mtl.prompt_format import PromptFormat
+
+        model, tok, family = modeling.load_model_and_tokenizer(cfg.model, None)
+        return model, tok, PromptFormat.for_tokenizer(tok, family, cfg.model.prompt_format)
+
+    return evaluate_cached(Path(args.work) / "base" / f"{name}.json", f"the base model: {name}", load, cfg,
+                           args.limit, free)
 
 
 def free_eval(model, tok, fmt, cfg, limit: int) -> dict:
@@ -175,25 +186,15 @@ def free_eval(model, tok, fmt, cfg, limit: int) -> dict:
 
 def run_model_eval(args, run_dir: Path, cfg, name: str, free: bool) -> dict:
     """A trained run's adapter on `cfg`'s tasks (not necessarily the run's own), cached under RUN/eval."""
-    path = run_dir / "eval" / f"{name}.json"
-    if path.is_file():
-        return json.loads(path.read_text(encoding="utf-8"))
-    from t2t_mtl import evaluation
-    from t2t_mtl.modeling import load_for_inference
-    from t2t_mtl.prompt_format import PromptFormat
-    from t2t_mtl.runs import Run
+    def load():
+        from t2t_mtl.modeling import load_for_inference
+        from t2t_mtl.prompt_format import PromptFormat
+        from t2t_mtl.runs import Run
 
-    log(f"evaluating {run_dir.name}: {name}")
-    run = Run.load(run_dir)
-    model, tok, _family, manifest = load_for_inference(run.bundle_dir())
-    model.eval()
-    fmt = PromptFormat.from_dict(manifest["prompt_format"])
-    res = (free_eval(model, tok, fmt, cfg, args.limit) if free else
-           evaluation.evaluate(model, tok, fmt, evaluation.eval_tasks(cfg), split="validation", limit=args.limit,
-                               batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
-                               max_prompt_tokens=cfg.model.max_length, progress=False))
-    common.write_json(path, res)
-    return res
+        model, tok, _family, manifest = load_for_inference(Run.load(run_dir).bundle_dir())
+        return model, tok, PromptFormat.from_dict(manifest["prompt_format"])
+
+    return evaluate_cached(run_dir / "eval" / f"{name}.json", f"{run_dir.name}: {name}", load, cfg, args.limit, free)
 
 
 # ------------------------------------------------------------------------- TRL baseline
@@ -227,7 +228,6 @@ def trl_part(args, cfg) -> dict:
     res_path = out_dir / "eval.json"
     if res_path.is_file():
         return json.loads(res_path.read_text(encoding="utf-8"))
-    import torch
     from datasets import Dataset
     from peft import LoraConfig, PeftModel
     from trl import SFTConfig, SFTTrainer
@@ -277,7 +277,6 @@ def trl_part(args, cfg) -> dict:
         texts = greedy(model, tok, prompts, cfg.eval.max_new_tokens, cfg.eval.batch_size)
         summary, preds = evaluation.score_task(t.template, examples, texts)
         out["tasks"][t.name] = {"mode": "generate", "variant": "hand-written", **summary, "examples": preds[:3]}
-    del torch
     common.write_json(res_path, out)
     return out
 
@@ -329,15 +328,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-doc", action="store_true")
     args = ap.parse_args(argv)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    bad = [p for p in parts if p not in PARTS]
     data = Path(args.data_dir).resolve()
-    missing = common.check_data_dir(data, [f for _, f in common.SLICES] + [f for _, f, _ in common.HELDOUT_SLICES])
-    if bad or missing:
-        for p in bad:
-            print(f"error: unknown part '{p}' (choose from {', '.join(PARTS)})", file=sys.stderr)
-        for f in missing:
-            print(f"error: {data / f}: slice folder not found (pass the real-data folder as DATA_DIR)", file=sys.stderr)
-        return 2
+    errors = [f"error: unknown part '{p}' (choose from {', '.join(PARTS)})" for p in parts if p not in PARTS]
+    errors += common.check_data_dir(data, [f for _, f in common.SLICES] + [f for _, f, _ in common.HELDOUT_SLICES])
+    if errors:
+        return common.report_errors(errors)
     out_path = Path(args.out)
     results = json.loads(out_path.read_text(encoding="utf-8")) if out_path.is_file() else {}
     results.setdefault("runs", {})

@@ -41,9 +41,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
-SLICES = (("sentiment_sst2", "sentiment_sst2"), ("nli_3way", "nli_sick"), ("qa_squad", "qa_squad"),
-          ("ner_conll2003", "ner_conll2003"), ("summarization", "summarization_scitldr"))  # (template, folder)
+import common  # noqa: E402
+from common import SLICES  # noqa: E402  (template, folder) of the five training slices
+
 VARIANTS = ("ours", "trl_packed", "trl_padded", "ours_unpacked")
 DEFAULT_VARIANTS = "ours,trl_packed,trl_padded"
 SECTION = "## Training throughput vs TRL"
@@ -54,12 +56,10 @@ SECTION = "## Training throughput vs TRL"
 
 def run_config(data_dir: Path, out_dir: Path, total_steps: int, packing: str = "auto"):
     """launch/configs/default.yaml with the five real slices as tasks (absolute paths)."""
-    import yaml
-
     from t2t_mtl.config import load_config
 
-    data = yaml.safe_load((ROOT / "launch" / "configs" / "default.yaml").read_text(encoding="utf-8"))
-    data["tasks"] = [{"template": t, "source": {"path": str(data_dir / f)}} for t, f in SLICES]
+    data = common.default_recipe()
+    data["tasks"] = common.slice_tasks(data_dir)
     data["output_dir"] = str(out_dir)
     data["train"].update({"steps": total_steps, "save_steps": 10 ** 6, "resume": "never", "packing": packing})
     return load_config(data=data)
@@ -264,16 +264,6 @@ def token_check(ds, examples: list[dict], packing: bool) -> dict:
 # --------------------------------------------------------------------------- parent
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def _cpu_jiffies() -> tuple[float, float]:
     """(busy, steal) seconds of all CPUs since boot, from /proc/stat."""
     f = [float(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -459,19 +449,6 @@ def analysis(results: dict, rc: dict) -> str:
     return "\n".join(out)
 
 
-def update_doc(doc: Path, body: str) -> None:
-    """Replace (or append) this benchmark's section of `doc`, leaving the other sections alone."""
-    text = doc.read_text(encoding="utf-8") if doc.is_file() else "# Benchmarks\n"
-    section = f"{SECTION}\n\n{body.strip()}\n"
-    start = text.find(SECTION + "\n")
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + (text[nxt:] if nxt >= 0 else "")
-    doc.write_text(text, encoding="utf-8")
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("data_dir", nargs="?", default=str(ROOT.parent / "shared" / "data" / "real"))
@@ -502,7 +479,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.doc_only:
         saved = json.loads(Path(args.out).read_text(encoding="utf-8"))
         res = saved["results"]
-        update_doc(Path(args.doc), section_body(saved["meta"], res, saved["ratios"], table(res), profile_md(res)))
+        common.update_doc(Path(args.doc), SECTION,
+                          section_body(saved["meta"], res, saved["ratios"], table(res), profile_md(res)))
         print(f"updated {args.doc} ({SECTION[3:]}) from {args.out}")
         return 0
     data = Path(args.data_dir).resolve()
@@ -550,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     shown = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--no-doc"]  # only affects the doc
     command = "python bench/bench_train.py " + " ".join(shown)
     meta = {"date": dt.datetime.now().astimezone().isoformat(timespec="seconds"), "nproc": os.cpu_count(),
-            "cpu": _cpu(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpu": common.cpu_name(), "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "trl": trl.__version__,
             "torch_threads": torch.get_num_threads(),
             "loadavg_1_5_15_before": [round(x, 2) for x in load_before],
@@ -569,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps({"meta": meta, "ratios": rat, "results": results}, indent=1) + "\n", encoding="utf-8")
     print(f"wrote {out}")
     if not args.no_doc:
-        update_doc(Path(args.doc), section_body(meta, results, rat, tbl, profile_md(results)))
+        common.update_doc(Path(args.doc), SECTION, section_body(meta, results, rat, tbl, profile_md(results)))
         print(f"updated {args.doc} ({SECTION[3:]})")
     return 0
 

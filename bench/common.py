@@ -10,6 +10,7 @@ import datetime as dt
 import json
 import os
 import platform
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -26,8 +27,16 @@ HELDOUT_SLICES = (("nli_2way", "nli_rte", {}),
 
 
 def check_data_dir(data: Path, folders: Sequence[str]) -> list[str]:
-    """Missing slice folders under `data` (empty when all are there)."""
-    return [f for f in folders if not (data / f / "train.jsonl").is_file() and not (data / f).is_dir()]
+    """One error line per slice folder missing under `data` (empty when all are there)."""
+    return [f"error: {data / f}: slice folder not found (pass the real-data folder as DATA_DIR)"
+            for f in folders if not (data / f).is_dir()]
+
+
+def report_errors(errors: Sequence[str]) -> int:
+    """Print the errors to stderr; the exit status for them (2 when there are any, else 0)."""
+    for e in errors:
+        print(e, file=sys.stderr)
+    return 2 if errors else 0
 
 
 def slice_tasks(data: Path, names: Sequence[str] | None = None, max_examples: dict[str, int] | None = None) -> list[dict]:

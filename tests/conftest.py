@@ -54,3 +54,15 @@ def tiny_t5_dir(tiny_models_root) -> Path:
     from tiny_models import tiny_t5
 
     return tiny_t5(tiny_models_root)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread; several threads spin-wait badly when the CPU is shared.
+    Modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch  # here, not at the top: the data-layer tests never load torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

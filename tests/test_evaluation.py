@@ -27,13 +27,8 @@ RECS = [Record("s", "Is the sentiment positive or negative?", text, "") for text
         ("the movie is good", "a bad film. " * 6, "Paris", "the river was sad and long, 12 times.")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; several threads spin-wait badly when the CPU is shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on one torch thread
+
 
 @pytest.fixture(scope="module")
 def causal(tiny_causal_dir):

@@ -16,13 +16,8 @@ from t2t_mtl.prompt_format import PromptFormat
 from t2t_mtl.records import Record
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; several threads spin-wait badly when the CPU is shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on one torch thread
+
 
 @pytest.fixture(scope="module")
 def run_dir(tiny_models_root, tiny_causal_dir, tmp_path_factory):
