@@ -132,9 +132,10 @@ def summary_of(run_dir: Path) -> dict:
 # ------------------------------------------------------------------------- base model
 
 
-def evaluate_cached(path: Path, label: str, load, cfg, limit: int, free: bool) -> dict:
+def evaluate_cached(path: Path, label: str, load, cfg, limit: int, free: bool, mode: str | None = None) -> dict:
     """`cfg`'s tasks scored for the model `load()` returns (model, tokenizer, prompt format), through their
-    templates or (`free`) free instructions; the result is cached in `path`."""
+    templates or (`free`) free instructions; `mode="rank"` scores the answer choices by likelihood instead
+    of generating (no format failures possible). The result is cached in `path`."""
     if path.is_file():
         return json.loads(path.read_text(encoding="utf-8"))
     from t2t_mtl import evaluation
@@ -143,14 +144,14 @@ def evaluate_cached(path: Path, label: str, load, cfg, limit: int, free: bool) -
     model, tok, fmt = load()
     model.eval()
     res = (free_eval(model, tok, fmt, cfg, limit) if free else
-           evaluation.evaluate(model, tok, fmt, evaluation.eval_tasks(cfg), split="validation", limit=limit,
+           evaluation.evaluate(model, tok, fmt, evaluation.eval_tasks(cfg, mode=mode), split="validation", limit=limit,
                                batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
                                max_prompt_tokens=cfg.model.max_length, progress=False))
     common.write_json(path, res)
     return res
 
 
-def base_eval(args, cfg, name: str, free: bool = False) -> dict:
+def base_eval(args, cfg, name: str, free: bool = False, mode: str | None = None) -> dict:
     """The untuned base model on `cfg`'s tasks (cached under WORK/base/)."""
     def load():
         from t2t_mtl import modeling
@@ -160,7 +161,7 @@ def base_eval(args, cfg, name: str, free: bool = False) -> dict:
         return model, tok, PromptFormat.for_tokenizer(tok, family, cfg.model.prompt_format)
 
     return evaluate_cached(Path(args.work) / "base" / f"{name}.json", f"the base model: {name}", load, cfg,
-                           args.limit, free)
+                           args.limit, free, mode)
 
 
 def free_eval(model, tok, fmt, cfg, limit: int) -> dict:
@@ -184,7 +185,7 @@ def free_eval(model, tok, fmt, cfg, limit: int) -> dict:
     return out
 
 
-def run_model_eval(args, run_dir: Path, cfg, name: str, free: bool) -> dict:
+def run_model_eval(args, run_dir: Path, cfg, name: str, free: bool, mode: str | None = None) -> dict:
     """A trained run's adapter on `cfg`'s tasks (not necessarily the run's own), cached under RUN/eval."""
     def load():
         from t2t_mtl.modeling import load_for_inference
@@ -194,7 +195,8 @@ def run_model_eval(args, run_dir: Path, cfg, name: str, free: bool) -> dict:
         model, tok, _family, manifest = load_for_inference(Run.load(run_dir).bundle_dir())
         return model, tok, PromptFormat.from_dict(manifest["prompt_format"])
 
-    return evaluate_cached(run_dir / "eval" / f"{name}.json", f"{run_dir.name}: {name}", load, cfg, args.limit, free)
+    return evaluate_cached(run_dir / "eval" / f"{name}.json", f"{run_dir.name}: {name}", load, cfg, args.limit,
+                           free, mode)
 
 
 # ------------------------------------------------------------------------- TRL baseline
@@ -360,7 +362,11 @@ def main(argv: list[str] | None = None) -> int:
         for key, res in (("base_template", base_eval(args, tcfg, "transfer-template")),
                          ("base_free", base_eval(args, tcfg, "transfer-free", free=True)),
                          ("multi_template", run_model_eval(args, multi_dir, tcfg, "transfer-template", free=False)),
-                         ("multi_free", run_model_eval(args, multi_dir, tcfg, "transfer-free", free=True))):
+                         ("multi_free", run_model_eval(args, multi_dir, tcfg, "transfer-free", free=True)),
+                         # ranked answer choices: knowledge without format failures
+                         ("base_rank", base_eval(args, tcfg, "transfer-rank", mode="rank")),
+                         ("multi_rank", run_model_eval(args, multi_dir, tcfg, "transfer-rank", free=False,
+                                                       mode="rank"))):
             tr[key], tr[f"{key}_invalid"] = scores(res), invalid(res)
         save()
     if "single" in parts:

@@ -95,13 +95,14 @@ def temperature_table(runs: dict, caps: dict | None) -> str:
 
 def transfer_table(tr: dict) -> str:
     cols = [("base_template", "base, template"), ("multi_template", "multi-task, template"),
-            ("base_free", "base, free instruction"), ("multi_free", "multi-task, free instruction")]
+            ("base_free", "base, free instruction"), ("multi_free", "multi-task, free instruction"),
+            ("base_rank", "base, ranked choices"), ("multi_rank", "multi-task, ranked choices")]
     cols = [(k, h) for k, h in cols if k in tr]
     lines = ["| task | " + " | ".join(h for _, h in cols) + " |", "|---|" + "---:|" * len(cols)]
     for t in ("nli_2way", "topic_ag_news"):
         cells = []
         for k, _ in cols:
-            inv = (tr.get(f"{k}_invalid") or {}).get(t)
+            inv = None if k.endswith("_rank") else (tr.get(f"{k}_invalid") or {}).get(t)  # ranking never fails
             cells.append(common.fmt_score(tr[k].get(t)) + (f" ({inv:.0f} % unreadable)" if inv is not None else ""))
         lines.append(f"| {LABEL[t]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -185,8 +186,10 @@ def write(results: dict, doc: Path) -> None:
               "training run. *template*: the task's own template (first training variant); *free "
               "instruction*: a plain instruction written for this benchmark (not a template variant) with the "
               "row's text as input, as `t2t-mtl prompt --instruction` sends it; both parsed by the task's "
-              f"verbalizer. First {st.get('limit')} rows (RTE: validation; AG News: test.jsonl, the slice has no "
-              "validation split). Accuracy in points; chance is 50 (RTE) and 25 (AG News).", transfer_table(tr)]
+              "verbalizer; *ranked choices*: the template's prompt, answered by the answer choice with the highest "
+              "likelihood (`t2t-mtl eval --mode rank`: no answer can be unreadable, so this measures what the model "
+              f"knows apart from answer format). First {st.get('limit')} rows (RTE: validation; AG News: test.jsonl, "
+              "the slice has no validation split). Accuracy in points; chance is 50 (RTE) and 25 (AG News).", transfer_table(tr)]
         common.update_doc(doc, "## Zero-shot transfer", "\n\n".join(tb))
 
 

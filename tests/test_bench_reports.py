@@ -58,7 +58,10 @@ def test_quality_report_tables_and_plots(tmp_path):
                "transfer": {"base_template": {"nli_2way": 50.0, "topic_ag_news": 25.0},
                             "multi_template": {"nli_2way": 60.0, "topic_ag_news": 70.0},
                             "base_free": {"nli_2way": 40.0}, "multi_free": {"nli_2way": 55.0},
-                            "base_template_invalid": {"nli_2way": 97.0}}}
+                            "base_template_invalid": {"nli_2way": 97.0},
+                            "base_rank": {"nli_2way": 51.0, "topic_ag_news": 26.0},
+                            "multi_rank": {"nli_2way": 58.0, "topic_ag_news": 31.0},
+                            "multi_rank_invalid": {"nli_2way": 0.0}}}
     doc = tmp_path / "docs" / "benchmarks.md"
     doc.parent.mkdir()
     report_quality.write(results, doc)
@@ -67,9 +70,10 @@ def test_quality_report_tables_and_plots(tmp_path):
     assert "| SST-2 (accuracy) | 10.0 | 50.0 | 45.0 | 30.0 | +5.0 |" in text
     assert "| **mean** | **12.0** | **52.0** | **47.0** | **32.0** | **+5.0** |" in text
     assert "60.0 % → 62.0" in text  # SQuAD share and score at T=1
-    assert "| RTE (accuracy) | 50.0 (97 % unreadable) | 60.0 | 40.0 | 55.0 |" in text
+    # ranked columns last and never annotated with an unreadable rate (ranking cannot fail to parse)
+    assert "| RTE (accuracy) | 50.0 (97 % unreadable) | 60.0 | 40.0 | 55.0 | 51.0 | 58.0 |" in text
     assert "| unreadable answers (mean over tasks) | 10 % | – | – | – | |" in text
-    assert "| AG News (accuracy) | 25.0 | 70.0 | – | – |" in text
+    assert "| AG News (accuracy) | 25.0 | 70.0 | – | – | 26.0 | 31.0 |" in text
     assert "| multi | 1,600 | 900 | 170.0 | 1.234 |" in text
     for png in ("quality.png", "temperature.png"):
         assert (doc.parent / "img" / png).stat().st_size > 1000
