@@ -47,6 +47,7 @@ def run_config(args, data: Path, share: float):
     d = common.default_recipe()
     name = f"replay_{round(100 * share)}"
     d.update(run_name=name, output_dir=str(Path(args.work) / name), tasks=common.slice_tasks(data))
+    d["model"]["truncation"] = "end"  # what the measured runs used (layout 1); keeps every share comparable
     d["stages"] = [{"name": "stage1", "tasks": STAGE1, "steps": args.stage_steps},
                    {"name": "stage2", "tasks": STAGE2, "steps": args.stage_steps}]
     d["replay"] = {"enabled": share > 0, "per_task": args.per_task, "share": share if share > 0 else 0.1}

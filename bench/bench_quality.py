@@ -1,7 +1,7 @@
 """Quality of multi-task fine-tuning on the five real slices (issue 6, benchmark 1), plus the
 zero-shot transfer benchmark (3) on tasks left out of training.
 
-    .venv/bin/python bench/bench_quality.py [DATA_DIR] [--parts base,multi,transfer,single,temperature,trl]
+    .venv/bin/python bench/bench_quality.py [DATA_DIR] [--parts base,multi,transfer,single,temperature,trl,truncation]
         [--steps 200] [--batch-size 8] [--limit 100] [--work runs/bench_quality]
         [--out bench/results/quality.json] [--doc docs/benchmarks.md] [--no-doc]
 
@@ -21,6 +21,9 @@ budget: --steps × --batch-size training examples (200 × 8 = 1,600). Parts:
   with equal sizes every T gives the same mixture);
 - transfer: RTE and AG News, never trained on, scored for the base model and the multi-task model,
   through their templates and through a free instruction (the `t2t-mtl prompt` path).
+- truncation: the multi-task run again with `model.truncation: middle` (the default since layout 2) next
+  to (b), which cuts the end of an over-long input. Every other part pins `end`, the setting its runs
+  were measured with, so the cached runs and a fresh invocation give the same table.
 Scores: each task's primary metric (accuracy, accuracy, SQuAD F1, span F1, ROUGE-L) on the first
 --limit validation rows (AG News: its test file; the slice has no validation split).
 Every run is a run folder under --work trained with `resume: auto` and every evaluation is cached
@@ -43,7 +46,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import common  # noqa: E402
 
-PARTS = ("base", "multi", "transfer", "single", "temperature", "trl")  # run in this order
+PARTS = ("base", "multi", "transfer", "single", "temperature", "trl", "truncation")  # run in this order
+# The input truncation the measured runs used: an over-long input lost its end (layout 1). The
+# `truncation` part measures the current default, "middle"; re-running every part with it is left to do.
+MEASURED_TRUNCATION = "end"
 TEMPERATURES = (1.0, 2.0, 5.0)
 # Training-set sizes of the full datasets (SST-2, SICK, SQuAD v1.1, CoNLL-2003, SciTLDR-A), scaled so the
 # largest is the slice size: the imbalance the temperature benchmark mixes.
@@ -65,12 +71,13 @@ def log(msg: str) -> None:
 # ------------------------------------------------------------------------- runs
 
 
-def run_config(args, name: str, tasks: list[dict], temperature: float = 2.0):
+def run_config(args, name: str, tasks: list[dict], temperature: float = 2.0, truncation: str = MEASURED_TRUNCATION):
     """The default recipe with these tasks, this budget and a run folder under --work."""
     from t2t_mtl.config import load_config
 
     d = common.default_recipe()
     d.update(run_name=name, output_dir=str(Path(args.work) / name), tasks=tasks)
+    d["model"]["truncation"] = truncation
     d["mixing"]["temperature"] = temperature
     d["train"].update(steps=args.steps, batch_size=args.batch_size, save_steps=50, save_total_limit=1,
                       resume="auto", bad_rows="skip")
@@ -158,7 +165,7 @@ def base_eval(args, cfg, name: str, free: bool = False, mode: str | None = None)
         from t2t_mtl.prompt_format import PromptFormat
 
         model, tok, family = modeling.load_model_and_tokenizer(cfg.model, None)
-        return model, tok, PromptFormat.for_tokenizer(tok, family, cfg.model.prompt_format)
+        return model, tok, PromptFormat.for_tokenizer(tok, family, cfg.model.prompt_format, cfg.model.truncation)
 
     return evaluate_cached(Path(args.work) / "base" / f"{name}.json", f"the base model: {name}", load, cfg,
                            args.limit, free, mode)
@@ -300,6 +307,40 @@ def greedy(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int)
     return texts
 
 
+# ------------------------------------------------------------------------- truncation
+
+
+def truncation_stats(cfg, limit: int) -> dict:
+    """Per task, on the evaluated prompts (first `limit` validation rows, first variant, cut to
+    model.max_length as evaluation does): % of prompts cut, and for SQuAD % whose question is gone,
+    with the end and with the middle of the input cut. Tokenizer only; nothing is trained."""
+    import dataclasses
+
+    from t2t_mtl import evaluation, modeling
+    from t2t_mtl.features import prompt_ids
+    from t2t_mtl.prompt_format import PromptFormat
+
+    _model, tok, family = modeling.load_model_and_tokenizer(cfg.model, None)
+    fmt = PromptFormat.for_tokenizer(tok, family, cfg.model.prompt_format)
+    out = {}
+    for t in evaluation.eval_tasks(cfg):
+        examples, rows = evaluation.load_examples(t, "validation", limit)
+        st = {"prompts": len(examples)}
+        for side in ("end", "middle"):
+            f = dataclasses.replace(fmt, truncation=side)
+            cut = lost = 0
+            for ex in examples:
+                ids, c = prompt_ids(tok, f, ex.record, cfg.model.max_length)
+                cut += c
+                q = rows[int(ex.record.meta["row_id"])].get("question")
+                lost += bool(c and q and q.strip() not in tok.decode(ids))
+            st["cut_pct"] = round(100 * cut / max(len(examples), 1), 1)
+            if t.name == "qa_squad":
+                st[f"question_lost_pct_{side}"] = round(100 * lost / max(len(examples), 1), 1)
+        out[t.name] = st
+    return out
+
+
 # ------------------------------------------------------------------------- report
 
 
@@ -390,6 +431,12 @@ def main(argv: list[str] | None = None) -> int:
         tsum = Path(args.work) / "trl" / "train_summary.json"
         if tsum.is_file():
             runs["trl"]["train"] = {k: v for k, v in json.loads(tsum.read_text()).items() if k != "log"}
+        save()
+    if "truncation" in parts:
+        cfg = run_config(args, "multi_T2_middle", all_tasks, truncation="middle")
+        d = train_once(cfg)
+        runs["multi_middle"] = entry(eval_once(d, args.limit), train=summary_of(d), shares=mixture_shares(cfg))
+        results["truncation_stats"] = truncation_stats(multi_cfg, args.limit)
         save()
     save()
     if not args.no_doc:

@@ -93,6 +93,27 @@ def temperature_table(runs: dict, caps: dict | None) -> str:
     return "\n".join(lines)
 
 
+def truncation_table(runs: dict, stats: dict | None) -> str:
+    """(b) (over-long inputs lose their end) next to the same run cutting their middle."""
+    b, m = runs.get("multi", {}).get("scores"), runs.get("multi_middle", {}).get("scores")
+    if not (b and m):
+        return ""
+    stats = stats or {}
+    lines = ["| task | evaluated prompts cut | (b) multi-task, end cut | multi-task, middle cut | change |",
+             "|---|---:|---:|---:|---:|"]
+    for t in TASKS:
+        st = stats.get(t, {})
+        cut = f"{st['cut_pct']:.0f} %" if "cut_pct" in st else "–"
+        if "question_lost_pct_end" in st:
+            cut += f" (question lost: {st['question_lost_pct_end']:.0f} % → {st['question_lost_pct_middle']:.0f} %)"
+        diff = f"{m[t] - b[t]:+.1f}" if b.get(t) is not None and m.get(t) is not None else "–"
+        lines.append(f"| {LABEL[t]} | {cut} | {common.fmt_score(b.get(t))} | {common.fmt_score(m.get(t))} | {diff} |")
+    mb, mm = _mean(b.get(t) for t in TASKS), _mean(m.get(t) for t in TASKS)
+    lines.append(f"| **mean** | | **{common.fmt_score(mb)}** | **{common.fmt_score(mm)}** | "
+                 f"**{mm - mb:+.1f}** |" if mb is not None and mm is not None else "| **mean** | | | | |")
+    return "\n".join(lines)
+
+
 def transfer_table(tr: dict) -> str:
     cols = [("base_template", "base, template"), ("multi_template", "multi-task, template"),
             ("base_free", "base, free instruction"), ("multi_free", "multi-task, free instruction"),
@@ -137,16 +158,17 @@ def plot_temperature(runs: dict, path: Path) -> None:
 
     names = sorted((n for n in runs if n.startswith("imbalanced_T")), key=lambda n: runs[n]["temperature"])
     temps = [runs[n]["temperature"] for n in names]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10.5, 3.4))
     for t in TASKS:
         a1.plot(temps, [100 * runs[n]["shares"].get(t, 0) for n in names], marker="o", label=LABEL[t])
         a2.plot(temps, [runs[n]["scores"].get(t) or 0 for n in names], marker="o", label=LABEL[t])
     for ax, yl in ((a1, "share of training examples (%)"), (a2, "score (points)")):
         ax.set_xscale("log")
         ax.set_xticks(temps, [f"{t:g}" for t in temps])
+        ax.minorticks_off()  # a log axis otherwise labels 3×10^0, 4×10^0 between the measured T
         ax.set_xlabel("temperature T")
         ax.set_ylabel(yl)
-    a2.legend(fontsize=7)
+    a2.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))  # outside: the lines fill the axes
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -179,6 +201,15 @@ def write(results: dict, doc: Path) -> None:
                  "mixture. Here each task is capped in proportion to its full dataset's size (SQuAD 87.6k, "
                  "SST-2 67.3k, CoNLL 14.0k, SICK 4.4k, SciTLDR 2.0k → caps below), then mixed with "
                  "p ∝ min(n, 3000)^(1/T); same budget as above.", ttab, "![temperature](img/temperature.png)"]
+    trtab = truncation_table(runs, results.get("truncation_stats"))
+    if trtab:
+        body += ["### Input truncation (middle vs end)",
+                 f"`{COMMAND} --parts truncation`. An input longer than max_length allows (256 tokens with the "
+                 "prompt and answer) is shortened on its input field. Every run above cut the input's *end* "
+                 "(layout 1, the benchmark pins it so its cached runs stay comparable); the product now cuts "
+                 "the *middle* (`model.truncation: middle`, the default), keeping a question that follows a "
+                 "long passage. Same multi-task recipe and budget as (b), only the truncation differs; "
+                 "*prompts cut*: of the evaluated prompts (the same cut applies to training examples).", trtab]
     common.update_doc(doc, "## Multi-task quality", "\n\n".join(x for x in body if x))
     tr = results.get("transfer")
     if tr:

@@ -101,6 +101,7 @@ class ModelConfig:
     trust_remote_code: bool = False
     max_length: int = 512  # tokens of prompt + target (causal) or source (seq2seq)
     max_target_length: int = 128  # seq2seq decoder length; also generation budget
+    truncation: Literal["middle", "end"] = "middle"  # what an over-long input loses (features.prompt_ids)
 
 
 @dataclass

@@ -40,12 +40,31 @@ def _ids(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 
-def prompt_ids(tokenizer: Any, fmt: PromptFormat, record: Any, max_tokens: int | None = None) -> tuple[list[int], bool]:
-    """Token ids of `fmt.prompt(record)`, shortened to `max_tokens` by cutting the end of
-    the record's *input* field (the layout, instruction and generation header stay).
+MIDDLE_MARK = " … "  # joins the kept head and tail of a middle-truncated input
 
-    Returns (ids, truncated). Inference must call this too (with its own budget) so the
-    model sees exactly the training-time prompt tokens.
+
+def _shortened(tokenizer: Any, inp: list[int], keep: int, side: str) -> str:
+    """The input's text cut to about `keep` tokens: its start ("end") or start + end ("middle")."""
+    if keep <= 0:
+        return ""
+    dec = lambda ids: tokenizer.decode(ids, clean_up_tokenization_spaces=False)  # noqa: E731
+    tail = keep // 2 if side == "middle" else 0
+    if tail == 0:
+        return dec(inp[:keep])
+    return dec(inp[:keep - tail]).rstrip() + MIDDLE_MARK + dec(inp[-tail:]).lstrip()
+
+
+def prompt_ids(tokenizer: Any, fmt: PromptFormat, record: Any, max_tokens: int | None = None) -> tuple[list[int], bool]:
+    """Token ids of `fmt.prompt(record)`, shortened to `max_tokens` by cutting the record's
+    *input* field (the layout, instruction and generation header stay): its middle when
+    `fmt.truncation == "middle"` (the first and last halves of the budget stay, joined by
+    " … "), its end when "end".
+
+    Why the middle: inputs often put what the answer depends on last ("Passage: ...
+    Question: ..."); cutting the end of a long SQuAD passage dropped the question from a
+    fifth of the prompts (docs/benchmarks.md). LongBench truncates in the middle for the
+    same reason. Returns (ids, truncated). Inference must call this too (with its own
+    budget) so the model sees exactly the training-time prompt tokens.
     """
     add = fmt.add_special_tokens
     ids = _ids(tokenizer, fmt.prompt(record), add)
@@ -55,7 +74,7 @@ def prompt_ids(tokenizer: Any, fmt: PromptFormat, record: Any, max_tokens: int |
     keep = len(inp) - (len(ids) - max_tokens)
     for _ in range(6):  # re-tokenising at the cut can shift a token or two; converge
         keep = max(keep, 0)
-        text = tokenizer.decode(inp[:keep], clean_up_tokenization_spaces=False) if keep else ""
+        text = _shortened(tokenizer, inp, keep, fmt.truncation)
         short = SimpleNamespace(instruction=record.instruction, input=text, output=getattr(record, "output", ""))
         ids = _ids(tokenizer, fmt.prompt(short), add)
         if len(ids) <= max_tokens or keep == 0:

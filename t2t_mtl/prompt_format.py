@@ -35,8 +35,9 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .errors import ConfigError, Problem
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2  # 2: `truncation` (1 always cut the end of an over-long input)
 KINDS = ("chat", "plain", "seq2seq")
+TRUNCATIONS = ("middle", "end")
 # Probe strings used once, on the chat *template* (never on data), to learn what the
 # template writes around an assistant reply.
 _PROBE_USER = "\x00probe-user\x00"
@@ -93,12 +94,15 @@ class PromptFormat:
     bos_text: str = ""  # plain: BOS token text put in front when the tokenizer normally adds one
     answer_prefix: str = ""  # chat: text a template writes before an assistant reply's content
     answer_suffix: str = ""  # causal: end-of-turn / EOS text after the answer (it is trained on)
+    truncation: str = "middle"  # which part of an over-long input is cut (features.prompt_ids)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown prompt format kind {self.kind!r}; expected one of {KINDS}")
         if self.kind == "chat" and not self.chat_template:
             raise ValueError("a chat prompt format needs the chat template")
+        if self.truncation not in TRUNCATIONS:
+            raise ValueError(f"unknown truncation {self.truncation!r}; expected one of {TRUNCATIONS}")
         self._compiled: jinja2.Template | None = None
 
     # ------------------------------------------------------------------ layout
@@ -153,20 +157,23 @@ class PromptFormat:
             raise ConfigError([Problem("<manifest>", None, f"prompt format version {version} is newer than this "
                                        f"t2t-mtl understands ({LAYOUT_VERSION})", "upgrade t2t-mtl")])
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        if version < 2:
+            known["truncation"] = "end"  # what layout 1 did; a run trained then is prompted the same way
         return cls(**known)
 
     # ------------------------------------------------------------- selection
 
     @classmethod
-    def for_tokenizer(cls, tokenizer: Any, family: str, mode: str = "auto") -> "PromptFormat":
-        """Choose the layout for a tokenizer and model family.
+    def for_tokenizer(cls, tokenizer: Any, family: str, mode: str = "auto",
+                      truncation: str = "middle") -> "PromptFormat":
+        """Choose the layout for a tokenizer and model family (`truncation`: see `features.prompt_ids`).
 
         seq2seq family -> `seq2seq`; otherwise `chat` when the tokenizer has a chat template
         and `mode` is "auto" or "chat", `plain` when `mode` is "plain" or there is no
         template. `mode="chat"` without a template is a ConfigError naming the fix.
         """
         if family == "seq2seq":
-            return cls(kind="seq2seq")
+            return cls(kind="seq2seq", truncation=truncation)
         if mode not in ("auto", "chat", "plain"):
             raise ConfigError([Problem("<config>", None, f"model.prompt_format: invalid value {mode!r}",
                                        "expected one of: auto, chat, plain")])
@@ -176,11 +183,11 @@ class PromptFormat:
             raise ConfigError([Problem("<config>", None, "model.prompt_format: chat, but the tokenizer has no chat "
                                        "template", "use prompt_format: plain (or auto)")])
         if mode == "plain" or template is None:
-            return cls(kind="plain", bos_text=_bos_added_by(tokenizer), answer_suffix=eos)
+            return cls(kind="plain", bos_text=_bos_added_by(tokenizer), answer_suffix=eos, truncation=truncation)
         special = {k: v for k, v in (getattr(tokenizer, "special_tokens_map", None) or {}).items()
                    if isinstance(v, str)}
         fmt = cls(kind="chat", chat_template=template, template_vars=special,
-                  template_date=_dt.date.today().isoformat())
+                  template_date=_dt.date.today().isoformat(), truncation=truncation)
         fmt.answer_prefix, fmt.answer_suffix = _reply_frame(fmt, eos)
         return fmt
 

@@ -127,7 +127,8 @@ class _Trainer:
                 cfg.model, cfg.adapter, for_training=True, gradient_checkpointing=tr.gradient_checkpointing)
         except torch.OutOfMemoryError:
             raise T2TError(_problem("out of memory while loading the model", RESOURCE_HINT)) from None
-        self.fmt = PromptFormat.for_tokenizer(self.tok, self.family, cfg.model.prompt_format)
+        self.fmt = PromptFormat.for_tokenizer(self.tok, self.family, cfg.model.prompt_format,
+                                              cfg.model.truncation)
         self.packing = self.family == "causal" and features.resolve_packing(tr.packing, model)
         restore_4bit_for_training(model)  # the packing probe ran in eval mode
         self.task_names = cfg.task_names()

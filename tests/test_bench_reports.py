@@ -47,7 +47,7 @@ def test_quality_report_tables_and_plots(tmp_path):
     runs = {"base": {"scores": _scores(0.1), "invalid": {t: 10.0 for t in TASKS}}, "multi": {"scores": _scores(0.5), "train": {"steps": 200, "seconds": 900,
                                                                                           "input_tokens_per_s": 170.0,
                                                                                           "final_loss": 1.234}},
-            "trl": {"scores": _scores(0.3)}}
+            "trl": {"scores": _scores(0.3)}, "multi_middle": {"scores": _scores(0.55)}}
     for i, t in enumerate(TASKS):
         runs[f"single_{t}"] = {"scores": {t: 45.0 + i}}
     for T, share in ((1.0, 0.6), (2.0, 0.4), (5.0, 0.25)):
@@ -55,6 +55,8 @@ def test_quality_report_tables_and_plots(tmp_path):
                                       "shares": {t: (share if t == "qa_squad" else (1 - share) / 4) for t in TASKS}}
     results = {"runs": runs, "settings": {"steps": 200, "batch_size": 8, "limit": 100, "examples": 1600},
                "machine": common.machine(), "imbalanced_caps": bench_quality.imbalanced_caps(),
+               "truncation_stats": {"qa_squad": {"prompts": 100, "cut_pct": 27.0, "question_lost_pct_end": 27.0,
+                                                 "question_lost_pct_middle": 0.0}},
                "transfer": {"base_template": {"nli_2way": 50.0, "topic_ag_news": 25.0},
                             "multi_template": {"nli_2way": 60.0, "topic_ag_news": 70.0},
                             "base_free": {"nli_2way": 40.0}, "multi_free": {"nli_2way": 55.0},
@@ -75,6 +77,9 @@ def test_quality_report_tables_and_plots(tmp_path):
     assert "| unreadable answers (mean over tasks) | 10 % | – | – | – | |" in text
     assert "| AG News (accuracy) | 25.0 | 70.0 | – | – | 26.0 | 31.0 |" in text
     assert "| multi | 1,600 | 900 | 170.0 | 1.234 |" in text
+    # truncation: (b) = multi (end cut) next to multi_middle, with the measured cut rates
+    assert "| SQuAD (F1) | 27 % (question lost: 27 % → 0 %) | 52.0 | 57.0 | +5.0 |" in text
+    assert "| SST-2 (accuracy) | – | 50.0 | 55.0 | +5.0 |" in text
     for png in ("quality.png", "temperature.png"):
         assert (doc.parent / "img" / png).stat().st_size > 1000
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 
 import pytest
 import torch
 
-from t2t_mtl.features import (IGNORE_INDEX, CausalCollator, Seq2SeqCollator, encode, length_grouped_batches,
+from t2t_mtl.features import (IGNORE_INDEX, MIDDLE_MARK, CausalCollator, Seq2SeqCollator, encode, length_grouped_batches,
                               model_inputs, pack_bins, packing_supported, prompt_ids, resolve_packing,
                               stop_token_ids, target_ids, task_loss_sums)
 from t2t_mtl.prompt_format import PromptFormat
@@ -78,6 +79,7 @@ def test_plain_layout_has_exactly_one_bos(causal):
 
 def test_truncation_cuts_the_input_and_keeps_the_answer(causal):
     _, tok, fmt = causal
+    fmt = dataclasses.replace(fmt, truncation="end")
     r = rec(4, words=60, out="negative and sad")
     full = encode(r, tok, fmt, 4096, 64)
     cut = encode(r, tok, fmt, 150, 64)
@@ -89,6 +91,35 @@ def test_truncation_cuts_the_input_and_keeps_the_answer(causal):
     assert INSTR in text and text.endswith("<|im_start|>assistant\n")  # layout and instruction intact
     kept = text.split(INSTR + "\n\n", 1)[1].split("<|im_end|>", 1)[0]
     assert kept and r.input.startswith(kept)  # the input's beginning is what survives
+
+
+def test_middle_truncation_keeps_both_ends_of_the_input(causal):
+    """The default: a question after a long passage survives the cut (it did not with "end")."""
+    _, tok, fmt = causal
+    assert fmt.truncation == "middle"
+    r = Record("t", INSTR, "Passage: " + "the film ran long and the cast was large. " * 40
+               + "\nQuestion: who directed it?", "Ann Lee")
+    for budget in (170, 220, 300):  # the tiny tokenizer is nearly per character
+        p, cut = prompt_ids(tok, fmt, r, budget)
+        assert cut and budget - 3 <= len(p) <= budget  # close to the budget, never over it
+        text = tok.decode(p)
+        assert INSTR in text and text.endswith("<|im_start|>assistant\n")
+        kept = text.split(INSTR + "\n\n", 1)[1].split("<|im_end|>", 1)[0]
+        head, tail = kept.split(MIDDLE_MARK)
+        assert r.input.startswith(head) and r.input.endswith(tail) and tail.endswith("Question: who directed it?")
+        assert abs(len(tok(head)["input_ids"]) - len(tok(tail)["input_ids"])) <= 4  # half of the room each
+    f = encode(r, tok, fmt, 220, 64)
+    t = target_ids(tok, fmt, r)
+    assert len(f["input_ids"]) <= 220 and f["input_ids"][-len(t):] == t and f["truncated"]
+    assert prompt_ids(tok, fmt, r, 4096) == (prompt_ids(tok, fmt, r)[0], False)  # fits: untouched
+
+
+def test_seq2seq_middle_truncation(t5):
+    _, tok, fmt = t5
+    r = Record("t", "Answer the question.", "The story is long and funny. " * 30 + "is it funny?", "Ann.")
+    ids, cut = prompt_ids(tok, fmt, r, 60)
+    assert cut and len(ids) <= 60 and ids[-1] == tok.eos_token_id
+    assert tok.decode(ids, skip_special_tokens=True).rstrip().endswith("is it funny?")
 
 
 def test_overlong_target_is_cut_but_fits(causal):

@@ -154,6 +154,16 @@ def test_invalid_formats_are_rejected():
         PromptFormat.from_dict(newer)
 
 
+def test_truncation_is_stored_and_old_manifests_keep_cutting_the_end():
+    fmt = PromptFormat(kind="plain", truncation="end")
+    assert PromptFormat.from_dict(fmt.to_dict()).truncation == "end"
+    assert PromptFormat.from_dict(PromptFormat(kind="plain").to_dict()).truncation == "middle"  # the default
+    layout1 = {k: v for k, v in PromptFormat(kind="plain").to_dict().items() if k != "truncation"} | {"version": 1}
+    assert PromptFormat.from_dict(layout1).truncation == "end"  # what runs trained before layout 2 were fed
+    with pytest.raises(ValueError, match="truncation"):
+        PromptFormat(kind="plain", truncation="start")
+
+
 def test_module_does_not_import_torch():
     code = "import sys, t2t_mtl.prompt_format; sys.exit(int('torch' in sys.modules or 'transformers' in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
