@@ -1,7 +1,7 @@
 """Quality of multi-task fine-tuning on the five real slices (issue 6, benchmark 1), plus the
 zero-shot transfer benchmark (3) on tasks left out of training.
 
-    .venv/bin/python bench/bench_quality.py [DATA_DIR] [--parts base,multi,transfer,single,temperature,trl,truncation]
+    .venv/bin/python bench/bench_quality.py [DATA_DIR] [--parts base,multi,transfer,single,temperature,trl,truncation,one_variant]
         [--steps 200] [--batch-size 8] [--limit 100] [--work runs/bench_quality]
         [--out bench/results/quality.json] [--doc docs/benchmarks.md] [--no-doc]
 
@@ -21,6 +21,9 @@ budget: --steps × --batch-size training examples (200 × 8 = 1,600). Parts:
   with equal sizes every T gives the same mixture);
 - transfer: RTE and AG News, never trained on, scored for the base model and the multi-task model,
   through their templates and through a free instruction (the `t2t-mtl prompt` path).
+- one_variant: the multi-task run with each template reduced to its first training variant (the one
+  every part evaluates), as the TRL baseline trains one prompt per task; tests whether prompt variety
+  costs in-variant accuracy at this budget;
 - truncation: the multi-task run again with `model.truncation: middle` (the default since layout 2) next
   to (b), which cuts the end of an over-long input. Every other part pins `end`, the setting its runs
   were measured with, so the cached runs and a fresh invocation give the same table.
@@ -34,6 +37,7 @@ there, so an interrupted invocation continues where it stopped. Writes --out and
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import random
 import sys
@@ -46,7 +50,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import common  # noqa: E402
 
-PARTS = ("base", "multi", "transfer", "single", "temperature", "trl", "truncation")  # run in this order
+PARTS = ("base", "multi", "transfer", "single", "temperature", "trl", "truncation", "one_variant")  # run in this order
 # The input truncation the measured runs used: an over-long input lost its end (layout 1). The
 # `truncation` part measures the current default, "middle"; re-running every part with it is left to do.
 MEASURED_TRUNCATION = "end"
@@ -307,6 +311,28 @@ def greedy(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int)
     return texts
 
 
+def one_variant_tasks(args, tasks: list[dict]) -> list[dict]:
+    """`tasks` with each template copied to WORK/one_variant_templates/ keeping only its first training
+    variant (same name, same variant id, so evaluation renders exactly what it renders for (b))."""
+    import yaml
+
+    from t2t_mtl.tasks import load_task
+
+    out_dir = Path(args.work) / "one_variant_templates"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = []
+    for t in tasks:
+        tpl = load_task(t["template"])
+        src, d = tpl.path, copy.deepcopy(tpl.data)  # the merged data: includes resolved
+        d.pop("include", None)
+        d["variants"] = [v for v in d["variants"] if not v.get("heldout")][:1]
+        d.pop("samples", None)  # the slices replace the bundled samples (and the path was relative to src)
+        dst = out_dir / src.name
+        dst.write_text(yaml.safe_dump(d, sort_keys=False, allow_unicode=True), encoding="utf-8")
+        out.append({**t, "template": str(dst)})
+    return out
+
+
 # ------------------------------------------------------------------------- truncation
 
 
@@ -437,6 +463,11 @@ def main(argv: list[str] | None = None) -> int:
         d = train_once(cfg)
         runs["multi_middle"] = entry(eval_once(d, args.limit), train=summary_of(d), shares=mixture_shares(cfg))
         results["truncation_stats"] = truncation_stats(multi_cfg, args.limit)
+        save()
+    if "one_variant" in parts:
+        cfg = run_config(args, "multi_T2_one_variant", one_variant_tasks(args, all_tasks))
+        d = train_once(cfg)
+        runs["multi_one_variant"] = entry(eval_once(d, args.limit), train=summary_of(d), shares=mixture_shares(cfg))
         save()
     save()
     if not args.no_doc:

@@ -47,7 +47,8 @@ def test_quality_report_tables_and_plots(tmp_path):
     runs = {"base": {"scores": _scores(0.1), "invalid": {t: 10.0 for t in TASKS}}, "multi": {"scores": _scores(0.5), "train": {"steps": 200, "seconds": 900,
                                                                                           "input_tokens_per_s": 170.0,
                                                                                           "final_loss": 1.234}},
-            "trl": {"scores": _scores(0.3)}, "multi_middle": {"scores": _scores(0.55)}}
+            "trl": {"scores": _scores(0.3)}, "multi_middle": {"scores": _scores(0.55)},
+            "multi_one_variant": {"scores": _scores(0.45)}}
     for i, t in enumerate(TASKS):
         runs[f"single_{t}"] = {"scores": {t: 45.0 + i}}
     for T, share in ((1.0, 0.6), (2.0, 0.4), (5.0, 0.25)):
@@ -80,6 +81,8 @@ def test_quality_report_tables_and_plots(tmp_path):
     # truncation: (b) = multi (end cut) next to multi_middle, with the measured cut rates
     assert "| SQuAD (F1) | 27 % (question lost: 27 % → 0 %) | 52.0 | 57.0 | +5.0 |" in text
     assert "| SST-2 (accuracy) | – | 50.0 | 55.0 | +5.0 |" in text
+    # prompt variants: (b) next to the one-variant run and TRL
+    assert "| SST-2 (accuracy) | 50.0 | 45.0 | 30.0 | -5.0 |" in text
     for png in ("quality.png", "temperature.png"):
         assert (doc.parent / "img" / png).stat().st_size > 1000
 
