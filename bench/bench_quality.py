@@ -116,14 +116,19 @@ def eval_once(run_dir: Path, limit: int, tasks: list[str] | None = None) -> dict
     return res
 
 
+def _task(name: str) -> str:
+    """A task named by its template file (a config entry giving a path) -> the template's name."""
+    return Path(name).stem if name.endswith((".yaml", ".yml")) else name
+
+
 def scores(res: dict) -> dict:
     """{task: primary score} of an evaluation result."""
-    return {t: e.get("primary") for t, e in res["tasks"].items()}
+    return {_task(t): e.get("primary") for t, e in res["tasks"].items()}
 
 
 def invalid(res: dict) -> dict:
     """{task: % of answers the task's parser could not read} (format failures, scored as wrong)."""
-    return {t: e.get("invalid_rate") for t, e in res["tasks"].items()}
+    return {_task(t): e.get("invalid_rate") for t, e in res["tasks"].items()}
 
 
 def entry(res: dict, **extra) -> dict:
