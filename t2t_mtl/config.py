@@ -141,7 +141,6 @@ class TrainConfig:
     resume: str = "auto"  # auto | never | path to a checkpoint folder
     report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"
     bad_rows: Literal["skip", "fail"] = "skip"
-    num_workers: int = 0
 
 
 @dataclass

@@ -15,6 +15,7 @@ The step (see `losses` for the objective):
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from dataclasses import dataclass
@@ -58,6 +59,20 @@ def logits_mode(model: Any) -> str:
     return "mask" if hasattr(module, "slice_logits_to_keep") else "columns"
 
 
+@contextlib.contextmanager
+def adapter_inputs_uncast(layers: list):
+    """Within the block, peft LoRA `layers` take their input in the activation dtype (no cast to the
+    adapter weights' dtype). Only for autocast regions; a no-op for an empty list or a peft without
+    the switch (`cast_input_dtype_enabled`, peft >= 0.15)."""
+    for m in layers:
+        m.cast_input_dtype_enabled = False
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.cast_input_dtype_enabled = True
+
+
 class StepRunner:
     """Runs windows through a prepared model/optimiser; one instance per run."""
 
@@ -75,6 +90,13 @@ class StepRunner:
         self.logits_mode = logits_mode(inner) if self.causal else "all"
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.shared = [p for _, p in losses.shared_parameters(inner)] if balancer.needs_task_grads else []
+        # Under bf16/fp16 autocast (accelerate --mixed_precision) peft would still cast every LoRA
+        # input to the adapters' float32 and add the float32 update to a low-precision result: on an
+        # H100 that elementwise traffic cost more GPU time than the matmuls (docs/benchmarks.md,
+        # "GPU training throughput"). Autocast already runs the adapter matmuls in low precision
+        # against float32 master weights, so the casts are pure overhead there.
+        self.uncast = [m for m in inner.modules() if hasattr(m, "lora_A")] \
+            if getattr(accelerator, "mixed_precision", "no") in ("bf16", "fp16") else []
 
     # ----------------------------------------------------------- forward
 
@@ -131,14 +153,15 @@ class StepRunner:
         sums = torch.zeros(self.k, dtype=torch.float64)
         tgrads = torch.zeros(self.k, sum(p.numel() for p in self.shared), dtype=torch.float32, device=dev) \
             if self.shared else None
-        for m in window.micro:
-            with self.acc.accumulate(self.model):
-                tok_loss, tok_task = self.token_losses(m)
-                if tgrads is not None:
-                    self._task_grads(tok_loss, tok_task, tokens, tgrads)
-                objective = (coef_dev[tok_task] * tok_loss).sum()
-                self.acc.backward(objective * scale)
-            sums += losses.task_sums(tok_loss.detach().double(), tok_task, self.k).cpu()
+        with adapter_inputs_uncast(self.uncast):  # through backward: checkpointing recomputes the forward
+            for m in window.micro:
+                with self.acc.accumulate(self.model):
+                    tok_loss, tok_task = self.token_losses(m)
+                    if tgrads is not None:
+                        self._task_grads(tok_loss, tok_task, tokens, tgrads)
+                    objective = (coef_dev[tok_task] * tok_loss).sum()
+                    self.acc.backward(objective * scale)
+                sums += losses.task_sums(tok_loss.detach().double(), tok_task, self.k).cpu()
         sums = self.acc.reduce(sums.to(dev), "sum").cpu()
         if tgrads is not None:
             tgrads = self.acc.reduce(tgrads, "sum").cpu()

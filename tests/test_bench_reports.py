@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import bench_forgetting  # noqa: E402
+import bench_gpu  # noqa: E402
 import bench_quality  # noqa: E402
 import common  # noqa: E402
 import report_quality  # noqa: E402
@@ -121,3 +122,62 @@ def test_forgetting_section_reports_target_per_setting(tmp_path):
     mixed = {"forgetting": {"sentiment_sst2": 14.0, "nli_3way": -21.0, "qa_squad": 0.6}}
     assert bench_forgetting.losses_only(mixed) == pytest.approx((14.0 + 0.0 + 0.6) / 3)
     assert "| stage2 | 50.0 | 60.0 | 50.0 | 70.0 | 30.0 |" in text
+
+
+def _tiny_model_dir(tmp_path, kind: str) -> Path:
+    from transformers import AutoConfig
+
+    spec = dict(bench_gpu.SHAPES["t5-base" if kind == "t5" else "qwen2.5-1.5b"])
+    spec.update(bench_gpu.TINY["t5-base" if kind == "t5" else "qwen2.5-1.5b"], vocab_size=100)
+    spec.pop("model_type")
+    AutoConfig.for_model(kind, **spec).save_pretrained(tmp_path / kind)
+    return tmp_path / kind
+
+
+def test_gpu_flop_model_counts_every_linear_weight_once(tmp_path):
+    """Causal: body + head = all linear weights; FLOPs = 4·N·s + 4·V·h·targets + 6·N_lora·s + 6·L·d·s²."""
+    fm = bench_gpu.flop_model(_tiny_model_dir(tmp_path, "qwen2"), "lora", r=4)
+    h, inter, layers, kv = 64, 128, 2, 2 * 16  # TINY: hidden 64, MLP 128, 2 layers, 2 KV heads of 16
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * inter  # q, o (h×h) + k, v (h×kv) + gate, up, down
+    assert fm["body"] == layers * per_layer and fm["head"] == 100 * h and not fm["enc_dec"]
+    assert fm["lora"] == layers * 4 * (2 * (h + h) + 2 * (h + kv) + 2 * (h + inter) + (inter + h))
+    s, k = 10, 3
+    want = 4 * fm["body"] * s + 4 * fm["head"] * k + 6 * fm["lora"] * s + 6 * layers * h * s * s
+    assert bench_gpu.example_flops(fm, s, 0, k) == want
+
+
+def test_gpu_flop_model_splits_t5_into_encoder_decoder_and_cross_kv(tmp_path):
+    import torch
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+    folder = _tiny_model_dir(tmp_path, "t5")
+    fm = bench_gpu.flop_model(folder, "lora", r=4)
+    with torch.device("meta"):
+        model = AutoModelForSeq2SeqLM.from_config(AutoConfig.from_pretrained(folder))
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert fm["enc"] + fm["dec"] + fm["cross_kv"] + fm["head"] == linear
+    assert fm["cross_kv"] == 2 * 2 * 64 * 64  # 2 decoder layers × (k, v) of d_model × heads·d_kv
+    # a longer source costs more through the encoder and the cross-attention K/V, a longer target through the decoder
+    base = bench_gpu.example_flops(fm, 8, 4, 4)
+    assert bench_gpu.example_flops(fm, 9, 4, 4) - base > 4 * (fm["enc"] + fm["cross_kv"])
+    assert bench_gpu.example_flops(fm, 8, 5, 4) - base > 4 * fm["dec"]
+
+
+def _gpu_result(tokens_per_s: float, packed: bool) -> dict:
+    return {"tokens_per_s": tokens_per_s, "packing_applied": packed, "peak_alloc_gib": 7.0, "tokens_per_step": 100,
+            "padding_efficiency": 0.9, "step_s": 1.0, "tflops": 50.0, "mfu": 0.05, "mfu_6n": 0.08,
+            "outside_step_share": 0.1, "peak_reserved_gib": 8.0}
+
+
+def test_gpu_table_and_packing_ratios_say_when_the_probe_refused():
+    v = dict(bench_gpu.VARIANTS)
+    results = {"lora-1.5b-s1024-packed": {"variant": v["lora-1.5b-s1024-packed"], **_gpu_result(2500.0, True)},
+               "lora-1.5b-s1024-padded": {"variant": v["lora-1.5b-s1024-padded"], **_gpu_result(1000.0, False)},
+               "qlora-7b-s1024-packed": {"variant": v["qlora-7b-s1024-packed"], **_gpu_result(300.0, False)},
+               "qlora-7b-s1024-padded": {"variant": v["qlora-7b-s1024-padded"], **_gpu_result(300.0, False)},
+               "qlora-7b-s2048-packed": {"variant": v["qlora-7b-s2048-packed"], "error": "out of memory"}}
+    rat = bench_gpu.ratios(results)
+    assert any(r.startswith("lora-1.5b-s1024: packed/padded tokens/s = 2.50×") for r in rat)
+    assert any(r.startswith("qlora-7b-s1024: no comparison") for r in rat)
+    tbl = bench_gpu.table(results)
+    assert "off (probe refused)" in tbl and "| 2,500 |" in tbl and "out of memory" in tbl

@@ -138,7 +138,7 @@ class _SGDRecorder:
             p.grad = None
 
 
-def _runner(tmp_path, model_dir, batch, accum, balancing="none"):
+def _runner(tmp_path, model_dir, batch, accum, balancing="none", *overrides, mixed_precision="no"):
     from accelerate import Accelerator
 
     from t2t_mtl import features
@@ -146,7 +146,8 @@ def _runner(tmp_path, model_dir, batch, accum, balancing="none"):
     from t2t_mtl.prompt_format import PromptFormat
     from t2t_mtl.train_step import StepRunner
 
-    cfg = make_cfg(tmp_path / "unused", model_dir, f"train.batch_size={batch}", f"train.grad_accum={accum}")
+    cfg = make_cfg(tmp_path / "unused", model_dir, f"train.batch_size={batch}", f"train.grad_accum={accum}",
+                   *overrides)
     members, _ = training.validate(cfg)
     torch.manual_seed(0)
     model, tok, family = modeling.load_model_and_tokenizer(cfg.model, cfg.adapter)
@@ -157,7 +158,13 @@ def _runner(tmp_path, model_dir, batch, accum, balancing="none"):
     batcher = Batcher(mixing.plan_stage(cfg, 0, members).stream(), batch_size=batch, grad_accum=accum,
                       encode=lambda r: features.encode(r, tok, fmt, 96, 32, task_index=idx[r.task]), collate=collate)
     opt = _SGDRecorder(model)
-    acc = Accelerator(gradient_accumulation_steps=accum)
+    if mixed_precision != "no":
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state()  # the process-wide state fixes mixed_precision at first use
+    acc = Accelerator(gradient_accumulation_steps=accum, mixed_precision=mixed_precision)
+    if mixed_precision != "no":
+        model = acc.prepare(model)  # what wraps the forward in autocast
     runner = StepRunner(acc, model, opt, losses.make_balancer(balancing, TASKS, [1.0, 2.0]), TASKS, family, 0.0)
     return runner, batcher, opt, model
 
@@ -204,6 +211,38 @@ def test_grad_accumulation_equivalence(tmp_path, tiny_causal_dir, balancing):
         assert_close(a, b, 1e-6)
     assert max(abs(x - y) for x, y in zip(v1, v2)) < 1e-6
     assert any(float(v.abs().sum()) > 0 for k, v in g1[2].items() if "lora_A" in k)  # A moves once B has
+
+
+def test_bf16_autocast_feeds_lora_bf16_inputs_with_the_same_gradients(tmp_path, tiny_causal_dir):
+    """Under bf16 autocast (accelerate --mixed_precision bf16) on a bf16 base with float32 adapters, peft's
+    float32 copy of every LoRA input is skipped during the step (autocast casts for the matmuls anyway):
+    same gradients as with the copies, and the switch is restored after the step."""
+    from accelerate.state import AcceleratorState
+
+    seen, runs = [], []
+    try:
+        _bf16_runs(tmp_path, tiny_causal_dir, seen, runs)
+    finally:
+        AcceleratorState._reset_state()  # later tests expect the default (no autocast)
+    assert {d for u, d in seen if u} == {torch.bfloat16} and {d for u, d in seen if not u} == {torch.float32}
+    (*v1, g1), (*v2, g2) = runs
+    assert max(abs(a - b) for a, b in zip(v1, v2)) < 1e-3
+    for a, b in zip(g1, g2):
+        assert_close(a, b, 2e-2)
+
+
+def _bf16_runs(tmp_path, tiny_causal_dir, seen, runs):
+    for uncast in (True, False):
+        runner, batcher, opt, model = _runner(tmp_path, tiny_causal_dir, 2, 1, "none", "model.dtype=bfloat16",
+                                              mixed_precision="bf16")
+        layers = [m for m in model.modules() if hasattr(m, "lora_A")]
+        assert layers and runner.uncast == layers
+        if not uncast:
+            runner.uncast = []
+        hook = layers[0].lora_A["default"].register_forward_pre_hook(lambda m, a: seen.append((uncast, a[0].dtype)))
+        runs.append([runner.run(batcher.next_window()).objective for _ in range(2)] + [opt.grads])
+        hook.remove()
+        assert all(getattr(m, "cast_input_dtype_enabled", True) for m in layers)  # restored
 
 
 def test_grad_accumulation_equivalence_end_to_end(tmp_path, tiny_causal_dir):
