@@ -126,7 +126,7 @@ def model_dir(models_dir: Path, shape: str, tiny: bool) -> Path:
 # ------------------------------------------------------------------ FLOPs
 
 
-def flop_model(folder: Path, method: str, r: int) -> dict:
+def flop_model(folder: Path, r: int) -> dict:
     """Counts for the FLOPs formula, read off a meta-device copy of the model (no memory used)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
@@ -219,7 +219,7 @@ def child_run(spec: dict) -> dict:
         os.environ["ACCELERATE_MIXED_PRECISION"] = spec["mixed_precision"]
 
     folder = Path(spec["folder"])
-    fm = flop_model(folder, v["method"], common.default_recipe()["adapter"]["r"])
+    fm = flop_model(folder, common.default_recipe()["adapter"]["r"])
     lengths: list[list[tuple[int, int, int]]] = []  # per collated micro-batch: (source, target, targets) per example
 
     def record(collate_cls):

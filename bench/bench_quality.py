@@ -1,7 +1,7 @@
 """Quality of multi-task fine-tuning on the five real slices (issue 6, benchmark 1), plus the
 zero-shot transfer benchmark (3) on tasks left out of training.
 
-    .venv/bin/python bench/bench_quality.py [DATA_DIR] [--parts base,multi,transfer,single,temperature,trl,truncation,one_variant]
+    .venv/bin/python bench/bench_quality.py [DATA_DIR] [--parts base,multi,transfer,single,temperature,trl,truncation,one_variant,plain_prompt]
         [--steps 200] [--batch-size 8] [--limit 100] [--work runs/bench_quality]
         [--out bench/results/quality.json] [--doc docs/benchmarks.md] [--no-doc]
 
@@ -24,6 +24,8 @@ budget: --steps × --batch-size training examples (200 × 8 = 1,600). Parts:
 - one_variant: the multi-task run with each template reduced to its first training variant (the one
   every part evaluates), as the TRL baseline trains one prompt per task; tests whether prompt variety
   costs in-variant accuracy at this budget;
+- plain_prompt: the multi-task run with `model.prompt_format: plain` (instruction and input as plain text, no
+  chat template), as the TRL baseline's hand prompts are; tests whether the chat layout costs accuracy;
 - truncation: the multi-task run again with `model.truncation: middle` (the default since layout 2) next
   to (b), which cuts the end of an over-long input. Every other part pins `end`, the setting its runs
   were measured with, so the cached runs and a fresh invocation give the same table.
@@ -50,7 +52,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import common  # noqa: E402
 
-PARTS = ("base", "multi", "transfer", "single", "temperature", "trl", "truncation", "one_variant")  # run in this order
+PARTS = ("base", "multi", "transfer", "single", "temperature", "trl", "truncation", "one_variant", "plain_prompt")  # run in this order
 # The input truncation the measured runs used: an over-long input lost its end (layout 1). The
 # `truncation` part measures the current default, "middle"; re-running every part with it is left to do.
 MEASURED_TRUNCATION = "end"
@@ -75,13 +77,15 @@ def log(msg: str) -> None:
 # ------------------------------------------------------------------------- runs
 
 
-def run_config(args, name: str, tasks: list[dict], temperature: float = 2.0, truncation: str = MEASURED_TRUNCATION):
+def run_config(args, name: str, tasks: list[dict], temperature: float = 2.0, truncation: str = MEASURED_TRUNCATION,
+               prompt_format: str = "auto"):
     """The default recipe with these tasks, this budget and a run folder under --work."""
     from t2t_mtl.config import load_config
 
     d = common.default_recipe()
     d.update(run_name=name, output_dir=str(Path(args.work) / name), tasks=tasks)
     d["model"]["truncation"] = truncation
+    d["model"]["prompt_format"] = prompt_format
     d["mixing"]["temperature"] = temperature
     d["train"].update(steps=args.steps, batch_size=args.batch_size, save_steps=50, save_total_limit=1,
                       resume="auto", bad_rows="skip")
@@ -473,6 +477,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = run_config(args, "multi_T2_one_variant", one_variant_tasks(args, all_tasks))
         d = train_once(cfg)
         runs["multi_one_variant"] = entry(eval_once(d, args.limit), train=summary_of(d), shares=mixture_shares(cfg))
+        save()
+    if "plain_prompt" in parts:
+        cfg = run_config(args, "multi_T2_plain", all_tasks, prompt_format="plain")
+        d = train_once(cfg)
+        runs["multi_plain"] = entry(eval_once(d, args.limit), train=summary_of(d), shares=mixture_shares(cfg))
         save()
     save()
     if not args.no_doc:

@@ -132,6 +132,24 @@ def variant_table(runs: dict) -> str:
     return "\n".join(lines)
 
 
+def format_table(runs: dict) -> str:
+    """(b) (the model's chat template) next to the same run with plain-text prompts, and TRL."""
+    b, o, d = (runs.get(k, {}).get("scores") for k in ("multi", "multi_plain", "trl"))
+    if not (b and o):
+        return ""
+    lines = ["| task | (b) multi-task, chat template | multi-task, plain prompt | (d) TRL, plain hand prompt "
+             "| plain − chat |", "|---|---:|---:|---:|---:|"]
+    for t in TASKS:
+        diff = f"{o[t] - b[t]:+.1f}" if b.get(t) is not None and o.get(t) is not None else "–"
+        lines.append(f"| {LABEL[t]} | {common.fmt_score(b.get(t))} | {common.fmt_score(o.get(t))} | "
+                     f"{common.fmt_score((d or {}).get(t))} | {diff} |")
+    mb, mo = _mean(b.get(t) for t in TASKS), _mean(o.get(t) for t in TASKS)
+    md = _mean((d or {}).get(t) for t in TASKS)
+    lines.append(f"| **mean** | **{common.fmt_score(mb)}** | **{common.fmt_score(mo)}** | **{common.fmt_score(md)}** | "
+                 f"**{mo - mb:+.1f}** |")
+    return "\n".join(lines)
+
+
 def transfer_table(tr: dict) -> str:
     cols = [("base_template", "base, template"), ("multi_template", "multi-task, template"),
             ("base_free", "base, free instruction"), ("multi_free", "multi-task, free instruction"),
@@ -235,6 +253,12 @@ def write(results: dict, doc: Path) -> None:
                  "(round-robin); here each template keeps only its first variant, the one every part evaluates "
                  "and the analogue of TRL's single hand prompt. Same recipe, budget and (end) truncation as (b).",
                  vtab]
+    ftab = format_table(runs)
+    if ftab:
+        body += ["### Prompt format (chat vs plain)",
+                 f"`{COMMAND} --parts plain_prompt`. (b) wraps each rendered instruction and input in the model's "
+                 "chat template (`model.prompt_format: auto`); here the same templates are sent as plain text "
+                 "(`plain`), as TRL's hand prompts are. Same recipe, budget and (end) truncation as (b).", ftab]
     common.update_doc(doc, "## Multi-task quality", "\n\n".join(x for x in body if x))
     tr = results.get("transfer")
     if tr:

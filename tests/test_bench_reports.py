@@ -49,7 +49,7 @@ def test_quality_report_tables_and_plots(tmp_path):
                                                                                           "input_tokens_per_s": 170.0,
                                                                                           "final_loss": 1.234}},
             "trl": {"scores": _scores(0.3)}, "multi_middle": {"scores": _scores(0.55)},
-            "multi_one_variant": {"scores": _scores(0.45)}}
+            "multi_one_variant": {"scores": _scores(0.45)}, "multi_plain": {"scores": _scores(0.42)}}
     for i, t in enumerate(TASKS):
         runs[f"single_{t}"] = {"scores": {t: 45.0 + i}}
     for T, share in ((1.0, 0.6), (2.0, 0.4), (5.0, 0.25)):
@@ -84,6 +84,8 @@ def test_quality_report_tables_and_plots(tmp_path):
     assert "| SST-2 (accuracy) | – | 50.0 | 55.0 | +5.0 |" in text
     # prompt variants: (b) next to the one-variant run and TRL
     assert "| SST-2 (accuracy) | 50.0 | 45.0 | 30.0 | -5.0 |" in text
+    # prompt format: (b) chat next to the plain-prompt run and TRL
+    assert "### Prompt format (chat vs plain)" in text and "| SST-2 (accuracy) | 50.0 | 42.0 | 30.0 | -8.0 |" in text
     for png in ("quality.png", "temperature.png"):
         assert (doc.parent / "img" / png).stat().st_size > 1000
 
@@ -136,7 +138,7 @@ def _tiny_model_dir(tmp_path, kind: str) -> Path:
 
 def test_gpu_flop_model_counts_every_linear_weight_once(tmp_path):
     """Causal: body + head = all linear weights; FLOPs = 4·N·s + 4·V·h·targets + 6·N_lora·s + 6·L·d·s²."""
-    fm = bench_gpu.flop_model(_tiny_model_dir(tmp_path, "qwen2"), "lora", r=4)
+    fm = bench_gpu.flop_model(_tiny_model_dir(tmp_path, "qwen2"), r=4)
     h, inter, layers, kv = 64, 128, 2, 2 * 16  # TINY: hidden 64, MLP 128, 2 layers, 2 KV heads of 16
     per_layer = 2 * h * h + 2 * h * kv + 3 * h * inter  # q, o (h×h) + k, v (h×kv) + gate, up, down
     assert fm["body"] == layers * per_layer and fm["head"] == 100 * h and not fm["enc_dec"]
@@ -151,7 +153,7 @@ def test_gpu_flop_model_splits_t5_into_encoder_decoder_and_cross_kv(tmp_path):
     from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
     folder = _tiny_model_dir(tmp_path, "t5")
-    fm = bench_gpu.flop_model(folder, "lora", r=4)
+    fm = bench_gpu.flop_model(folder, r=4)
     with torch.device("meta"):
         model = AutoModelForSeq2SeqLM.from_config(AutoConfig.from_pretrained(folder))
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
