@@ -1,7 +1,7 @@
 """Forgetting in two-stage training, with and without replay (issue 6, benchmark 2).
 
     .venv/bin/python bench/bench_forgetting.py [DATA_DIR] [--replay 0,0.1,0.3] [--stage-steps 100]
-        [--batch-size 8] [--per-task 200] [--limit 100] [--work runs/bench_forgetting]
+        [--batch-size 8] [--per-task 200] [--stage2-lr LR] [--limit 100] [--work runs/bench_forgetting]
         [--out bench/results/forgetting.json] [--doc docs/benchmarks.md] [--no-doc]
 
 Stage 1 trains SST-2, SICK and SQuAD; stage 2 trains CoNLL-2003 and SciTLDR (the slices in DATA_DIR,
@@ -41,15 +41,28 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def setting_key(share: float, stage2_lr: float | None) -> str:
+    """Results key (and run-folder suffix) of one setting: '10', or '10_lr0.0001' with a stage-2 LR."""
+    return f"{round(100 * share)}" + (f"_lr{stage2_lr:g}" if stage2_lr else "")
+
+
+def setting_label(key: str) -> str:
+    """'10' -> '10 %'; '10_lr0.0001' -> '10 %, stage-2 LR 0.0001'."""
+    share, _, lr = key.partition("_lr")
+    return f"{share} %" + (f", stage-2 LR {lr}" if lr else "")
+
+
 def run_config(args, data: Path, share: float):
     from t2t_mtl.config import load_config
 
     d = common.default_recipe()
-    name = f"replay_{round(100 * share)}"
+    name = f"replay_{setting_key(share, args.stage2_lr)}"
     d.update(run_name=name, output_dir=str(Path(args.work) / name), tasks=common.slice_tasks(data))
     d["model"]["truncation"] = "end"  # what the measured runs used (layout 1); keeps every share comparable
     d["stages"] = [{"name": "stage1", "tasks": STAGE1, "steps": args.stage_steps},
                    {"name": "stage2", "tasks": STAGE2, "steps": args.stage_steps}]
+    if args.stage2_lr:
+        d["stages"][1]["learning_rate"] = args.stage2_lr
     d["replay"] = {"enabled": share > 0, "per_task": args.per_task, "share": share if share > 0 else 0.1}
     d["train"].update(batch_size=args.batch_size, save_steps=50, save_total_limit=1, resume="auto", bad_rows="skip")
     d["eval"].update(every_steps=0, limit=args.limit, split="validation")
@@ -107,13 +120,13 @@ def section(results: dict, doc: Path) -> str:
 
         def verdict(x):
             return "met" if x is not None and x <= TARGET else "**not met**"
-        ok = "–" if key == "0" else f"{verdict(f)} / {verdict(lo)}"
-        out[-1] += (f"\n| {key} % | {common.fmt_score(f)} | {common.fmt_score(lo)} | "
+        ok = "–" if key.partition("_lr")[0] == "0" else f"{verdict(f)} / {verdict(lo)}"
+        out[-1] += (f"\n| {setting_label(key)} | {common.fmt_score(f)} | {common.fmt_score(lo)} | "
                     f"{common.fmt_score(rep.get('backward_transfer'))} | "
                     f"{common.fmt_score(rep.get('final_average'))} | {ok} |")
     for key, rep in results["settings_results"].items():
         tasks = rep["tasks"]
-        lines = [f"**Replay {key} %** — scores after each stage:", "",
+        lines = [f"**Replay {setting_label(key)}** — scores after each stage:", "",
                  "| after | " + " | ".join(LABEL.get(t, t) for t in tasks) + " |", "|---|" + "---:|" * len(tasks)]
         for s, row in zip(rep["stages"], rep["matrix"]):
             lines.append(f"| {s} | " + " | ".join(common.fmt_score(v) for v in row) + " |")
@@ -124,7 +137,7 @@ def section(results: dict, doc: Path) -> str:
         if src.is_file():
             img.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, img)
-            lines.append(f"\n![forgetting, replay {key} %](img/{img.name})")
+            lines.append(f"\n![forgetting, replay {setting_label(key)}](img/{img.name})")
         out.append("\n".join(lines))
     return "\n\n".join(out)
 
@@ -136,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stage-steps", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--per-task", type=int, default=200, help="replay buffer records per stage-1 task")
+    ap.add_argument("--stage2-lr", type=float, default=None,
+                    help="peak learning rate of stage 2 (default: the recipe's train.learning_rate)")
     ap.add_argument("--limit", type=int, default=100)
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench_forgetting"))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "forgetting.json"))
@@ -164,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                            "limit": args.limit, "data": str(data)}
     res = results.setdefault("settings_results", {})
     for share in shares:
-        res[f"{round(100 * share)}"] = one_setting(args, data, share)
+        res[setting_key(share, args.stage2_lr)] = one_setting(args, data, share)
         results["machine"] = common.machine(command="python bench/bench_forgetting.py " + " ".join(argv or sys.argv[1:]))
         common.write_json(out_path, results)
     if not args.no_doc:

@@ -379,7 +379,11 @@ def run_child(kind: str, spec: dict) -> dict:
         proc = subprocess.run([sys.executable, __file__, "--child", kind, "--spec", json.dumps(spec)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if proc.returncode == 0 and Path(spec["result"]).is_file():
-            return json.loads(Path(spec["result"]).read_text())
+            out = json.loads(Path(spec["result"]).read_text())
+            # keep what the run said about itself (e.g. why the packing probe refused a model)
+            notes = [ln.strip() for ln in proc.stdout.splitlines()
+                     if "packing" in ln.lower() or "warn" in ln.lower()]
+            return {**out, "log_notes": notes[-10:]} if kind == "run" else out
         tail = proc.stdout.strip().splitlines()[-12:]
         oom = any("out of memory" in line.lower() for line in tail)
         return {"error": "out of memory" if oom else "\n".join(tail)}

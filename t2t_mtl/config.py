@@ -71,12 +71,13 @@ class MixingConfig:
 
 @dataclass
 class StageConfig:
-    """One curriculum stage: which tasks, for how many optimiser steps, optional T."""
+    """One curriculum stage: which tasks, for how many optimiser steps, optional T and learning rate."""
 
     name: str = ""
     tasks: list[str] = field(default_factory=list)
     steps: int = 0
     temperature: Optional[float] = None
+    learning_rate: Optional[float] = None  # peak LR of this stage's schedule; None = train.learning_rate
 
 
 @dataclass
@@ -356,6 +357,8 @@ def _check_values(cfg: RunConfig, loc: yamlio.Located, problems: list[Problem]) 
                 bad(("stages", i, "tasks", j), f"unknown task '{tn}'", did_you_mean(tn, names))
         if s.temperature is not None and s.temperature <= 0:
             bad(("stages", i, "temperature"), "must be > 0")
+        if s.learning_rate is not None and s.learning_rate <= 0:
+            bad(("stages", i, "learning_rate"), "must be > 0", "leave it out to use train.learning_rate")
     if cfg.replay.share is not None and not 0 <= cfg.replay.share < 1:
         bad(("replay", "share"), "must be in [0, 1)")
     if cfg.replay.per_task < 0:

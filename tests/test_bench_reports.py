@@ -115,11 +115,14 @@ def test_forgetting_section_reports_target_per_setting(tmp_path):
                 "average_forgetting": f / 3, "forgetting": {"sentiment_sst2": f, "nli_3way": 0.0, "qa_squad": 0.0},
                 "backward_transfer": -f / 3, "final_average": 50.0, "run": str(tmp_path)}
     results = {"settings": {"stage_steps": 100, "batch_size": 8, "per_task": 200, "limit": 100},
-               "machine": common.machine(), "settings_results": {"0": rep(30.0), "10": rep(3.0), "30": rep(9.0)}}
+               "machine": common.machine(), "settings_results": {"0": rep(30.0), "10": rep(3.0), "30": rep(9.0),
+                                                                       "10_lr0.0001": rep(1.5)}}
     text = bench_forgetting.section(results, tmp_path / "benchmarks.md")
     assert "| 0 % | 10.0 | 10.0 | -10.0 | 50.0 | – |" in text
     assert "| 10 % | 1.0 | 1.0 | -1.0 | 50.0 | met / met |" in text
     assert "| 30 % | 3.0 | 3.0 | -3.0 | 50.0 | **not met** / **not met** |" in text
+    assert "| 10 %, stage-2 LR 0.0001 | 0.5 | 0.5 | -0.5 | 50.0 | met / met |" in text
+    assert bench_forgetting.setting_key(0.1, 1e-4) == "10_lr0.0001" and bench_forgetting.setting_key(0.3, None) == "30"
     # a gain on one task hides a loss on another in the standard average, not in "losses only"
     mixed = {"forgetting": {"sentiment_sst2": 14.0, "nli_3way": -21.0, "qa_squad": 0.6}}
     assert bench_forgetting.losses_only(mixed) == pytest.approx((14.0 + 0.0 + 0.6) / 3)

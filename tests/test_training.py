@@ -384,7 +384,8 @@ def test_two_stages_with_replay(tmp_path, tiny_causal_dir):
     seen: dict = {}
     run = training.train(
         make_cfg(tmp_path / "st", tiny_causal_dir, "stages=[{name: s1, tasks: [toy_polarity], steps: 3}, "
-                 "{name: s2, tasks: [toy_copy], steps: 4}]", "replay.enabled=true", "replay.per_task=6",
+                 "{name: s2, tasks: [toy_copy], steps: 4, learning_rate: 1.0e-3}]", "replay.enabled=true",
+                 "replay.per_task=6",
                  "replay.share=0.5"),
         on_step=lambda s, info: seen.__setitem__(s, (info["stage"], {r[0] for r in info["records"]})))
     assert all(seen[s] == ("s1", {"toy_polarity"}) for s in (1, 2, 3))
@@ -399,6 +400,8 @@ def test_two_stages_with_replay(tmp_path, tiny_causal_dir):
         assert json.loads((run / "stages" / st / "adapter" / "t2t_manifest.json").read_text())["stage"] == st
     assert {r["stage"] for r in metrics(run)} == {"s1", "s2"}
     assert any(k == "share/replay" for r in metrics(run) for k in r)
+    lrs = {st: [r["lr"] for r in metrics(run) if r["stage"] == st and "lr" in r] for st in ("s1", "s2")}
+    assert lrs["s1"] and lrs["s2"] and max(lrs["s1"]) > 2e-3 and 0 < max(lrs["s2"]) <= 1e-3  # s2's own peak LR
 
 
 # ------------------------------------------------------------------ loss balancing
