@@ -63,7 +63,7 @@ def logits_mode(model: Any) -> str:
 def adapter_inputs_uncast(layers: list):
     """Within the block, peft LoRA `layers` take their input in the activation dtype (no cast to the
     adapter weights' dtype). Only for autocast regions; a no-op for an empty list or a peft without
-    the switch (`cast_input_dtype_enabled`, peft >= 0.15)."""
+    the switch (`cast_input_dtype_enabled`: setting it is then harmless)."""
     for m in layers:
         m.cast_input_dtype_enabled = False
     try:
