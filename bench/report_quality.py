@@ -114,31 +114,13 @@ def truncation_table(runs: dict, stats: dict | None) -> str:
     return "\n".join(lines)
 
 
-def variant_table(runs: dict) -> str:
-    """(b) (training cycles through each task's prompt variants) next to one variant per task, and TRL."""
-    b, o, d = (runs.get(k, {}).get("scores") for k in ("multi", "multi_one_variant", "trl"))
+def ablation_table(runs: dict, key: str, columns: tuple[str, str, str, str]) -> str:
+    """(b) next to the ablation run `runs[key]` and TRL (d), per task and mean. `columns`: headers of (b),
+    the ablation, TRL and the ablation − (b) difference. Empty when either run is missing."""
+    b, o, d = (runs.get(k, {}).get("scores") for k in ("multi", key, "trl"))
     if not (b and o):
         return ""
-    lines = ["| task | (b) multi-task, all training variants | multi-task, one variant | (d) TRL, one hand prompt "
-             "| one − all |", "|---|---:|---:|---:|---:|"]
-    for t in TASKS:
-        diff = f"{o[t] - b[t]:+.1f}" if b.get(t) is not None and o.get(t) is not None else "–"
-        lines.append(f"| {LABEL[t]} | {common.fmt_score(b.get(t))} | {common.fmt_score(o.get(t))} | "
-                     f"{common.fmt_score((d or {}).get(t))} | {diff} |")
-    mb, mo = _mean(b.get(t) for t in TASKS), _mean(o.get(t) for t in TASKS)
-    md = _mean((d or {}).get(t) for t in TASKS)
-    lines.append(f"| **mean** | **{common.fmt_score(mb)}** | **{common.fmt_score(mo)}** | **{common.fmt_score(md)}** | "
-                 f"**{mo - mb:+.1f}** |")
-    return "\n".join(lines)
-
-
-def format_table(runs: dict) -> str:
-    """(b) (the model's chat template) next to the same run with plain-text prompts, and TRL."""
-    b, o, d = (runs.get(k, {}).get("scores") for k in ("multi", "multi_plain", "trl"))
-    if not (b and o):
-        return ""
-    lines = ["| task | (b) multi-task, chat template | multi-task, plain prompt | (d) TRL, plain hand prompt "
-             "| plain − chat |", "|---|---:|---:|---:|---:|"]
+    lines = ["| task | " + " | ".join(columns) + " |", "|---|---:|---:|---:|---:|"]
     for t in TASKS:
         diff = f"{o[t] - b[t]:+.1f}" if b.get(t) is not None and o.get(t) is not None else "–"
         lines.append(f"| {LABEL[t]} | {common.fmt_score(b.get(t))} | {common.fmt_score(o.get(t))} | "
@@ -246,14 +228,16 @@ def write(results: dict, doc: Path) -> None:
                  "the *middle* (`model.truncation: middle`, the default), keeping a question that follows a "
                  "long passage. Same multi-task recipe and budget as (b), only the truncation differs; "
                  "*prompts cut*: of the evaluated prompts (the same cut applies to training examples).", trtab]
-    vtab = variant_table(runs)
+    vtab = ablation_table(runs, "multi_one_variant", ("(b) multi-task, all training variants", "multi-task, one variant",
+                                                      "(d) TRL, one hand prompt", "one − all"))
     if vtab:
         body += ["### Prompt variants (all vs one)",
                  f"`{COMMAND} --parts one_variant`. Our tasks train on all their prompt variants in turn "
                  "(round-robin); here each template keeps only its first variant, the one every part evaluates "
                  "and the analogue of TRL's single hand prompt. Same recipe, budget and (end) truncation as (b).",
                  vtab]
-    ftab = format_table(runs)
+    ftab = ablation_table(runs, "multi_plain", ("(b) multi-task, chat template", "multi-task, plain prompt",
+                                                "(d) TRL, plain hand prompt", "plain − chat"))
     if ftab:
         body += ["### Prompt format (chat vs plain)",
                  f"`{COMMAND} --parts plain_prompt`. (b) wraps each rendered instruction and input in the model's "
