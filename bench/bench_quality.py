@@ -369,7 +369,7 @@ def truncation_stats(cfg, limit: int) -> dict:
                 cut += c
                 q = rows[int(ex.record.meta["row_id"])].get("question")
                 lost += bool(c and q and q.strip() not in tok.decode(ids))
-            st["cut_pct"] = round(100 * cut / max(len(examples), 1), 1)
+            st["cut_pct"] = round(100 * cut / max(len(examples), 1), 1)  # whether a prompt is cut: same for both
             if t.name == "qa_squad":
                 st[f"question_lost_pct_{side}"] = round(100 * lost / max(len(examples), 1), 1)
         out[t.name] = st

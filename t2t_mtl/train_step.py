@@ -227,11 +227,15 @@ def make_optimizer(model, learning_rate: float, weight_decay: float) -> torch.op
     return torch.optim.AdamW(groups, lr=learning_rate)
 
 
-def make_scheduler(optimizer, kind: str, warmup_steps: int, total_steps: int):
-    """Warm-up then cosine/linear decay (or constant) over one stage's steps."""
+def make_scheduler(optimizer, kind: str, warmup_steps: int, total_steps: int, peak_lr: float):
+    """Warm-up to `peak_lr`, then cosine/linear decay (or constant) over one stage's steps."""
     from transformers import get_scheduler
 
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper -> the torch optimiser
+    # Every stage restarts its schedule at its own peak; LambdaLR keeps a group's first `initial_lr`
+    # (setdefault), so a later stage's peak must be written explicitly.
+    for group in inner.param_groups:
+        group["initial_lr"] = group["lr"] = peak_lr
     name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[kind]
     return get_scheduler(name, inner, num_warmup_steps=min(warmup_steps, total_steps), num_training_steps=total_steps)
 

@@ -215,12 +215,9 @@ class _Trainer:
         batcher = Batcher(plan.stream(), encode=self.encode, collate=self.collate, batch_size=tr.batch_size,
                           grad_accum=tr.grad_accum, world_size=self.acc.num_processes, rank=self.acc.process_index,
                           group_by_length=seq2seq and tr.group_by_length, seq2seq=seq2seq, total_steps=st.steps)
-        # Each stage restarts warm-up + decay from its own peak LR (a lower one for later stages is a common
-        # guard against forgetting). LambdaLR keeps a group's first `initial_lr`, so set it explicitly.
+        # A stage may peak lower than train.learning_rate (a common guard against forgetting).
         peak = st.learning_rate if st.learning_rate is not None else tr.learning_rate
-        for group in getattr(self.optimizer, "optimizer", self.optimizer).param_groups:
-            group["initial_lr"] = group["lr"] = peak
-        sched = make_scheduler(self.optimizer, tr.scheduler, tr.warmup_steps, st.steps)
+        sched = make_scheduler(self.optimizer, tr.scheduler, tr.warmup_steps, st.steps, peak)
         first = 0
         if resume is not None:
             batcher.load_state(resume["batcher"])
