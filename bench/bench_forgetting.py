@@ -53,38 +53,56 @@ def setting_label(key: str) -> str:
 
 
 def run_config(args, data: Path, share: float):
-    from t2t_mtl.config import load_config
+    from t2t_mtl.core.config import load_config
 
     d = common.default_recipe()
     name = f"replay_{setting_key(share, args.stage2_lr)}"
     d.update(run_name=name, output_dir=str(Path(args.work) / name), tasks=common.slice_tasks(data))
-    d["model"]["truncation"] = "end"  # what the measured runs used (layout 1); keeps every share comparable
-    d["stages"] = [{"name": "stage1", "tasks": STAGE1, "steps": args.stage_steps},
-                   {"name": "stage2", "tasks": STAGE2, "steps": args.stage_steps}]
+    d["model"]["truncation"] = (
+        "end"  # what the measured runs used (layout 1); keeps every share comparable
+    )
+    d["stages"] = [
+        {"name": "stage1", "tasks": STAGE1, "steps": args.stage_steps},
+        {"name": "stage2", "tasks": STAGE2, "steps": args.stage_steps},
+    ]
     if args.stage2_lr:
         d["stages"][1]["learning_rate"] = args.stage2_lr
-    d["replay"] = {"enabled": share > 0, "per_task": args.per_task, "share": share if share > 0 else 0.1}
-    d["train"].update(batch_size=args.batch_size, save_steps=50, save_total_limit=1, resume="auto", bad_rows="skip")
+    d["replay"] = {
+        "enabled": share > 0,
+        "per_task": args.per_task,
+        "share": share if share > 0 else 0.1,
+    }
+    d["train"].update(
+        batch_size=args.batch_size,
+        save_steps=50,
+        save_total_limit=1,
+        resume="auto",
+        bad_rows="skip",
+    )
     d["eval"].update(every_steps=0, limit=args.limit, split="validation")
     return load_config(data=d)
 
 
 def one_setting(args, data: Path, share: float) -> dict:
     """Train (once) and score every stage of one replay setting; returns the forgetting report."""
-    from t2t_mtl import training
-    from t2t_mtl.eval_runs import forgetting_run
+    from t2t_mtl.evaluation.run_eval import forgetting_run
+    from t2t_mtl.training import trainer
 
     cfg = run_config(args, data, share)
     run_dir = Path(cfg.output_dir)
     if not (run_dir / "train_summary.json").is_file():
         log(f"training {cfg.run_name} (2 stages x {args.stage_steps} steps x {args.batch_size})")
-        training.train(cfg, eval_fn=None)
+        trainer.train(cfg, eval_fn=None)
     rep_path = run_dir / "eval" / f"forgetting-{args.limit}.json"
     if rep_path.is_file():
         return json.loads(rep_path.read_text(encoding="utf-8"))
     log(f"scoring every stage of {cfg.run_name}")
     rep, path = forgetting_run(run_dir, split="validation", limit=args.limit, progress=False)
-    for ext in (".json", ".md", ".png"):  # keep this limit's report apart from other `eval --forgetting` calls
+    for ext in (
+        ".json",
+        ".md",
+        ".png",
+    ):  # keep this limit's report apart from other `eval --forgetting` calls
         shutil.copyfile(path.with_suffix(ext), rep_path.with_suffix(ext))
     summary = json.loads((run_dir / "train_summary.json").read_text(encoding="utf-8"))
     rep["train_seconds"] = summary.get("seconds")
@@ -103,34 +121,46 @@ def section(results: dict, doc: Path) -> str:
     from report_quality import LABEL
 
     st, m = results["settings"], results.get("machine", {})
-    out = [f"Command: `python bench/bench_forgetting.py ../shared/data/real` (resumable; run folders under "
-           "`runs/bench_forgetting/`). Results: `bench/results/forgetting.json`.", common.machine_line(m),
-           f"Stage 1: SST-2, SICK, SQuAD; stage 2: CoNLL-2003, SciTLDR; {st['stage_steps']} steps × "
-           f"{st['batch_size']} examples per stage, default recipe (embedded SmolLM2-135M-Instruct, LoRA r16). "
-           f"Replay: a reservoir of {st['per_task']} stage-1 records per task makes up the given share of "
-           "stage 2's examples (same budget). Scores: primary metric on the first "
-           f"{st['limit']} validation rows, points. *Average forgetting* = mean over stage-1 tasks of (best "
-           "score before the last stage − final score); *BWT* = mean of (final − score right after learning).",
-           "*Losses only* counts a stage-1 task that improved during stage 2 as 0 instead of as negative "
-           "forgetting, so one task's gain cannot hide another's loss.",
-           "| replay share | avg forgetting (stage-1 tasks) | losses only | BWT | final mean (5 tasks) "
-           "| target ≤ 2 pts (avg / losses only) |\n|---:|---:|---:|---:|---:|---|"]
+    out = [
+        "Command: `python bench/bench_forgetting.py ../shared/data/real` (resumable; run folders under "
+        "`runs/bench_forgetting/`). Results: `bench/results/forgetting.json`.",
+        common.machine_line(m),
+        f"Stage 1: SST-2, SICK, SQuAD; stage 2: CoNLL-2003, SciTLDR; {st['stage_steps']} steps × "
+        f"{st['batch_size']} examples per stage, default recipe (embedded SmolLM2-135M-Instruct, LoRA r16). "
+        f"Replay: a reservoir of {st['per_task']} stage-1 records per task makes up the given share of "
+        "stage 2's examples (same budget). Scores: primary metric on the first "
+        f"{st['limit']} validation rows, points. *Average forgetting* = mean over stage-1 tasks of (best "
+        "score before the last stage − final score); *BWT* = mean of (final − score right after learning).",
+        "*Losses only* counts a stage-1 task that improved during stage 2 as 0 instead of as negative "
+        "forgetting, so one task's gain cannot hide another's loss.",
+        "| replay share | avg forgetting (stage-1 tasks) | losses only | BWT | final mean (5 tasks) "
+        "| target ≤ 2 pts (avg / losses only) |\n|---:|---:|---:|---:|---:|---|",
+    ]
     for key, rep in results["settings_results"].items():
         f, lo = rep.get("average_forgetting"), losses_only(rep)
 
         def verdict(x):
             return "met" if x is not None and x <= TARGET else "**not met**"
+
         ok = "–" if key.partition("_lr")[0] == "0" else f"{verdict(f)} / {verdict(lo)}"
-        out[-1] += (f"\n| {setting_label(key)} | {common.fmt_score(f)} | {common.fmt_score(lo)} | "
-                    f"{common.fmt_score(rep.get('backward_transfer'))} | "
-                    f"{common.fmt_score(rep.get('final_average'))} | {ok} |")
+        out[-1] += (
+            f"\n| {setting_label(key)} | {common.fmt_score(f)} | {common.fmt_score(lo)} | "
+            f"{common.fmt_score(rep.get('backward_transfer'))} | "
+            f"{common.fmt_score(rep.get('final_average'))} | {ok} |"
+        )
     for key, rep in results["settings_results"].items():
         tasks = rep["tasks"]
-        lines = [f"**Replay {setting_label(key)}** — scores after each stage:", "",
-                 "| after | " + " | ".join(LABEL.get(t, t) for t in tasks) + " |", "|---|" + "---:|" * len(tasks)]
+        lines = [
+            f"**Replay {setting_label(key)}** — scores after each stage:",
+            "",
+            "| after | " + " | ".join(LABEL.get(t, t) for t in tasks) + " |",
+            "|---|" + "---:|" * len(tasks),
+        ]
         for s, row in zip(rep["stages"], rep["matrix"]):
             lines.append(f"| {s} | " + " | ".join(common.fmt_score(v) for v in row) + " |")
-        per = ", ".join(f"{LABEL.get(t, t).split(' (')[0]} {v:+.1f}" for t, v in rep["forgetting"].items())
+        per = ", ".join(
+            f"{LABEL.get(t, t).split(' (')[0]} {v:+.1f}" for t, v in rep["forgetting"].items()
+        )
         lines.append(f"\nForgetting per stage-1 task (points lost): {per}.")
         img = doc.parent / "img" / f"forgetting_replay_{key}.png"
         src = Path(rep.get("run", "")) / "eval" / f"forgetting-{st['limit']}.png"
@@ -143,20 +173,32 @@ def section(results: dict, doc: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("data_dir", nargs="?", default=str(common.DEFAULT_DATA))
-    ap.add_argument("--replay", default="0,0.1,0.3", help="comma-separated replay shares of stage 2 (0 = none)")
+    ap.add_argument(
+        "--replay", default="0,0.1,0.3", help="comma-separated replay shares of stage 2 (0 = none)"
+    )
     ap.add_argument("--stage-steps", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--per-task", type=int, default=200, help="replay buffer records per stage-1 task")
-    ap.add_argument("--stage2-lr", type=float, default=None,
-                    help="peak learning rate of stage 2 (default: the recipe's train.learning_rate)")
+    ap.add_argument(
+        "--per-task", type=int, default=200, help="replay buffer records per stage-1 task"
+    )
+    ap.add_argument(
+        "--stage2-lr",
+        type=float,
+        default=None,
+        help="peak learning rate of stage 2 (default: the recipe's train.learning_rate)",
+    )
     ap.add_argument("--limit", type=int, default=100)
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench_forgetting"))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "forgetting.json"))
     ap.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks.md"))
     ap.add_argument("--no-doc", action="store_true")
-    ap.add_argument("--doc-only", action="store_true", help="rewrite the doc section from --out; run nothing")
+    ap.add_argument(
+        "--doc-only", action="store_true", help="rewrite the doc section from --out; run nothing"
+    )
     args = ap.parse_args(argv)
     if args.doc_only:
         results = json.loads(Path(args.out).read_text(encoding="utf-8"))
@@ -167,7 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         shares = [float(x) for x in args.replay.split(",") if x.strip()]
     except ValueError:
-        print(f"error: --replay {args.replay!r}: expected comma-separated numbers such as 0,0.1", file=sys.stderr)
+        print(
+            f"error: --replay {args.replay!r}: expected comma-separated numbers such as 0,0.1",
+            file=sys.stderr,
+        )
         return 2
     errors = common.check_data_dir(data, [f for _, f in common.SLICES])
     errors += [f"error: --replay {s}: a share must be in [0, 1)" for s in shares if not 0 <= s < 1]
@@ -175,12 +220,19 @@ def main(argv: list[str] | None = None) -> int:
         return common.report_errors(errors)
     out_path = Path(args.out)
     results = json.loads(out_path.read_text(encoding="utf-8")) if out_path.is_file() else {}
-    results["settings"] = {"stage_steps": args.stage_steps, "batch_size": args.batch_size, "per_task": args.per_task,
-                           "limit": args.limit, "data": str(data)}
+    results["settings"] = {
+        "stage_steps": args.stage_steps,
+        "batch_size": args.batch_size,
+        "per_task": args.per_task,
+        "limit": args.limit,
+        "data": str(data),
+    }
     res = results.setdefault("settings_results", {})
     for share in shares:
         res[setting_key(share, args.stage2_lr)] = one_setting(args, data, share)
-        results["machine"] = common.machine(command="python bench/bench_forgetting.py " + " ".join(argv or sys.argv[1:]))
+        results["machine"] = common.machine(
+            command="python bench/bench_forgetting.py " + " ".join(argv or sys.argv[1:])
+        )
         common.write_json(out_path, results)
     if not args.no_doc:
         common.update_doc(Path(args.doc), SECTION, section(results, Path(args.doc)))

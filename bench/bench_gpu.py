@@ -1,4 +1,4 @@
-"""GPU training throughput: tokens/s, MFU and peak memory of `training.train` at real model shapes.
+"""GPU training throughput: tokens/s, MFU and peak memory of `trainer.train` at real model shapes.
 
     python bench/bench_gpu.py [DATA_DIR] [--variants all|NAME,...] [--warmup 3] [--steps 10]
         [--models-dir /tmp/t2t-bench-models] [--tokenizer DIR] [--tiny]
@@ -8,14 +8,14 @@
 No weights are downloaded: each model is built from its published *shape* (a transformers config
 written out below) with random weights, saved once under --models-dir with the tokenizer of the
 embedded SmolLM2 (--tokenizer, default: the embedded model's cached copy), and then loaded by the
-product's own loader (`modeling.load_model_and_tokenizer`: peft LoRA, or bitsandbytes NF4 + LoRA
+product's own loader (`loading.load_model_and_tokenizer`: peft LoRA, or bitsandbytes NF4 + LoRA
 for QLoRA). Random weights run the same kernels at the same cost as trained ones.
 
 Shapes: Qwen2.5-1.5B (28 layers, hidden 1536, GQA 12/2 heads, MLP 8960, vocab 151,936), Qwen2.5-7B
 (28 layers, hidden 3584, GQA 28/4, MLP 18,944, vocab 152,064) and t5-base (12+12 layers, d_model
 768, d_ff 3072, 12 heads; vocab 49,152 = the tokenizer's, instead of t5's 32,128).
 
-Every variant is one `training.train` run (the five real slices of DATA_DIR through the shipped
+Every variant is one `trainer.train` run (the five real slices of DATA_DIR through the shipped
 templates, mixed at T=2, lazily rendered and tokenised, collated with or without packing), in its own
 child process so its CUDA peak memory is its own: --warmup steps, then --steps timed steps (CUDA
 synchronised at each step end, so the data pipeline's time is inside the measurement). Counted per
@@ -53,25 +53,71 @@ SECTION = "## GPU training throughput"
 H100_BF16_DENSE = 989.4e12  # datasheet, H100 SXM5, dense (no sparsity)
 
 SHAPES = {
-    "qwen2.5-1.5b": {"model_type": "qwen2", "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
-                     "num_attention_heads": 12, "num_key_value_heads": 2, "vocab_size": 151936,
-                     "max_position_embeddings": 32768, "rope_theta": 1000000.0, "tie_word_embeddings": True,
-                     "rms_norm_eps": 1e-6},
-    "qwen2.5-7b": {"model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
-                   "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
-                   "max_position_embeddings": 32768, "rope_theta": 1000000.0, "tie_word_embeddings": False,
-                   "rms_norm_eps": 1e-6},
-    "t5-base": {"model_type": "t5", "d_model": 768, "d_ff": 3072, "d_kv": 64, "num_layers": 12,
-                "num_decoder_layers": 12, "num_heads": 12, "vocab_size": 49152, "feed_forward_proj": "relu",
-                "tie_word_embeddings": True, "decoder_start_token_id": 0, "pad_token_id": 0},
+    "qwen2.5-1.5b": {
+        "model_type": "qwen2",
+        "hidden_size": 1536,
+        "intermediate_size": 8960,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 12,
+        "num_key_value_heads": 2,
+        "vocab_size": 151936,
+        "max_position_embeddings": 32768,
+        "rope_theta": 1000000.0,
+        "tie_word_embeddings": True,
+        "rms_norm_eps": 1e-6,
+    },
+    "qwen2.5-7b": {
+        "model_type": "qwen2",
+        "hidden_size": 3584,
+        "intermediate_size": 18944,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "vocab_size": 152064,
+        "max_position_embeddings": 32768,
+        "rope_theta": 1000000.0,
+        "tie_word_embeddings": False,
+        "rms_norm_eps": 1e-6,
+    },
+    "t5-base": {
+        "model_type": "t5",
+        "d_model": 768,
+        "d_ff": 3072,
+        "d_kv": 64,
+        "num_layers": 12,
+        "num_decoder_layers": 12,
+        "num_heads": 12,
+        "vocab_size": 49152,
+        "feed_forward_proj": "relu",
+        "tie_word_embeddings": True,
+        "decoder_start_token_id": 0,
+        "pad_token_id": 0,
+    },
 }
 # --tiny: the same code path at toy sizes (a CPU smoke test of this script)
 TINY = {
-    "qwen2.5-1.5b": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-                     "num_key_value_heads": 2},
-    "qwen2.5-7b": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-                   "num_key_value_heads": 2},
-    "t5-base": {"d_model": 64, "d_ff": 128, "d_kv": 16, "num_layers": 2, "num_decoder_layers": 2, "num_heads": 4},
+    "qwen2.5-1.5b": {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    },
+    "qwen2.5-7b": {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    },
+    "t5-base": {
+        "d_model": 64,
+        "d_ff": 128,
+        "d_kv": 16,
+        "num_layers": 2,
+        "num_decoder_layers": 2,
+        "num_heads": 4,
+    },
 }
 
 
@@ -108,13 +154,18 @@ def make_model(shape: str, folder: Path, tokenizer_dir: Path, tiny: bool) -> Non
     cls = AutoModelForSeq2SeqLM if kind == "t5" else AutoModelForCausalLM
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    with torch.device(device):  # initialising 7.6 B weights on the GPU takes seconds, on a CPU minutes
+    with torch.device(
+        device
+    ):  # initialising 7.6 B weights on the GPU takes seconds, on a CPU minutes
         model = cls.from_config(cfg, dtype=torch.bfloat16)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     for f in tokenizer_dir.iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")) or f.suffix == ".model":
+        if (
+            f.name.startswith(("tokenizer", "special_tokens", "chat_template"))
+            or f.suffix == ".model"
+        ):
             shutil.copy(f, tmp / f.name)
     os.replace(tmp, folder)
 
@@ -135,8 +186,16 @@ def flop_model(folder: Path, r: int) -> dict:
     enc_dec = bool(getattr(cfg, "is_encoder_decoder", False))
     with torch.device("meta"):
         model = (AutoModelForSeq2SeqLM if enc_dec else AutoModelForCausalLM).from_config(cfg)
-    out = {"enc_dec": enc_dec, "body": 0, "enc": 0, "dec": 0, "cross_kv": 0, "lora": 0, "lora_enc": 0,
-           "params": sum(p.numel() for p in model.parameters())}
+    out = {
+        "enc_dec": enc_dec,
+        "body": 0,
+        "enc": 0,
+        "dec": 0,
+        "cross_kv": 0,
+        "lora": 0,
+        "lora_enc": 0,
+        "params": sum(p.numel() for p in model.parameters()),
+    }
     for name, mod in model.named_modules():
         if not isinstance(mod, torch.nn.Linear):
             continue
@@ -158,11 +217,17 @@ def flop_model(folder: Path, r: int) -> dict:
             out["dec"] += n
             out["lora"] += lora
     if enc_dec:
-        out.update(layers=cfg.num_layers, dec_layers=cfg.num_decoder_layers, d_attn=cfg.num_heads * cfg.d_kv)
+        out.update(
+            layers=cfg.num_layers,
+            dec_layers=cfg.num_decoder_layers,
+            d_attn=cfg.num_heads * cfg.d_kv,
+        )
     else:
-        out.update(layers=cfg.num_hidden_layers,
-                   d_attn=cfg.num_attention_heads * (getattr(cfg, "head_dim", None)
-                                                     or cfg.hidden_size // cfg.num_attention_heads))
+        out.update(
+            layers=cfg.num_hidden_layers,
+            d_attn=cfg.num_attention_heads
+            * (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads),
+        )
     out["head"] = out.get("head", 0)
     return out
 
@@ -171,7 +236,12 @@ def example_flops(fm: dict, src: int, tgt: int, targets: int) -> float:
     """Model FLOPs of one training example (see the module doc). Causal: src = all tokens, tgt unused."""
     if not fm["enc_dec"]:
         s = src
-        return 4 * fm["body"] * s + 4 * fm["head"] * targets + 6 * fm["lora"] * s + 6 * fm["layers"] * fm["d_attn"] * s * s
+        return (
+            4 * fm["body"] * s
+            + 4 * fm["head"] * targets
+            + 6 * fm["lora"] * s
+            + 6 * fm["layers"] * fm["d_attn"] * s * s
+        )
     s, t, d = src, tgt, fm["d_attn"]
     lin = 4 * (fm["enc"] + fm["cross_kv"]) * s + 4 * fm["dec"] * t + 4 * fm["head"] * targets
     lora = 6 * fm["lora_enc"] * s + 6 * fm["lora"] * t
@@ -182,22 +252,39 @@ def example_flops(fm: dict, src: int, tgt: int, targets: int) -> float:
 # ------------------------------------------------------------------ child: one training run
 
 
-def run_config(data_dir: Path, out_dir: Path, v: dict, folder: Path, steps: int, tiny: bool,
-               overrides: tuple = ()):
+def run_config(
+    data_dir: Path,
+    out_dir: Path,
+    v: dict,
+    folder: Path,
+    steps: int,
+    tiny: bool,
+    overrides: tuple = (),
+):
     """The default recipe (LoRA r16 all-linear, lr 3e-4, T=2) on the five real slices at this variant's shape."""
-    from t2t_mtl.config import load_config
+    from t2t_mtl.core.config import load_config
 
     data = common.default_recipe()
     data["tasks"] = common.slice_tasks(data_dir)
     data["output_dir"] = str(out_dir)
-    data["model"].update({"name": str(folder), "dtype": "bfloat16", "max_length": v["seq"],
-                          "max_target_length": 128})
+    data["model"].update(
+        {"name": str(folder), "dtype": "bfloat16", "max_length": v["seq"], "max_target_length": 128}
+    )
     if not tiny:
         data["model"]["attn_implementation"] = "sdpa"
     data["adapter"]["method"] = v["method"]
-    data["train"].update({"steps": steps, "batch_size": v["batch"], "packing": v["packing"], "save_steps": 10 ** 6,
-                          "resume": "never", "gradient_checkpointing": True, "report_to": "none",
-                          "logging_steps": 10 ** 6})
+    data["train"].update(
+        {
+            "steps": steps,
+            "batch_size": v["batch"],
+            "packing": v["packing"],
+            "save_steps": 10**6,
+            "resume": "never",
+            "gradient_checkpointing": True,
+            "report_to": "none",
+            "logging_steps": 10**6,
+        }
+    )
     data["eval"]["every_steps"] = 0
     for item in overrides:  # --set section.key=value (an ablation on top of the recipe)
         import yaml
@@ -209,10 +296,11 @@ def run_config(data_dir: Path, out_dir: Path, v: dict, folder: Path, steps: int,
 
 
 def child_run(spec: dict) -> dict:
-    """One `training.train` run; per-step times, tokens, FLOPs and CUDA peak memory."""
+    """One `trainer.train` run; per-step times, tokens, FLOPs and CUDA peak memory."""
     import torch
 
-    from t2t_mtl import features, train_step, training
+    from t2t_mtl.model import features
+    from t2t_mtl.training import optimizer_step, trainer
 
     v, cuda = spec["variant"], torch.cuda.is_available()
     if spec.get("mixed_precision"):  # what `accelerate launch --mixed_precision X` sets
@@ -220,34 +308,50 @@ def child_run(spec: dict) -> dict:
 
     folder = Path(spec["folder"])
     fm = flop_model(folder, common.default_recipe()["adapter"]["r"])
-    lengths: list[list[tuple[int, int, int]]] = []  # per collated micro-batch: (source, target, targets) per example
+    lengths: list[
+        list[tuple[int, int, int]]
+    ] = []  # per collated micro-batch: (source, target, targets) per example
 
     def record(collate_cls):
         original = collate_cls.__call__
 
         def call(self, feats):
-            lengths.append([(len(f["input_ids"]), len(f["labels"]),
-                             sum(1 for x in f["labels"] if x != features.IGNORE_INDEX)) for f in feats])
+            lengths.append(
+                [
+                    (
+                        len(f["input_ids"]),
+                        len(f["labels"]),
+                        sum(1 for x in f["labels"] if x != features.IGNORE_INDEX),
+                    )
+                    for f in feats
+                ]
+            )
             return original(self, feats)
+
         collate_cls.__call__ = call
 
     record(features.CausalCollator)
     record(features.Seq2SeqCollator)
     packing_used = []
     orig_resolve = features.resolve_packing
+
     def resolve(setting, model):
         packing_used.append(orig_resolve(setting, model))
         return packing_used[-1]
+
     features.resolve_packing = resolve
     steps: list[dict] = []
-    orig_run = train_step.StepRunner.run
-    if spec.get("lora_cast"):  # ablation: peft's float32 input copies kept under autocast (before 2026-11-24)
-        orig_init = train_step.StepRunner.__init__
+    orig_run = optimizer_step.StepRunner.run
+    if spec.get(
+        "lora_cast"
+    ):  # ablation: peft's float32 input copies kept under autocast (before 2026-11-24)
+        orig_init = optimizer_step.StepRunner.__init__
 
         def init(self, *args, **kw):
             orig_init(self, *args, **kw)
             self.uncast = []
-        train_step.StepRunner.__init__ = init
+
+        optimizer_step.StepRunner.__init__ = init
 
     def counted(self, window):
         if cuda:
@@ -259,15 +363,25 @@ def child_run(spec: dict) -> dict:
         micro = [lengths.pop(0) for _ in window.micro]
         ex = [e for m in micro for e in m]
         causal = not fm["enc_dec"]
-        steps.append({
-            "compute_s": time.perf_counter() - t0,
-            "input_tokens": sum(s for s, _, _ in ex) if causal else sum(s + t for s, t, _ in ex),
-            "target_tokens": float(res.tokens.sum()),
-            "slots": sum(m["input_ids"].numel() + (0 if causal else m["labels"].numel()) for m in window.micro),
-            "rows": sum(m["input_ids"].shape[0] for m in window.micro),
-            "flops": sum(example_flops(fm, s, t, k) for s, t, k in ex),
-            "flops_6n": 6 * fm["params"] * (sum(s for s, _, _ in ex) if causal else sum(s + t for s, t, _ in ex)),
-            "loss": res.objective})
+        steps.append(
+            {
+                "compute_s": time.perf_counter() - t0,
+                "input_tokens": sum(s for s, _, _ in ex)
+                if causal
+                else sum(s + t for s, t, _ in ex),
+                "target_tokens": float(res.tokens.sum()),
+                "slots": sum(
+                    m["input_ids"].numel() + (0 if causal else m["labels"].numel())
+                    for m in window.micro
+                ),
+                "rows": sum(m["input_ids"].shape[0] for m in window.micro),
+                "flops": sum(example_flops(fm, s, t, k) for s, t, k in ex),
+                "flops_6n": 6
+                * fm["params"]
+                * (sum(s for s, _, _ in ex) if causal else sum(s + t for s, t, _ in ex)),
+                "loss": res.objective,
+            }
+        )
         return res
 
     ends: list[float] = []
@@ -280,63 +394,102 @@ def child_run(spec: dict) -> dict:
         ends.append(time.perf_counter())
         n = len(ends)
         if spec.get("profile_steps") and n == first_prof:
-            acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+            acts = [torch.profiler.ProfilerActivity.CPU] + (
+                [torch.profiler.ProfilerActivity.CUDA] if cuda else []
+            )
             prof["p"] = torch.profiler.profile(activities=acts)
             prof["p"].__enter__()
         elif "p" in prof and n == first_prof + spec["profile_steps"]:
             prof["p"].__exit__(None, None, None)
-            prof["rows"] = profile_rows(prof.pop("p"), spec["profile_steps"], ends[-1] - ends[first_prof - 1])
+            prof["rows"] = profile_rows(
+                prof.pop("p"), spec["profile_steps"], ends[-1] - ends[first_prof - 1]
+            )
 
-    total = spec["warmup"] + spec["steps"] + spec.get("profile_steps", 0) + 1  # last step: final save, untimed
-    train_step.StepRunner.run = counted
+    total = (
+        spec["warmup"] + spec["steps"] + spec.get("profile_steps", 0) + 1
+    )  # last step: final save, untimed
+    optimizer_step.StepRunner.run = counted
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
-        cfg = run_config(Path(spec["data_dir"]), Path(tmp) / "run", v, folder, total, spec["tiny"],
-                         tuple(spec.get("set", ())))
+        cfg = run_config(
+            Path(spec["data_dir"]),
+            Path(tmp) / "run",
+            v,
+            folder,
+            total,
+            spec["tiny"],
+            tuple(spec.get("set", ())),
+        )
         t0 = time.perf_counter()
-        training.train(cfg, eval_fn=None, on_step=on_step)
+        trainer.train(cfg, eval_fn=None, on_step=on_step)
         wall = time.perf_counter() - t0
     w = spec["warmup"]
-    timed, seconds = steps[w: w + spec["steps"]], ends[w + spec["steps"] - 1] - ends[w - 1]
-    tot = {k: sum(s[k] for s in timed) for k in ("input_tokens", "target_tokens", "slots", "flops", "flops_6n",
-                                                 "compute_s")}
+    timed, seconds = steps[w : w + spec["steps"]], ends[w + spec["steps"] - 1] - ends[w - 1]
+    tot = {
+        k: sum(s[k] for s in timed)
+        for k in ("input_tokens", "target_tokens", "slots", "flops", "flops_6n", "compute_s")
+    }
     peak = spec["peak_flops"]
-    res = {"seconds": round(seconds, 3), "steps": len(timed), "wall_s": round(wall, 1),
-           "tokens_per_s": round(tot["input_tokens"] / seconds, 1),
-           "target_tokens_per_s": round(tot["target_tokens"] / seconds, 1),
-           "slots_per_s": round(tot["slots"] / seconds, 1),
-           "padding_efficiency": round(tot["input_tokens"] / max(tot["slots"], 1), 3),
-           "tokens_per_step": round(tot["input_tokens"] / len(timed), 1),
-           "rows_per_step": round(sum(s["rows"] for s in timed) / len(timed), 1),
-           "tflops": round(tot["flops"] / seconds / 1e12, 2),
-           "mfu": round(tot["flops"] / seconds / peak, 4), "mfu_6n": round(tot["flops_6n"] / seconds / peak, 4),
-           "step_s": round(seconds / len(timed), 3),
-           "outside_step_share": round(1 - tot["compute_s"] / seconds, 3),  # data pipeline + hooks between steps
-           "losses": [round(s["loss"], 4) for s in steps],
-           "packing_applied": bool(packing_used and packing_used[-1]), "params": fm["params"],
-           "profile": prof.get("rows")}
+    res = {
+        "seconds": round(seconds, 3),
+        "steps": len(timed),
+        "wall_s": round(wall, 1),
+        "tokens_per_s": round(tot["input_tokens"] / seconds, 1),
+        "target_tokens_per_s": round(tot["target_tokens"] / seconds, 1),
+        "slots_per_s": round(tot["slots"] / seconds, 1),
+        "padding_efficiency": round(tot["input_tokens"] / max(tot["slots"], 1), 3),
+        "tokens_per_step": round(tot["input_tokens"] / len(timed), 1),
+        "rows_per_step": round(sum(s["rows"] for s in timed) / len(timed), 1),
+        "tflops": round(tot["flops"] / seconds / 1e12, 2),
+        "mfu": round(tot["flops"] / seconds / peak, 4),
+        "mfu_6n": round(tot["flops_6n"] / seconds / peak, 4),
+        "step_s": round(seconds / len(timed), 3),
+        "outside_step_share": round(
+            1 - tot["compute_s"] / seconds, 3
+        ),  # data pipeline + hooks between steps
+        "losses": [round(s["loss"], 4) for s in steps],
+        "packing_applied": bool(packing_used and packing_used[-1]),
+        "params": fm["params"],
+        "profile": prof.get("rows"),
+    }
     if cuda:
-        res.update(peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2 ** 30, 2),
-                   peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2 ** 30, 2))
+        res.update(
+            peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2),
+        )
     return res
 
 
 def profile_rows(p, steps: int, wall: float, top: int = 14) -> dict:
     """Top operators by self GPU time and by self CPU time (ms per step), and GPU busy time per step."""
+
     def dev(e):
-        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0
+        return (
+            getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0
+        )
 
     evs = [e for e in p.key_averages() if not e.key.startswith("ProfilerStep")]
     busy = sum(dev(e) for e in evs) / 1e3 / steps
 
     def rows(key):
-        return [{"op": e.key[:70], "gpu_ms": round(dev(e) / 1e3 / steps, 2),
-                 "cpu_ms": round(e.self_cpu_time_total / 1e3 / steps, 2), "calls": round(e.count / steps)}
-                for e in sorted(evs, key=key)[:top]]
-    return {"wall_ms_per_step": round(wall * 1e3 / steps, 1), "gpu_busy_ms_per_step": round(busy, 1),
-            "kernels_per_step": round(sum(e.count for e in evs if dev(e) > 0) / steps),
-            "by_gpu": rows(lambda e: -dev(e)), "by_cpu": rows(lambda e: -e.self_cpu_time_total)}
+        return [
+            {
+                "op": e.key[:70],
+                "gpu_ms": round(dev(e) / 1e3 / steps, 2),
+                "cpu_ms": round(e.self_cpu_time_total / 1e3 / steps, 2),
+                "calls": round(e.count / steps),
+            }
+            for e in sorted(evs, key=key)[:top]
+        ]
+
+    return {
+        "wall_ms_per_step": round(wall * 1e3 / steps, 1),
+        "gpu_busy_ms_per_step": round(busy, 1),
+        "kernels_per_step": round(sum(e.count for e in evs if dev(e) > 0) / steps),
+        "by_gpu": rows(lambda e: -dev(e)),
+        "by_cpu": rows(lambda e: -e.self_cpu_time_total),
+    }
 
 
 def matmul_peak() -> float | None:
@@ -357,7 +510,7 @@ def matmul_peak() -> float | None:
         e.synchronize()
         times.append(s.elapsed_time(e) / 1e3)
     times.sort()
-    return 2 * 8192 ** 3 / times[len(times) // 2]
+    return 2 * 8192**3 / times[len(times) // 2]
 
 
 def child_main(kind: str, spec: dict) -> int:
@@ -376,13 +529,20 @@ def run_child(kind: str, spec: dict) -> dict:
     """Run one child process; its result dict, or {"error": last lines of its output}."""
     with tempfile.TemporaryDirectory() as tmp:
         spec = {**spec, "result": str(Path(tmp) / "result.json")}
-        proc = subprocess.run([sys.executable, __file__, "--child", kind, "--spec", json.dumps(spec)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--child", kind, "--spec", json.dumps(spec)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         if proc.returncode == 0 and Path(spec["result"]).is_file():
             out = json.loads(Path(spec["result"]).read_text())
             # keep what the run said about itself (e.g. why the packing probe refused a model)
-            notes = [ln.strip() for ln in proc.stdout.splitlines()
-                     if "packing" in ln.lower() or "warn" in ln.lower()]
+            notes = [
+                ln.strip()
+                for ln in proc.stdout.splitlines()
+                if "packing" in ln.lower() or "warn" in ln.lower()
+            ]
             return {**out, "log_notes": notes[-10:]} if kind == "run" else out
         tail = proc.stdout.strip().splitlines()[-12:]
         oom = any("out of memory" in line.lower() for line in tail)
@@ -393,22 +553,31 @@ def run_child(kind: str, spec: dict) -> dict:
 
 
 def table(results: dict) -> str:
-    rows = ["| variant | model | method | seq | packing | records/step | tokens/step | padding eff. | step s | "
-            "tokens/s | TFLOP/s | MFU | MFU (6N) | outside step | peak alloc GiB | peak reserved GiB |",
-            "|---|---|---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    rows = [
+        "| variant | model | method | seq | packing | records/step | tokens/step | padding eff. | step s | "
+        "tokens/s | TFLOP/s | MFU | MFU (6N) | outside step | peak alloc GiB | peak reserved GiB |",
+        "|---|---|---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
     for name, r in results.items():
         v = r["variant"]
         if "error" in r:
-            rows.append(f"| {name} | {v['shape']} | {v['method']} | {v['seq']} | {v['packing']} | {v['batch']} | "
-                        f"{r['error'].splitlines()[-1][:80]} |" + " |" * 10)
+            rows.append(
+                f"| {name} | {v['shape']} | {v['method']} | {v['seq']} | {v['packing']} | {v['batch']} | "
+                f"{r['error'].splitlines()[-1][:80]} |" + " |" * 10
+            )
             continue
-        pk = ("on" if r["packing_applied"] else "off (probe refused)") if v["packing"] == "on" else \
-            ("–" if v["shape"].startswith("t5") else "off")
-        rows.append(f"| {name} | {v['shape']} | {v['method']} | {v['seq']} | {pk} | {v['batch']} | "
-                    f"{r['tokens_per_step']:,.0f} | {r['padding_efficiency']:.2f} | {r['step_s']:.3f} | "
-                    f"{r['tokens_per_s']:,.0f} | {r['tflops']:.1f} | {100 * r['mfu']:.1f} % | "
-                    f"{100 * r['mfu_6n']:.1f} % | {100 * r['outside_step_share']:.0f} % | "
-                    f"{r.get('peak_alloc_gib', '–')} | {r.get('peak_reserved_gib', '–')} |")
+        pk = (
+            ("on" if r["packing_applied"] else "off (probe refused)")
+            if v["packing"] == "on"
+            else ("–" if v["shape"].startswith("t5") else "off")
+        )
+        rows.append(
+            f"| {name} | {v['shape']} | {v['method']} | {v['seq']} | {pk} | {v['batch']} | "
+            f"{r['tokens_per_step']:,.0f} | {r['padding_efficiency']:.2f} | {r['step_s']:.3f} | "
+            f"{r['tokens_per_s']:,.0f} | {r['tflops']:.1f} | {100 * r['mfu']:.1f} % | "
+            f"{100 * r['mfu_6n']:.1f} % | {100 * r['outside_step_share']:.0f} % | "
+            f"{r.get('peak_alloc_gib', '–')} | {r.get('peak_reserved_gib', '–')} |"
+        )
     return "\n".join(rows)
 
 
@@ -420,12 +589,16 @@ def ratios(results: dict) -> list[str]:
             continue
         other = results.get(name[: -len("packed")] + "padded")
         if other and "error" not in other and not r["packing_applied"]:
-            out.append(f"{name[: -len('-packed')]}: no comparison — the packing probe refused this model, so "
-                       "the 'packed' run trained unpacked")
+            out.append(
+                f"{name[: -len('-packed')]}: no comparison — the packing probe refused this model, so "
+                "the 'packed' run trained unpacked"
+            )
         elif other and "error" not in other:
-            out.append(f"{name[: -len('-packed')]}: packed/padded tokens/s = "
-                       f"{r['tokens_per_s'] / other['tokens_per_s']:.2f}×, peak memory "
-                       f"{r.get('peak_alloc_gib', 0)} vs {other.get('peak_alloc_gib', 0)} GiB")
+            out.append(
+                f"{name[: -len('-packed')]}: packed/padded tokens/s = "
+                f"{r['tokens_per_s'] / other['tokens_per_s']:.2f}×, peak memory "
+                f"{r.get('peak_alloc_gib', 0)} vs {other.get('peak_alloc_gib', 0)} GiB"
+            )
     return out
 
 
@@ -443,7 +616,7 @@ def section_body(meta: dict, results: dict) -> str:
         f"(8192³): {f'{peak:.0f} TFLOP/s' if peak else '–'}.",
         "",
         "Models have the published shapes with random weights (no download; see the script's doc); the tokenizer "
-        "is the embedded SmolLM2's. Every run is the product's `training.train`: the five real slices through "
+        "is the embedded SmolLM2's. Every run is the product's `trainer.train`: the five real slices through "
         "the shipped templates, LoRA r=16 on all linear layers (QLoRA: NF4 + double quantisation, bf16 compute), "
         "gradient checkpointing, SDPA attention, bf16 weights. *tokens/s* counts real prompt + answer tokens "
         "(padding excluded); *padding eff.* = real tokens / token slots fed to the model; *MFU* = model FLOPs "
@@ -467,19 +640,44 @@ def section_body(meta: dict, results: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("data_dir", nargs="?", default=str(common.DEFAULT_DATA))
-    p.add_argument("--variants", default="all", help="all, or a comma list of: " + ", ".join(VARIANTS))
+    p.add_argument(
+        "--variants", default="all", help="all, or a comma list of: " + ", ".join(VARIANTS)
+    )
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a recipe setting in every variant (an ablation), e.g. adapter.dropout=0")
-    p.add_argument("--mixed-precision", choices=["no", "bf16"], default=None,
-                   help="as accelerate launch --mixed_precision (autocast around the forward)")
-    p.add_argument("--lora-cast", action="store_true",
-                   help="ablation: keep peft's float32 copies of LoRA inputs under autocast (the old behaviour)")
-    p.add_argument("--profile-steps", type=int, default=0, help="steps under torch.profiler after the timed ones")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a recipe setting in every variant (an ablation), e.g. adapter.dropout=0",
+    )
+    p.add_argument(
+        "--mixed-precision",
+        choices=["no", "bf16"],
+        default=None,
+        help="as accelerate launch --mixed_precision (autocast around the forward)",
+    )
+    p.add_argument(
+        "--lora-cast",
+        action="store_true",
+        help="ablation: keep peft's float32 copies of LoRA inputs under autocast (the old behaviour)",
+    )
+    p.add_argument(
+        "--profile-steps",
+        type=int,
+        default=0,
+        help="steps under torch.profiler after the timed ones",
+    )
     p.add_argument("--models-dir", default=str(Path(tempfile.gettempdir()) / "t2t-bench-models"))
-    p.add_argument("--tokenizer", default=None, help="folder with tokenizer files (default: the embedded model's copy)")
-    p.add_argument("--tiny", action="store_true", help="toy sizes of every shape (a smoke test; runs on a CPU)")
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="folder with tokenizer files (default: the embedded model's copy)",
+    )
+    p.add_argument(
+        "--tiny", action="store_true", help="toy sizes of every shape (a smoke test; runs on a CPU)"
+    )
     p.add_argument("--peak", type=float, default=H100_BF16_DENSE, help="peak FLOP/s for MFU")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu.json"))
     p.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks.md"))
@@ -496,15 +694,21 @@ def main(argv: list[str] | None = None) -> int:
         data = json.loads(out.read_text(encoding="utf-8"))
         common.update_doc(Path(a.doc), SECTION, section_body(data["meta"], data["results"]))
         return 0
-    names = list(VARIANTS) if a.variants == "all" else [n.strip() for n in a.variants.split(",") if n.strip()]
+    names = (
+        list(VARIANTS)
+        if a.variants == "all"
+        else [n.strip() for n in a.variants.split(",") if n.strip()]
+    )
     bad = [n for n in names if n not in VARIANTS]
     data_dir = Path(a.data_dir)
-    errors = [f"error: --variants: unknown variant {n!r} (known: {', '.join(VARIANTS)})" for n in bad]
+    errors = [
+        f"error: --variants: unknown variant {n!r} (known: {', '.join(VARIANTS)})" for n in bad
+    ]
     errors += common.check_data_dir(data_dir, [f for _, f in common.SLICES])
     if a.tokenizer is None:
-        from t2t_mtl import modeling
+        from t2t_mtl.model import loading
 
-        a.tokenizer = str(modeling.embedded_copy())
+        a.tokenizer = str(loading.embedded_copy())
     if not Path(a.tokenizer, "tokenizer_config.json").is_file():
         errors.append(f"error: --tokenizer {a.tokenizer}: no tokenizer_config.json there")
     if errors:
@@ -515,13 +719,25 @@ def main(argv: list[str] | None = None) -> int:
         bnb = md.version("bitsandbytes")
     except md.PackageNotFoundError:
         bnb = None
-    meta = {"machine": common.machine(), "bitsandbytes": bnb, "warmup": a.warmup, "steps": a.steps, "set": a.set,
-            "mixed_precision": a.mixed_precision, "lora_cast": a.lora_cast,
-            "peak_flops": a.peak, "tiny": a.tiny}
+    meta = {
+        "machine": common.machine(),
+        "bitsandbytes": bnb,
+        "warmup": a.warmup,
+        "steps": a.steps,
+        "set": a.set,
+        "mixed_precision": a.mixed_precision,
+        "lora_cast": a.lora_cast,
+        "peak_flops": a.peak,
+        "tiny": a.tiny,
+    }
     peak = run_child("peak", {})
-    meta["matmul_tflops"] = round(peak["matmul_flops"] / 1e12, 1) if peak.get("matmul_flops") else None
+    meta["matmul_tflops"] = (
+        round(peak["matmul_flops"] / 1e12, 1) if peak.get("matmul_flops") else None
+    )
     results: dict = {}
-    if out.is_file():  # keep variants measured by an earlier invocation (one variant at a time fits a short lease)
+    if (
+        out.is_file()
+    ):  # keep variants measured by an earlier invocation (one variant at a time fits a short lease)
         old = json.loads(out.read_text(encoding="utf-8"))
         if old.get("meta", {}).get("tiny") == a.tiny:
             results = {k: v for k, v in old.get("results", {}).items() if k not in names}
@@ -532,28 +748,66 @@ def main(argv: list[str] | None = None) -> int:
         folder = model_dir(models, v["shape"], a.tiny)
         if not folder.is_dir():
             t0 = time.perf_counter()
-            made = run_child("make", {"shape": v["shape"], "folder": str(folder), "tokenizer": a.tokenizer,
-                                      "tiny": a.tiny})
-            print(f"built {folder} in {time.perf_counter() - t0:.0f} s {made.get('error', '')}", flush=True)
+            made = run_child(
+                "make",
+                {
+                    "shape": v["shape"],
+                    "folder": str(folder),
+                    "tokenizer": a.tokenizer,
+                    "tiny": a.tiny,
+                },
+            )
+            print(
+                f"built {folder} in {time.perf_counter() - t0:.0f} s {made.get('error', '')}",
+                flush=True,
+            )
         t0 = time.perf_counter()
-        r = run_child("run", {"variant": v, "folder": str(folder), "data_dir": str(data_dir), "warmup": a.warmup,
-                              "steps": a.steps, "tiny": a.tiny, "peak_flops": a.peak,
-                              "profile_steps": a.profile_steps, "set": a.set,
-                              "mixed_precision": a.mixed_precision, "lora_cast": a.lora_cast})
+        r = run_child(
+            "run",
+            {
+                "variant": v,
+                "folder": str(folder),
+                "data_dir": str(data_dir),
+                "warmup": a.warmup,
+                "steps": a.steps,
+                "tiny": a.tiny,
+                "peak_flops": a.peak,
+                "profile_steps": a.profile_steps,
+                "set": a.set,
+                "mixed_precision": a.mixed_precision,
+                "lora_cast": a.lora_cast,
+            },
+        )
         results[name] = {"variant": v, **r}
-        print(f"{name}: {time.perf_counter() - t0:.0f} s " +
-              (r["error"] if "error" in r else f"{r['tokens_per_s']:,.0f} tokens/s, MFU {100 * r['mfu']:.1f} %, "
-               f"peak {r.get('peak_alloc_gib')} GiB"), flush=True)
-        common.write_json(out, {"meta": meta, "results": results})  # after every variant: a cut run keeps them
+        print(
+            f"{name}: {time.perf_counter() - t0:.0f} s "
+            + (
+                r["error"]
+                if "error" in r
+                else f"{r['tokens_per_s']:,.0f} tokens/s, MFU {100 * r['mfu']:.1f} %, "
+                f"peak {r.get('peak_alloc_gib')} GiB"
+            ),
+            flush=True,
+        )
+        common.write_json(
+            out, {"meta": meta, "results": results}
+        )  # after every variant: a cut run keeps them
     print(table({n: results[n] for n in results}))
     for name in names:
         pr = results[name].get("profile")
         if pr:
-            print(f"\n{name}: wall {pr['wall_ms_per_step']} ms/step, GPU busy {pr['gpu_busy_ms_per_step']} ms/step, "
-                  f"{pr['kernels_per_step']} kernels/step")
+            print(
+                f"\n{name}: wall {pr['wall_ms_per_step']} ms/step, GPU busy {pr['gpu_busy_ms_per_step']} ms/step, "
+                f"{pr['kernels_per_step']} kernels/step"
+            )
             for label in ("by_gpu", "by_cpu"):
-                print(f"  {label}: " + "; ".join(f"{r['op']} {r['gpu_ms']}/{r['cpu_ms']} ms x{r['calls']}"
-                                                   for r in pr[label][:10]))
+                print(
+                    f"  {label}: "
+                    + "; ".join(
+                        f"{r['op']} {r['gpu_ms']}/{r['cpu_ms']} ms x{r['calls']}"
+                        for r in pr[label][:10]
+                    )
+                )
     if not a.no_doc and not a.tiny:
         common.update_doc(Path(a.doc), SECTION, section_body(meta, results))
     return 0

@@ -32,24 +32,28 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import common  # noqa: E402
 
-from t2t_mtl import mixing  # noqa: E402
-from t2t_mtl.config import load_config  # noqa: E402
+from t2t_mtl.core.config import load_config  # noqa: E402
+from t2t_mtl.mixing import mixture  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--config", default="launch/configs/mix_real.yaml")
     ap.add_argument("--records", type=int, default=20_000)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--profile", action="store_true", help="cProfile one render+mix pass, print the top 15")
+    ap.add_argument(
+        "--profile", action="store_true", help="cProfile one render+mix pass, print the top 15"
+    )
     ap.add_argument("--out", default="bench/results/mix.json")
     args = ap.parse_args(argv)
 
     cfg = load_config(args.config)
     t0 = time.perf_counter()
-    members = mixing.build_members(cfg)
+    members = mixture.build_members(cfg)
     setup_s = time.perf_counter() - t0
-    plan = mixing.plan_stage(cfg, 0, members)
+    plan = mixture.plan_stage(cfg, 0, members)
     n = args.records
 
     walk = plan.stream()
@@ -80,36 +84,59 @@ def main(argv: list[str] | None = None) -> int:
         for c, lo in enumerate(range(0, n, chunk)):
             hi = min(n, lo + chunk)
             pair = [("render_only", ro), ("render_mix", rm)]
-            for key, fn in (pair[::-1] if (c % 2) ^ flip else pair):
+            for key, fn in pair[::-1] if (c % 2) ^ flip else pair:
                 timed(key, fn, lo, hi)
         w, c = time.perf_counter(), time.process_time()
         m = plan.stream()
         for _ in range(n):
             m.next_index()
-        return {"render_only_wall_s": t["render_only"][0], "render_mix_wall_s": t["render_mix"][0],
-                "render_only_cpu_s": t["render_only"][1], "render_mix_cpu_s": t["render_mix"][1],
-                "mix_only_wall_s": time.perf_counter() - w, "mix_only_cpu_s": time.process_time() - c}
+        return {
+            "render_only_wall_s": t["render_only"][0],
+            "render_mix_wall_s": t["render_mix"][0],
+            "render_only_cpu_s": t["render_only"][1],
+            "render_mix_cpu_s": t["render_mix"][1],
+            "mix_only_wall_s": time.perf_counter() - w,
+            "mix_only_cpu_s": time.process_time() - c,
+        }
 
     one_round(False)  # warm-up: compiled templates, Arrow pages, permutations
     rounds = []
     for r in range(args.rounds):
         x = one_round(bool(r % 2))
         rounds.append(x)
-        print(f"round {r}: render-only {n / x['render_only_wall_s']:,.0f} rec/s, render+mix "
-              f"{n / x['render_mix_wall_s']:,.0f} rec/s (wall ratio {x['render_mix_wall_s'] / x['render_only_wall_s']:.3f}, "
-              f"CPU ratio {x['render_mix_cpu_s'] / x['render_only_cpu_s']:.3f})", flush=True)
+        print(
+            f"round {r}: render-only {n / x['render_only_wall_s']:,.0f} rec/s, render+mix "
+            f"{n / x['render_mix_wall_s']:,.0f} rec/s (wall ratio {x['render_mix_wall_s'] / x['render_only_wall_s']:.3f}, "
+            f"CPU ratio {x['render_mix_cpu_s'] / x['render_only_cpu_s']:.3f})",
+            flush=True,
+        )
     med = {k: statistics.median(x[k] for x in rounds) for k in rounds[0]}
     ratios = [x["render_mix_wall_s"] / x["render_only_wall_s"] for x in rounds]
     cpu_ratios = [x["render_mix_cpu_s"] / x["render_only_cpu_s"] for x in rounds]
     ratio, cpu_ratio = statistics.median(ratios), statistics.median(cpu_ratios)
     result = {
         "date": dt.datetime.now().isoformat(timespec="seconds"),
-        "machine": {"cpu": common.cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
-                    "platform": platform.platform()},
-        "command": " ".join(["python", "bench/bench_mix.py"] + (argv if argv is not None else sys.argv[1:])),
-        "config": args.config, "records": n, "rounds": args.rounds, "setup_s": round(setup_s, 3),
-        "tasks": {m.name: {"rows": m.size, "target_tokens": round(m.tokens), "rate": round(plan.rates[m.name], 4)}
-                  for m in plan.members},
+        "machine": {
+            "cpu": common.cpu_name(),
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "command": " ".join(
+            ["python", "bench/bench_mix.py"] + (argv if argv is not None else sys.argv[1:])
+        ),
+        "config": args.config,
+        "records": n,
+        "rounds": args.rounds,
+        "setup_s": round(setup_s, 3),
+        "tasks": {
+            m.name: {
+                "rows": m.size,
+                "target_tokens": round(m.tokens),
+                "rate": round(plan.rates[m.name], 4),
+            }
+            for m in plan.members
+        },
         "render_only_rec_per_s": round(n / med["render_only_wall_s"]),
         "render_mix_rec_per_s": round(n / med["render_mix_wall_s"]),
         "mix_only_rec_per_s": round(n / med["mix_only_wall_s"]),
@@ -123,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         "target_overhead_pct": 10.0,
         "rounds_detail": [{k: round(v, 4) for k, v in x.items()} for x in rounds],
     }
-    result["target_met"] = max(result["mixer_overhead_pct_wall"], result["mixer_overhead_pct_cpu"]) < 10.0
+    result["target_met"] = (
+        max(result["mixer_overhead_pct_wall"], result["mixer_overhead_pct_cpu"]) < 10.0
+    )
     print(json.dumps({k: v for k, v in result.items() if k != "rounds_detail"}, indent=1))
     out = ROOT / args.out
     out.parent.mkdir(parents=True, exist_ok=True)

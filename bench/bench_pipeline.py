@@ -37,23 +37,28 @@ SECTION = "## Data pipeline speed"
 
 def setup(data: Path):
     """Run config (default recipe + five slices), tokenizer, prompt format, task index, members."""
-    from t2t_mtl import mixing, modeling
-    from t2t_mtl.config import load_config
-    from t2t_mtl.prompt_format import PromptFormat
+    from t2t_mtl.core.config import load_config
+    from t2t_mtl.mixing import mixture
+    from t2t_mtl.model import loading
+    from t2t_mtl.model.prompt_format import PromptFormat
 
     d = common.default_recipe()
     d.update(tasks=common.slice_tasks(data), output_dir=tempfile.mkdtemp(prefix="bench-pipeline-"))
     cfg = load_config(data=d)
     from transformers import AutoTokenizer
 
-    path, kw, hf_config = modeling.resolve_model(cfg.model.name)  # the tokenizer only: no weights needed
+    path, kw, hf_config = loading.resolve_model(
+        cfg.model.name
+    )  # the tokenizer only: no weights needed
     tok = AutoTokenizer.from_pretrained(path, **kw)
-    fmt = PromptFormat.for_tokenizer(tok, modeling.detect_family(hf_config), cfg.model.prompt_format)
-    return cfg, tok, fmt, {n: i for i, n in enumerate(cfg.task_names())}, mixing.build_members(cfg)
+    fmt = PromptFormat.for_tokenizer(tok, loading.detect_family(hf_config), cfg.model.prompt_format)
+    return cfg, tok, fmt, {n: i for i, n in enumerate(cfg.task_names())}, mixture.build_members(cfg)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("data_dir", nargs="?", default=str(common.DEFAULT_DATA))
     ap.add_argument("--records", type=int, default=4000)
     ap.add_argument("--rounds", type=int, default=3)
@@ -67,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         return common.report_errors(errors)
     import torch
 
-    from t2t_mtl import features, mixing
+    from t2t_mtl.mixing import mixture
+    from t2t_mtl.model import features
 
     torch.set_num_threads(1)  # tokenisation is single-threaded per call; keep torch out of the way
     cfg, tok, fmt, index, members = setup(data)
@@ -75,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     n = args.records
 
     def stream():
-        return mixing.plan_stage(cfg, 0, members).stream()
+        return mixture.plan_stage(cfg, 0, members).stream()
 
     # The final texts of the same records (after the pipeline's cut), for the tokenizer bound.
     feats, texts, full = [], [], []
@@ -83,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         f = features.encode(rec, tok, fmt, L, T, task_index=index[rec.task])
         feats.append(f)
         cut = sum(1 for x in f["labels"] if x == features.IGNORE_INDEX)
-        texts.append((tok.decode(f["input_ids"][:cut], clean_up_tokenization_spaces=False), fmt.target(rec)))
+        texts.append(
+            (tok.decode(f["input_ids"][:cut], clean_up_tokenization_spaces=False), fmt.target(rec))
+        )
         full.append((fmt.prompt(rec), fmt.target(rec)))
     tokens = sum(len(f["input_ids"]) for f in feats)
     truncated = sum(bool(f["truncated"]) for f in feats)
@@ -109,45 +117,70 @@ def main(argv: list[str] | None = None) -> int:
         tok([p for p, _ in texts], add_special_tokens=False)
         tok([t for _, t in texts], add_special_tokens=False)
 
-    fns = {"pipeline (mix + render + tokenize)": pipeline, "mix + render only": render_only,
-           "tokenizer bound, per record": tok_per_record, "tokenizer bound, batched": tok_batched,
-           "tokenizer on the uncut texts, per record": tok_full}
+    fns = {
+        "pipeline (mix + render + tokenize)": pipeline,
+        "mix + render only": render_only,
+        "tokenizer bound, per record": tok_per_record,
+        "tokenizer bound, batched": tok_batched,
+        "tokenizer on the uncut texts, per record": tok_full,
+    }
     best = {k: float("inf") for k in fns}
     for r in range(args.rounds):
-        for k in (list(fns) if r % 2 == 0 else list(reversed(fns))):
+        for k in list(fns) if r % 2 == 0 else list(reversed(fns)):
             t0 = time.perf_counter()
             fns[k]()
             best[k] = min(best[k], time.perf_counter() - t0)
-    res = {k: {"seconds": round(v, 3), "records_per_s": round(n / v, 1), "tokens_per_s": round(tokens / v)}
-           for k, v in best.items()}
+    res = {
+        k: {
+            "seconds": round(v, 3),
+            "records_per_s": round(n / v, 1),
+            "tokens_per_s": round(tokens / v),
+        }
+        for k, v in best.items()
+    }
     pipe = res["pipeline (mix + render + tokenize)"]["records_per_s"]
     per = res["tokenizer bound, per record"]["records_per_s"]
     uncut = res["tokenizer on the uncut texts, per record"]["records_per_s"]
-    out = {"machine": common.machine(command="python bench/bench_pipeline.py " + " ".join(argv or sys.argv[1:])),
-           "records": n, "tokens": tokens, "truncated_records": truncated, "max_length": L, "results": res,
-           "pipeline_over_tokenizer_bound": round(pipe / per, 3), "pipeline_over_uncut_tokenizer": round(pipe / uncut, 3)}
+    out = {
+        "machine": common.machine(
+            command="python bench/bench_pipeline.py " + " ".join(argv or sys.argv[1:])
+        ),
+        "records": n,
+        "tokens": tokens,
+        "truncated_records": truncated,
+        "max_length": L,
+        "results": res,
+        "pipeline_over_tokenizer_bound": round(pipe / per, 3),
+        "pipeline_over_uncut_tokenizer": round(pipe / uncut, 3),
+    }
     common.write_json(Path(args.out), out)
     lines = ["| stage | records/s | tokens/s | seconds |", "|---|---:|---:|---:|"]
     for k, v in res.items():
-        lines.append(f"| {k} | {v['records_per_s']:,.0f} | {v['tokens_per_s']:,} | {v['seconds']:.2f} |")
+        lines.append(
+            f"| {k} | {v['records_per_s']:,.0f} | {v['tokens_per_s']:,} | {v['seconds']:.2f} |"
+        )
     table = "\n".join(lines)
     print(table)
     if not args.no_doc:
-        body = "\n\n".join([
-            "Command: `python bench/bench_pipeline.py ../shared/data/real`. Results: `bench/results/pipeline.json`.",
-            common.machine_line(out["machine"]),
-            f"{n:,} records of the default recipe's mixed stream over the five slices ({tokens:,} tokens, "
-            f"{truncated} records cut to max_length {L}), one process, one torch thread, best of {args.rounds} "
-            "rounds:", table,
-            f"The pipeline runs at **{pipe / per:.0%} of the per-record tokenizer bound** (tokenising the "
-            "final texts alone, one call per prompt and answer as the pipeline makes them) and at "
-            f"{pipe / uncut:.0%} of tokenising the uncut texts once (which any pipeline must do to find where "
-            "to cut). A cProfile of 1,500 records (2026-11-24) put 67 % of the pipeline's time in tokenizer "
-            "calls — 2.8 per record instead of 2, because each over-long record is tokenised whole, then its "
-            "input alone, then re-tokenised after the cut (so the cut is exact) — and 19 % in the mixer and "
-            "Jinja rendering; the chat layout takes most of the rest. Batched tokenisation is faster still, but the training loop encodes examples lazily as "
-            f"the stream yields them; at ~{pipe:,.0f} records/s the pipeline is far from limiting training, "
-            "which consumes ~1–2 records/s on this CPU (see the training benchmark)."])
+        body = "\n\n".join(
+            [
+                "Command: `python bench/bench_pipeline.py ../shared/data/real`. Results: `bench/results/pipeline.json`.",
+                common.machine_line(out["machine"]),
+                f"{n:,} records of the default recipe's mixed stream over the five slices ({tokens:,} tokens, "
+                f"{truncated} records cut to max_length {L}), one process, one torch thread, best of {args.rounds} "
+                "rounds:",
+                table,
+                f"The pipeline runs at **{pipe / per:.0%} of the per-record tokenizer bound** (tokenising the "
+                "final texts alone, one call per prompt and answer as the pipeline makes them) and at "
+                f"{pipe / uncut:.0%} of tokenising the uncut texts once (which any pipeline must do to find where "
+                "to cut). A cProfile of 1,500 records (2026-11-24) put 67 % of the pipeline's time in tokenizer "
+                "calls — 2.8 per record instead of 2, because each over-long record is tokenised whole, then its "
+                "input alone, then re-tokenised after the cut (so the cut is exact) — and 19 % in the mixer and "
+                "Jinja rendering; the chat layout takes most of the rest. Batched tokenisation is faster still, but the training loop encodes examples lazily as "
+                f"the stream yields them; at ~{pipe:,.0f} records/s the pipeline is far from limiting training, "
+                "which consumes ~1–2 records/s on this CPU (see the training benchmark).",
+            ]
+        )
         common.update_doc(Path(args.doc), SECTION, body)
         print(f"updated {args.doc}")
     return 0

@@ -52,20 +52,37 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import common  # noqa: E402
 
-PARTS = ("base", "multi", "transfer", "single", "temperature", "trl", "truncation", "one_variant", "plain_prompt")  # run in this order
+PARTS = (
+    "base",
+    "multi",
+    "transfer",
+    "single",
+    "temperature",
+    "trl",
+    "truncation",
+    "one_variant",
+    "plain_prompt",
+)  # run in this order
 # The input truncation the measured runs used: an over-long input lost its end (layout 1). The
 # `truncation` part measures the current default, "middle"; re-running every part with it is left to do.
 MEASURED_TRUNCATION = "end"
 TEMPERATURES = (1.0, 2.0, 5.0)
 # Training-set sizes of the full datasets (SST-2, SICK, SQuAD v1.1, CoNLL-2003, SciTLDR-A), scaled so the
 # largest is the slice size: the imbalance the temperature benchmark mixes.
-FULL_SIZES = {"sentiment_sst2": 67349, "nli_3way": 4439, "qa_squad": 87599, "ner_conll2003": 14041,
-              "summarization": 1992}
+FULL_SIZES = {
+    "sentiment_sst2": 67349,
+    "nli_3way": 4439,
+    "qa_squad": 87599,
+    "ner_conll2003": 14041,
+    "summarization": 1992,
+}
 SECTION_QUALITY = "## Multi-task quality"
 SECTION_TRANSFER = "## Zero-shot transfer"
 FREE_INSTRUCTIONS = {
-    "nli_2way": ("Read the two texts. Does the first text imply that the second one is true? "
-                 "Reply with entailment or not_entailment."),
+    "nli_2way": (
+        "Read the two texts. Does the first text imply that the second one is true? "
+        "Reply with entailment or not_entailment."
+    ),
     "topic_ag_news": "What is this news article about? Reply with one word: World, Sports, Business or Sci/Tech.",
 }
 
@@ -77,46 +94,60 @@ def log(msg: str) -> None:
 # ------------------------------------------------------------------------- runs
 
 
-def run_config(args, name: str, tasks: list[dict], temperature: float = 2.0, truncation: str = MEASURED_TRUNCATION,
-               prompt_format: str = "auto"):
+def run_config(
+    args,
+    name: str,
+    tasks: list[dict],
+    temperature: float = 2.0,
+    truncation: str = MEASURED_TRUNCATION,
+    prompt_format: str = "auto",
+):
     """The default recipe with these tasks, this budget and a run folder under --work."""
-    from t2t_mtl.config import load_config
+    from t2t_mtl.core.config import load_config
 
     d = common.default_recipe()
     d.update(run_name=name, output_dir=str(Path(args.work) / name), tasks=tasks)
     d["model"]["truncation"] = truncation
     d["model"]["prompt_format"] = prompt_format
     d["mixing"]["temperature"] = temperature
-    d["train"].update(steps=args.steps, batch_size=args.batch_size, save_steps=50, save_total_limit=1,
-                      resume="auto", bad_rows="skip")
+    d["train"].update(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        save_steps=50,
+        save_total_limit=1,
+        resume="auto",
+        bad_rows="skip",
+    )
     d["eval"].update(every_steps=0, limit=args.limit, split="validation")
     return load_config(data=d)
 
 
 def train_once(cfg) -> Path:
     """Train the run unless it already finished (an unfinished one resumes from its last checkpoint)."""
-    from t2t_mtl import training
+    from t2t_mtl.training import trainer
 
     run_dir = Path(cfg.output_dir)
     if (run_dir / "train_summary.json").is_file():
         return run_dir
     log(f"training {cfg.run_name} ({cfg.train.steps} steps x {cfg.train.batch_size})")
     t0 = time.time()
-    training.train(cfg, eval_fn=None)
+    trainer.train(cfg, eval_fn=None)
     log(f"trained {cfg.run_name} in {time.time() - t0:.0f} s")
     return run_dir
 
 
 def eval_once(run_dir: Path, limit: int, tasks: list[str] | None = None) -> dict:
     """Validation scores of a trained run's final adapter (cached in RUN/eval/bench-validation-N.json)."""
-    from t2t_mtl.eval_runs import evaluate_run
+    from t2t_mtl.evaluation.run_eval import evaluate_run
 
     name = f"bench-validation-{limit}"
     path = run_dir / "eval" / f"{name}.json"
     if path.is_file():
         return json.loads(path.read_text(encoding="utf-8"))
     log(f"evaluating {run_dir.name}")
-    res, _ = evaluate_run(run_dir, split="validation", limit=limit, tasks=tasks, name=name, progress=False)
+    res, _ = evaluate_run(
+        run_dir, split="validation", limit=limit, tasks=tasks, name=name, progress=False
+    )
     return res
 
 
@@ -144,44 +175,75 @@ def summary_of(run_dir: Path) -> dict:
     """Training time and throughput from the run's train_summary.json."""
     s = json.loads((run_dir / "train_summary.json").read_text(encoding="utf-8"))
     sess = s.get("session", {})
-    return {"steps": s.get("steps"), "seconds": s.get("seconds"), "final_loss": s.get("final_loss"),
-            "final_task_loss": s.get("final_task_loss"), "input_tokens": sess.get("input_tokens"),
-            "input_tokens_per_s": round(sess.get("tokens_per_s", 0.0), 1)}
+    return {
+        "steps": s.get("steps"),
+        "seconds": s.get("seconds"),
+        "final_loss": s.get("final_loss"),
+        "final_task_loss": s.get("final_task_loss"),
+        "input_tokens": sess.get("input_tokens"),
+        "input_tokens_per_s": round(sess.get("tokens_per_s", 0.0), 1),
+    }
 
 
 # ------------------------------------------------------------------------- base model
 
 
-def evaluate_cached(path: Path, label: str, load, cfg, limit: int, free: bool, mode: str | None = None) -> dict:
+def evaluate_cached(
+    path: Path, label: str, load, cfg, limit: int, free: bool, mode: str | None = None
+) -> dict:
     """`cfg`'s tasks scored for the model `load()` returns (model, tokenizer, prompt format), through their
     templates or (`free`) free instructions; `mode="rank"` scores the answer choices by likelihood instead
     of generating (no format failures possible). The result is cached in `path`."""
     if path.is_file():
         return json.loads(path.read_text(encoding="utf-8"))
-    from t2t_mtl import evaluation
+    from t2t_mtl.evaluation import evaluator
 
     log(f"evaluating {label}")
     model, tok, fmt = load()
     model.eval()
-    res = (free_eval(model, tok, fmt, cfg, limit) if free else
-           evaluation.evaluate(model, tok, fmt, evaluation.eval_tasks(cfg, mode=mode), split="validation", limit=limit,
-                               batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
-                               max_prompt_tokens=cfg.model.max_length, progress=False))
+    res = (
+        free_eval(model, tok, fmt, cfg, limit)
+        if free
+        else evaluator.evaluate(
+            model,
+            tok,
+            fmt,
+            evaluator.eval_tasks(cfg, mode=mode),
+            split="validation",
+            limit=limit,
+            batch_size=cfg.eval.batch_size,
+            max_new_tokens=cfg.eval.max_new_tokens,
+            max_prompt_tokens=cfg.model.max_length,
+            progress=False,
+        )
+    )
     common.write_json(path, res)
     return res
 
 
 def base_eval(args, cfg, name: str, free: bool = False, mode: str | None = None) -> dict:
     """The untuned base model on `cfg`'s tasks (cached under WORK/base/)."""
+
     def load():
-        from t2t_mtl import modeling
-        from t2t_mtl.prompt_format import PromptFormat
+        from t2t_mtl.model import loading
+        from t2t_mtl.model.prompt_format import PromptFormat
 
-        model, tok, family = modeling.load_model_and_tokenizer(cfg.model, None)
-        return model, tok, PromptFormat.for_tokenizer(tok, family, cfg.model.prompt_format, cfg.model.truncation)
+        model, tok, family = loading.load_model_and_tokenizer(cfg.model, None)
+        return (
+            model,
+            tok,
+            PromptFormat.for_tokenizer(tok, family, cfg.model.prompt_format, cfg.model.truncation),
+        )
 
-    return evaluate_cached(Path(args.work) / "base" / f"{name}.json", f"the base model: {name}", load, cfg,
-                           args.limit, free, mode)
+    return evaluate_cached(
+        Path(args.work) / "base" / f"{name}.json",
+        f"the base model: {name}",
+        load,
+        cfg,
+        args.limit,
+        free,
+        mode,
+    )
 
 
 def free_eval(model, tok, fmt, cfg, limit: int) -> dict:
@@ -189,34 +251,59 @@ def free_eval(model, tok, fmt, cfg, limit: int) -> dict:
     parser and metric: what `t2t-mtl prompt --instruction ...` would answer."""
     import dataclasses
 
-    from t2t_mtl import evaluation
-    from t2t_mtl.generation import generate_texts
+    from t2t_mtl.evaluation import evaluator
+    from t2t_mtl.model.generation import generate_texts
 
     out = {"split": "validation", "limit": limit, "tasks": {}}
-    for t in evaluation.eval_tasks(cfg):
-        examples, _rows = evaluation.load_examples(t, "validation", limit)
-        free = [dataclasses.replace(ex, record=dataclasses.replace(ex.record, instruction=FREE_INSTRUCTIONS[t.name]))
-                for ex in examples]
-        texts = generate_texts(model, tok, fmt, [ex.record for ex in free], max_new_tokens=16,
-                               batch_size=cfg.eval.batch_size, max_prompt_tokens=cfg.model.max_length)
-        summary, preds = evaluation.score_task(t.template, free, texts)
-        out["tasks"][t.name] = {"mode": "generate", "variant": "free-instruction", **summary,
-                                "examples": preds[:3]}
+    for t in evaluator.eval_tasks(cfg):
+        examples, _rows = evaluator.load_examples(t, "validation", limit)
+        free = [
+            dataclasses.replace(
+                ex, record=dataclasses.replace(ex.record, instruction=FREE_INSTRUCTIONS[t.name])
+            )
+            for ex in examples
+        ]
+        texts = generate_texts(
+            model,
+            tok,
+            fmt,
+            [ex.record for ex in free],
+            max_new_tokens=16,
+            batch_size=cfg.eval.batch_size,
+            max_prompt_tokens=cfg.model.max_length,
+        )
+        summary, preds = evaluator.score_task(t.template, free, texts)
+        out["tasks"][t.name] = {
+            "mode": "generate",
+            "variant": "free-instruction",
+            **summary,
+            "examples": preds[:3],
+        }
     return out
 
 
-def run_model_eval(args, run_dir: Path, cfg, name: str, free: bool, mode: str | None = None) -> dict:
+def run_model_eval(
+    args, run_dir: Path, cfg, name: str, free: bool, mode: str | None = None
+) -> dict:
     """A trained run's adapter on `cfg`'s tasks (not necessarily the run's own), cached under RUN/eval."""
+
     def load():
-        from t2t_mtl.modeling import load_for_inference
-        from t2t_mtl.prompt_format import PromptFormat
-        from t2t_mtl.runs import Run
+        from t2t_mtl.model.loading import load_for_inference
+        from t2t_mtl.model.prompt_format import PromptFormat
+        from t2t_mtl.runs.folder import Run
 
         model, tok, _family, manifest = load_for_inference(Run.load(run_dir).bundle_dir())
         return model, tok, PromptFormat.from_dict(manifest["prompt_format"])
 
-    return evaluate_cached(run_dir / "eval" / f"{name}.json", f"{run_dir.name}: {name}", load, cfg, args.limit,
-                           free, mode)
+    return evaluate_cached(
+        run_dir / "eval" / f"{name}.json",
+        f"{run_dir.name}: {name}",
+        load,
+        cfg,
+        args.limit,
+        free,
+        mode,
+    )
 
 
 # ------------------------------------------------------------------------- TRL baseline
@@ -233,8 +320,10 @@ def hand_prompt(task: str, row: dict, tok, budget: int = 180) -> str:
     if task == "sentiment_sst2":
         return f"Review: {row['text']}\nSentiment (negative or positive):"
     if task == "nli_3way":
-        return (f"Premise: {row['premise']}\nHypothesis: {row['hypothesis']}\n"
-                "Relation (entailment, neutral or contradiction):")
+        return (
+            f"Premise: {row['premise']}\nHypothesis: {row['hypothesis']}\n"
+            "Relation (entailment, neutral or contradiction):"
+        )
     if task == "qa_squad":
         return f"Context: {_fit(tok, row['context'], budget)}\nQuestion: {row['question']}\nAnswer:"
     if task == "ner_conll2003":
@@ -254,13 +343,19 @@ def trl_part(args, cfg) -> dict:
     from peft import LoraConfig, PeftModel
     from trl import SFTConfig, SFTTrainer
 
-    from t2t_mtl import evaluation, modeling, sources
+    from t2t_mtl.evaluation import evaluator
+    from t2t_mtl.model import loading
+    from t2t_mtl.tasks import sources
 
-    tasks = evaluation.eval_tasks(cfg)
-    model, tok, _family = modeling.load_model_and_tokenizer(cfg.model, None, for_training=True)
+    tasks = evaluator.eval_tasks(cfg)
+    model, tok, _family = loading.load_model_and_tokenizer(cfg.model, None, for_training=True)
     adapter = out_dir / "adapter"
     if not (adapter / "adapter_config.json").is_file():
-        per_task, rng, data = args.steps * args.batch_size // len(tasks), random.Random(cfg.seed), []
+        per_task, rng, data = (
+            args.steps * args.batch_size // len(tasks),
+            random.Random(cfg.seed),
+            [],
+        )
         for t in tasks:
             rows = sources.load_rows(t.template, t.source, "train", bad_rows="skip")
             order = list(range(len(rows)))
@@ -268,25 +363,59 @@ def trl_part(args, cfg) -> dict:
             for i in order[:per_task]:
                 row = rows[i]
                 rec = t.template.render(row, t.variant_id(), row_id=str(i), split="train")
-                data.append({"prompt": hand_prompt(t.name, row, tok), "completion": " " + rec.output})
+                data.append(
+                    {"prompt": hand_prompt(t.name, row, tok), "completion": " " + rec.output}
+                )
         rng.shuffle(data)
         tr, ad = cfg.train, cfg.adapter
         targs = SFTConfig(
-            output_dir=str(out_dir / "trainer"), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-            learning_rate=tr.learning_rate, weight_decay=tr.weight_decay, warmup_steps=tr.warmup_steps,
-            lr_scheduler_type=tr.scheduler, max_grad_norm=tr.max_grad_norm, max_length=cfg.model.max_length,
-            packing=False, completion_only_loss=True, bf16=False, fp16=False, logging_steps=10,
-            save_strategy="no", report_to="none", disable_tqdm=True, seed=cfg.seed, dataloader_num_workers=0)
-        lora = LoraConfig(r=ad.r, lora_alpha=ad.alpha, lora_dropout=ad.dropout, target_modules=ad.target_modules,
-                          task_type="CAUSAL_LM")
+            output_dir=str(out_dir / "trainer"),
+            max_steps=args.steps,
+            per_device_train_batch_size=args.batch_size,
+            learning_rate=tr.learning_rate,
+            weight_decay=tr.weight_decay,
+            warmup_steps=tr.warmup_steps,
+            lr_scheduler_type=tr.scheduler,
+            max_grad_norm=tr.max_grad_norm,
+            max_length=cfg.model.max_length,
+            packing=False,
+            completion_only_loss=True,
+            bf16=False,
+            fp16=False,
+            logging_steps=10,
+            save_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            seed=cfg.seed,
+            dataloader_num_workers=0,
+        )
+        lora = LoraConfig(
+            r=ad.r,
+            lora_alpha=ad.alpha,
+            lora_dropout=ad.dropout,
+            target_modules=ad.target_modules,
+            task_type="CAUSAL_LM",
+        )
         log(f"training trl ({args.steps} steps x {args.batch_size}, {len(data)} examples)")
         t0 = time.time()
-        trainer = SFTTrainer(model=model, args=targs, train_dataset=Dataset.from_list(data), processing_class=tok,
-                             peft_config=lora)
+        trainer = SFTTrainer(
+            model=model,
+            args=targs,
+            train_dataset=Dataset.from_list(data),
+            processing_class=tok,
+            peft_config=lora,
+        )
         trainer.train()
         trainer.model.save_pretrained(str(adapter))
-        common.write_json(out_dir / "train_summary.json", {"steps": args.steps, "seconds": round(time.time() - t0, 1),
-                                                         "examples": len(data), "log": trainer.state.log_history})
+        common.write_json(
+            out_dir / "train_summary.json",
+            {
+                "steps": args.steps,
+                "seconds": round(time.time() - t0, 1),
+                "examples": len(data),
+                "log": trainer.state.log_history,
+            },
+        )
         model = trainer.model
     else:
         model = PeftModel.from_pretrained(model, str(adapter))
@@ -294,11 +423,16 @@ def trl_part(args, cfg) -> dict:
     log("evaluating trl")
     out = {"split": "validation", "limit": args.limit, "tasks": {}}
     for t in tasks:
-        examples, rows = evaluation.load_examples(t, "validation", args.limit)
+        examples, rows = evaluator.load_examples(t, "validation", args.limit)
         prompts = [hand_prompt(t.name, rows[int(ex.record.meta["row_id"])], tok) for ex in examples]
         texts = greedy(model, tok, prompts, cfg.eval.max_new_tokens, cfg.eval.batch_size)
-        summary, preds = evaluation.score_task(t.template, examples, texts)
-        out["tasks"][t.name] = {"mode": "generate", "variant": "hand-written", **summary, "examples": preds[:3]}
+        summary, preds = evaluator.score_task(t.template, examples, texts)
+        out["tasks"][t.name] = {
+            "mode": "generate",
+            "variant": "hand-written",
+            **summary,
+            "examples": preds[:3],
+        }
     common.write_json(res_path, out)
     return out
 
@@ -311,11 +445,16 @@ def greedy(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     texts = []
     for i in range(0, len(prompts), batch_size):
-        enc = tok(prompts[i:i + batch_size], return_tensors="pt", padding=True)
+        enc = tok(prompts[i : i + batch_size], return_tensors="pt", padding=True)
         with torch.no_grad():
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
-                                 eos_token_id=tok.eos_token_id)
-        for row in gen[:, enc["input_ids"].shape[1]:]:
+            gen = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+                eos_token_id=tok.eos_token_id,
+            )
+        for row in gen[:, enc["input_ids"].shape[1] :]:
             texts.append(tok.decode(row, skip_special_tokens=True).strip())
     return texts
 
@@ -325,7 +464,7 @@ def one_variant_tasks(args, tasks: list[dict]) -> list[dict]:
     variant (same name, same variant id, so evaluation renders exactly what it renders for (b))."""
     import yaml
 
-    from t2t_mtl.tasks import load_task
+    from t2t_mtl.tasks.catalogue import load_task
 
     out_dir = Path(args.work) / "one_variant_templates"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -335,7 +474,9 @@ def one_variant_tasks(args, tasks: list[dict]) -> list[dict]:
         src, d = tpl.path, copy.deepcopy(tpl.data)  # the merged data: includes resolved
         d.pop("include", None)
         d["variants"] = [v for v in d["variants"] if not v.get("heldout")][:1]
-        d.pop("samples", None)  # the slices replace the bundled samples (and the path was relative to src)
+        d.pop(
+            "samples", None
+        )  # the slices replace the bundled samples (and the path was relative to src)
         dst = out_dir / src.name
         dst.write_text(yaml.safe_dump(d, sort_keys=False, allow_unicode=True), encoding="utf-8")
         out.append({**t, "template": str(dst)})
@@ -351,15 +492,16 @@ def truncation_stats(cfg, limit: int) -> dict:
     with the end and with the middle of the input cut. Tokenizer only; nothing is trained."""
     import dataclasses
 
-    from t2t_mtl import evaluation, modeling
-    from t2t_mtl.features import prompt_ids
-    from t2t_mtl.prompt_format import PromptFormat
+    from t2t_mtl.evaluation import evaluator
+    from t2t_mtl.model import loading
+    from t2t_mtl.model.features import prompt_ids
+    from t2t_mtl.model.prompt_format import PromptFormat
 
-    _model, tok, family = modeling.load_model_and_tokenizer(cfg.model, None)
+    _model, tok, family = loading.load_model_and_tokenizer(cfg.model, None)
     fmt = PromptFormat.for_tokenizer(tok, family, cfg.model.prompt_format)
     out = {}
-    for t in evaluation.eval_tasks(cfg):
-        examples, rows = evaluation.load_examples(t, "validation", limit)
+    for t in evaluator.eval_tasks(cfg):
+        examples, rows = evaluator.load_examples(t, "validation", limit)
         st = {"prompts": len(examples)}
         for side in ("end", "middle"):
             f = dataclasses.replace(fmt, truncation=side)
@@ -369,7 +511,9 @@ def truncation_stats(cfg, limit: int) -> dict:
                 cut += c
                 q = rows[int(ex.record.meta["row_id"])].get("question")
                 lost += bool(c and q and q.strip() not in tok.decode(ids))
-            st["cut_pct"] = round(100 * cut / max(len(examples), 1), 1)  # whether a prompt is cut: same for both
+            st["cut_pct"] = round(
+                100 * cut / max(len(examples), 1), 1
+            )  # whether a prompt is cut: same for both
             if t.name == "qa_squad":
                 st[f"question_lost_pct_{side}"] = round(100 * lost / max(len(examples), 1), 1)
         out[t.name] = st
@@ -387,39 +531,58 @@ def imbalanced_caps(slice_rows: int = 2000) -> dict[str, int]:
 
 def mixture_shares(cfg) -> dict[str, float]:
     """The planned sampling shares of a run config's single stage (from the mixing module itself)."""
-    from t2t_mtl import mixing
+    from t2t_mtl.mixing import mixture
 
-    plan = mixing.plan_stage(cfg, 0, mixing.build_members(cfg))
+    plan = mixture.plan_stage(cfg, 0, mixture.build_members(cfg))
     return {m: round(r, 4) for m, r in plan.rates.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("data_dir", nargs="?", default=str(common.DEFAULT_DATA))
-    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, from {', '.join(PARTS)}")
+    ap.add_argument(
+        "--parts", default=",".join(PARTS), help=f"comma-separated, from {', '.join(PARTS)}"
+    )
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--limit", type=int, default=100, help="validation rows per task")
-    ap.add_argument("--work", default=str(ROOT / "runs" / "bench_quality"), help="run folders (resumable cache)")
+    ap.add_argument(
+        "--work", default=str(ROOT / "runs" / "bench_quality"), help="run folders (resumable cache)"
+    )
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "quality.json"))
     ap.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks.md"))
     ap.add_argument("--no-doc", action="store_true")
     args = ap.parse_args(argv)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     data = Path(args.data_dir).resolve()
-    errors = [f"error: unknown part '{p}' (choose from {', '.join(PARTS)})" for p in parts if p not in PARTS]
-    errors += common.check_data_dir(data, [f for _, f in common.SLICES] + [f for _, f, _ in common.HELDOUT_SLICES])
+    errors = [
+        f"error: unknown part '{p}' (choose from {', '.join(PARTS)})"
+        for p in parts
+        if p not in PARTS
+    ]
+    errors += common.check_data_dir(
+        data, [f for _, f in common.SLICES] + [f for _, f, _ in common.HELDOUT_SLICES]
+    )
     if errors:
         return common.report_errors(errors)
     out_path = Path(args.out)
     results = json.loads(out_path.read_text(encoding="utf-8")) if out_path.is_file() else {}
     results.setdefault("runs", {})
-    results["settings"] = {"steps": args.steps, "batch_size": args.batch_size, "limit": args.limit,
-                           "examples": args.steps * args.batch_size, "data": str(data)}
+    results["settings"] = {
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "limit": args.limit,
+        "examples": args.steps * args.batch_size,
+        "data": str(data),
+    }
     runs = results["runs"]
 
     def save() -> None:
-        results["machine"] = common.machine(command="python bench/bench_quality.py " + " ".join(argv or sys.argv[1:]))
+        results["machine"] = common.machine(
+            command="python bench/bench_quality.py " + " ".join(argv or sys.argv[1:])
+        )
         common.write_json(out_path, results)
 
     all_tasks = common.slice_tasks(data)
@@ -429,20 +592,29 @@ def main(argv: list[str] | None = None) -> int:
         save()
     if "multi" in parts:
         d = train_once(multi_cfg)
-        runs["multi"] = entry(eval_once(d, args.limit), train=summary_of(d), shares=mixture_shares(multi_cfg))
+        runs["multi"] = entry(
+            eval_once(d, args.limit), train=summary_of(d), shares=mixture_shares(multi_cfg)
+        )
         save()
     if "transfer" in parts:
         tcfg = run_config(args, "transfer_eval", common.heldout_tasks(data))
         multi_dir = train_once(multi_cfg)
         tr = results.setdefault("transfer", {})
-        for key, res in (("base_template", base_eval(args, tcfg, "transfer-template")),
-                         ("base_free", base_eval(args, tcfg, "transfer-free", free=True)),
-                         ("multi_template", run_model_eval(args, multi_dir, tcfg, "transfer-template", free=False)),
-                         ("multi_free", run_model_eval(args, multi_dir, tcfg, "transfer-free", free=True)),
-                         # ranked answer choices: knowledge without format failures
-                         ("base_rank", base_eval(args, tcfg, "transfer-rank", mode="rank")),
-                         ("multi_rank", run_model_eval(args, multi_dir, tcfg, "transfer-rank", free=False,
-                                                       mode="rank"))):
+        for key, res in (
+            ("base_template", base_eval(args, tcfg, "transfer-template")),
+            ("base_free", base_eval(args, tcfg, "transfer-free", free=True)),
+            (
+                "multi_template",
+                run_model_eval(args, multi_dir, tcfg, "transfer-template", free=False),
+            ),
+            ("multi_free", run_model_eval(args, multi_dir, tcfg, "transfer-free", free=True)),
+            # ranked answer choices: knowledge without format failures
+            ("base_rank", base_eval(args, tcfg, "transfer-rank", mode="rank")),
+            (
+                "multi_rank",
+                run_model_eval(args, multi_dir, tcfg, "transfer-rank", free=False, mode="rank"),
+            ),
+        ):
             tr[key], tr[f"{key}_invalid"] = scores(res), invalid(res)
         save()
     if "single" in parts:
@@ -455,33 +627,50 @@ def main(argv: list[str] | None = None) -> int:
         caps = imbalanced_caps()
         results["imbalanced_caps"] = caps
         for T in TEMPERATURES:
-            cfg = run_config(args, f"imbalanced_T{T:g}", common.slice_tasks(data, max_examples=caps), temperature=T)
+            cfg = run_config(
+                args,
+                f"imbalanced_T{T:g}",
+                common.slice_tasks(data, max_examples=caps),
+                temperature=T,
+            )
             d = train_once(cfg)
-            runs[f"imbalanced_T{T:g}"] = entry(eval_once(d, args.limit), train=summary_of(d),
-                                               shares=mixture_shares(cfg), temperature=T)
+            runs[f"imbalanced_T{T:g}"] = entry(
+                eval_once(d, args.limit),
+                train=summary_of(d),
+                shares=mixture_shares(cfg),
+                temperature=T,
+            )
             save()
     if "trl" in parts:
         res = trl_part(args, multi_cfg)
         runs["trl"] = entry(res)
         tsum = Path(args.work) / "trl" / "train_summary.json"
         if tsum.is_file():
-            runs["trl"]["train"] = {k: v for k, v in json.loads(tsum.read_text()).items() if k != "log"}
+            runs["trl"]["train"] = {
+                k: v for k, v in json.loads(tsum.read_text()).items() if k != "log"
+            }
         save()
     if "truncation" in parts:
         cfg = run_config(args, "multi_T2_middle", all_tasks, truncation="middle")
         d = train_once(cfg)
-        runs["multi_middle"] = entry(eval_once(d, args.limit), train=summary_of(d), shares=mixture_shares(cfg))
+        runs["multi_middle"] = entry(
+            eval_once(d, args.limit), train=summary_of(d), shares=mixture_shares(cfg)
+        )
         results["truncation_stats"] = truncation_stats(multi_cfg, args.limit)
         save()
     if "one_variant" in parts:
         cfg = run_config(args, "multi_T2_one_variant", one_variant_tasks(args, all_tasks))
         d = train_once(cfg)
-        runs["multi_one_variant"] = entry(eval_once(d, args.limit), train=summary_of(d), shares=mixture_shares(cfg))
+        runs["multi_one_variant"] = entry(
+            eval_once(d, args.limit), train=summary_of(d), shares=mixture_shares(cfg)
+        )
         save()
     if "plain_prompt" in parts:
         cfg = run_config(args, "multi_T2_plain", all_tasks, prompt_format="plain")
         d = train_once(cfg)
-        runs["multi_plain"] = entry(eval_once(d, args.limit), train=summary_of(d), shares=mixture_shares(cfg))
+        runs["multi_plain"] = entry(
+            eval_once(d, args.limit), train=summary_of(d), shares=mixture_shares(cfg)
+        )
         save()
     save()
     if not args.no_doc:

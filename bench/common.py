@@ -11,25 +11,36 @@ import json
 import os
 import platform
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "real"
 
 # The five training slices of the issue-6 benchmarks: (task template, folder under the data dir).
-SLICES = (("sentiment_sst2", "sentiment_sst2"), ("nli_3way", "nli_sick"), ("qa_squad", "qa_squad"),
-          ("ner_conll2003", "ner_conll2003"), ("summarization", "summarization_scitldr"))
+SLICES = (
+    ("sentiment_sst2", "sentiment_sst2"),
+    ("nli_3way", "nli_sick"),
+    ("qa_squad", "qa_squad"),
+    ("ner_conll2003", "ner_conll2003"),
+    ("summarization", "summarization_scitldr"),
+)
 # Left out of every training run, for zero-shot transfer: (template, folder, split overrides).
-HELDOUT_SLICES = (("nli_2way", "nli_rte", {}),
-                  # AG News has no official validation split in the slice; test.jsonl is disjoint from training.
-                  ("topic_ag_news", "topic_ag_news", {"validation": "test", "test": "test"}))
+HELDOUT_SLICES = (
+    ("nli_2way", "nli_rte", {}),
+    # AG News has no official validation split in the slice; test.jsonl is disjoint from training.
+    ("topic_ag_news", "topic_ag_news", {"validation": "test", "test": "test"}),
+)
 
 
 def check_data_dir(data: Path, folders: Sequence[str]) -> list[str]:
     """One error line per slice folder missing under `data` (empty when all are there)."""
-    return [f"error: {data / f}: slice folder not found (pass the real-data folder as DATA_DIR)"
-            for f in folders if not (data / f).is_dir()]
+    return [
+        f"error: {data / f}: slice folder not found (pass the real-data folder as DATA_DIR)"
+        for f in folders
+        if not (data / f).is_dir()
+    ]
 
 
 def report_errors(errors: Sequence[str]) -> int:
@@ -39,7 +50,9 @@ def report_errors(errors: Sequence[str]) -> int:
     return 2 if errors else 0
 
 
-def slice_tasks(data: Path, names: Sequence[str] | None = None, max_examples: dict[str, int] | None = None) -> list[dict]:
+def slice_tasks(
+    data: Path, names: Sequence[str] | None = None, max_examples: dict[str, int] | None = None
+) -> list[dict]:
     """Run-config `tasks:` entries for the five slices (optionally only `names`, optionally capped)."""
     out = []
     for tpl, folder in SLICES:
@@ -67,7 +80,9 @@ def default_recipe() -> dict:
     """launch/configs/default.yaml as a plain dict (the recipe every benchmark starts from)."""
     import yaml
 
-    return yaml.safe_load((ROOT / "launch" / "configs" / "default.yaml").read_text(encoding="utf-8"))
+    return yaml.safe_load(
+        (ROOT / "launch" / "configs" / "default.yaml").read_text(encoding="utf-8")
+    )
 
 
 def cpu_name() -> str:
@@ -95,12 +110,17 @@ def machine(**extra: Any) -> dict:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemTotal"):
-                mem = round(int(line.split()[1]) / 2 ** 20, 1)
+                mem = round(int(line.split()[1]) / 2**20, 1)
     except OSError:
         pass
-    info = {"date": dt.datetime.now().astimezone().isoformat(timespec="seconds"), "cpu": cpu_name(),
-            "nproc": os.cpu_count(), "mem_gib": mem, "python": platform.python_version(),
-            **{p: ver(p) for p in ("torch", "transformers", "peft", "trl", "accelerate", "datasets")}}
+    info = {
+        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "cpu": cpu_name(),
+        "nproc": os.cpu_count(),
+        "mem_gib": mem,
+        "python": platform.python_version(),
+        **{p: ver(p) for p in ("torch", "transformers", "peft", "trl", "accelerate", "datasets")},
+    }
     try:
         import torch
 
@@ -114,8 +134,10 @@ def machine(**extra: Any) -> dict:
 def machine_line(m: dict) -> str:
     """One markdown line describing the machine and versions of a results file."""
     dev = f", GPU {m['cuda']}" if m.get("cuda") else ", no GPU"
-    return (f"Machine: {m.get('cpu')}, {m.get('nproc')} cores, {m.get('mem_gib')} GiB{dev}; torch {m.get('torch')}, "
-            f"transformers {m.get('transformers')}, peft {m.get('peft')}, trl {m.get('trl')}; measured {m.get('date')}.")
+    return (
+        f"Machine: {m.get('cpu')}, {m.get('nproc')} cores, {m.get('mem_gib')} GiB{dev}; torch {m.get('torch')}, "
+        f"transformers {m.get('transformers')}, peft {m.get('peft')}, trl {m.get('trl')}; measured {m.get('date')}."
+    )
 
 
 def write_json(path: Path, data: Any) -> None:

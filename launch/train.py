@@ -3,7 +3,7 @@
     accelerate launch [--config_file launch/accelerate/ddp.yaml] launch/train.py --config CFG [key=value ...]
 
 Runs the same code as `t2t-mtl train --config CFG [key=value ...]`: load the run config with its
-overrides, then `t2t_mtl.training.train`. A user mistake prints `file:line: message (hint)` lines
+overrides, then `t2t_mtl.training.trainer.train`. A user mistake prints `file:line: message (hint)` lines
 and exits with status 2, without a traceback.
 """
 
@@ -14,10 +14,12 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a source checkout works without installing
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1])
+)  # a source checkout works without installing
 
-from t2t_mtl.config import load_config  # noqa: E402
-from t2t_mtl.errors import T2TError  # noqa: E402
+from t2t_mtl.core.config import load_config  # noqa: E402
+from t2t_mtl.core.errors import T2TError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,9 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        from t2t_mtl import training
+        from t2t_mtl.training import trainer
 
-        run_dir = training.train(cfg)
+        run_dir = trainer.train(cfg)
         if os.environ.get("RANK", "0") == "0":
             print(run_dir)
     except T2TError as e:

@@ -8,7 +8,9 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = REPO_ROOT / "tests" / "fixtures"
-REAL_DATA = REPO_ROOT.parent / "shared" / "data" / "real"  # read-only slices; absent on user machines
+REAL_DATA = (
+    REPO_ROOT.parent / "shared" / "data" / "real"
+)  # read-only slices; absent on user machines
 
 
 @pytest.fixture

@@ -41,31 +41,61 @@ def test_imbalanced_caps_follow_the_full_dataset_sizes():
     caps = bench_quality.imbalanced_caps(2000)
     assert caps["qa_squad"] == 2000  # the largest dataset keeps the whole slice
     assert caps["sentiment_sst2"] == round(2000 * 67349 / 87599)
-    assert min(caps.values()) >= 20 and caps["summarization"] < caps["nli_3way"] < caps["ner_conll2003"]
+    assert (
+        min(caps.values()) >= 20
+        and caps["summarization"] < caps["nli_3way"] < caps["ner_conll2003"]
+    )
 
 
 def test_quality_report_tables_and_plots(tmp_path):
-    runs = {"base": {"scores": _scores(0.1), "invalid": {t: 10.0 for t in TASKS}}, "multi": {"scores": _scores(0.5), "train": {"steps": 200, "seconds": 900,
-                                                                                          "input_tokens_per_s": 170.0,
-                                                                                          "final_loss": 1.234}},
-            "trl": {"scores": _scores(0.3)}, "multi_middle": {"scores": _scores(0.55)},
-            "multi_one_variant": {"scores": _scores(0.45)}, "multi_plain": {"scores": _scores(0.42)}}
+    runs = {
+        "base": {"scores": _scores(0.1), "invalid": {t: 10.0 for t in TASKS}},
+        "multi": {
+            "scores": _scores(0.5),
+            "train": {
+                "steps": 200,
+                "seconds": 900,
+                "input_tokens_per_s": 170.0,
+                "final_loss": 1.234,
+            },
+        },
+        "trl": {"scores": _scores(0.3)},
+        "multi_middle": {"scores": _scores(0.55)},
+        "multi_one_variant": {"scores": _scores(0.45)},
+        "multi_plain": {"scores": _scores(0.42)},
+    }
     for i, t in enumerate(TASKS):
         runs[f"single_{t}"] = {"scores": {t: 45.0 + i}}
     for T, share in ((1.0, 0.6), (2.0, 0.4), (5.0, 0.25)):
-        runs[f"imbalanced_T{T:g}"] = {"temperature": T, "scores": _scores(share),
-                                      "shares": {t: (share if t == "qa_squad" else (1 - share) / 4) for t in TASKS}}
-    results = {"runs": runs, "settings": {"steps": 200, "batch_size": 8, "limit": 100, "examples": 1600},
-               "machine": common.machine(), "imbalanced_caps": bench_quality.imbalanced_caps(),
-               "truncation_stats": {"qa_squad": {"prompts": 100, "cut_pct": 27.0, "question_lost_pct_end": 27.0,
-                                                 "question_lost_pct_middle": 0.0}},
-               "transfer": {"base_template": {"nli_2way": 50.0, "topic_ag_news": 25.0},
-                            "multi_template": {"nli_2way": 60.0, "topic_ag_news": 70.0},
-                            "base_free": {"nli_2way": 40.0}, "multi_free": {"nli_2way": 55.0},
-                            "base_template_invalid": {"nli_2way": 97.0},
-                            "base_rank": {"nli_2way": 51.0, "topic_ag_news": 26.0},
-                            "multi_rank": {"nli_2way": 58.0, "topic_ag_news": 31.0},
-                            "multi_rank_invalid": {"nli_2way": 0.0}}}
+        runs[f"imbalanced_T{T:g}"] = {
+            "temperature": T,
+            "scores": _scores(share),
+            "shares": {t: (share if t == "qa_squad" else (1 - share) / 4) for t in TASKS},
+        }
+    results = {
+        "runs": runs,
+        "settings": {"steps": 200, "batch_size": 8, "limit": 100, "examples": 1600},
+        "machine": common.machine(),
+        "imbalanced_caps": bench_quality.imbalanced_caps(),
+        "truncation_stats": {
+            "qa_squad": {
+                "prompts": 100,
+                "cut_pct": 27.0,
+                "question_lost_pct_end": 27.0,
+                "question_lost_pct_middle": 0.0,
+            }
+        },
+        "transfer": {
+            "base_template": {"nli_2way": 50.0, "topic_ag_news": 25.0},
+            "multi_template": {"nli_2way": 60.0, "topic_ag_news": 70.0},
+            "base_free": {"nli_2way": 40.0},
+            "multi_free": {"nli_2way": 55.0},
+            "base_template_invalid": {"nli_2way": 97.0},
+            "base_rank": {"nli_2way": 51.0, "topic_ag_news": 26.0},
+            "multi_rank": {"nli_2way": 58.0, "topic_ag_news": 31.0},
+            "multi_rank_invalid": {"nli_2way": 0.0},
+        },
+    }
     doc = tmp_path / "docs" / "benchmarks.md"
     doc.parent.mkdir()
     report_quality.write(results, doc)
@@ -85,7 +115,10 @@ def test_quality_report_tables_and_plots(tmp_path):
     # prompt variants: (b) next to the one-variant run and TRL
     assert "| SST-2 (accuracy) | 50.0 | 45.0 | 30.0 | -5.0 |" in text
     # prompt format: (b) chat next to the plain-prompt run and TRL
-    assert "### Prompt format (chat vs plain)" in text and "| SST-2 (accuracy) | 50.0 | 42.0 | 30.0 | -8.0 |" in text
+    assert (
+        "### Prompt format (chat vs plain)" in text
+        and "| SST-2 (accuracy) | 50.0 | 42.0 | 30.0 | -8.0 |" in text
+    )
     for png in ("quality.png", "temperature.png"):
         assert (doc.parent / "img" / png).stat().st_size > 1000
 
@@ -102,27 +135,51 @@ class _WordTokenizer:
 
 @pytest.mark.parametrize("task", TASKS)
 def test_hand_prompts_cover_every_task_and_cut_long_inputs(task):
-    row = {"text": "a fine film", "premise": "p", "hypothesis": "h", "question": "who?", "tokens": ["EU", "rejects"],
-           "context": "word " * 500, "document": "word " * 500}
+    row = {
+        "text": "a fine film",
+        "premise": "p",
+        "hypothesis": "h",
+        "question": "who?",
+        "tokens": ["EU", "rejects"],
+        "context": "word " * 500,
+        "document": "word " * 500,
+    }
     prompt = bench_quality.hand_prompt(task, row, _WordTokenizer(), budget=50)
     assert prompt.endswith(":") and len(prompt.split()) < 80
 
 
 def test_forgetting_section_reports_target_per_setting(tmp_path):
     def rep(f):
-        return {"tasks": list(TASKS), "stages": ["stage1", "stage2"], "matrix": [[80.0, 60.0, 50.0, 0.0, 10.0],
-                                                                                  [80.0 - f, 60.0, 50.0, 70.0, 30.0]],
-                "average_forgetting": f / 3, "forgetting": {"sentiment_sst2": f, "nli_3way": 0.0, "qa_squad": 0.0},
-                "backward_transfer": -f / 3, "final_average": 50.0, "run": str(tmp_path)}
-    results = {"settings": {"stage_steps": 100, "batch_size": 8, "per_task": 200, "limit": 100},
-               "machine": common.machine(), "settings_results": {"0": rep(30.0), "10": rep(3.0), "30": rep(9.0),
-                                                                       "10_lr0.0001": rep(1.5)}}
+        return {
+            "tasks": list(TASKS),
+            "stages": ["stage1", "stage2"],
+            "matrix": [[80.0, 60.0, 50.0, 0.0, 10.0], [80.0 - f, 60.0, 50.0, 70.0, 30.0]],
+            "average_forgetting": f / 3,
+            "forgetting": {"sentiment_sst2": f, "nli_3way": 0.0, "qa_squad": 0.0},
+            "backward_transfer": -f / 3,
+            "final_average": 50.0,
+            "run": str(tmp_path),
+        }
+
+    results = {
+        "settings": {"stage_steps": 100, "batch_size": 8, "per_task": 200, "limit": 100},
+        "machine": common.machine(),
+        "settings_results": {
+            "0": rep(30.0),
+            "10": rep(3.0),
+            "30": rep(9.0),
+            "10_lr0.0001": rep(1.5),
+        },
+    }
     text = bench_forgetting.section(results, tmp_path / "benchmarks.md")
     assert "| 0 % | 10.0 | 10.0 | -10.0 | 50.0 | – |" in text
     assert "| 10 % | 1.0 | 1.0 | -1.0 | 50.0 | met / met |" in text
     assert "| 30 % | 3.0 | 3.0 | -3.0 | 50.0 | **not met** / **not met** |" in text
     assert "| 10 %, stage-2 LR 0.0001 | 0.5 | 0.5 | -0.5 | 50.0 | met / met |" in text
-    assert bench_forgetting.setting_key(0.1, 1e-4) == "10_lr0.0001" and bench_forgetting.setting_key(0.3, None) == "30"
+    assert (
+        bench_forgetting.setting_key(0.1, 1e-4) == "10_lr0.0001"
+        and bench_forgetting.setting_key(0.3, None) == "30"
+    )
     # a gain on one task hides a loss on another in the standard average, not in "losses only"
     mixed = {"forgetting": {"sentiment_sst2": 14.0, "nli_3way": -21.0, "qa_squad": 0.6}}
     assert bench_forgetting.losses_only(mixed) == pytest.approx((14.0 + 0.0 + 0.6) / 3)
@@ -142,7 +199,12 @@ def _tiny_model_dir(tmp_path, kind: str) -> Path:
 def test_gpu_flop_model_counts_every_linear_weight_once(tmp_path):
     """Causal: body + head = all linear weights; FLOPs = 4·N·s + 4·V·h·targets + 6·N_lora·s + 6·L·d·s²."""
     fm = bench_gpu.flop_model(_tiny_model_dir(tmp_path, "qwen2"), r=4)
-    h, inter, layers, kv = 64, 128, 2, 2 * 16  # TINY: hidden 64, MLP 128, 2 layers, 2 KV heads of 16
+    h, inter, layers, kv = (
+        64,
+        128,
+        2,
+        2 * 16,
+    )  # TINY: hidden 64, MLP 128, 2 layers, 2 KV heads of 16
     per_layer = 2 * h * h + 2 * h * kv + 3 * h * inter  # q, o (h×h) + k, v (h×kv) + gate, up, down
     assert fm["body"] == layers * per_layer and fm["head"] == 100 * h and not fm["enc_dec"]
     assert fm["lora"] == layers * 4 * (2 * (h + h) + 2 * (h + kv) + 2 * (h + inter) + (inter + h))
@@ -169,18 +231,42 @@ def test_gpu_flop_model_splits_t5_into_encoder_decoder_and_cross_kv(tmp_path):
 
 
 def _gpu_result(tokens_per_s: float, packed: bool) -> dict:
-    return {"tokens_per_s": tokens_per_s, "packing_applied": packed, "peak_alloc_gib": 7.0, "tokens_per_step": 100,
-            "padding_efficiency": 0.9, "step_s": 1.0, "tflops": 50.0, "mfu": 0.05, "mfu_6n": 0.08,
-            "outside_step_share": 0.1, "peak_reserved_gib": 8.0}
+    return {
+        "tokens_per_s": tokens_per_s,
+        "packing_applied": packed,
+        "peak_alloc_gib": 7.0,
+        "tokens_per_step": 100,
+        "padding_efficiency": 0.9,
+        "step_s": 1.0,
+        "tflops": 50.0,
+        "mfu": 0.05,
+        "mfu_6n": 0.08,
+        "outside_step_share": 0.1,
+        "peak_reserved_gib": 8.0,
+    }
 
 
 def test_gpu_table_and_packing_ratios_say_when_the_probe_refused():
     v = dict(bench_gpu.VARIANTS)
-    results = {"lora-1.5b-s1024-packed": {"variant": v["lora-1.5b-s1024-packed"], **_gpu_result(2500.0, True)},
-               "lora-1.5b-s1024-padded": {"variant": v["lora-1.5b-s1024-padded"], **_gpu_result(1000.0, False)},
-               "qlora-7b-s1024-packed": {"variant": v["qlora-7b-s1024-packed"], **_gpu_result(300.0, False)},
-               "qlora-7b-s1024-padded": {"variant": v["qlora-7b-s1024-padded"], **_gpu_result(300.0, False)},
-               "qlora-7b-s2048-packed": {"variant": v["qlora-7b-s2048-packed"], "error": "out of memory"}}
+    results = {
+        "lora-1.5b-s1024-packed": {
+            "variant": v["lora-1.5b-s1024-packed"],
+            **_gpu_result(2500.0, True),
+        },
+        "lora-1.5b-s1024-padded": {
+            "variant": v["lora-1.5b-s1024-padded"],
+            **_gpu_result(1000.0, False),
+        },
+        "qlora-7b-s1024-packed": {
+            "variant": v["qlora-7b-s1024-packed"],
+            **_gpu_result(300.0, False),
+        },
+        "qlora-7b-s1024-padded": {
+            "variant": v["qlora-7b-s1024-padded"],
+            **_gpu_result(300.0, False),
+        },
+        "qlora-7b-s2048-packed": {"variant": v["qlora-7b-s2048-packed"], "error": "out of memory"},
+    }
     rat = bench_gpu.ratios(results)
     assert any(r.startswith("lora-1.5b-s1024: packed/padded tokens/s = 2.50×") for r in rat)
     assert any(r.startswith("qlora-7b-s1024: no comparison") for r in rat)

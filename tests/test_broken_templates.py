@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from t2t_mtl.cli import main
+from t2t_mtl.cli.main import main
 
 BROKEN = Path(__file__).resolve().parent / "fixtures" / "broken"
 EXPECT = re.compile(r"^# expect: (?:(?P<file>[^\s:]+):)?(?P<line>\d+): (?P<frag>.+)$")
@@ -39,13 +39,16 @@ def _assert_reported(err: str, expects) -> None:
     lines = err.splitlines()
     for target, line, frag in expects:
         prefix = f"{target}:{line}: "
-        assert any(ln.startswith(prefix) and frag in ln for ln in lines), \
+        assert any(ln.startswith(prefix) and frag in ln for ln in lines), (
             f"expected a line starting {prefix!r} containing {frag!r}; got:\n{err}"
+        )
 
 
 def test_suite_is_big_enough():
     assert len(CASES) >= 20
-    assert all(c.values[1] for c in CASES), "every broken fixture must state at least one expectation"
+    assert all(c.values[1] for c in CASES), (
+        "every broken fixture must state at least one expectation"
+    )
 
 
 @pytest.mark.parametrize("path,expects", CASES)
@@ -68,7 +71,9 @@ def test_whole_folder_reports_every_expectation(capsys):
     assert rc == 2
     for case in CASES:
         _assert_reported(err, case.values[1])
-    n_files = len(list(BROKEN.glob("*.yaml")))  # an explicitly named folder: snippets are checked too
+    n_files = len(
+        list(BROKEN.glob("*.yaml"))
+    )  # an explicitly named folder: snippets are checked too
     assert f"{n_files} template(s) checked" in err.splitlines()[-1]
 
 
@@ -76,11 +81,19 @@ def test_console_script_subprocess(tmp_path):
     script = Path(sys.executable).parent / "t2t-mtl"
     exe = [str(script)] if script.exists() else [shutil.which("t2t-mtl") or "t2t-mtl"]
     env = dict(os.environ, T2T_MTL_TEMPLATES="")
-    r = subprocess.run(exe + ["validate", str(BROKEN / "undefined_var.yaml")], capture_output=True, text=True,
-                       env=env, timeout=120)
+    r = subprocess.run(
+        exe + ["validate", str(BROKEN / "undefined_var.yaml")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert r.returncode == 2
     assert r.stdout == ""
-    assert f"{BROKEN / 'undefined_var.yaml'}:9: variant 'direct' input: undefined variable 'txt'" in r.stderr
+    assert (
+        f"{BROKEN / 'undefined_var.yaml'}:9: variant 'direct' input: undefined variable 'txt'"
+        in r.stderr
+    )
     assert "Traceback" not in r.stderr
 
 
@@ -91,7 +104,9 @@ def test_bad_rows_fail_lists_every_row(capsys):
     rc = main(["preview", str(BROKEN / "rows_task.yaml"), "-n", "20", "--bad-rows", "fail"])
     out, err = capsys.readouterr()
     assert rc == 2 and out == "" and "Traceback" not in err
-    _assert_reported(err, [e for e in _expectations(BROKEN / "rows_task.yaml") if e[0].name == "train.jsonl"])
+    _assert_reported(
+        err, [e for e in _expectations(BROKEN / "rows_task.yaml") if e[0].name == "train.jsonl"]
+    )
     assert "rows_task/train: 7 bad row(s) in" in err
 
 
@@ -107,17 +122,32 @@ def test_bad_rows_skip_counts_them_on_stderr(capsys):
 
 def test_bad_rows_blank_lines_keep_line_numbers(capsys):
     # validation.jsonl is valid JSON (read by `datasets`, which drops the blank line 2).
-    rc = main(["preview", str(BROKEN / "rows_task.yaml"), "--split", "validation", "--bad-rows", "fail"])
+    rc = main(
+        ["preview", str(BROKEN / "rows_task.yaml"), "--split", "validation", "--bad-rows", "fail"]
+    )
     _, err = capsys.readouterr()
     assert rc == 2
-    assert f"{BROKEN / 'data' / 'rows_task' / 'validation.jsonl'}:4: label 'neutral' not in answer_choices" in err
+    assert (
+        f"{BROKEN / 'data' / 'rows_task' / 'validation.jsonl'}:4: label 'neutral' not in answer_choices"
+        in err
+    )
 
 
 def test_bad_csv_rows_count_the_header(tmp_path, capsys):
     f = tmp_path / "train.csv"
     f.write_text("txt,label\nfine film,1\nso-so,neutral\n,0\n", encoding="utf-8")
-    rc = main(["preview", str(BROKEN / "rows_task.yaml"), "--source", str(f), "--columns", "txt=text",
-               "--bad-rows", "fail"])
+    rc = main(
+        [
+            "preview",
+            str(BROKEN / "rows_task.yaml"),
+            "--source",
+            str(f),
+            "--columns",
+            "txt=text",
+            "--bad-rows",
+            "fail",
+        ]
+    )
     _, err = capsys.readouterr()
     assert rc == 2
     assert f"{f}:3: label 'neutral' not in answer_choices" in err
@@ -126,18 +156,34 @@ def test_bad_csv_rows_count_the_header(tmp_path, capsys):
 
 def test_bad_csv_rows_after_multiline_fields_name_the_right_line(tmp_path, capsys):
     f = tmp_path / "train.csv"
-    f.write_text('txt,label\n"a film\nin two lines",1\n\nso-so,neutral\n"x,\n\ny",2\n', encoding="utf-8")
-    rc = main(["preview", str(BROKEN / "rows_task.yaml"), "--source", str(f), "--columns", "txt=text",
-               "--bad-rows", "fail"])
+    f.write_text(
+        'txt,label\n"a film\nin two lines",1\n\nso-so,neutral\n"x,\n\ny",2\n', encoding="utf-8"
+    )
+    rc = main(
+        [
+            "preview",
+            str(BROKEN / "rows_task.yaml"),
+            "--source",
+            str(f),
+            "--columns",
+            "txt=text",
+            "--bad-rows",
+            "fail",
+        ]
+    )
     _, err = capsys.readouterr()
     assert rc == 2
     assert f"{f}:5: label 'neutral' not in answer_choices" in err  # not :3 (row index + header)
-    assert f"{f}:6: label 2 not in answer_choices" in err or f"{f}:6: label '2' not in answer_choices" in err
+    assert (
+        f"{f}:6: label 2 not in answer_choices" in err
+        or f"{f}:6: label '2' not in answer_choices" in err
+    )
 
 
 def test_bad_parquet_rows_use_row_index(tmp_path, capsys):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
+
     f = tmp_path / "train.parquet"
     pq.write_table(pa.table({"text": ["good", "bad label", "fine"], "label": [1, 5, 0]}), f)
     rc = main(["preview", str(BROKEN / "rows_task.yaml"), "--source", str(f), "--bad-rows", "fail"])
@@ -146,7 +192,10 @@ def test_bad_parquet_rows_use_row_index(tmp_path, capsys):
     assert f"{f}:1: label 5 not in answer_choices" in err  # 0-based row index for parquet
     rc = main(["preview", str(BROKEN / "rows_task.yaml"), "--source", str(f)])
     out, err = capsys.readouterr()
-    assert rc == 0 and [json.loads(x)["output"] for x in out.splitlines()] == ["positive", "negative"]
+    assert rc == 0 and [json.loads(x)["output"] for x in out.splitlines()] == [
+        "positive",
+        "negative",
+    ]
     assert "rows_task/train: 1 bad row skipped" in err
 
 
@@ -155,17 +204,41 @@ def test_missing_split_file_suggests_mapping(tmp_path, capsys):
     rc = main(["preview", str(BROKEN / "rows_task.yaml"), "--source", str(tmp_path)])
     _, err = capsys.readouterr()
     assert rc == 2
-    assert f"{tmp_path}: no train.jsonl/.csv/.parquet for split 'train' (did you mean 'train_v2'?" in err
-    rc = main(["preview", str(BROKEN / "rows_task.yaml"), "--source", str(tmp_path), "--splits", "train=train_v2"])
+    assert (
+        f"{tmp_path}: no train.jsonl/.csv/.parquet for split 'train' (did you mean 'train_v2'?"
+        in err
+    )
+    rc = main(
+        [
+            "preview",
+            str(BROKEN / "rows_task.yaml"),
+            "--source",
+            str(tmp_path),
+            "--splits",
+            "train=train_v2",
+        ]
+    )
     out, _ = capsys.readouterr()
     assert rc == 0 and json.loads(out)["output"] == "positive"
 
 
 def _squad_with_empty_answers(tmp_path) -> Path:
-    rows = [{"id": "1", "title": "t", "context": "Paris is in France.", "question": "Where is Paris?",
-             "answers": {"text": ["France"], "answer_start": [12]}},
-            {"id": "2", "title": "t", "context": "Bern is in Switzerland.", "question": "Where is Bern?",
-             "answers": {"text": [], "answer_start": []}}]  # SQuAD v2-style unanswerable row
+    rows = [
+        {
+            "id": "1",
+            "title": "t",
+            "context": "Paris is in France.",
+            "question": "Where is Paris?",
+            "answers": {"text": ["France"], "answer_start": [12]},
+        },
+        {
+            "id": "2",
+            "title": "t",
+            "context": "Bern is in Switzerland.",
+            "question": "Where is Bern?",
+            "answers": {"text": [], "answer_start": []},
+        },
+    ]  # SQuAD v2-style unanswerable row
     f = tmp_path / "squad.jsonl"
     f.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
     return f
@@ -174,7 +247,9 @@ def _squad_with_empty_answers(tmp_path) -> Path:
 def test_row_the_template_cannot_render_is_named(tmp_path, capsys):
     """A template failing on one row names the template line *and* the data row (file:row)."""
     f = _squad_with_empty_answers(tmp_path)
-    rc = main(["preview", "qa_squad", "--source", str(f), "-n", "2", "--variant", "passage_question"])
+    rc = main(
+        ["preview", "qa_squad", "--source", str(f), "-n", "2", "--variant", "passage_question"]
+    )
     err = capsys.readouterr().err
     assert rc == 2
     assert "qa_squad.yaml:" in err and "list object has no element 0" in err
@@ -182,12 +257,16 @@ def test_row_the_template_cannot_render_is_named(tmp_path, capsys):
 
 
 def test_eval_skips_rows_the_template_cannot_render(tmp_path):
-    from t2t_mtl import tasks
-    from t2t_mtl.config import SourceConfig
-    from t2t_mtl.evaluation import EvalTask, load_examples
+    from t2t_mtl.core.config import SourceConfig
+    from t2t_mtl.evaluation.evaluator import EvalTask, load_examples
+    from t2t_mtl.tasks import catalogue
 
     f = _squad_with_empty_answers(tmp_path)
-    task = EvalTask("qa_squad", tasks.load_task("qa_squad"), SourceConfig(path=str(f), splits={"validation": "squad"}))
+    task = EvalTask(
+        "qa_squad",
+        catalogue.load_task("qa_squad"),
+        SourceConfig(path=str(f), splits={"validation": "squad"}),
+    )
     examples, rows = load_examples(task, "validation", None, bad_rows="skip")
     assert [ex.record.meta["row_id"] for ex in examples] == ["0"] and rows.skipped == 1
     assert rows.problems[-1].format().startswith(f"{f}:2: this row fails to render")

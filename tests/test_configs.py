@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from t2t_mtl import tasks
-from t2t_mtl.config import load_config
+from t2t_mtl.core.config import load_config
+from t2t_mtl.tasks import catalogue
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_CONFIGS = sorted((REPO / "launch" / "configs").glob("*.yaml"))
@@ -19,8 +19,11 @@ ACCEL_CONFIGS = sorted((REPO / "launch" / "accelerate").glob("*.yaml"))
 def test_run_config_validates(path, monkeypatch):
     monkeypatch.chdir(REPO)  # configs name repository paths (data, ../shared) from the project root
     cfg = load_config(path)
-    problems = tasks.check_config(cfg)
-    if any("not found: ../shared" in p.message for p in problems) and not (REPO.parent / "shared").is_dir():
+    problems = catalogue.check_config(cfg)
+    if (
+        any("not found: ../shared" in p.message for p in problems)
+        and not (REPO.parent / "shared").is_dir()
+    ):
         pytest.skip("config reads the shared real-data slices, absent here")
     assert problems == [], "\n".join(p.format() for p in problems)
     assert cfg.stage_list() and all(s.steps > 0 for s in cfg.stage_list())
@@ -30,9 +33,11 @@ def test_training_configs_exist_and_default_covers_every_shipped_task():
     names = {p.name for p in RUN_CONFIGS}
     assert {"default.yaml", "qlora_qwen.yaml", "t5.yaml", "tiny_cpu.yaml"} <= names
     default = load_config(REPO / "launch" / "configs" / "default.yaml")
-    shipped = set(tasks.find_templates())
+    shipped = set(catalogue.find_task_files())
     assert {t.template for t in default.tasks} == shipped
-    assert default.model.name.startswith("embedded:") and all(t.source is None for t in default.tasks)
+    assert default.model.name.startswith("embedded:") and all(
+        t.source is None for t in default.tasks
+    )
     qwen = load_config(REPO / "launch" / "configs" / "qlora_qwen.yaml")
     assert qwen.adapter.method == "qlora" and "/" in qwen.model.name
     t5 = load_config(REPO / "launch" / "configs" / "t5.yaml")
@@ -47,9 +52,17 @@ def test_accelerate_config_loads(path):
     cfg = load_config_from_file(str(path))  # accelerate's own parser (rejects unknown keys)
     assert cfg.distributed_type == raw["distributed_type"]
     if raw["distributed_type"] == "DEEPSPEED":
-        assert raw["deepspeed_config"]["gradient_accumulation_steps"] == "auto"  # taken from train.grad_accum
+        assert (
+            raw["deepspeed_config"]["gradient_accumulation_steps"] == "auto"
+        )  # taken from train.grad_accum
 
 
 def test_all_accelerate_setups_are_shipped():
-    assert {p.stem for p in ACCEL_CONFIGS} == {"single_gpu", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3",
-                                              "cpu_ddp"}
+    assert {p.stem for p in ACCEL_CONFIGS} == {
+        "single_gpu",
+        "ddp",
+        "fsdp",
+        "deepspeed_zero2",
+        "deepspeed_zero3",
+        "cpu_ddp",
+    }

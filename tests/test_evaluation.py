@@ -10,21 +10,40 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from t2t_mtl import metrics
-from t2t_mtl.cli import main
-from t2t_mtl.config import load_config
-from t2t_mtl.errors import ConfigError
-from t2t_mtl.evaluation import EvalTask, eval_tasks, evaluate, load_examples, score_task, training_eval_fn
-from t2t_mtl.features import prompt_ids, target_ids
-from t2t_mtl.generation import generate_texts, rank_choices
-from t2t_mtl.prompt_format import PromptFormat
-from t2t_mtl.records import Record
-from t2t_mtl.reports import compare_table, forgetting, forgetting_heatmap, forgetting_markdown
-from t2t_mtl.tasks import load_task
+from t2t_mtl.cli.main import main
+from t2t_mtl.core.config import load_config
+from t2t_mtl.core.errors import ConfigError
+from t2t_mtl.core.records import Record
+from t2t_mtl.evaluation import metrics
+from t2t_mtl.evaluation.evaluator import (
+    EvalTask,
+    eval_tasks,
+    evaluate,
+    load_examples,
+    score_task,
+    training_eval_fn,
+)
+from t2t_mtl.evaluation.reports import (
+    compare_table,
+    forgetting,
+    forgetting_heatmap,
+    forgetting_markdown,
+)
+from t2t_mtl.model.features import prompt_ids, target_ids
+from t2t_mtl.model.generation import generate_texts, rank_choices
+from t2t_mtl.model.prompt_format import PromptFormat
+from t2t_mtl.tasks.catalogue import load_task
 
 CHOICES = ["negative", "positive"]
-RECS = [Record("s", "Is the sentiment positive or negative?", text, "") for text in
-        ("the movie is good", "a bad film. " * 6, "Paris", "the river was sad and long, 12 times.")]
+RECS = [
+    Record("s", "Is the sentiment positive or negative?", text, "")
+    for text in (
+        "the movie is good",
+        "a bad film. " * 6,
+        "Paris",
+        "the river was sad and long, 12 times.",
+    )
+]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on one torch thread
@@ -38,7 +57,9 @@ def causal(tiny_causal_dir):
     tok.pad_token = tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(tiny_causal_dir).eval()
     gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # random init makes every answer "\n\n..."; larger weights give varied text
+    with (
+        torch.no_grad()
+    ):  # random init makes every answer "\n\n..."; larger weights give varied text
         for p in model.parameters():
             if p.dim() == 2:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
@@ -69,9 +90,13 @@ def test_rank_picks_the_planted_choice_and_scores_are_summed_log_probs(causal, f
     gen = torch.Generator().manual_seed(3)
     table = torch.randn(len(tok), len(tok), generator=gen)
     tgt = {c: target_ids(tok, fmt, Record("s", "", "", c)) for c in CHOICES}
-    assert tgt["positive"] != tgt["negative"] and tgt["positive"][-1] == tok.convert_tokens_to_ids("<|im_end|>")
+    assert tgt["positive"] != tgt["negative"] and tgt["positive"][-1] == tok.convert_tokens_to_ids(
+        "<|im_end|>"
+    )
     last = prompt_ids(tok, fmt, RECS[0])[0][-1]  # every chat prompt ends with "assistant\n"
-    table[last, tgt[favour][0]] = 12.0  # planted: the favoured choice's first token after the prompt
+    table[last, tgt[favour][0]] = (
+        12.0  # planted: the favoured choice's first token after the prompt
+    )
     model = Bigram(table)
     ranked = rank_choices(model, tok, fmt, RECS, CHOICES, batch_size=16)
     for rec, r in zip(RECS, ranked):
@@ -85,7 +110,9 @@ def test_rank_picks_the_planted_choice_and_scores_are_summed_log_probs(causal, f
 def _full_forward_score(model, prompt, target, seq2seq=False):
     with torch.no_grad():
         if seq2seq:
-            logits = model(input_ids=torch.tensor([prompt]), labels=torch.tensor([target])).logits[0]
+            logits = model(input_ids=torch.tensor([prompt]), labels=torch.tensor([target])).logits[
+                0
+            ]
             lp = torch.log_softmax(logits.double(), -1)
             return sum(float(lp[k, t]) for k, t in enumerate(target))
         logits = model(input_ids=torch.tensor([prompt + target])).logits[0]
@@ -95,10 +122,15 @@ def _full_forward_score(model, prompt, target, seq2seq=False):
 
 def test_batched_rank_equals_one_sequence_at_a_time_causal(causal):
     model, tok, fmt = causal
-    ranked = rank_choices(model, tok, fmt, RECS, CHOICES, batch_size=8)  # 4 records x 2 choices, left-padded
+    ranked = rank_choices(
+        model, tok, fmt, RECS, CHOICES, batch_size=8
+    )  # 4 records x 2 choices, left-padded
     for rec, r in zip(RECS, ranked):
         p = prompt_ids(tok, fmt, rec)[0]
-        direct = {c: _full_forward_score(model, p, target_ids(tok, fmt, Record("s", "", "", c))) for c in CHOICES}
+        direct = {
+            c: _full_forward_score(model, p, target_ids(tok, fmt, Record("s", "", "", c)))
+            for c in CHOICES
+        }
         assert r.scores == pytest.approx(direct, abs=1e-3)
         assert r.choice == max(direct, key=direct.get)
 
@@ -112,8 +144,10 @@ def test_batched_rank_equals_one_sequence_at_a_time_t5(tiny_t5_dir):
     ranked = rank_choices(model, tok, fmt, RECS, CHOICES, batch_size=8)
     for rec, r in zip(RECS, ranked):
         p = prompt_ids(tok, fmt, rec)[0]
-        direct = {c: _full_forward_score(model, p, target_ids(tok, fmt, Record("s", "", "", c)), True)
-                  for c in CHOICES}
+        direct = {
+            c: _full_forward_score(model, p, target_ids(tok, fmt, Record("s", "", "", c)), True)
+            for c in CHOICES
+        }
         assert target_ids(tok, fmt, Record("s", "", "", "positive"))[-1] == tok.eos_token_id
         assert r.scores == pytest.approx(direct, abs=1e-3)
 
@@ -123,12 +157,19 @@ def test_left_padded_batched_generation_equals_single_generation(causal):
     batched = generate_texts(model, tok, fmt, RECS, max_new_tokens=8, batch_size=4)
     single = [generate_texts(model, tok, fmt, [r], max_new_tokens=8, batch_size=1)[0] for r in RECS]
     assert batched == single
-    assert len(set(batched)) == len(RECS) and all(batched)  # varied, non-empty answers: a real check
+    assert len(set(batched)) == len(RECS) and all(
+        batched
+    )  # varied, non-empty answers: a real check
     ids = prompt_ids(tok, fmt, RECS[1])[0]  # and the same as a plain transformers greedy call
-    out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=8, do_sample=False,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)[0, len(ids):].tolist()
+    out = model.generate(
+        input_ids=torch.tensor([ids]),
+        max_new_tokens=8,
+        do_sample=False,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.eos_token_id,
+    )[0, len(ids) :].tolist()
     if tok.eos_token_id in out:
-        out = out[:out.index(tok.eos_token_id)]
+        out = out[: out.index(tok.eos_token_id)]
     assert batched[1] == tok.decode(out, skip_special_tokens=True).strip()
 
 
@@ -148,7 +189,9 @@ def test_scoring_label_task_counts_unparseable_answers_as_wrong_and_invalid():
     texts = [golds[0], golds[1].upper() + ".", other[golds[2]], "I cannot tell", golds[4], ""]
     summary, rows = score_task(t.template, examples, texts)
     preds = [golds[0], golds[1], other[golds[2]], None, golds[4], None]
-    assert summary["metrics"] == metrics.compute(["accuracy", "macro_f1"], preds, golds, labels=t.template.answer_choices)
+    assert summary["metrics"] == metrics.compute(
+        ["accuracy", "macro_f1"], preds, golds, labels=t.template.answer_choices
+    )
     assert summary["primary"] == pytest.approx(300 / 6)
     assert summary["invalid_rate"] == pytest.approx(200 / 6)
     assert [r["valid"] for r in rows] == [True, True, True, False, True, False]
@@ -162,7 +205,9 @@ def test_scoring_squad_uses_every_gold_answer():
     i = multi[0]
     raw = rows[i]["answers"]["text"]
     assert examples[i].gold == list(dict.fromkeys(raw)) and examples[i].record.output == raw[0]
-    texts = [ex.gold[-1] if k == i else "zzz" for k, ex in enumerate(examples)]  # an alternative, not the target
+    texts = [
+        ex.gold[-1] if k == i else "zzz" for k, ex in enumerate(examples)
+    ]  # an alternative, not the target
     summary, _ = score_task(t.template, examples, texts)
     assert summary["metrics"]["exact_match"] == pytest.approx(100 / len(examples))
     assert summary["invalid_rate"] == 0.0
@@ -171,7 +216,10 @@ def test_scoring_squad_uses_every_gold_answer():
 def test_scoring_ner_recovers_bio_tags_from_the_rows_tokens():
     t = _task("ner_conll2003")
     examples, rows = load_examples(t, "validation", 4)
-    assert all(ex.tokens == rows[k]["tokens"] and ex.gold == rows[k]["ner_tags"] for k, ex in enumerate(examples))
+    assert all(
+        ex.tokens == rows[k]["tokens"] and ex.gold == rows[k]["ner_tags"]
+        for k, ex in enumerate(examples)
+    )
     texts = [ex.record.output for ex in examples]  # the gold linearisation: perfect
     summary, _ = score_task(t.template, examples, texts)
     assert summary["primary"] == 100.0 and summary["invalid_rate"] == 0.0
@@ -179,18 +227,23 @@ def test_scoring_ner_recovers_bio_tags_from_the_rows_tokens():
     texts[with_entities[0]] = "none"  # misses that sentence's entities (valid output, wrong)
     texts[with_entities[-1]] = "garbage without a type"
     summary, out = score_task(t.template, examples, texts)
-    expected = metrics.span_f1([t.template.parse_output(x, tokens=ex.tokens).value for x, ex in zip(texts, examples)],
-                               [ex.gold for ex in examples])
+    expected = metrics.span_f1(
+        [t.template.parse_output(x, tokens=ex.tokens).value for x, ex in zip(texts, examples)],
+        [ex.gold for ex in examples],
+    )
     assert summary["primary"] == pytest.approx(expected["f1"]) and summary["primary"] < 100
     assert summary["invalid_rate"] == pytest.approx(100 / len(examples))
     assert out[with_entities[0]]["prediction"] == "none"
 
 
 def test_scoring_rouge_on_generated_text():
-    from t2t_mtl.evaluation import Example
+    from t2t_mtl.evaluation.evaluator import Example
 
     tpl = load_task("summarization")
-    recs = [Record("summarization", "Summarize.", "doc", s) for s in ("the cat sat on the mat", "a dog ran home")]
+    recs = [
+        Record("summarization", "Summarize.", "doc", s)
+        for s in ("the cat sat on the mat", "a dog ran home")
+    ]
     examples = [Example(r, [r.output]) for r in recs]
     summary, _ = score_task(tpl, examples, ["the cat sat on the mat", "\n"])
     assert summary["metrics"]["rougeL"] == pytest.approx(50.0)
@@ -198,7 +251,11 @@ def test_scoring_rouge_on_generated_text():
 
 
 def test_eval_tasks_modes_variants_and_mistakes(tmp_path):
-    cfg = load_config(data={"tasks": [{"template": "sentiment_sst2", "eval_mode": "rank"}, {"template": "qa_squad"}]})
+    cfg = load_config(
+        data={
+            "tasks": [{"template": "sentiment_sst2", "eval_mode": "rank"}, {"template": "qa_squad"}]
+        }
+    )
     a, b = eval_tasks(cfg)
     assert (a.mode, b.mode) == ("rank", "generate")
     assert a.variant_id() == a.template.train_variants()[0].id
@@ -214,21 +271,42 @@ def test_eval_tasks_modes_variants_and_mistakes(tmp_path):
 
 
 def test_evaluate_reports_a_missing_split_per_task_and_scores_the_rest(causal, repo_root):
-    from t2t_mtl.config import SourceConfig
+    from t2t_mtl.core.config import SourceConfig
 
     model, tok, fmt = causal
+
     def local(name):  # local folders: no hub look-up for the missing split
         return SourceConfig(path=str(repo_root / "data" / name))
 
-    tasks = [_task("sentiment_sst2", mode="rank", source=local("sentiment_sst2")), _task("qa_squad", source=local("qa_squad"))]
+    tasks = [
+        _task("sentiment_sst2", mode="rank", source=local("sentiment_sst2")),
+        _task("qa_squad", source=local("qa_squad")),
+    ]
     res = evaluate(model, tok, fmt, tasks, split="test", limit=2, progress=False, max_new_tokens=4)
-    assert "no test.jsonl" in res["tasks"]["qa_squad"]["error"] and "primary" not in res["tasks"]["qa_squad"]
+    assert (
+        "no test.jsonl" in res["tasks"]["qa_squad"]["error"]
+        and "primary" not in res["tasks"]["qa_squad"]
+    )
     assert res["combined"] is None
-    res = evaluate(model, tok, fmt, tasks, split="validation", limit=2, progress=False, keep_predictions=True,
-                   max_new_tokens=4, max_prompt_tokens=96)
+    res = evaluate(
+        model,
+        tok,
+        fmt,
+        tasks,
+        split="validation",
+        limit=2,
+        progress=False,
+        keep_predictions=True,
+        max_new_tokens=4,
+        max_prompt_tokens=96,
+    )
     sent = res["tasks"]["sentiment_sst2"]
-    assert sent["invalid_rate"] == 0.0 and all("scores" in p for p in sent["predictions"])  # rank never invalid
-    assert res["combined"] == pytest.approx((sent["primary"] + res["tasks"]["qa_squad"]["primary"]) / 2)
+    assert sent["invalid_rate"] == 0.0 and all(
+        "scores" in p for p in sent["predictions"]
+    )  # rank never invalid
+    assert res["combined"] == pytest.approx(
+        (sent["primary"] + res["tasks"]["qa_squad"]["primary"]) / 2
+    )
 
 
 # ------------------------------------------------------------------ a trained run
@@ -246,17 +324,38 @@ def test_eval_cli_on_a_trained_run_writes_json_markdown_and_predictions(run_dir,
     printed = capsys.readouterr().out
     res = json.loads((run_dir / "eval" / "validation.json").read_text())
     assert set(res["tasks"]) == {"sentiment_sst2", "ner_conll2003", "qa_squad"}
-    preds = [json.loads(x) for x in (run_dir / "eval" / "validation.predictions.jsonl").read_text().splitlines()]
+    preds = [
+        json.loads(x)
+        for x in (run_dir / "eval" / "validation.predictions.jsonl").read_text().splitlines()
+    ]
     for name, e in res["tasks"].items():
         mine = [p for p in preds if p["task"] == name]
         assert e["n"] == len(mine) == 3
         assert e["invalid_rate"] == pytest.approx(100 * sum(not p["valid"] for p in mine) / 3)
         assert f"| {name} | generate |" in printed
     assert res["combined"] == pytest.approx(sum(e["primary"] for e in res["tasks"].values()) / 3)
-    assert (run_dir / "eval" / "validation.md").read_text().startswith("### tiny-staged: validation")
+    assert (
+        (run_dir / "eval" / "validation.md").read_text().startswith("### tiny-staged: validation")
+    )
 
-    assert main(["eval", "--run", str(run_dir), "--tasks", "sentiment_sst2", "--limit", "2", "--base",
-                 "--mode", "rank", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--run",
+                str(run_dir),
+                "--tasks",
+                "sentiment_sst2",
+                "--limit",
+                "2",
+                "--base",
+                "--mode",
+                "rank",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     base = json.loads((run_dir / "eval" / "validation-base-rank.json").read_text())
     assert base["base"] is True and list(base["tasks"]) == ["sentiment_sst2"]
     assert base["tasks"]["sentiment_sst2"]["mode"] == "rank"
@@ -274,38 +373,76 @@ def test_training_logs_the_hooks_scores_every_eval_steps(run_dir):
     evals = [r for r in rows if "eval/combined" in r]
     assert [r["step"] for r in evals] == [2, 4]
     for r in evals:
-        assert r["eval/combined"] == pytest.approx(sum(r[f"eval/{t}"] for t in ("sentiment_sst2", "ner_conll2003",
-                                                                                 "qa_squad")) / 3)
-    during = [json.loads(x) for x in (run_dir / "eval" / "during_training.jsonl").read_text().splitlines()]
+        assert r["eval/combined"] == pytest.approx(
+            sum(r[f"eval/{t}"] for t in ("sentiment_sst2", "ner_conll2003", "qa_squad")) / 3
+        )
+    during = [
+        json.loads(x) for x in (run_dir / "eval" / "during_training.jsonl").read_text().splitlines()
+    ]
     assert [(d["step"], d["stage"]) for d in during[:2]] == [(2, "first"), (4, "second")]
 
 
 def test_training_hook_returns_primary_scores_and_combined(run_dir):
-    from t2t_mtl.modeling import load_for_inference
+    from t2t_mtl.model.loading import load_for_inference
 
     model, tok, _, manifest = load_for_inference(run_dir / "adapter")
     cfg = load_config(run_dir / "config.yaml", ["eval.limit=2"])
-    ctx = SimpleNamespace(cfg=cfg, model=model, tokenizer=tok, prompt_format=PromptFormat.from_dict(manifest["prompt_format"]),
-                          run_dir=run_dir, stage="second", step=4, accelerator=None)
+    ctx = SimpleNamespace(
+        cfg=cfg,
+        model=model,
+        tokenizer=tok,
+        prompt_format=PromptFormat.from_dict(manifest["prompt_format"]),
+        run_dir=run_dir,
+        stage="second",
+        step=4,
+        accelerator=None,
+    )
     model.train()
     out = training_eval_fn(cfg)(ctx)
     assert model.training  # the hook gives the model back in training mode
-    assert set(out) == {"combined", "sentiment_sst2", "ner_conll2003", "qa_squad", "sentiment_sst2/invalid_rate",
-                        "ner_conll2003/invalid_rate", "qa_squad/invalid_rate"}
-    assert out["combined"] == pytest.approx((out["sentiment_sst2"] + out["ner_conll2003"] + out["qa_squad"]) / 3)
+    assert set(out) == {
+        "combined",
+        "sentiment_sst2",
+        "ner_conll2003",
+        "qa_squad",
+        "sentiment_sst2/invalid_rate",
+        "ner_conll2003/invalid_rate",
+        "qa_squad/invalid_rate",
+    }
+    assert out["combined"] == pytest.approx(
+        (out["sentiment_sst2"] + out["ner_conll2003"] + out["qa_squad"]) / 3
+    )
     logged = json.loads((run_dir / "eval" / "during_training.jsonl").read_text().splitlines()[-1])
     assert logged["step"] == 4 and logged["tasks"]["qa_squad"]["n"] == 2
 
 
 def test_forgetting_cli_on_a_staged_run(run_dir, capsys):
-    assert main(["eval", "--run", str(run_dir), "--forgetting", "--limit", "2", "--mode", "rank", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--run",
+                str(run_dir),
+                "--forgetting",
+                "--limit",
+                "2",
+                "--mode",
+                "rank",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     rep = json.loads((run_dir / "eval" / "forgetting-rank.json").read_text())
     assert rep["stages"] == ["first", "second"] and rep["learned_at"]["sentiment_sst2"] == "first"
     stage1 = json.loads((run_dir / "eval" / "stage-first-validation-rank.json").read_text())
     assert rep["matrix"][0] == [stage1["tasks"][t]["primary"] for t in rep["tasks"]]
     j = rep["tasks"].index("sentiment_sst2")
-    assert rep["forgetting"]["sentiment_sst2"] == pytest.approx(rep["matrix"][0][j] - rep["matrix"][1][j]
-                                                                if rep["matrix"][0][j] > rep["matrix"][1][j] else 0.0)
+    assert rep["forgetting"]["sentiment_sst2"] == pytest.approx(
+        rep["matrix"][0][j] - rep["matrix"][1][j]
+        if rep["matrix"][0][j] > rep["matrix"][1][j]
+        else 0.0
+    )
     assert (run_dir / "eval" / "forgetting-rank.png").read_bytes()[:4] == b"\x89PNG"
     assert "average forgetting" in capsys.readouterr().out
 
@@ -315,9 +452,7 @@ def test_forgetting_cli_on_a_staged_run(run_dir, capsys):
 
 def test_forgetting_and_transfer_on_a_hand_made_matrix(tmp_path):
     stages, tasks = ["s1", "s2", "s3"], ["a", "b", "c"]
-    matrix = [[80.0, 10.0, 5.0],
-              [60.0, 70.0, 20.0],
-              [70.0, 50.0, 90.0]]
+    matrix = [[80.0, 10.0, 5.0], [60.0, 70.0, 20.0], [70.0, 50.0, 90.0]]
     base = {"a": 1.0, "b": 4.0, "c": 8.0}
     rep = forgetting(stages, tasks, matrix, {"a": 0, "b": 1, "c": 2}, base=base)
     # Chaudhry: a: max(80, 60) - 70 = 10; b: max(70) - 50 = 20 -> 15.  c is learned in the last stage.
@@ -328,15 +463,19 @@ def test_forgetting_and_transfer_on_a_hand_made_matrix(tmp_path):
     assert rep["forward_transfer"] == 9.0
     assert rep["final_average"] == pytest.approx(70.0)
     md = forgetting_markdown(rep, {"a": "accuracy", "b": "f1", "c": "rougeL"})
-    assert "| s1 | 80.00* | 10.00 | 5.00 |" in md and "| backward transfer (Lopez-Paz & Ranzato 2017) | -15.00 |" in md
+    assert (
+        "| s1 | 80.00* | 10.00 | 5.00 |" in md
+        and "| backward transfer (Lopez-Paz & Ranzato 2017) | -15.00 |" in md
+    )
     assert "| base model | 1.00 | 4.00 | 8.00 |" in md
     png = forgetting_heatmap(rep, tmp_path / "f.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_forgetting_with_tasks_learned_together_and_missing_cells():
-    rep = forgetting(["s1", "s2"], ["a", "b", "z"], [[50.0, 40.0, None], [30.0, None, 10.0]],
-                     {"a": 0, "b": 0})  # z is never trained; b was not evaluated after s2
+    rep = forgetting(
+        ["s1", "s2"], ["a", "b", "z"], [[50.0, 40.0, None], [30.0, None, 10.0]], {"a": 0, "b": 0}
+    )  # z is never trained; b was not evaluated after s2
     assert rep["forgetting"] == {"a": 20.0} and rep["backward_transfer"] == -20.0
     assert rep["forward_transfer"] is None and rep["final_average"] == 30.0
     assert not math.isnan(rep["average_forgetting"])
@@ -349,8 +488,14 @@ def _res(scores: dict) -> dict:
 
 
 def test_compare_table_merges_labels_and_shows_differences(tmp_path, capsys):
-    table, data = compare_table([("multi", _res({"a": 80.0, "b": 60.0})), ("single", _res({"a": 75.0})),
-                                 ("single", _res({"b": 70.0})), ("base", _res({"a": 50.0}))])
+    table, data = compare_table(
+        [
+            ("multi", _res({"a": 80.0, "b": 60.0})),
+            ("single", _res({"a": 75.0})),
+            ("single", _res({"b": 70.0})),
+            ("base", _res({"a": 50.0})),
+        ]
+    )
     assert data["columns"] == ["multi", "single", "base"]
     assert "| a | accuracy | 80.00 | 75.00 (-5.00) | 50.00 (-30.00) |" in table
     assert "| b | accuracy | 60.00 | 70.00 (+10.00) | — |" in table

@@ -9,11 +9,24 @@ import random
 import pytest
 import torch
 
-from t2t_mtl.features import (IGNORE_INDEX, MIDDLE_MARK, CausalCollator, Seq2SeqCollator, encode, length_grouped_batches,
-                              model_inputs, pack_bins, packing_supported, prompt_ids, resolve_packing,
-                              stop_token_ids, target_ids, task_loss_sums)
-from t2t_mtl.prompt_format import PromptFormat
-from t2t_mtl.records import Record
+from t2t_mtl.core.records import Record
+from t2t_mtl.model.features import (
+    IGNORE_INDEX,
+    MIDDLE_MARK,
+    CausalCollator,
+    Seq2SeqCollator,
+    encode,
+    length_grouped_batches,
+    model_inputs,
+    pack_bins,
+    packing_supported,
+    prompt_ids,
+    resolve_packing,
+    stop_token_ids,
+    target_ids,
+    task_loss_sums,
+)
+from t2t_mtl.model.prompt_format import PromptFormat
 
 INSTR = "Is the sentiment positive or negative?"
 
@@ -36,7 +49,11 @@ def t5(tiny_t5_dir):
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_t5_dir)
-    return AutoModelForSeq2SeqLM.from_pretrained(tiny_t5_dir), tok, PromptFormat.for_tokenizer(tok, "seq2seq")
+    return (
+        AutoModelForSeq2SeqLM.from_pretrained(tiny_t5_dir),
+        tok,
+        PromptFormat.for_tokenizer(tok, "seq2seq"),
+    )
 
 
 def test_labels_cover_exactly_the_answer(causal):
@@ -56,15 +73,21 @@ def test_stop_tokens(causal, t5):
     tok_t5, fmt_t5 = t5[1], t5[2]
     assert stop_token_ids(tok_t5, fmt_t5) == [tok_t5.eos_token_id]
     gemma_like = PromptFormat(kind="chat", chat_template="x", answer_suffix="<|endoftext|>")
-    assert stop_token_ids(tok, gemma_like) == [tok.bos_token_id, tok.eos_token_id]  # suffix token first
+    assert stop_token_ids(tok, gemma_like) == [
+        tok.bos_token_id,
+        tok.eos_token_id,
+    ]  # suffix token first
 
 
 def test_prompt_tokens_are_what_inference_feeds(causal):
     _, tok, fmt = causal
     r = rec(2)
     # apply_chat_template(tokenize=True) is the reference for chat prompts (no extra BOS)
-    ref = tok.apply_chat_template([{"role": "user", "content": fmt.user_message(r)}],
-                                  tokenize=True, add_generation_prompt=True)
+    ref = tok.apply_chat_template(
+        [{"role": "user", "content": fmt.user_message(r)}],
+        tokenize=True,
+        add_generation_prompt=True,
+    )
     ref = ref["input_ids"] if isinstance(ref, dict) or hasattr(ref, "keys") else ref
     assert prompt_ids(tok, fmt, r)[0] == list(ref)
 
@@ -85,10 +108,12 @@ def test_truncation_cuts_the_input_and_keeps_the_answer(causal):
     cut = encode(r, tok, fmt, 150, 64)
     assert len(full["input_ids"]) > 150 >= len(cut["input_ids"]) and cut["truncated"]
     t = target_ids(tok, fmt, r)
-    assert cut["input_ids"][-len(t):] == t and cut["labels"][-len(t):] == t
+    assert cut["input_ids"][-len(t) :] == t and cut["labels"][-len(t) :] == t
     assert sum(lab != IGNORE_INDEX for lab in cut["labels"]) == len(t)
-    text = tok.decode(cut["input_ids"][:-len(t)])
-    assert INSTR in text and text.endswith("<|im_start|>assistant\n")  # layout and instruction intact
+    text = tok.decode(cut["input_ids"][: -len(t)])
+    assert INSTR in text and text.endswith(
+        "<|im_start|>assistant\n"
+    )  # layout and instruction intact
     kept = text.split(INSTR + "\n\n", 1)[1].split("<|im_end|>", 1)[0]
     assert kept and r.input.startswith(kept)  # the input's beginning is what survives
 
@@ -97,8 +122,14 @@ def test_middle_truncation_keeps_both_ends_of_the_input(causal):
     """The default: a question after a long passage survives the cut (it did not with "end")."""
     _, tok, fmt = causal
     assert fmt.truncation == "middle"
-    r = Record("t", INSTR, "Passage: " + "the film ran long and the cast was large. " * 40
-               + "\nQuestion: who directed it?", "Ann Lee")
+    r = Record(
+        "t",
+        INSTR,
+        "Passage: "
+        + "the film ran long and the cast was large. " * 40
+        + "\nQuestion: who directed it?",
+        "Ann Lee",
+    )
     for budget in (170, 220, 300):  # the tiny tokenizer is nearly per character
         p, cut = prompt_ids(tok, fmt, r, budget)
         assert cut and budget - 3 <= len(p) <= budget  # close to the budget, never over it
@@ -106,17 +137,25 @@ def test_middle_truncation_keeps_both_ends_of_the_input(causal):
         assert INSTR in text and text.endswith("<|im_start|>assistant\n")
         kept = text.split(INSTR + "\n\n", 1)[1].split("<|im_end|>", 1)[0]
         head, tail = kept.split(MIDDLE_MARK)
-        assert r.input.startswith(head) and r.input.endswith(tail) and tail.endswith("Question: who directed it?")
-        assert abs(len(tok(head)["input_ids"]) - len(tok(tail)["input_ids"])) <= 4  # half of the room each
+        assert (
+            r.input.startswith(head)
+            and r.input.endswith(tail)
+            and tail.endswith("Question: who directed it?")
+        )
+        assert (
+            abs(len(tok(head)["input_ids"]) - len(tok(tail)["input_ids"])) <= 4
+        )  # half of the room each
     f = encode(r, tok, fmt, 220, 64)
     t = target_ids(tok, fmt, r)
-    assert len(f["input_ids"]) <= 220 and f["input_ids"][-len(t):] == t and f["truncated"]
+    assert len(f["input_ids"]) <= 220 and f["input_ids"][-len(t) :] == t and f["truncated"]
     assert prompt_ids(tok, fmt, r, 4096) == (prompt_ids(tok, fmt, r)[0], False)  # fits: untouched
 
 
 def test_seq2seq_middle_truncation(t5):
     _, tok, fmt = t5
-    r = Record("t", "Answer the question.", "The story is long and funny. " * 30 + "is it funny?", "Ann.")
+    r = Record(
+        "t", "Answer the question.", "The story is long and funny. " * 30 + "is it funny?", "Ann."
+    )
     ids, cut = prompt_ids(tok, fmt, r, 60)
     assert cut and len(ids) <= 60 and ids[-1] == tok.eos_token_id
     assert tok.decode(ids, skip_special_tokens=True).rstrip().endswith("is it funny?")
@@ -132,7 +171,9 @@ def test_overlong_target_is_cut_but_fits(causal):
 
 def test_seq2seq_features(t5):
     _, tok, fmt = t5
-    r = Record("t", "Summarize the text.", "The story is long and funny. " * 30, "The story is funny.")
+    r = Record(
+        "t", "Summarize the text.", "The story is long and funny. " * 30, "The story is funny."
+    )
     f = encode(r, tok, fmt, 48, 6, task_index=1)
     assert len(f["input_ids"]) <= 48 and f["truncated"] and f["input_ids"][-1] == tok.eos_token_id
     assert tok.decode(f["input_ids"]).startswith("Summarize the text.")
@@ -147,14 +188,21 @@ def test_causal_collator_pads_and_marks_tasks(causal):
     feats = [encode(rec(i, words=1 + 3 * i), tok, fmt, 512, 64, task_index=i) for i in range(3)]
     b = CausalCollator(pad_token_id=tok.eos_token_id)(feats)
     width = max(len(f["input_ids"]) for f in feats)
-    assert b["input_ids"].shape == (3, width) and set(b) == {"input_ids", "labels", "attention_mask",
-                                                             "position_ids", "task_ids"}
+    assert b["input_ids"].shape == (3, width) and set(b) == {
+        "input_ids",
+        "labels",
+        "attention_mask",
+        "position_ids",
+        "task_ids",
+    }
     for i, f in enumerate(feats):
         n = len(f["input_ids"])
         assert b["attention_mask"][i].tolist() == [1] * n + [0] * (width - n)
         assert b["labels"][i, n:].eq(IGNORE_INDEX).all()
         answer = torch.tensor(f["labels"]) != IGNORE_INDEX
-        assert b["task_ids"][i, :n][answer].eq(i).all() and b["task_ids"][i, :n][~answer].eq(-1).all()
+        assert (
+            b["task_ids"][i, :n][answer].eq(i).all() and b["task_ids"][i, :n][~answer].eq(-1).all()
+        )
         assert b["task_ids"][i, n:].eq(-1).all()
 
 
@@ -171,8 +219,10 @@ def test_pack_bins_first_fit_decreasing():
 
 def _mixed_batch(tok, fmt):
     outs = ["positive", "negative and sad", "neutral", "a great and wonderful story", "bad"]
-    return [encode(rec(i, words=1 + (i * 7) % 5, out=outs[i % 5]), tok, fmt, 512, 64, task_index=i % 3)
-            for i in range(7)]
+    return [
+        encode(rec(i, words=1 + (i * 7) % 5, out=outs[i % 5]), tok, fmt, 512, 64, task_index=i % 3)
+        for i in range(7)
+    ]
 
 
 def test_packed_loss_equals_unpacked_loss(causal):
@@ -192,7 +242,9 @@ def test_packed_loss_equals_unpacked_loss(causal):
         out.loss.backward()
         losses.append(out.loss.detach())
         grads.append(model.model.layers[0].self_attn.q_proj.weight.grad.clone())
-        sums, counts = task_loss_sums(out.logits.detach(), batch["labels"], batch["task_ids"], 3, shift=True)
+        sums, counts = task_loss_sums(
+            out.logits.detach(), batch["labels"], batch["task_ids"], 3, shift=True
+        )
         assert torch.allclose(sums.sum() / counts.sum(), out.loss.detach(), atol=1e-5)
         losses.append(sums / counts)
     assert torch.allclose(losses[0], losses[2], atol=1e-5)  # overall loss
@@ -211,7 +263,9 @@ def test_packed_rows_restart_positions_and_never_label_across_examples(causal):
             assert packed["labels"][r, s] == IGNORE_INDEX  # first token of every segment
             starts += 1
     assert starts >= len(feats)
-    assert (packed["labels"] != IGNORE_INDEX).sum() == sum(sum(x != IGNORE_INDEX for x in f["labels"]) for f in feats)
+    assert (packed["labels"] != IGNORE_INDEX).sum() == sum(
+        sum(x != IGNORE_INDEX for x in f["labels"]) for f in feats
+    )
 
 
 def test_packing_needs_use_cache_false(causal):
@@ -235,7 +289,11 @@ def test_packing_supported_on_llama(tiny_causal_dir, attn):
     model = AutoModelForCausalLM.from_pretrained(tiny_causal_dir, attn_implementation=attn)
     model.train()
     assert packing_supported(model) and model.training  # probe restores the mode
-    assert resolve_packing("auto", model) and resolve_packing("on", model) and not resolve_packing("off", model)
+    assert (
+        resolve_packing("auto", model)
+        and resolve_packing("on", model)
+        and not resolve_packing("off", model)
+    )
 
 
 class _HidesPacking(torch.nn.Module):
@@ -261,7 +319,10 @@ def test_packing_refused_where_it_would_be_wrong(causal, t5, caplog):
 
 def test_seq2seq_collator_and_loss(t5):
     model, tok, fmt = t5
-    recs = [Record("t", "Summarize the text.", "The movie was good " * (i + 1), "Good " * (i + 1)) for i in range(3)]
+    recs = [
+        Record("t", "Summarize the text.", "The movie was good " * (i + 1), "Good " * (i + 1))
+        for i in range(3)
+    ]
     feats = [encode(r, tok, fmt, 64, 16, task_index=i % 2) for i, r in enumerate(recs)]
     b = Seq2SeqCollator(tok.pad_token_id)(feats)
     assert b["labels"].shape[1] == max(len(f["labels"]) for f in feats)

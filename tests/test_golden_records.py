@@ -22,7 +22,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python -m tests.test_golden_records` from anywhere
     sys.path.insert(0, str(ROOT))
 
-from t2t_mtl import sources, tasks  # noqa: E402
+from t2t_mtl.tasks import (
+    catalogue,
+    sources,
+)
 
 GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
 ROWS = 5  # first rows of each sample split
@@ -32,13 +35,15 @@ REGEN_ENV = "T2T_REGEN_GOLDEN"
 
 def shipped_tasks() -> list[str]:
     """Names of the templates in task_templates/ (not user folders)."""
-    shipped = tasks.SHIPPED_DIR.resolve()
-    return sorted(n for n, p in tasks.find_templates().items() if p.parent.resolve() == shipped)
+    shipped = catalogue.SHIPPED_DIR.resolve()
+    return sorted(
+        n for n, p in catalogue.find_task_files().items() if p.parent.resolve() == shipped
+    )
 
 
 def render_golden(name: str) -> str:
     """The golden text of one task: JSON lines of every variant on the first ROWS rows of each sample split."""
-    tpl = tasks.load_template(tasks.SHIPPED_DIR / f"{name}.yaml")
+    tpl = catalogue.load_task_file(catalogue.SHIPPED_DIR / f"{name}.yaml")
     lines = []
     for split in SPLITS:
         rows = sources.load_rows(tpl, None, split, bad_rows="fail", limit=ROWS)
@@ -74,20 +79,29 @@ def test_golden_records(name):
     if os.environ.get(REGEN_ENV) == "1":
         path.parent.mkdir(exist_ok=True)
         path.write_bytes(got.encode("utf-8"))
-    assert path.is_file(), f"no golden file for {name}; create it with `python -m tests.test_golden_records --regen`"
+    assert path.is_file(), (
+        f"no golden file for {name}; create it with `python -m tests.test_golden_records --regen`"
+    )
     want = path.read_bytes().decode("utf-8")
-    assert got == want, (f"{name}: rendered records differ from {path.name} ({_first_difference(want, got)}); if the "
-                         f"change is intended run `python -m tests.test_golden_records --regen` and review the diff")
+    assert got == want, (
+        f"{name}: rendered records differ from {path.name} ({_first_difference(want, got)}); if the "
+        f"change is intended run `python -m tests.test_golden_records --regen` and review the diff"
+    )
 
 
 def test_golden_files_cover_every_variant_and_no_stale_files():
     names = shipped_tasks()
     assert len(names) >= 7
-    assert sorted(p.stem for p in GOLDEN_DIR.glob("*.jsonl")) == names, "a golden file without a template (or missing)"
+    assert sorted(p.stem for p in GOLDEN_DIR.glob("*.jsonl")) == names, (
+        "a golden file without a template (or missing)"
+    )
     for name in names:
-        tpl = tasks.load_task(name)
+        tpl = catalogue.load_task(name)
         assert len(tpl.variants) >= 3 and any(v.heldout for v in tpl.variants), name
-        recs = [json.loads(line) for line in (GOLDEN_DIR / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()]
+        recs = [
+            json.loads(line)
+            for line in (GOLDEN_DIR / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()
+        ]
         assert {r["meta"]["variant"] for r in recs} == {v.id for v in tpl.variants}, name
         assert all(r["task"] == name and r["input"] and r["output"] for r in recs), name
 

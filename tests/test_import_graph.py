@@ -1,95 +1,118 @@
-"""Import layering: layers 0-2 never import the training stack; imports only go to the same or a lower layer.
+"""Import layering, read from the package structure: `t2t_mtl.LAYERS` orders the subpackages (lowest
+first) and `t2t_mtl.DATA_LAYERS` names those that never reach the training stack.
 
-The layer of each module is read from the table in docs/architecture.md (the contract), so the test
-follows the document; modules listed there that do not exist yet are ignored, and a module that
-exists but is missing from the table fails (add it to the table).
+Every module belongs to the subpackage it sits in; a module imports only from its own layer or a lower
+one (lazy imports inside functions included), and no data-layer module reaches torch & co., directly or
+through another project module. A module outside every subpackage fails (put it in a layer).
 """
 
 from __future__ import annotations
 
 import ast
-import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+import t2t_mtl
+
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "t2t_mtl"
-HEAVY = {"torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes"}
-LIGHT_LAYERS = 2  # layers 0..2 must stay free of HEAVY
-
-
-def layer_table() -> dict[str, int]:
-    """module name -> layer, from the `## Layers` table in docs/architecture.md."""
-    out = {}
-    for ln in (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8").splitlines():
-        m = re.match(r"^\|\s*(\d+)\s*\|([^|]+)\|", ln)
-        if m:
-            for mod in re.findall(r"`([A-Za-z_][\w/]*)\.py`", m.group(2)):
-                out[mod] = int(m.group(1))
-    return out
+LAYER = {name: i for i, (name, _) in enumerate(t2t_mtl.LAYERS)}
+HEAVY = set(t2t_mtl.HEAVY_PACKAGES)
 
 
 def imports_of(path: Path) -> tuple[set[str], set[str]]:
-    """(project modules, top-level third-party packages) imported anywhere in the file, lazy imports included."""
+    """(project modules as dotted names under t2t_mtl, top-level third-party packages) imported anywhere
+    in the file, lazy and TYPE_CHECKING imports included (a type-only import still states a dependency)."""
     tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
     project, external = set(), set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for a in node.names:
-                parts = a.name.split(".")
-                if parts[0] == "t2t_mtl":
-                    if len(parts) > 1:
-                        project.add(parts[1])
-                else:
-                    external.add(parts[0])
+                (project if a.name.split(".")[0] == "t2t_mtl" else external).add(
+                    a.name if a.name.startswith("t2t_mtl") else a.name.split(".")[0]
+                )
         elif isinstance(node, ast.ImportFrom):
-            if node.level == 0:
-                parts = (node.module or "").split(".")
-                if parts[0] == "t2t_mtl":
-                    project.update([parts[1]] if len(parts) > 1 else [a.name for a in node.names])
-                else:
-                    external.add(parts[0])
-            elif node.module:  # from .x import y / from .x.z import y
-                project.add(node.module.split(".")[0])
-            else:  # from . import x, y
-                project.update(a.name for a in node.names)
+            if (
+                node.level
+            ):  # relative imports are not used: absolute ones show the layer at a glance
+                project.add(f"<relative import in {path.name}>")
+                continue
+            mod = node.module or ""
+            if mod.split(".")[0] == "t2t_mtl":
+                project.add(mod)
+                project.update(
+                    f"{mod}.{a.name}"
+                    for a in node.names
+                    if (PKG.parent / f"{mod}.{a.name}".replace(".", "/"))
+                    .with_suffix(".py")
+                    .exists()
+                    or (PKG.parent / f"{mod}.{a.name}".replace(".", "/")).is_dir()
+                )
+            else:
+                external.add(mod.split(".")[0])
     return project, external
 
 
-def _modules() -> dict[str, Path]:
-    return {p.stem: p for p in PKG.glob("*.py") if p.stem != "__init__"}
+def modules() -> dict[str, Path]:
+    """Dotted module name -> file, for every module of the package."""
+    out = {}
+    for p in PKG.rglob("*.py"):
+        rel = p.relative_to(PKG.parent).with_suffix("")
+        parts = list(rel.parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = p
+    return out
 
 
-def test_layer_table_is_parsed():
-    table = layer_table()
-    assert table["errors"] == 0 and table["templates"] == 1 and table["tasks"] == 2 and table["cli"] == 5
+def layer_of(dotted: str) -> int | None:
+    """The layer of `t2t_mtl.<pkg>...`; None for the top-level package itself."""
+    parts = dotted.split(".")
+    return LAYER.get(parts[1]) if len(parts) > 1 else None
 
 
-def test_every_module_is_in_the_layer_table():
-    table = layer_table()
-    missing = sorted(set(_modules()) - set(table))
-    assert not missing, f"add these modules to the layer table in docs/architecture.md: {missing}"
+def test_every_subpackage_is_a_layer_and_back():
+    pkgs = {p.name for p in PKG.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert pkgs == set(LAYER), f"subpackages {sorted(pkgs)} vs LAYERS {sorted(LAYER)}"
+    assert set(t2t_mtl.DATA_LAYERS) <= set(LAYER)
+
+
+def test_every_module_sits_in_a_layer():
+    stray = [m for m in modules() if m != "t2t_mtl" and layer_of(m) is None]
+    assert not stray, f"modules outside every layer subpackage: {stray}"
+
+
+def test_no_relative_imports():
+    bad = [
+        m for m, p in modules().items() if any(d.startswith("<relative") for d in imports_of(p)[0])
+    ]
+    assert not bad, f"use absolute imports (t2t_mtl.<layer>.<module>): {bad}"
 
 
 def test_imports_only_go_down():
-    table, mods = layer_table(), _modules()
     bad = []
-    for name, path in mods.items():  # a module not written yet is checked by its table layer only
-        project, _ = imports_of(path)
-        for dep in sorted(project):
-            if dep == "launch" or (dep in table and table[dep] > table.get(name, 99)):
-                bad.append(f"{name} (layer {table.get(name)}) imports {dep} (layer {table.get(dep)})")
+    for name, path in modules().items():
+        here = layer_of(name)
+        if here is None:
+            continue
+        for dep in sorted(imports_of(path)[0]):
+            there = layer_of(dep)
+            if there is not None and there > here:
+                bad.append(f"{name} (layer {here}) imports {dep} (layer {there})")
     assert not bad, "\n".join(bad)
 
 
-def test_light_layers_never_reach_the_training_stack():
-    table, mods = layer_table(), _modules()
+def heavy_chains(mods: dict[str, Path]) -> list[str]:
+    """Every data-layer module's project-import closure, walked for heavy packages (one path each)."""
     graph = {n: imports_of(p) for n, p in mods.items()}
+    data = {LAYER[n] for n in t2t_mtl.DATA_LAYERS}
     bad = []
-    for name in sorted(n for n in mods if table.get(n, 99) <= LIGHT_LAYERS):
+    for name in sorted(n for n in mods if layer_of(n) in data):
         seen, todo, chain = set(), [name], {name: [name]}
-        while todo:  # walk the project-import closure, remembering one path for the message
+        while todo:
             cur = todo.pop()
             if cur in seen or cur not in graph:
                 continue
@@ -100,15 +123,34 @@ def test_light_layers_never_reach_the_training_stack():
             for dep in project:
                 chain.setdefault(dep, chain[cur] + [dep])
                 todo.append(dep)
+    return bad
+
+
+def test_data_layers_never_reach_the_training_stack():
+    bad = heavy_chains(modules())
     assert not bad, "\n".join(bad)
 
 
-def test_light_layers_import_cleanly_without_the_training_stack():
+def test_the_check_fails_on_a_data_layer_module_that_imports_torch(tmp_path, monkeypatch):
+    # The rule must be able to fail: a planted `import torch` in a tasks module is reported.
+    mods = modules()
+    planted = tmp_path / "planted.py"
+    planted.write_text("import torch\n", encoding="utf-8")
+    mods["t2t_mtl.tasks.planted"] = planted
+    assert any("t2t_mtl.tasks.planted imports torch" in b for b in heavy_chains(mods))
+
+
+@pytest.mark.parametrize("layer", t2t_mtl.DATA_LAYERS)
+def test_data_layers_import_cleanly_without_the_training_stack(layer):
     # Runtime check: also catches heavy imports pulled in through third-party packages.
-    table, mods = layer_table(), _modules()
-    light = sorted(n for n in mods if table.get(n, 99) <= LIGHT_LAYERS)
-    code = ("import sys\n" + "".join(f"import t2t_mtl.{n}\n" for n in light)
-            + f"print(sorted(m for m in {sorted(HEAVY)!r} if m in sys.modules))")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    mods = sorted(m for m in modules() if layer_of(m) == LAYER[layer])
+    code = (
+        "import sys\n"
+        + "".join(f"import {m}\n" for m in mods)
+        + f"print(sorted(m for m in {sorted(HEAVY)!r} if m in sys.modules))"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "[]", f"heavy packages imported by layers 0-2: {r.stdout}"
+    assert r.stdout.strip() == "[]", f"heavy packages imported by {layer}: {r.stdout}"

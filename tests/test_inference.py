@@ -8,13 +8,13 @@ import shutil
 import pytest
 import torch
 
-from t2t_mtl import features, sources
-from t2t_mtl.cli import main
-from t2t_mtl.errors import DataError
-from t2t_mtl.inference import Predictor
-from t2t_mtl.prompt_format import PromptFormat
-from t2t_mtl.records import Record
-
+from t2t_mtl.cli.main import main
+from t2t_mtl.core.errors import DataError
+from t2t_mtl.core.records import Record
+from t2t_mtl.inference.predictor import Predictor
+from t2t_mtl.model import features
+from t2t_mtl.model.prompt_format import PromptFormat
+from t2t_mtl.tasks import sources
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on one torch thread
 
@@ -66,16 +66,30 @@ def test_inference_prompt_ids_are_the_training_prompt_ids(predictor, run_dir, ta
     rows = sources.load_rows(tpl, None, "validation", limit=3)
     vid = tpl.train_variants()[0].id
     tok, fmt = predictor.tokenizer, predictor.fmt
-    assert fmt == PromptFormat.from_dict(json.loads((run_dir / "adapter" / "t2t_manifest.json").read_text())["prompt_format"])
+    assert fmt == PromptFormat.from_dict(
+        json.loads((run_dir / "adapter" / "t2t_manifest.json").read_text())["prompt_format"]
+    )
     # training path: render with the answer, encode, collate; the prompt is where labels are -100
     mc = predictor.run.cfg.model
-    feats = [features.encode(tpl.render(rows[i], vid, row_id=str(i), split="train"), tok, fmt, mc.max_length,
-                             mc.max_target_length) for i in range(len(rows))]
+    feats = [
+        features.encode(
+            tpl.render(rows[i], vid, row_id=str(i), split="train"),
+            tok,
+            fmt,
+            mc.max_length,
+            mc.max_target_length,
+        )
+        for i in range(len(rows))
+    ]
     # Parity is exact for every record training did not have to shorten (this data fits max_length).
     assert not any(f["truncated"] for f in feats)
     batch = features.CausalCollator(tok.pad_token_id)(feats)
-    train_prompts = [batch["input_ids"][r][(batch["labels"][r] == -100) & (batch["attention_mask"][r] == 1)].tolist()
-                     for r in range(len(rows))]
+    train_prompts = [
+        batch["input_ids"][r][
+            (batch["labels"][r] == -100) & (batch["attention_mask"][r] == 1)
+        ].tolist()
+        for r in range(len(rows))
+    ]
     # inference path: the same rows without their answers, through the Predictor
     label_field = tpl.label_field
     plain = [{k: v for k, v in rows[i].items() if k != label_field} for i in range(len(rows))]
@@ -90,7 +104,9 @@ def test_inference_prompt_ids_are_the_training_prompt_ids(predictor, run_dir, ta
     assert all(seen[0][1][:, -1] == 1)  # left padding: every row's last column is a real token
     rec = predictor.render(task, plain[0])
     assert predictor.prompt_ids(rec) == train_prompts[0]
-    assert tok.decode(train_prompts[0]).startswith("<|im_start|>system\n")  # the chat layout, system message kept
+    assert tok.decode(train_prompts[0]).startswith(
+        "<|im_start|>system\n"
+    )  # the chat layout, system message kept
 
 
 def test_seq2seq_prompt_parity_with_the_training_collator(tiny_t5_dir):
@@ -99,9 +115,16 @@ def test_seq2seq_prompt_parity_with_the_training_collator(tiny_t5_dir):
     tok = AutoTokenizer.from_pretrained(tiny_t5_dir)
     model = AutoModelForSeq2SeqLM.from_pretrained(tiny_t5_dir).eval()
     fmt = PromptFormat.for_tokenizer(tok, "seq2seq")
-    recs = [Record("t", "Is the sentiment positive or negative?", x, "positive") for x in ("good film", "a " * 20)]
-    batch = features.Seq2SeqCollator(tok.pad_token_id)([features.encode(r, tok, fmt, 64, 16) for r in recs])
-    train = [batch["input_ids"][r][batch["attention_mask"][r] == 1].tolist() for r in range(len(recs))]
+    recs = [
+        Record("t", "Is the sentiment positive or negative?", x, "positive")
+        for x in ("good film", "a " * 20)
+    ]
+    batch = features.Seq2SeqCollator(tok.pad_token_id)(
+        [features.encode(r, tok, fmt, 64, 16) for r in recs]
+    )
+    train = [
+        batch["input_ids"][r][batch["attention_mask"][r] == 1].tolist() for r in range(len(recs))
+    ]
     seen: list = []
     _capture_generate(model, seen)
     pred = Predictor(model, tok, fmt, max_new_tokens=3, max_prompt_tokens=64)
@@ -119,26 +142,65 @@ def _write_lines(path, lines):
 
 
 def test_predict_cli_reports_every_bad_row_with_file_and_line(run_dir, tmp_path, capsys):
-    inp = _write_lines(tmp_path / "in.jsonl", [
-        json.dumps({"text": "a fine film", "id": "a"}),
-        "{not json",
-        json.dumps({"txt": "typo"}),
-        "",
-        json.dumps({"text": 3}),
-        json.dumps(["a list"]),
-        json.dumps({"sentence": "hub column name, mapped by the template"}),
-    ])
+    inp = _write_lines(
+        tmp_path / "in.jsonl",
+        [
+            json.dumps({"text": "a fine film", "id": "a"}),
+            "{not json",
+            json.dumps({"txt": "typo"}),
+            "",
+            json.dumps({"text": 3}),
+            json.dumps(["a list"]),
+            json.dumps({"sentence": "hub column name, mapped by the template"}),
+        ],
+    )
     out = tmp_path / "out.jsonl"
-    assert main(["predict", "--run", str(run_dir), "--task", "sentiment_sst2", "--input", str(inp),
-                 "--output", str(out), "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "predict",
+                "--run",
+                str(run_dir),
+                "--task",
+                "sentiment_sst2",
+                "--input",
+                str(inp),
+                "--output",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
-    for line, text in ((2, "not valid JSON"), (3, "missing field 'text' (the row has 'txt'"), (5, "field 'text' should be str, got int"),
-                       (6, "expected a JSON object")):
+    for line, text in (
+        (2, "not valid JSON"),
+        (3, "missing field 'text' (the row has 'txt'"),
+        (5, "field 'text' should be str, got int"),
+        (6, "expected a JSON object"),
+    ):
         assert f"{inp}:{line}: {text}" in err
     assert "Traceback" not in err and not out.exists()
 
-    assert main(["predict", "--run", str(run_dir), "--task", "sentiment_sst2", "--input", str(inp),
-                 "--output", str(out), "--no-progress", "--bad-rows", "skip"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--run",
+                str(run_dir),
+                "--task",
+                "sentiment_sst2",
+                "--input",
+                str(inp),
+                "--output",
+                str(out),
+                "--no-progress",
+                "--bad-rows",
+                "skip",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["line"] for r in rows] == [1, 7] and rows[0]["id"] == "a"
     assert all(set(r["prediction"]) == {"label"} and isinstance(r["raw"], str) for r in rows)
@@ -146,22 +208,47 @@ def test_predict_cli_reports_every_bad_row_with_file_and_line(run_dir, tmp_path,
     assert "4 bad row(s) skipped" in capsys.readouterr().err
 
 
-def test_predict_cli_ner_and_qa_structured_output_matches_the_python_api(run_dir, predictor, tmp_path, capsys):
+def test_predict_cli_ner_and_qa_structured_output_matches_the_python_api(
+    run_dir, predictor, tmp_path, capsys
+):
     ner_rows = [{"tokens": ["Anna", "lives", "in", "Paris", "."]}, {"tokens": ["Nothing", "here"]}]
     inp = _write_lines(tmp_path / "ner.jsonl", [json.dumps(r) for r in ner_rows])
     out = tmp_path / "ner_out.jsonl"
-    assert main(["predict", "--run", str(run_dir), "--task", "ner_conll2003", "--input", str(inp), "--output", str(out),
-                 "--no-progress", "--max-new-tokens", "8"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--run",
+                str(run_dir),
+                "--task",
+                "ner_conll2003",
+                "--input",
+                str(inp),
+                "--output",
+                str(out),
+                "--no-progress",
+                "--max-new-tokens",
+                "8",
+            ]
+        )
+        == 0
+    )
     got = [json.loads(x) for x in out.read_text().splitlines()]
     for row, g in zip(ner_rows, got):
-        assert set(g["prediction"]) == {"entities", "tags"} and len(g["prediction"]["tags"]) == len(row["tokens"])
+        assert set(g["prediction"]) == {"entities", "tags"} and len(g["prediction"]["tags"]) == len(
+            row["tokens"]
+        )
         assert g["raw"]  # the perturbed adapter writes text
     api = predictor.predict("ner_conll2003", ner_rows)
     assert [{k: v for k, v in g.items() if k != "line"} for g in got] == api
-    qa = predictor.predict("qa_squad", [{"context": "Paris is in France.", "question": "Where is Paris?"}])
+    qa = predictor.predict(
+        "qa_squad", [{"context": "Paris is in France.", "question": "Where is Paris?"}]
+    )
     assert set(qa[0]["prediction"]) == {"answer"}
     with pytest.raises(DataError) as e:
-        predictor.predict("qa_squad", [{"context": "x", "question": "y"}, {"question": "no context"}])
+        predictor.predict(
+            "qa_squad", [{"context": "x", "question": "y"}, {"question": "no context"}]
+        )
     assert "<rows>:2: missing field 'context'" in str(e.value)
 
 
@@ -169,31 +256,87 @@ def test_predict_cli_ner_and_qa_structured_output_matches_the_python_api(run_dir
 
 
 def test_prompt_cli_task_fields_free_instruction_and_base(run_dir, predictor, capsys):
-    assert main(["prompt", "--run", str(run_dir), "--task", "sentiment_sst2", "text=a fine film", "--json",
-                 "--max-new-tokens", "8"]) == 0
+    assert (
+        main(
+            [
+                "prompt",
+                "--run",
+                str(run_dir),
+                "--task",
+                "sentiment_sst2",
+                "text=a fine film",
+                "--json",
+                "--max-new-tokens",
+                "8",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert out == predictor.prompt("sentiment_sst2", text="a fine film")
     assert out["raw"] and set(out["prediction"]) == {"label"}
 
-    assert main(["prompt", "--run", str(run_dir), "--task", "ner_conll2003", "tokens=Anna lives in Paris",
-                 "--max-new-tokens", "8", "--json"]) == 0
+    assert (
+        main(
+            [
+                "prompt",
+                "--run",
+                str(run_dir),
+                "--task",
+                "ner_conll2003",
+                "tokens=Anna lives in Paris",
+                "--max-new-tokens",
+                "8",
+                "--json",
+            ]
+        )
+        == 0
+    )
     assert len(json.loads(capsys.readouterr().out)["prediction"]["tags"]) == 4
 
-    assert main(["prompt", "--run", str(run_dir), "--instruction", "Name a city.", "--max-new-tokens", "8",
-                 "--show-prompt"]) == 0
+    assert (
+        main(
+            [
+                "prompt",
+                "--run",
+                str(run_dir),
+                "--instruction",
+                "Name a city.",
+                "--max-new-tokens",
+                "8",
+                "--show-prompt",
+            ]
+        )
+        == 0
+    )
     cap = capsys.readouterr()
     tuned = cap.out.strip()
     assert tuned == predictor.ask("Name a city.") and tuned
     assert "<|im_start|>user\nName a city.<|im_end|>" in cap.err
-    assert main(["prompt", "--run", str(run_dir), "--instruction", "Name a city.", "--max-new-tokens", "8",
-                 "--base"]) == 0
+    assert (
+        main(
+            [
+                "prompt",
+                "--run",
+                str(run_dir),
+                "--instruction",
+                "Name a city.",
+                "--max-new-tokens",
+                "8",
+                "--base",
+            ]
+        )
+        == 0
+    )
     base = capsys.readouterr().out.strip()
     assert base == Predictor.from_run(run_dir, base=True, max_new_tokens=8).ask("Name a city.")
     assert base != tuned  # the base model answers without the adapter
 
 
 def test_prompt_cli_mistakes(run_dir, capsys):
-    assert main(["prompt", "--run", str(run_dir), "--task", "qa_squad", "contxt=x", "question=y"]) == 2
+    assert (
+        main(["prompt", "--run", str(run_dir), "--task", "qa_squad", "contxt=x", "question=y"]) == 2
+    )
     assert "has no field 'contxt' (did you mean 'context'?)" in capsys.readouterr().err
     assert main(["prompt", "--run", str(run_dir), "--task", "qa_squad", "question=y"]) == 2
     assert "<fields>: missing field 'context'" in capsys.readouterr().err
@@ -205,7 +348,9 @@ def test_prompt_cli_mistakes(run_dir, capsys):
 # ------------------------------------------------------------------ export
 
 
-def test_export_merges_the_adapter_into_a_plain_transformers_model(run_dir, predictor, tmp_path, capsys):
+def test_export_merges_the_adapter_into_a_plain_transformers_model(
+    run_dir, predictor, tmp_path, capsys
+):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "merged"
@@ -214,17 +359,24 @@ def test_export_merges_the_adapter_into_a_plain_transformers_model(run_dir, pred
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     tok = AutoTokenizer.from_pretrained(out)
     assert not hasattr(model, "peft_config")
-    recs = [predictor.render("sentiment_sst2", {"text": t}) for t in ("a fine film", "dull and far too long")]
+    recs = [
+        predictor.render("sentiment_sst2", {"text": t})
+        for t in ("a fine film", "dull and far too long")
+    ]
     recs.append(Record("free", "Name a city.", "", ""))
     expected = predictor.generate(recs)
     assert all(expected) and len(set(expected)) > 1
-    merged = Predictor(model, tok, predictor.fmt, max_new_tokens=8, max_prompt_tokens=512).generate(recs)
+    merged = Predictor(model, tok, predictor.fmt, max_new_tokens=8, max_prompt_tokens=512).generate(
+        recs
+    )
     assert merged == expected
     ids = torch.tensor([predictor.prompt_ids(recs[0])])
     with torch.no_grad():
         a, b = predictor.model(input_ids=ids).logits, model(input_ids=ids).logits
     assert torch.allclose(a, b, atol=1e-4)
-    base = AutoModelForCausalLM.from_pretrained(json.loads((out / "t2t_manifest.json").read_text())["model"]["name"])
+    base = AutoModelForCausalLM.from_pretrained(
+        json.loads((out / "t2t_manifest.json").read_text())["model"]["name"]
+    )
     with torch.no_grad():
         assert (base(input_ids=ids).logits - b).abs().max() > 1e-2  # the merge changed the weights
 
@@ -241,7 +393,9 @@ def test_export_of_a_qlora_run_reloads_the_base_unquantised(run_dir, tmp_path):
     man_file.write_text(json.dumps(man))
     assert main(["export", "--run", str(q), "--out", str(tmp_path / "merged")]) == 0
     cfg = json.loads((tmp_path / "merged" / "config.json").read_text())
-    assert "quantization_config" not in cfg and cfg.get("dtype", cfg.get("torch_dtype")) == "bfloat16"
+    assert (
+        "quantization_config" not in cfg and cfg.get("dtype", cfg.get("torch_dtype")) == "bfloat16"
+    )
     exported = json.loads((tmp_path / "merged" / "t2t_manifest.json").read_text())
     assert exported["bundle"]["kind"] == "full" and exported["bundle"]["adapter_method"] == "qlora"
 
@@ -249,11 +403,18 @@ def test_export_of_a_qlora_run_reloads_the_base_unquantised(run_dir, tmp_path):
 def test_predict_accepts_rows_in_the_hub_schema(predictor):
     """Rows as the hub dataset has them (SST-2's `sentence` column, integer gold label) render like training's:
     the template's column and label maps apply, and a gold label is not needed to predict."""
-    recs, problems = predictor.render_rows("sentiment_sst2", [
-        ("rows.jsonl:1", {"idx": 0, "sentence": "a marvel of restraint .", "label": 1}),
-        ("rows.jsonl:2", {"sentence": "tiresome ."}),
-        ("rows.jsonl:3", {"idx": 2, "label": 0}),
-    ])
+    recs, problems = predictor.render_rows(
+        "sentiment_sst2",
+        [
+            ("rows.jsonl:1", {"idx": 0, "sentence": "a marvel of restraint .", "label": 1}),
+            ("rows.jsonl:2", {"sentence": "tiresome ."}),
+            ("rows.jsonl:3", {"idx": 2, "label": 0}),
+        ],
+    )
     assert [r is not None for r in recs] == [True, True, False]
     assert "a marvel of restraint ." in recs[0].input
-    assert len(problems) == 1 and problems[0].line == 3 and "missing field 'text'" in problems[0].message
+    assert (
+        len(problems) == 1
+        and problems[0].line == 3
+        and "missing field 'text'" in problems[0].message
+    )

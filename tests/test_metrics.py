@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from t2t_mtl import metrics as M
+from t2t_mtl.evaluation import metrics as M
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
 TYPES = ("PER", "LOC", "ORG", "MISC")
@@ -84,14 +84,14 @@ def test_normalize_answer_official_rules():
 
 def test_squad_hand_computed():
     preds = [
-        "The Denver Broncos!",   # -> "denver broncos" == gold 1: EM 1, F1 1
-        "Carolina",              # vs "carolina panthers": common 1, P=1/1, R=1/2 -> F1 = 2/3; EM 0
-        "in the year 2016",      # tokens [in, year, 2016]
-                                 #   vs "2016": P=1/3, R=1 -> F1 = 2*(1/3)/(4/3) = 1/2
-                                 #   vs "february 7 2016": P=1/3, R=1/3 -> 1/3; max = 1/2; EM 0
-        None,                    # unparsed: 0, 0
-        "an apple, an apple",    # [apple, apple] vs [apple, apple, apple]: common min(2,3)=2,
-                                 #   P=1, R=2/3 -> F1 = 2*(2/3)/(5/3) = 4/5; EM 0
+        "The Denver Broncos!",  # -> "denver broncos" == gold 1: EM 1, F1 1
+        "Carolina",  # vs "carolina panthers": common 1, P=1/1, R=1/2 -> F1 = 2/3; EM 0
+        "in the year 2016",  # tokens [in, year, 2016]
+        #   vs "2016": P=1/3, R=1 -> F1 = 2*(1/3)/(4/3) = 1/2
+        #   vs "february 7 2016": P=1/3, R=1/3 -> 1/3; max = 1/2; EM 0
+        None,  # unparsed: 0, 0
+        "an apple, an apple",  # [apple, apple] vs [apple, apple, apple]: common min(2,3)=2,
+        #   P=1, R=2/3 -> F1 = 2*(2/3)/(5/3) = 4/5; EM 0
     ]
     golds = [
         ["Denver Broncos", "Broncos"],
@@ -345,7 +345,7 @@ def test_compute_and_primary_score_errors():
 
 
 def test_template_metric_names_are_all_computable():
-    from t2t_mtl.template_schema import METRICS
+    from t2t_mtl.tasks.schema import METRICS
 
     assert set(METRICS) == set(M.METRIC_NAMES)
 
@@ -362,8 +362,10 @@ def test_invalid_rate():
 
 
 def test_metrics_never_import_torch():
-    code = ("import sys, t2t_mtl.metrics as M; M.span_f1([['B-PER']], [['B-PER']]); M.rouge(['a'], ['a']); "
-            "bad = [m for m in ('torch', 'transformers', 'peft', 'trl', 'accelerate', 'bitsandbytes') "
-            "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    code = (
+        "import sys, t2t_mtl.evaluation.metrics as M; M.span_f1([['B-PER']], [['B-PER']]); M.rouge(['a'], ['a']); "
+        "bad = [m for m in ('torch', 'transformers', 'peft', 'trl', 'accelerate', 'bitsandbytes') "
+        "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -11,19 +11,32 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from t2t_mtl.config import load_config
-from t2t_mtl.errors import ConfigError, DataError
-from t2t_mtl.mixing import (Member, MixedStream, count_target_tokens, effective_sizes, measure_tokens,
-                            member_from_records, mixing_rates, plan_stage)
-from t2t_mtl.records import Record
+from t2t_mtl.core.config import load_config
+from t2t_mtl.core.errors import ConfigError, DataError
+from t2t_mtl.core.records import Record
+from t2t_mtl.mixing.mixture import (
+    Member,
+    MixedStream,
+    count_target_tokens,
+    effective_sizes,
+    measure_tokens,
+    member_from_records,
+    mixing_rates,
+    plan_stage,
+)
 
 
 def synth(name: str, n: int, out_words: int = 1) -> Member:
     """A lazily rendering member whose records say which row and epoch they came from."""
 
     def get(i: int, epoch: int) -> Record:
-        return Record(name, "Do it.", f"{name} row {i}", " ".join(["w"] * out_words),
-                      {"row_id": str(i), "epoch": epoch, "variant": f"v{(i + epoch) % 2}"})
+        return Record(
+            name,
+            "Do it.",
+            f"{name} row {i}",
+            " ".join(["w"] * out_words),
+            {"row_id": str(i), "epoch": epoch, "variant": f"v{(i + epoch) % 2}"},
+        )
 
     tokens, exact = measure_tokens(n, get)
     return Member(name, n, tokens, get, exact)
@@ -46,17 +59,24 @@ def test_rates_follow_formula_and_limits():
         want = formula(sizes, T, K if K else float("inf"))
         assert got == pytest.approx(want, abs=1e-12)
     assert mixing_rates(sizes, 1.0, None)["c"] == pytest.approx(50000 / 51010)
-    assert set(np.round(list(mixing_rates(sizes, 1e9, None).values()), 6)) == {round(1 / 3, 6)}  # T→∞: equal
-    assert mixing_rates(sizes, 1.0, 10) == pytest.approx({"a": 1 / 3, "b": 1 / 3, "c": 1 / 3})  # all capped
+    assert set(np.round(list(mixing_rates(sizes, 1e9, None).values()), 6)) == {
+        round(1 / 3, 6)
+    }  # T→∞: equal
+    assert mixing_rates(sizes, 1.0, 10) == pytest.approx(
+        {"a": 1 / 3, "b": 1 / 3, "c": 1 / 3}
+    )  # all capped
     assert list(mixing_rates(sizes, 2.0, 3000)) == ["a", "b", "c"]
 
 
-@pytest.mark.parametrize("T,K,sizes", [
-    (1.0, None, [10, 10_000]),  # 1:1000 imbalance, proportional
-    (2.0, 3000, [10, 10_000, 300]),
-    (3.3, 500, [5, 5000, 40, 777]),
-    (1e6, None, [3, 3000, 30]),  # ~equal
-])
+@pytest.mark.parametrize(
+    "T,K,sizes",
+    [
+        (1.0, None, [10, 10_000]),  # 1:1000 imbalance, proportional
+        (2.0, 3000, [10, 10_000, 300]),
+        (3.3, 500, [5, 5000, 40, 777]),
+        (1e6, None, [3, 3000, 30]),  # ~equal
+    ],
+)
 def test_realised_shares_within_one_point(T, K, sizes):
     members = [synth(f"t{i}", n) for i, n in enumerate(sizes)]
     rates = mixing_rates(effective_sizes(members, "examples", K), T)
@@ -83,7 +103,10 @@ def test_every_epoch_is_a_fresh_full_permutation_and_variants_see_the_epoch():
 def test_stream_deterministic_for_seed():
     ms = [synth("a", 30), synth("b", 70)]
     rates = {"a": 0.3, "b": 0.7}
-    run = lambda seed: [(r.task, r.meta["row_id"]) for r in MixedStream(ms, rates, seed).take(3000)]
+
+    def run(seed):
+        return [(r.task, r.meta["row_id"]) for r in MixedStream(ms, rates, seed).take(3000)]
+
     assert run(5) == run(5)
     assert run(5) != run(6)
 
@@ -170,21 +193,32 @@ def test_floors_and_ceilings():
 
 def test_explicit_weights():
     sizes = {"a": 100.0, "b": 100.0, "c": 10000.0}
-    assert mixing_rates(sizes, 2.0, weights={"a": 1, "b": 1, "c": 2}) == pytest.approx({"a": .25, "b": .25, "c": .5})
+    assert mixing_rates(sizes, 2.0, weights={"a": 1, "b": 1, "c": 2}) == pytest.approx(
+        {"a": 0.25, "b": 0.25, "c": 0.5}
+    )
     part = mixing_rates(sizes, 1.0, weights={"c": 0.2})  # some weighted: weights are shares
     assert part == pytest.approx({"a": 0.4, "b": 0.4, "c": 0.2})
     with pytest.raises(ConfigError, match="leaving no share"):
         mixing_rates(sizes, 1.0, weights={"c": 1.5})
-    with_share = mixing_rates({**sizes, "replay": 50.0}, 1.0, weights={"a": 1, "b": 1, "c": 2}, shares={"replay": 0.2})
-    assert with_share == pytest.approx({"a": .2, "b": .2, "c": .4, "replay": .2})
+    with_share = mixing_rates(
+        {**sizes, "replay": 50.0}, 1.0, weights={"a": 1, "b": 1, "c": 2}, shares={"replay": 0.2}
+    )
+    assert with_share == pytest.approx({"a": 0.2, "b": 0.2, "c": 0.4, "replay": 0.2})
 
 
 CFG = {
     "seed": 11,
-    "tasks": [{"template": "a"}, {"template": "b", "floor": 0.3}, {"template": "c"}, {"template": "d", "weight": 0.25}],
+    "tasks": [
+        {"template": "a"},
+        {"template": "b", "floor": 0.3},
+        {"template": "c"},
+        {"template": "d", "weight": 0.25},
+    ],
     "mixing": {"temperature": 1.0, "cap": 1000},
-    "stages": [{"name": "one", "tasks": ["a", "b"], "steps": 5},
-               {"name": "two", "tasks": ["c", "d"], "steps": 5, "temperature": 4.0}],
+    "stages": [
+        {"name": "one", "tasks": ["a", "b"], "steps": 5},
+        {"name": "two", "tasks": ["c", "d"], "steps": 5, "temperature": 4.0},
+    ],
 }
 
 
@@ -192,9 +226,13 @@ def test_stage_switching():
     cfg = load_config(data=CFG)
     members = {n: synth(n, s) for n, s in zip("abcd", [900, 100, 5000, 10])}
     one, two = plan_stage(cfg, "one", members), plan_stage(cfg, 1, members)
-    assert one.rates == pytest.approx({"a": 0.7, "b": 0.3})  # 0.9/0.1 by size, b raised to its floor
+    assert one.rates == pytest.approx(
+        {"a": 0.7, "b": 0.3}
+    )  # 0.9/0.1 by size, b raised to its floor
     assert one.temperature == 1.0 and two.temperature == 4.0
-    assert two.rates == pytest.approx({"c": 0.75, "d": 0.25})  # only d weighted: its weight is a share
+    assert two.rates == pytest.approx(
+        {"c": 0.75, "d": 0.25}
+    )  # only d weighted: its weight is a share
     assert {r.task for r in one.stream().take(500)} == {"a", "b"}
     assert {r.task for r in two.stream().take(500)} <= {"c", "d"}
     assert one.seed != two.seed
@@ -203,7 +241,9 @@ def test_stage_switching():
 
 
 def test_stage_temperature_applies():
-    data = dict(CFG, tasks=[{"template": "a"}, {"template": "b"}, {"template": "c"}, {"template": "d"}])
+    data = dict(
+        CFG, tasks=[{"template": "a"}, {"template": "b"}, {"template": "c"}, {"template": "d"}]
+    )
     cfg = load_config(data=data)
     members = {n: synth(n, s) for n, s in zip("abcd", [900, 100, 4000, 10])}
     two = plan_stage(cfg, "two", members)
@@ -211,9 +251,11 @@ def test_stage_temperature_applies():
 
 
 def test_mixing_modules_import_no_torch():
-    code = ("import sys, t2t_mtl.mixing, t2t_mtl.replay; "
-            "bad = [m for m in ('torch', 'transformers', 'peft', 'matplotlib') if m in sys.modules]; "
-            "assert not bad, bad")
+    code = (
+        "import sys, t2t_mtl.mixing.mixture, t2t_mtl.mixing.replay; "
+        "bad = [m for m in ('torch', 'transformers', 'peft', 'matplotlib') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -228,7 +270,7 @@ def test_member_from_records_returns_copies():
 
 
 def _fake_members(monkeypatch, sizes):
-    import t2t_mtl.mixing as mixing
+    import t2t_mtl.mixing.mixture as mixing
 
     def build(cfg, names=None, **kw):
         out = {n: synth(n, s) for n, s in sizes.items() if names is None or n in names}
@@ -238,25 +280,50 @@ def _fake_members(monkeypatch, sizes):
         return out
 
     monkeypatch.setattr(mixing, "build_members", build)
-    monkeypatch.setattr("t2t_mtl.tasks.check_config", lambda cfg: [])  # synthetic task names
+    monkeypatch.setattr(
+        "t2t_mtl.tasks.catalogue.check_config", lambda cfg: []
+    )  # synthetic task names
 
 
 def test_mix_verb_table_dump_plot_and_replay(tmp_path, monkeypatch, capsys):
     import yaml
 
-    from t2t_mtl.cli import main
-    from t2t_mtl.records import read_jsonl
+    from t2t_mtl.cli.main import main
+    from t2t_mtl.core.records import read_jsonl
 
     _fake_members(monkeypatch, {"a": 400, "b": 90, "c": 2500})
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "tasks": [{"template": "a"}, {"template": "b"}, {"template": "c"}],
-        "stages": [{"name": "first", "tasks": ["a", "b"], "steps": 10},
-                   {"name": "second", "tasks": ["c"], "steps": 10}],
-        "replay": {"enabled": True, "per_task": 20, "share": 0.2}, "train": {"batch_size": 4}}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "tasks": [{"template": "a"}, {"template": "b"}, {"template": "c"}],
+                "stages": [
+                    {"name": "first", "tasks": ["a", "b"], "steps": 10},
+                    {"name": "second", "tasks": ["c"], "steps": 10},
+                ],
+                "replay": {"enabled": True, "per_task": 20, "share": 0.2},
+                "train": {"batch_size": 4},
+            }
+        )
+    )
     out, png = tmp_path / "dump.jsonl", tmp_path / "mix.png"
-    assert main(["mix", "--config", str(cfg), "mixing.temperature=1", "--dump", "3000", "--out", str(out),
-                 "--plot", str(png)]) == 0
+    assert (
+        main(
+            [
+                "mix",
+                "--config",
+                str(cfg),
+                "mixing.temperature=1",
+                "--dump",
+                "3000",
+                "--out",
+                str(out),
+                "--plot",
+                str(png),
+            ]
+        )
+        == 0
+    )
     text, err = capsys.readouterr()
     assert "bad rows skipped: a 2, b 2, c 2" in err
     assert "stage first: T=1" in text and "stage second: T=1" in text
@@ -295,8 +362,8 @@ def real_config(monkeypatch):
 
 
 def test_mix_verb_on_real_slices(real_config, tmp_path, capsys):
-    from t2t_mtl.cli import main
-    from t2t_mtl.records import read_jsonl
+    from t2t_mtl.cli.main import main
+    from t2t_mtl.core.records import read_jsonl
 
     out = tmp_path / "mix.jsonl"
     assert main(["mix", "--config", str(real_config), "--dump", "2000", "--out", str(out)]) == 0
@@ -304,9 +371,14 @@ def test_mix_verb_on_real_slices(real_config, tmp_path, capsys):
     assert "bad rows skipped:" in err
     recs = list(read_jsonl(out))
     assert len(recs) == 2000 and {r.task for r in recs} == REAL_TASKS
-    assert all(r.input and r.output and r.meta["template_version"] for r in recs)  # some variants: no instruction
-    rows = {ln.split()[0]: ln.split() for ln in text.splitlines() if ln.strip().split()[:1] and
-            ln.split()[0] in REAL_TASKS}
+    assert all(
+        r.input and r.output and r.meta["template_version"] for r in recs
+    )  # some variants: no instruction
+    rows = {
+        ln.split()[0]: ln.split()
+        for ln in text.splitlines()
+        if ln.strip().split()[:1] and ln.split()[0] in REAL_TASKS
+    }
     for task, cols in rows.items():
         target, realised = (float(c.rstrip("%")) for c in cols[-2:])
         got = 100 * sum(r.task == task for r in recs) / len(recs)
@@ -317,10 +389,10 @@ def test_mix_verb_on_real_slices(real_config, tmp_path, capsys):
 
 
 def test_real_members_resume_exactly(real_config):
-    from t2t_mtl import mixing
+    from t2t_mtl.mixing import mixture
 
     cfg = load_config(real_config)
-    members = mixing.build_members(cfg)
+    members = mixture.build_members(cfg)
     plan = plan_stage(cfg, 0, members)
     a = plan.stream()
     a.take(2345)

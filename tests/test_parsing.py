@@ -8,8 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from t2t_mtl import tasks
-from t2t_mtl.parsing import Parsed, ner_linearize, ner_parse, parse, parse_label, parse_span, tags_to_spans
+from t2t_mtl.tasks import catalogue
+from t2t_mtl.tasks.parsing import (
+    Parsed,
+    ner_linearize,
+    ner_parse,
+    parse,
+    parse_label,
+    parse_span,
+    tags_to_spans,
+)
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +56,7 @@ def test_ner_round_trip_every_real_row():
 
 def test_ner_round_trip_bundled_samples():
     """The shipped samples (integer tags, mapped by the template's label map) round-trip too."""
-    tpl = tasks.load_task("ner_conll2003")
+    tpl = catalogue.load_task("ner_conll2003")
     names = tpl.source["labels"]
     count = 0
     for split in ("train", "validation"):
@@ -62,20 +70,38 @@ def test_ner_round_trip_bundled_samples():
     assert count >= 50
 
 
-@pytest.mark.parametrize("tokens, tags, text", [
-    ("Peter Blackburn visited New York .".split(), ["B-PER", "I-PER", "O", "B-LOC", "I-LOC", "O"],
-     "PER: Peter Blackburn | LOC: New York"),
-    ("nothing to see here".split(), ["O"] * 4, "none"),
-    ([], [], "none"),
-    # adjacent entities of one type stay two entities
-    ("Smith Jones and Brown".split(), ["B-PER", "B-PER", "O", "B-PER"], "PER: Smith | PER: Jones | PER: Brown"),
-    # the same text twice: the second entity aligns after the first
-    ("Ajax beat Ajax reserves".split(), ["B-ORG", "O", "B-ORG", "O"], "ORG: Ajax | ORG: Ajax"),
-    # a shorter entity inside a later longer one, entity at the very end
-    ("York fans love New York".split(), ["B-LOC", "O", "O", "B-LOC", "I-LOC"], "LOC: York | LOC: New York"),
-    # tokens with punctuation and a colon inside an entity
-    ("U.S. Open : Re:Mix wins".split(), ["B-MISC", "I-MISC", "O", "B-ORG", "O"], "MISC: U.S. Open | ORG: Re:Mix"),
-])
+@pytest.mark.parametrize(
+    "tokens, tags, text",
+    [
+        (
+            "Peter Blackburn visited New York .".split(),
+            ["B-PER", "I-PER", "O", "B-LOC", "I-LOC", "O"],
+            "PER: Peter Blackburn | LOC: New York",
+        ),
+        ("nothing to see here".split(), ["O"] * 4, "none"),
+        ([], [], "none"),
+        # adjacent entities of one type stay two entities
+        (
+            "Smith Jones and Brown".split(),
+            ["B-PER", "B-PER", "O", "B-PER"],
+            "PER: Smith | PER: Jones | PER: Brown",
+        ),
+        # the same text twice: the second entity aligns after the first
+        ("Ajax beat Ajax reserves".split(), ["B-ORG", "O", "B-ORG", "O"], "ORG: Ajax | ORG: Ajax"),
+        # a shorter entity inside a later longer one, entity at the very end
+        (
+            "York fans love New York".split(),
+            ["B-LOC", "O", "O", "B-LOC", "I-LOC"],
+            "LOC: York | LOC: New York",
+        ),
+        # tokens with punctuation and a colon inside an entity
+        (
+            "U.S. Open : Re:Mix wins".split(),
+            ["B-MISC", "I-MISC", "O", "B-ORG", "O"],
+            "MISC: U.S. Open | ORG: Re:Mix",
+        ),
+    ],
+)
 def test_ner_linearize_and_back(tokens, tags, text):
     assert ner_linearize(tokens, tags) == text
     ents, back, valid = ner_parse(text, tokens)
@@ -95,33 +121,49 @@ TOKS = "Peter Blackburn visited New York and met Anna in Paris .".split()
 GOLD = ["B-PER", "I-PER", "O", "B-LOC", "I-LOC", "O", "O", "B-PER", "O", "B-LOC", "O"]
 
 
-@pytest.mark.parametrize("text, tags, entities", [
-    # out of order: both recovered, but not canonical
-    ("LOC: Paris | PER: Peter Blackburn", ["B-PER", "I-PER"] + ["O"] * 7 + ["B-LOC", "O"],
-     [("LOC", "Paris"), ("PER", "Peter Blackburn")]),
-    # newline separator instead of " | "
-    ("PER: Peter Blackburn\nLOC: New York", GOLD[:5] + ["O"] * 6, [("PER", "Peter Blackburn"), ("LOC", "New York")]),
-    # semicolon separator
-    ("PER: Peter Blackburn; PER: Anna", ["B-PER", "I-PER"] + ["O"] * 5 + ["B-PER", "O", "O", "O"],
-     [("PER", "Peter Blackburn"), ("PER", "Anna")]),
-    # alias type name and wrong case
-    ("PERSON: peter blackburn", ["B-PER", "I-PER"] + ["O"] * 9, [("PER", "Peter Blackburn")]),
-    # unknown type dropped, the rest kept
-    ("FOO: Paris | PER: Anna", ["O"] * 7 + ["B-PER", "O", "O", "O"], [("PER", "Anna")]),
-    # entity not in the sentence dropped, the rest kept
-    ("PER: John Smith | LOC: Paris", ["O"] * 9 + ["B-LOC", "O"], [("LOC", "Paris")]),
-    # two entities of one type listed with a comma
-    ("PER: Peter Blackburn, Anna", ["B-PER", "I-PER"] + ["O"] * 5 + ["B-PER", "O", "O", "O"],
-     [("PER", "Peter Blackburn"), ("PER", "Anna")]),
-    # missing "TYPE:" on one item
-    ("PER: Anna | New York", ["O"] * 7 + ["B-PER", "O", "O", "O"], [("PER", "Anna")]),
-    # the same entity twice but the sentence has it once: second one dropped (no overlap)
-    ("LOC: Paris | LOC: Paris", ["O"] * 9 + ["B-LOC", "O"], [("LOC", "Paris")]),
-    ("garbage without structure", ["O"] * 11, []),
-    ("", ["O"] * 11, []),
-    ("None.", ["O"] * 11, []),
-    ("| | :", ["O"] * 11, []),
-])
+@pytest.mark.parametrize(
+    "text, tags, entities",
+    [
+        # out of order: both recovered, but not canonical
+        (
+            "LOC: Paris | PER: Peter Blackburn",
+            ["B-PER", "I-PER"] + ["O"] * 7 + ["B-LOC", "O"],
+            [("LOC", "Paris"), ("PER", "Peter Blackburn")],
+        ),
+        # newline separator instead of " | "
+        (
+            "PER: Peter Blackburn\nLOC: New York",
+            GOLD[:5] + ["O"] * 6,
+            [("PER", "Peter Blackburn"), ("LOC", "New York")],
+        ),
+        # semicolon separator
+        (
+            "PER: Peter Blackburn; PER: Anna",
+            ["B-PER", "I-PER"] + ["O"] * 5 + ["B-PER", "O", "O", "O"],
+            [("PER", "Peter Blackburn"), ("PER", "Anna")],
+        ),
+        # alias type name and wrong case
+        ("PERSON: peter blackburn", ["B-PER", "I-PER"] + ["O"] * 9, [("PER", "Peter Blackburn")]),
+        # unknown type dropped, the rest kept
+        ("FOO: Paris | PER: Anna", ["O"] * 7 + ["B-PER", "O", "O", "O"], [("PER", "Anna")]),
+        # entity not in the sentence dropped, the rest kept
+        ("PER: John Smith | LOC: Paris", ["O"] * 9 + ["B-LOC", "O"], [("LOC", "Paris")]),
+        # two entities of one type listed with a comma
+        (
+            "PER: Peter Blackburn, Anna",
+            ["B-PER", "I-PER"] + ["O"] * 5 + ["B-PER", "O", "O", "O"],
+            [("PER", "Peter Blackburn"), ("PER", "Anna")],
+        ),
+        # missing "TYPE:" on one item
+        ("PER: Anna | New York", ["O"] * 7 + ["B-PER", "O", "O", "O"], [("PER", "Anna")]),
+        # the same entity twice but the sentence has it once: second one dropped (no overlap)
+        ("LOC: Paris | LOC: Paris", ["O"] * 9 + ["B-LOC", "O"], [("LOC", "Paris")]),
+        ("garbage without structure", ["O"] * 11, []),
+        ("", ["O"] * 11, []),
+        ("None.", ["O"] * 11, []),
+        ("| | :", ["O"] * 11, []),
+    ],
+)
 def test_ner_parse_malformed_keeps_what_it_can(text, tags, entities):
     ents, got, valid = ner_parse(text, TOKS)
     assert got == tags
@@ -130,10 +172,17 @@ def test_ner_parse_malformed_keeps_what_it_can(text, tags, entities):
 
 
 def test_ner_parse_valid_only_when_canonical():
-    assert ner_parse("PER: Peter Blackburn | LOC: New York | PER: Anna | LOC: Paris", TOKS)[2] is True
-    assert ner_parse("  PER: Peter Blackburn | LOC: New York | PER: Anna | LOC: Paris \n", TOKS)[2] is True
+    assert (
+        ner_parse("PER: Peter Blackburn | LOC: New York | PER: Anna | LOC: Paris", TOKS)[2] is True
+    )
+    assert (
+        ner_parse("  PER: Peter Blackburn | LOC: New York | PER: Anna | LOC: Paris \n", TOKS)[2]
+        is True
+    )
     assert ner_parse("PER: Peter Blackburn|LOC: New York|PER: Anna|LOC: Paris", TOKS)[2] is False
-    assert ner_parse("per: Peter Blackburn | LOC: New York | PER: Anna | LOC: Paris", TOKS)[1] == GOLD
+    assert (
+        ner_parse("per: Peter Blackburn | LOC: New York | PER: Anna | LOC: Paris", TOKS)[1] == GOLD
+    )
     # "none" on a sentence with entities is well-formed (just wrong)
     assert ner_parse("none", TOKS) == ([], ["O"] * 11, True)
 
@@ -157,38 +206,52 @@ NLI3 = ["entailment", "neutral", "contradiction"]
 AG = ["World", "Sports", "Business", "Sci/Tech"]
 
 
-@pytest.mark.parametrize("text, choices, expected", [
-    ("positive", SENT, "positive"),
-    ("  Positive.\n", SENT, "positive"),
-    ("NEGATIVE!", SENT, "negative"),
-    ("\n\nnegative\nBecause the review is harsh.", SENT, "negative"),   # first non-empty line only
-    ("Positive sentiment", SENT, "positive"),                          # starts with a choice
-    ("positive, not negative", SENT, "positive"),                      # a leading choice decides
-    ("The sentiment is positive", SENT, "positive"),                   # contains a choice as a word
-    ('"negative"', SENT, "negative"),
-    ("not entailment", NLI2, "not_entailment"),                        # underscore vs space
-    ("Not-entailment.", NLI2, "not_entailment"),
-    ("entailment", NLI2, "entailment"),
-    ("The answer is not_entailment", NLI2, "not_entailment"),          # longer match wins over 'entailment'
-    ("Contradiction", NLI3, "contradiction"),
-    ("sci-tech", AG, "Sci/Tech"),
-    ("Sci/Tech", AG, "Sci/Tech"),
-    ("This is a business story", AG, "Business"),
-])
+@pytest.mark.parametrize(
+    "text, choices, expected",
+    [
+        ("positive", SENT, "positive"),
+        ("  Positive.\n", SENT, "positive"),
+        ("NEGATIVE!", SENT, "negative"),
+        (
+            "\n\nnegative\nBecause the review is harsh.",
+            SENT,
+            "negative",
+        ),  # first non-empty line only
+        ("Positive sentiment", SENT, "positive"),  # starts with a choice
+        ("positive, not negative", SENT, "positive"),  # a leading choice decides
+        ("The sentiment is positive", SENT, "positive"),  # contains a choice as a word
+        ('"negative"', SENT, "negative"),
+        ("not entailment", NLI2, "not_entailment"),  # underscore vs space
+        ("Not-entailment.", NLI2, "not_entailment"),
+        ("entailment", NLI2, "entailment"),
+        (
+            "The answer is not_entailment",
+            NLI2,
+            "not_entailment",
+        ),  # longer match wins over 'entailment'
+        ("Contradiction", NLI3, "contradiction"),
+        ("sci-tech", AG, "Sci/Tech"),
+        ("Sci/Tech", AG, "Sci/Tech"),
+        ("This is a business story", AG, "Business"),
+    ],
+)
 def test_label_parsing_accepts(text, choices, expected):
     got = parse("label", text, answer_choices=choices)
     assert got == Parsed(expected, True)
 
 
-@pytest.mark.parametrize("text, choices", [
-    ("", SENT),
-    ("   \n  ", SENT),
-    ("pos", SENT),                                    # prefix of a word is not the word
-    ("positively", SENT),
-    ("It could be negative, or maybe positive", SENT),  # two choices named: ambiguous
-    ("I am not sure", NLI3),
-    ("technology", AG),
-])
+@pytest.mark.parametrize(
+    "text, choices",
+    [
+        ("", SENT),
+        ("   \n  ", SENT),
+        ("pos", SENT),  # prefix of a word is not the word
+        ("positively", SENT),
+        ("It could be negative, or maybe positive", SENT),  # two choices named: ambiguous
+        ("I am not sure", NLI3),
+        ("technology", AG),
+    ],
+)
 def test_label_parsing_rejects(text, choices):
     got = parse("label", text, answer_choices=choices)
     assert got.value is None and got.valid is False
@@ -203,14 +266,17 @@ def test_label_exact_match_beats_word_match():
 # ---------------------------------------------------------------- span, text, dispatch
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("Denver Broncos", "Denver Broncos"),
-    ("  the 1890s \nsecond line", "the 1890s"),
-    ('Answer: "Paris"', "Paris"),
-    ("The answer is: 1962", "1962"),
-    ("“lodestone”", "lodestone"),
-    ("", ""),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Denver Broncos", "Denver Broncos"),
+        ("  the 1890s \nsecond line", "the 1890s"),
+        ('Answer: "Paris"', "Paris"),
+        ("The answer is: 1962", "1962"),
+        ("“lodestone”", "lodestone"),
+        ("", ""),
+    ],
+)
 def test_span(text, expected):
     assert parse_span(text) == expected
     assert parse("span", text) == Parsed(expected, bool(expected))
@@ -231,9 +297,9 @@ def test_text_and_dispatch_errors():
 
 
 def test_templates_parse_output_uses_their_kind():
-    ner = tasks.load_task("ner_conll2003")
+    ner = catalogue.load_task("ner_conll2003")
     assert ner.parse_output("LOC: Paris", tokens=["Paris", "."]).value == ["B-LOC", "O"]
-    rte = tasks.load_task("nli_2way")
+    rte = catalogue.load_task("nli_2way")
     assert rte.parse_output("Not entailment").value == "not_entailment"
-    qa = tasks.load_task("qa_squad")
+    qa = catalogue.load_task("qa_squad")
     assert qa.parse_output("Answer: Denver Broncos\n").value == "Denver Broncos"

@@ -8,16 +8,29 @@ import random
 import pytest
 from scipy import stats
 
-from t2t_mtl.config import load_config
-from t2t_mtl.errors import DataError
-from t2t_mtl.mixing import (Member, MixedStream, effective_sizes, measure_tokens, mixing_rates, plan_stage,
-                            replay_member)
-from t2t_mtl.records import Record
-from t2t_mtl.replay import ReplayBuffer
+from t2t_mtl.core.config import load_config
+from t2t_mtl.core.errors import DataError
+from t2t_mtl.core.records import Record
+from t2t_mtl.mixing.mixture import (
+    Member,
+    MixedStream,
+    effective_sizes,
+    measure_tokens,
+    mixing_rates,
+    plan_stage,
+    replay_member,
+)
+from t2t_mtl.mixing.replay import ReplayBuffer
 
 
 def rec(task: str, i: int, label: str = "x", **meta) -> Record:
-    return Record(task, "Classify.", f"{task} text {i}", label, {"row_id": str(i), "template_version": 1, **meta})
+    return Record(
+        task,
+        "Classify.",
+        f"{task} text {i}",
+        label,
+        {"row_id": str(i), "template_version": 1, **meta},
+    )
 
 
 def synth(name: str, n: int, labels=("pos", "neg")) -> Member:
@@ -58,7 +71,9 @@ def test_quota_per_task_and_determinism():
     a = fill(1)
     assert a.counts() == {"big": 50, "small": 20} and a.seen() == {"big": 1000, "small": 20}
     assert [r.to_dict() for r in a.records()] == [r.to_dict() for r in fill(1).records()]
-    assert [r.meta["row_id"] for r in a.records("big")] != [r.meta["row_id"] for r in fill(2).records("big")]
+    assert [r.meta["row_id"] for r in a.records("big")] != [
+        r.meta["row_id"] for r in fill(2).records("big")
+    ]
 
 
 def test_repeats_and_replayed_records_are_ignored():
@@ -80,7 +95,10 @@ def test_label_balanced():
         buf.add(rec("cls", 2000 + i, "tiny"))
     labels = [r.output for r in buf.records("cls")]
     assert len(labels) == 20 and labels.count("tiny") == 3
-    assert {labels.count("common"), labels.count("rare")} == {8, 9}  # 17 split as evenly as possible
+    assert {labels.count("common"), labels.count("rare")} == {
+        8,
+        9,
+    }  # 17 split as evenly as possible
     assert buf.counts() == {"cls": 20, "gen": 20}
     plain = ReplayBuffer(per_task=20, seed=3)
     for i in range(900):
@@ -111,7 +129,9 @@ def test_save_and_load(tmp_path):
     assert manifest["tasks"] == ["a", "b"] and manifest["counts"] == {"a": 5, "b": 3}
     assert manifest["seed"] == 4 and manifest["template_versions"] == {"a": [1], "b": [1]}
     lines = (folder / "buffer.jsonl").read_text().splitlines()
-    assert len(lines) == 8 and {"task", "instruction", "input", "output", "meta"} <= set(json.loads(lines[0]))
+    assert len(lines) == 8 and {"task", "instruction", "input", "output", "meta"} <= set(
+        json.loads(lines[0])
+    )
     loaded = ReplayBuffer.load(tmp_path)
     assert [r.to_dict() for r in loaded.records()] == [r.to_dict() for r in buf.records()]
     (folder / "buffer.jsonl").write_text("\n".join(lines[:-1]) + "\n")
@@ -125,7 +145,10 @@ CFG = {
     "seed": 5,
     "tasks": [{"template": "a"}, {"template": "b"}, {"template": "c"}],
     "mixing": {"temperature": 2.0, "cap": 3000},
-    "stages": [{"name": "first", "tasks": ["a", "b"], "steps": 5}, {"name": "second", "tasks": ["c"], "steps": 5}],
+    "stages": [
+        {"name": "first", "tasks": ["a", "b"], "steps": 5},
+        {"name": "second", "tasks": ["c"], "steps": 5},
+    ],
     "replay": {"enabled": True, "per_task": 30, "share": 0.1},
 }
 MEMBERS = {"a": synth("a", 400), "b": synth("b", 90), "c": synth("c", 2500)}
@@ -170,7 +193,9 @@ def test_state_round_trip_stream_with_replay():
         a.take(k)
         st = json.loads(json.dumps(a.state()))
         expected = [r.to_dict() for r in a.take(1000)]
-        b = plan_stage(cfg, "second", MEMBERS, replay=replay_member(ReplayBuffer.from_state(buf.state()))).stream()
+        b = plan_stage(
+            cfg, "second", MEMBERS, replay=replay_member(ReplayBuffer.from_state(buf.state()))
+        ).stream()
         b.load_state(st)
         assert [r.to_dict() for r in b.take(1000)] == expected
 
@@ -183,4 +208,6 @@ def test_empty_buffer_is_a_clear_error():
 def test_fill_from_member_offers_each_row_once():
     buf = ReplayBuffer(per_task=1000, seed=0)
     assert buf.fill(synth("m", 77)) == 77 and buf.counts() == {"m": 77}
-    assert MixedStream([replay_member(buf)], {"replay": 1.0}, 1).take(1)[0].meta["source"] == "replay"
+    assert (
+        MixedStream([replay_member(buf)], {"replay": 1.0}, 1).take(1)[0].meta["source"] == "replay"
+    )

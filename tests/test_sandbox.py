@@ -11,9 +11,9 @@ import textwrap
 import pytest
 from jinja2.sandbox import SecurityError
 
-from t2t_mtl.cli import main
-from t2t_mtl.errors import TemplateError
-from t2t_mtl.templates import ENV, check_template, load_template
+from t2t_mtl.cli.main import main
+from t2t_mtl.core.errors import TemplateError
+from t2t_mtl.tasks.task import ENV, load_task_file, read_task_file
 
 STATIC_ESCAPES = [
     "{{ ''.__class__ }}",
@@ -47,7 +47,8 @@ RUNTIME_ESCAPES = [
 
 def _write(tmp_path, expr: str, name: str = "escape"):
     f = tmp_path / f"{name}.yaml"
-    f.write_text(textwrap.dedent(f"""\
+    f.write_text(
+        textwrap.dedent(f"""\
         name: {name}
         task_type: generation
         version: 1
@@ -60,16 +61,20 @@ def _write(tmp_path, expr: str, name: str = "escape"):
             output: "{{{{ target }}}}"
         metric: [rouge]
         parse: text
-        """), encoding="utf-8")
+        """),
+        encoding="utf-8",
+    )
     return f
 
 
 @pytest.mark.parametrize("expr", STATIC_ESCAPES)
 def test_static_escapes_refused_at_load_with_line(tmp_path, expr, capsys):
     f = _write(tmp_path, expr)
-    tpl, problems = check_template(f)
+    tpl, problems = read_task_file(f)
     assert tpl is None
-    assert problems and all(p.file == str(f) and p.line == 9 for p in problems), [p.format() for p in problems]
+    assert problems and all(p.file == str(f) and p.line == 9 for p in problems), [
+        p.format() for p in problems
+    ]
     assert any("not allowed" in p.message for p in problems)
     rc = main(["validate", str(f), "--no-trial"])
     _, err = capsys.readouterr()
@@ -79,7 +84,7 @@ def test_static_escapes_refused_at_load_with_line(tmp_path, expr, capsys):
 @pytest.mark.parametrize("expr", RUNTIME_ESCAPES)
 def test_runtime_escapes_refused_by_sandbox(tmp_path, expr, capsys):
     f = _write(tmp_path, expr)
-    tpl = load_template(f)  # nothing visible statically
+    tpl = load_task_file(f)  # nothing visible statically
     with pytest.raises(TemplateError) as ei:
         tpl.render({"text": "hello", "target": "x"}, "v", row_id="0", split="train")
     (p,) = ei.value.problems
@@ -88,7 +93,9 @@ def test_runtime_escapes_refused_by_sandbox(tmp_path, expr, capsys):
     assert "not allowed in a template" in p.message or "unsafe" in p.message, p.message
     # The same through the CLI: file:line on stderr, exit 2, no traceback.
     (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "train.jsonl").write_text('{"text": "hello", "target": "x"}\n', encoding="utf-8")
+    (tmp_path / "data" / "train.jsonl").write_text(
+        '{"text": "hello", "target": "x"}\n', encoding="utf-8"
+    )
     rc = main(["preview", str(f), "--source", str(tmp_path / "data")])
     out, err = capsys.readouterr()
     assert rc == 2 and out == ""
@@ -96,7 +103,9 @@ def test_runtime_escapes_refused_by_sandbox(tmp_path, expr, capsys):
 
 
 def test_environment_has_no_loader_and_blocks_internals():
-    assert ENV.loader is None  # {% include %} could never read a file even if the static check missed it
+    assert (
+        ENV.loader is None
+    )  # {% include %} could never read a file even if the static check missed it
     with pytest.raises(TypeError, match="no loader"):
         ENV.from_string("{% include 'x' %}").render()
     with pytest.raises(SecurityError):
@@ -106,7 +115,10 @@ def test_environment_has_no_loader_and_blocks_internals():
 
 
 def test_plain_templates_still_work(tmp_path):
-    f = _write(tmp_path, "{{ text | upper }} {{ '%s!' % text }} {{ range(3) | list | join(',') }} {{ 'ab' * 3 }}")
-    rec = load_template(f).render({"text": "hi", "target": "ok"}, row_id="0", split="train")
+    f = _write(
+        tmp_path,
+        "{{ text | upper }} {{ '%s!' % text }} {{ range(3) | list | join(',') }} {{ 'ab' * 3 }}",
+    )
+    rec = load_task_file(f).render({"text": "hi", "target": "ok"}, row_id="0", split="train")
     assert rec.input == "Text:\nHI hi! 0,1,2 ababab"
     assert rec.output == "ok"

@@ -11,24 +11,31 @@ from pathlib import Path
 
 import pytest
 
-from t2t_mtl import sources, tasks
-from t2t_mtl.cli import main
-from t2t_mtl.config import SourceConfig, load_config
-from t2t_mtl.errors import DataError, TemplateError
-from t2t_mtl.templates import load_template
+from t2t_mtl.cli.main import main
+from t2t_mtl.core.config import SourceConfig, load_config
+from t2t_mtl.core.errors import DataError, TemplateError
+from t2t_mtl.tasks import catalogue, sources
+from t2t_mtl.tasks.task import load_task_file
 
 GOOD = Path(__file__).resolve().parent / "fixtures" / "good"
 SENT = GOOD / "toy_sentiment.yaml"
 # shipped task -> (real data folder, split that has labels, extra preview args)
-REAL = {"sentiment_sst2": ("sentiment_sst2", "validation"), "topic_ag_news": ("topic_ag_news", "test"),
-        "nli_3way": ("nli_sick", "validation"), "nli_2way": ("nli_rte", "validation"),
-        "qa_squad": ("qa_squad", "validation"), "ner_conll2003": ("ner_conll2003", "validation"),
-        "summarization": ("summarization_scitldr", "validation")}
+REAL = {
+    "sentiment_sst2": ("sentiment_sst2", "validation"),
+    "topic_ag_news": ("topic_ag_news", "test"),
+    "nli_3way": ("nli_sick", "validation"),
+    "nli_2way": ("nli_rte", "validation"),
+    "qa_squad": ("qa_squad", "validation"),
+    "ner_conll2003": ("ner_conll2003", "validation"),
+    "summarization": ("summarization_scitldr", "validation"),
+}
 
 
 @pytest.fixture(autouse=True)
 def _no_user_dirs(monkeypatch):
-    monkeypatch.delenv(tasks.ENV_VAR, raising=False)  # a developer's own folders must not leak into tests
+    monkeypatch.delenv(
+        catalogue.ENV_VAR, raising=False
+    )  # a developer's own folders must not leak into tests
 
 
 def write(path: Path, text: str) -> Path:
@@ -41,9 +48,14 @@ def write(path: Path, text: str) -> Path:
 
 
 def test_load_merges_include_and_exposes_fields():
-    t = load_template(SENT)
-    assert (t.name, t.task_type, t.version, t.parse, t.eval_mode) == ("toy_sentiment", "classification", 1, "label",
-                                                                      "generate")
+    t = load_task_file(SENT)
+    assert (t.name, t.task_type, t.version, t.parse, t.eval_mode) == (
+        "toy_sentiment",
+        "classification",
+        1,
+        "label",
+        "generate",
+    )
     assert t.metric == ["accuracy", "macro_f1"]  # from the included _shared snippet
     assert t.fields["id"].required is False and t.fields["text"].type == "str"
     assert [v.id for v in t.train_variants()] == ["direct", "review"]
@@ -55,15 +67,20 @@ def test_load_merges_include_and_exposes_fields():
 
 
 def test_include_deep_merge_this_file_wins(tmp_path):
-    write(tmp_path / "_base.yaml", """\
+    write(
+        tmp_path / "_base.yaml",
+        """\
         task_type: classification
         version: 1
         source: {hub: base/hub, labels: {"0": "no", "1": "yes"}}
         answer_choices: ["no", "yes"]
         metric: [accuracy, macro_f1]
         parse: label
-        """)
-    f = write(tmp_path / "child.yaml", """\
+        """,
+    )
+    f = write(
+        tmp_path / "child.yaml",
+        """\
         name: child
         include: _base.yaml
         version: 3
@@ -71,27 +88,40 @@ def test_include_deep_merge_this_file_wins(tmp_path):
         metric: [macro_f1]
         fields: {text: str, label: label}
         variants: [{id: a, input: "{{ text }}", output: "{{ label }}"}]
-        """)
-    t = load_template(f)
+        """,
+    )
+    t = load_task_file(f)
     assert t.version == 3 and t.metric == ["macro_f1"]  # scalars and lists: this file wins
     assert t.source == {"hub": "child/hub", "labels": {"0": "no", "1": "yes"}}  # mappings merge
     assert t.answer_choices == ["no", "yes"]
 
 
 def test_render_record_meta_and_stripping():
-    t = load_template(SENT)
-    rec = t.render({"text": "nice \n ", "label": "positive", "id": None}, "review", row_id=7, split="train")
+    t = load_task_file(SENT)
+    rec = t.render(
+        {"text": "nice \n ", "label": "positive", "id": None}, "review", row_id=7, split="train"
+    )
     assert rec.task == "toy_sentiment" and rec.input == "Review: nice" and rec.output == "positive"
-    assert t.render({"text": "  nice  ", "label": "negative", "id": None}, "direct", row_id=1, split="x").input == "nice"
+    assert (
+        t.render(
+            {"text": "  nice  ", "label": "negative", "id": None}, "direct", row_id=1, split="x"
+        ).input
+        == "nice"
+    )
     assert rec.instruction == "Read the review and answer with one word:\nnegative, positive."
     assert rec.meta == {"variant": "review", "row_id": "7", "split": "train", "template_version": 1}
-    prompt_only = t.render({"text": "x", "label": None, "id": None}, "direct", row_id=0, split="test",
-                           with_output=False)
+    prompt_only = t.render(
+        {"text": "x", "label": None, "id": None},
+        "direct",
+        row_id=0,
+        split="test",
+        with_output=False,
+    )
     assert prompt_only.output == "" and prompt_only.input == "x"
 
 
 def test_round_robin_cycles_rows_and_epochs_never_heldout():
-    t = load_template(SENT)
+    t = load_task_file(SENT)
     row = {"text": "x", "label": "negative", "id": None}
     ids = [t.render(row, row_id=i, split="train").meta["variant"] for i in range(4)]
     assert ids == ["direct", "review", "direct", "review"]
@@ -99,20 +129,33 @@ def test_round_robin_cycles_rows_and_epochs_never_heldout():
 
 
 def test_random_policy_is_seeded_by_row_and_epoch():
-    t = load_template(GOOD / "toy_ner.yaml")
+    t = load_task_file(GOOD / "toy_ner.yaml")
     assert t.variant_policy == "random"
     picks = {(r, e): t.pick_variant(str(r), e).id for r in range(50) for e in range(3)}
-    assert picks == {(r, e): t.pick_variant(str(r), e).id for r in range(50) for e in range(3)}  # deterministic
+    assert picks == {
+        (r, e): t.pick_variant(str(r), e).id for r in range(50) for e in range(3)
+    }  # deterministic
     assert set(Counter(picks.values())) == {"list", "tagged"}
     assert any(picks[(r, 0)] != picks[(r, 1)] for r in range(50))  # epochs re-draw
 
 
 def test_ner_linearize_filter_and_list_label_mapping():
-    t = load_template(GOOD / "toy_ner.yaml")
+    t = load_task_file(GOOD / "toy_ner.yaml")
     rows = sources.load_rows(t, None, "train")
-    assert rows[0]["ner_tags"] == ["B-PER", "I-PER", "O", "B-LOC", "I-LOC", "O"]  # ints mapped element-wise
+    assert rows[0]["ner_tags"] == [
+        "B-PER",
+        "I-PER",
+        "O",
+        "B-LOC",
+        "I-LOC",
+        "O",
+    ]  # ints mapped element-wise
     assert rows[2]["ner_tags"][0] == "B-PER"  # names pass through
-    outs = {t.render(rows[i], v, row_id=i, split="train").output for i in range(len(rows)) for v in ("list", "tagged")}
+    outs = {
+        t.render(rows[i], v, row_id=i, split="train").output
+        for i in range(len(rows))
+        for v in ("list", "tagged")
+    }
     assert outs == {"PER: Peter Blackburn | LOC: New York", "none", "PER: Anna | LOC: Paris"}
     parsed = t.parse_output("PER: Anna | LOC: Paris", tokens=rows[2]["tokens"])
     assert parsed.valid and parsed.value == ["B-PER", "O", "O", "B-LOC"]
@@ -122,28 +165,38 @@ def test_ner_linearize_filter_and_list_label_mapping():
 
 
 def test_bundled_samples_are_mapped_and_validated():
-    t = load_template(SENT)
+    t = load_task_file(SENT)
     rows = sources.load_rows(t, None, "train")
     assert len(rows) == 4 and rows.skipped == 0
     assert rows[0] == {"text": "a wonderful, warm film", "label": "positive", "id": "t1"}
     assert rows[3]["id"] is None  # optional field absent -> None, so templates can test it
     assert rows.location(1) == (str(t.samples / "train.jsonl"), 2)
     assert rows.summary() == "toy_sentiment/train: 0 bad rows skipped"
-    recs = list(tasks.task_records(t, rows, "train"))
+    recs = list(catalogue.task_records(t, rows, "train"))
     assert [r.meta["row_id"] for r in recs] == ["0", "1", "2", "3"]
     assert [r.output for r in recs] == ["positive", "negative", "positive", "negative"]
     assert len(sources.load_rows(t, None, "train", limit=2)) == 2
 
 
 def test_override_inherits_template_columns_and_labels(tmp_path):
-    t = load_template(SENT)
+    t = load_task_file(SENT)
     write(tmp_path / "validation.csv", "sentence,label\ngreat,1\nawful,0\n")
     rows = sources.load_rows(t, SourceConfig(path=str(tmp_path)), "validation")
-    assert [r["text"] for r in rows] == ["great", "awful"] and [r["label"] for r in rows] == ["positive", "negative"]
+    assert [r["text"] for r in rows] == ["great", "awful"] and [r["label"] for r in rows] == [
+        "positive",
+        "negative",
+    ]
     # An override's own maps replace the template's.
     write(tmp_path / "train.jsonl", '{"body": "meh", "y": "b"}\n')
-    rows = sources.load_rows(t, SourceConfig(path=str(tmp_path), columns={"body": "text", "y": "label"},
-                                             labels={"a": "positive", "b": "negative"}), "train")
+    rows = sources.load_rows(
+        t,
+        SourceConfig(
+            path=str(tmp_path),
+            columns={"body": "text", "y": "label"},
+            labels={"a": "positive", "b": "negative"},
+        ),
+        "train",
+    )
     assert rows[0] == {"text": "meh", "label": "negative", "id": None}
 
 
@@ -151,19 +204,23 @@ def test_hub_source_offline_gives_clear_error(monkeypatch):
     import datasets
 
     def offline(*a, **k):
-        raise ConnectionError("Couldn't reach 'example/toy-sentiment' on the Hub (LocalEntryNotFoundError)")
+        raise ConnectionError(
+            "Couldn't reach 'example/toy-sentiment' on the Hub (LocalEntryNotFoundError)"
+        )
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    t = load_template(SENT)
+    t = load_task_file(SENT)
     with pytest.raises(DataError) as ei:
-        sources.load_rows(t, None, "test")  # the samples have no test split -> the template's hub source
+        sources.load_rows(
+            t, None, "test"
+        )  # the samples have no test split -> the template's hub source
     msg = ei.value.problems[0].format()
     assert "cannot load hub dataset 'example/toy-sentiment', split 'test'" in msg
     assert "source: {path: DIR}" in msg and "--source DIR" in msg
 
 
 def test_missing_path_and_fail_policy_limit(tmp_path):
-    t = load_template(SENT)
+    t = load_task_file(SENT)
     with pytest.raises(DataError, match="data file or folder not found"):
         sources.load_rows(t, SourceConfig(path=str(tmp_path / "nope.jsonl")), "train")
     lines = [json.dumps({"sentence": f"s{i}", "label": "meh"}) for i in range(30)]
@@ -180,7 +237,9 @@ def test_missing_path_and_fail_policy_limit(tmp_path):
 
 def test_user_template_picked_up_via_env_var(tmp_path, monkeypatch, capsys):
     user = tmp_path / "my_templates"
-    write(user / "my_task.yaml", """\
+    write(
+        user / "my_task.yaml",
+        """\
         name: my_task
         task_type: generation
         version: 1
@@ -188,44 +247,59 @@ def test_user_template_picked_up_via_env_var(tmp_path, monkeypatch, capsys):
         variants: [{id: q, input: "Q: {{ question }}", output: "{{ answer }}"}]
         metric: [rouge]
         parse: text
-        """)
+        """,
+    )
     write(user / "_snippet.yaml", "metric: [rouge]\n")
-    assert "my_task" not in tasks.find_templates()
-    monkeypatch.setenv(tasks.ENV_VAR, str(user))
-    cat = tasks.find_templates()
+    assert "my_task" not in catalogue.find_task_files()
+    monkeypatch.setenv(catalogue.ENV_VAR, str(user))
+    cat = catalogue.find_task_files()
     assert cat["my_task"] == user / "my_task.yaml" and "_snippet" not in cat
-    assert tasks.load_task("my_task").name == "my_task"
+    assert catalogue.load_task("my_task").name == "my_task"
     with pytest.raises(TemplateError, match="did you mean 'my_task'"):
-        tasks.load_task("my_tsk")
+        catalogue.load_task("my_tsk")
     write(tmp_path / "d" / "train.jsonl", '{"question": "2+2?", "answer": "4"}\n')
     assert main(["preview", "my_task", "--source", str(tmp_path / "d")]) == 0
     out, _ = capsys.readouterr()
     assert json.loads(out)["input"] == "Q: 2+2?"
     assert main(["validate"]) == 0, capsys.readouterr().err  # default: shipped + user folders
     err = capsys.readouterr().err
-    assert f"validate: {len(_shipped()) + 1} template(s) OK" in err and "my_task" in err  # no samples: noted
+    assert (
+        f"validate: {len(_shipped()) + 1} template(s) OK" in err and "my_task" in err
+    )  # no samples: noted
     assert main(["validate", "my_task"]) == 0
     assert main(["validate", "my_tsk"]) == 2
-    assert "my_tsk: no such template file, folder or task name (did you mean 'my_task'?)" in capsys.readouterr().err
+    assert (
+        "my_tsk: no such template file, folder or task name (did you mean 'my_task'?)"
+        in capsys.readouterr().err
+    )
 
 
 def test_name_clash_between_folders(tmp_path, monkeypatch, capsys):
     a, b = tmp_path / "a", tmp_path / "b"
     for d in (a, b):
         (d).mkdir()
-        (d / "toy_sentiment.yaml").write_text(SENT.read_text(encoding="utf-8").replace(
-            "include: _shared/label_task.yaml", f"include: {GOOD / '_shared' / 'label_task.yaml'}"), encoding="utf-8")
-    monkeypatch.setenv(tasks.ENV_VAR, f"{a}{__import__('os').pathsep}{b}")
+        (d / "toy_sentiment.yaml").write_text(
+            SENT.read_text(encoding="utf-8").replace(
+                "include: _shared/label_task.yaml",
+                f"include: {GOOD / '_shared' / 'label_task.yaml'}",
+            ),
+            encoding="utf-8",
+        )
+    monkeypatch.setenv(catalogue.ENV_VAR, f"{a}{__import__('os').pathsep}{b}")
     with pytest.raises(TemplateError, match="clashes with"):
-        tasks.load_task("toy_sentiment")
+        catalogue.load_task("toy_sentiment")
     assert main(["validate"]) == 2
-    assert f"{b / 'toy_sentiment.yaml'}:1: task name 'toy_sentiment' clashes with {a / 'toy_sentiment.yaml'}" \
+    assert (
+        f"{b / 'toy_sentiment.yaml'}:1: task name 'toy_sentiment' clashes with {a / 'toy_sentiment.yaml'}"
         in capsys.readouterr().err
+    )
 
 
 def test_check_config_reports_with_config_lines(tmp_path):
     write(tmp_path / "data" / "train.jsonl", '{"sentence": "x", "label": 1}\n')
-    cfg_file = write(tmp_path / "run.yaml", f"""\
+    cfg_file = write(
+        tmp_path / "run.yaml",
+        f"""\
         template_dirs: [{GOOD}]
         tasks:
           - template: toy_sentimnt
@@ -237,9 +311,13 @@ def test_check_config_reports_with_config_lines(tmp_path):
             name: n
             eval_mode: rank
             source: {{path: missing_dir}}
-        """)
-    probs = [p.format() for p in tasks.check_config(load_config(cfg_file))]
-    assert f"{cfg_file}:3: tasks[0].template: unknown task 'toy_sentimnt' (did you mean 'toy_sentiment'?" in probs[0]
+        """,
+    )
+    probs = [p.format() for p in catalogue.check_config(load_config(cfg_file))]
+    assert (
+        f"{cfg_file}:3: tasks[0].template: unknown task 'toy_sentimnt' (did you mean 'toy_sentiment'?"
+        in probs[0]
+    )
     text = "\n".join(probs)
     assert f"{cfg_file}:7: tasks[1].source.columns: 'txt' is not a field of 'toy_sentiment'" in text
     assert f"{cfg_file}:7: tasks[1].source.labels: 'good' is not a label of 'toy_sentiment'" in text
@@ -261,11 +339,13 @@ def test_preview_stdout_is_only_json_lines(capsys):
 
 
 def test_preview_user_errors_exit_2(capsys, tmp_path):
-    for argv, frag in [(["preview", str(SENT), "--variant", "revew"], "did you mean 'review'"),
-                       (["preview", str(SENT), "--columns", "a=b"], "need --source"),
-                       (["preview", str(SENT), "--source", "./nope"], "--source: no such file or folder"),
-                       (["preview", str(SENT), "--source", str(GOOD), "--labels", "0"], "'0' is not KEY=VALUE"),
-                       (["preview", "toy_sentimnt"], "unknown task 'toy_sentimnt'")]:
+    for argv, frag in [
+        (["preview", str(SENT), "--variant", "revew"], "did you mean 'review'"),
+        (["preview", str(SENT), "--columns", "a=b"], "need --source"),
+        (["preview", str(SENT), "--source", "./nope"], "--source: no such file or folder"),
+        (["preview", str(SENT), "--source", str(GOOD), "--labels", "0"], "'0' is not KEY=VALUE"),
+        (["preview", "toy_sentimnt"], "unknown task 'toy_sentimnt'"),
+    ]:
         assert main(argv) == 2, argv
         out, err = capsys.readouterr()
         assert out == "" and frag in err and "Traceback" not in err
@@ -273,10 +353,13 @@ def test_preview_user_errors_exit_2(capsys, tmp_path):
 
 def test_preview_with_run_config_source(tmp_path, capsys):
     write(tmp_path / "d" / "validation.jsonl", '{"sentence": "from the config", "label": 0}\n')
-    cfg = write(tmp_path / "run.yaml", f"""\
+    cfg = write(
+        tmp_path / "run.yaml",
+        f"""\
         template_dirs: [{GOOD}]
         tasks: [{{template: toy_sentiment, name: sent, source: {{path: d}}}}]
-        """)
+        """,
+    )
     assert main(["preview", "sent", "--config", str(cfg), "--split", "validation"]) == 0
     out, _ = capsys.readouterr()
     rec = json.loads(out)
@@ -287,7 +370,7 @@ def test_preview_with_run_config_source(tmp_path, capsys):
 
 
 def _shipped() -> list[str]:
-    return sorted(p.stem for p in tasks.SHIPPED_DIR.glob("[!_]*.yaml"))
+    return sorted(p.stem for p in catalogue.SHIPPED_DIR.glob("[!_]*.yaml"))
 
 
 def test_shipped_templates_validate(capsys):
@@ -303,8 +386,10 @@ def test_shipped_template_renders_real_slice(name, real_data_dir, capsys):
     if name not in _shipped():
         pytest.skip(f"{name}.yaml not shipped")
     folder, split = REAL[name]
-    t = tasks.load_task(name)
-    rows = sources.load_rows(t, SourceConfig(path=str(real_data_dir / folder)), split, bad_rows="fail", limit=40)
+    t = catalogue.load_task(name)
+    rows = sources.load_rows(
+        t, SourceConfig(path=str(real_data_dir / folder)), split, bad_rows="fail", limit=40
+    )
     assert len(rows) == 40
     for i in range(len(rows)):
         for v in t.variants:
@@ -312,6 +397,11 @@ def test_shipped_template_renders_real_slice(name, real_data_dir, capsys):
             assert rec.input and rec.output
             if t.is_label_task:
                 assert rec.output in t.answer_choices
-    assert main(["preview", name, "--source", str(real_data_dir / folder), "--split", split, "-n", "2"]) == 0
+    assert (
+        main(
+            ["preview", name, "--source", str(real_data_dir / folder), "--split", split, "-n", "2"]
+        )
+        == 0
+    )
     out, err = capsys.readouterr()
     assert len(out.splitlines()) == 2 and f"{name}/{split}: 0 bad rows skipped" in err

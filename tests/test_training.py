@@ -18,9 +18,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from t2t_mtl import cli, losses, mixing, modeling, training
-from t2t_mtl.config import load_config
-from t2t_mtl.errors import T2TError
+from t2t_mtl.cli.main import main
+from t2t_mtl.core.config import load_config
+from t2t_mtl.core.errors import T2TError
+from t2t_mtl.mixing import mixture
+from t2t_mtl.model import loading
+from t2t_mtl.training import losses, preflight, trainer
 
 REPO = Path(__file__).resolve().parents[1]
 TOY_TEMPLATES = REPO / "tests" / "fixtures" / "training" / "templates"
@@ -29,12 +32,23 @@ TASKS = ["toy_polarity", "toy_copy"]
 
 def make_cfg(out: Path, model_dir: Path, *overrides: str):
     """A small run on the two toy tasks (tests/fixtures/training)."""
-    data = {"output_dir": str(out), "template_dirs": [str(TOY_TEMPLATES)], "seed": 3,
-            "model": {"name": str(model_dir), "max_length": 96, "max_target_length": 32},
-            "adapter": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
-            "tasks": [{"template": t} for t in TASKS],
-            "train": {"steps": 4, "batch_size": 4, "logging_steps": 2, "save_steps": 2, "learning_rate": 1e-2,
-                      "warmup_steps": 1, "report_to": "none"}}
+    data = {
+        "output_dir": str(out),
+        "template_dirs": [str(TOY_TEMPLATES)],
+        "seed": 3,
+        "model": {"name": str(model_dir), "max_length": 96, "max_target_length": 32},
+        "adapter": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+        "tasks": [{"template": t} for t in TASKS],
+        "train": {
+            "steps": 4,
+            "batch_size": 4,
+            "logging_steps": 2,
+            "save_steps": 2,
+            "learning_rate": 1e-2,
+            "warmup_steps": 1,
+            "report_to": "none",
+        },
+    }
     return load_config(data=data, overrides=list(overrides))
 
 
@@ -55,7 +69,9 @@ def assert_close(a: dict, b: dict, tol: float) -> None:
 def assert_lora_trained(weights: dict) -> None:
     assert weights and all("lora_" in k for k in weights), "only adapter weights may train"
     b = [v for k, v in weights.items() if "lora_B" in k]
-    assert b and all(float(v.abs().sum()) > 0 for v in b), "lora_B starts at zero and must have moved"
+    assert b and all(float(v.abs().sum()) > 0 for v in b), (
+        "lora_B starts at zero and must have moved"
+    )
 
 
 # ------------------------------------------------------------------ real runs
@@ -63,14 +79,27 @@ def assert_lora_trained(weights: dict) -> None:
 
 def test_cli_train_writes_run_folder_and_only_lora_moves(tmp_path, tiny_causal_dir, capsys):
     run = tmp_path / "run"
-    rc = cli.main(["train", "--config", str(REPO / "launch/configs/tiny_cpu.yaml"), f"model.name={tiny_causal_dir}",
-                   f"output_dir={run}", "train.steps=4", "train.report_to=tensorboard"])
+    rc = main(
+        [
+            "train",
+            "--config",
+            str(REPO / "launch/configs/tiny_cpu.yaml"),
+            f"model.name={tiny_causal_dir}",
+            f"output_dir={run}",
+            "train.steps=4",
+            "train.report_to=tensorboard",
+        ]
+    )
     assert rc == 0
     assert capsys.readouterr().out.strip() == str(run)
     saved = load_config(run / "config.yaml")
-    assert saved.task_names() == ["sentiment_sst2", "qa_squad"] and saved.model.name == str(tiny_causal_dir)
+    assert saved.task_names() == ["sentiment_sst2", "qa_squad"] and saved.model.name == str(
+        tiny_causal_dir
+    )
     assert (run / "templates" / "sentiment_sst2.yaml").is_file()
-    assert (run / "templates" / "_shared" / "label_task.yaml").is_file()  # includes keep their layout
+    assert (
+        run / "templates" / "_shared" / "label_task.yaml"
+    ).is_file()  # includes keep their layout
     mix = json.loads((run / "mixture.json").read_text())["stages"]
     assert [m["name"] for m in mix[0]["members"]] == ["sentiment_sst2", "qa_squad"]
     assert abs(sum(m["rate"] for m in mix[0]["members"]) - 1) < 1e-9
@@ -86,14 +115,16 @@ def test_cli_train_writes_run_folder_and_only_lora_moves(tmp_path, tiny_causal_d
     assert (run / "stages" / "main" / "adapter" / "t2t_manifest.json").is_file()
     man = json.loads((run / "adapter" / "t2t_manifest.json").read_text())
     assert man["family"] == "causal" and man["prompt_format"]["kind"] == "chat" and man["step"] == 4
-    assert [(t["name"], t["version"], t["parse"]) for t in man["tasks"]] == [("sentiment_sst2", 1, "label"),
-                                                                           ("qa_squad", 1, "span")]
+    assert [(t["name"], t["version"], t["parse"]) for t in man["tasks"]] == [
+        ("sentiment_sst2", 1, "label"),
+        ("qa_squad", 1, "span"),
+    ]
     assert man["tasks"][0]["template_file"] == "templates/sentiment_sst2.yaml"
     assert_lora_trained(trainable(run, 4))
     # The base weights of the saved bundle are the original ones.
     from transformers import AutoModelForCausalLM
 
-    tuned, _, _, _ = modeling.load_for_inference(run / "adapter")
+    tuned, _, _, _ = loading.load_for_inference(run / "adapter")
     base = tuned.unload().state_dict()
     orig = AutoModelForCausalLM.from_pretrained(tiny_causal_dir).state_dict()
     assert base.keys() == orig.keys()
@@ -102,7 +133,7 @@ def test_cli_train_writes_run_folder_and_only_lora_moves(tmp_path, tiny_causal_d
 
 def test_t5_lora_trains(tmp_path, tiny_t5_dir):
     cfg = make_cfg(tmp_path / "t5", tiny_t5_dir, "train.steps=3")
-    run = training.train(cfg)
+    run = trainer.train(cfg)
     assert_lora_trained(trainable(run, 3))
     man = json.loads((run / "adapter" / "t2t_manifest.json").read_text())
     assert man["family"] == "seq2seq" and man["prompt_format"]["kind"] == "seq2seq"
@@ -111,7 +142,7 @@ def test_t5_lora_trains(tmp_path, tiny_t5_dir):
 
 def test_qlora_causal_trains(tmp_path, tiny_causal_dir):
     cfg = make_cfg(tmp_path / "q", tiny_causal_dir, "adapter.method=qlora", "train.steps=2")
-    run = training.train(cfg)
+    run = trainer.train(cfg)
     assert_lora_trained(trainable(run, 2))
     man = json.loads((run / "adapter" / "t2t_manifest.json").read_text())
     assert man["adapter"]["method"] == "qlora"
@@ -141,22 +172,35 @@ class _SGDRecorder:
 def _runner(tmp_path, model_dir, batch, accum, balancing="none", *overrides, mixed_precision="no"):
     from accelerate import Accelerator
 
-    from t2t_mtl import features
-    from t2t_mtl.batching import Batcher
-    from t2t_mtl.prompt_format import PromptFormat
-    from t2t_mtl.train_step import StepRunner
+    from t2t_mtl.model import features
+    from t2t_mtl.model.prompt_format import PromptFormat
+    from t2t_mtl.training.batching import Batcher
+    from t2t_mtl.training.optimizer_step import StepRunner
 
-    cfg = make_cfg(tmp_path / "unused", model_dir, f"train.batch_size={batch}", f"train.grad_accum={accum}",
-                   *overrides)
-    members, _ = training.validate(cfg)
+    cfg = make_cfg(
+        tmp_path / "unused",
+        model_dir,
+        f"train.batch_size={batch}",
+        f"train.grad_accum={accum}",
+        *overrides,
+    )
+    members, _ = preflight.check_run(cfg)
     torch.manual_seed(0)
-    model, tok, family = modeling.load_model_and_tokenizer(cfg.model, cfg.adapter)
+    model, tok, family = loading.load_model_and_tokenizer(cfg.model, cfg.adapter)
     fmt = PromptFormat.for_tokenizer(tok, family)
     idx = {n: i for i, n in enumerate(TASKS)}
-    collate = features.Seq2SeqCollator(tok.pad_token_id) if family == "seq2seq" else \
-        features.CausalCollator(tok.pad_token_id, packing=True, max_length=96)
-    batcher = Batcher(mixing.plan_stage(cfg, 0, members).stream(), batch_size=batch, grad_accum=accum,
-                      encode=lambda r: features.encode(r, tok, fmt, 96, 32, task_index=idx[r.task]), collate=collate)
+    collate = (
+        features.Seq2SeqCollator(tok.pad_token_id)
+        if family == "seq2seq"
+        else features.CausalCollator(tok.pad_token_id, packing=True, max_length=96)
+    )
+    batcher = Batcher(
+        mixture.plan_stage(cfg, 0, members).stream(),
+        batch_size=batch,
+        grad_accum=accum,
+        encode=lambda r: features.encode(r, tok, fmt, 96, 32, task_index=idx[r.task]),
+        collate=collate,
+    )
     opt = _SGDRecorder(model)
     if mixed_precision != "no":
         from accelerate.state import AcceleratorState
@@ -165,7 +209,9 @@ def _runner(tmp_path, model_dir, batch, accum, balancing="none", *overrides, mix
     acc = Accelerator(gradient_accumulation_steps=accum, mixed_precision=mixed_precision)
     if mixed_precision != "no":
         model = acc.prepare(model)  # what wraps the forward in autocast
-    runner = StepRunner(acc, model, opt, losses.make_balancer(balancing, TASKS, [1.0, 2.0]), TASKS, family, 0.0)
+    runner = StepRunner(
+        acc, model, opt, losses.make_balancer(balancing, TASKS, [1.0, 2.0]), TASKS, family, 0.0
+    )
     return runner, batcher, opt, model
 
 
@@ -179,13 +225,17 @@ def test_per_token_losses_equal_the_models_loss(tmp_path, model_fixture, request
     ref = model(**{k: v for k, v in batch.items() if k != "task_ids"}, use_cache=False).loss
     assert abs(float(tok_loss.mean()) - float(ref)) < 1e-5
     targets = labels[:, 1:] if model_fixture == "tiny_causal_dir" else labels
-    assert sorted(set(tok_task.tolist())) == [0, 1] and len(tok_loss) == int((targets != -100).sum())
+    assert sorted(set(tok_task.tolist())) == [0, 1] and len(tok_loss) == int(
+        (targets != -100).sum()
+    )
 
 
 def test_logit_selection_modes_give_the_same_token_losses(tmp_path, tiny_causal_dir):
     """Target-only logits (2-D boolean mask), target columns, and full logits: same losses, same order."""
     runner, batcher, _, model = _runner(tmp_path, tiny_causal_dir, 4, 1)
-    assert runner.logits_mode == "mask"  # transformers' own causal LMs slice with slice_logits_to_keep
+    assert (
+        runner.logits_mode == "mask"
+    )  # transformers' own causal LMs slice with slice_logits_to_keep
     batch = batcher.next_window().micro[0]
     model.eval()
     out = {}
@@ -210,7 +260,9 @@ def test_grad_accumulation_equivalence(tmp_path, tiny_causal_dir, balancing):
     for a, b in zip(g1, g2):
         assert_close(a, b, 1e-6)
     assert max(abs(x - y) for x, y in zip(v1, v2)) < 1e-6
-    assert any(float(v.abs().sum()) > 0 for k, v in g1[2].items() if "lora_A" in k)  # A moves once B has
+    assert any(
+        float(v.abs().sum()) > 0 for k, v in g1[2].items() if "lora_A" in k
+    )  # A moves once B has
 
 
 def test_bf16_autocast_feeds_lora_bf16_inputs_with_the_same_gradients(tmp_path, tiny_causal_dir):
@@ -224,7 +276,9 @@ def test_bf16_autocast_feeds_lora_bf16_inputs_with_the_same_gradients(tmp_path, 
         _bf16_runs(tmp_path, tiny_causal_dir, seen, runs)
     finally:
         AcceleratorState._reset_state()  # later tests expect the default (no autocast)
-    assert {d for u, d in seen if u} == {torch.bfloat16} and {d for u, d in seen if not u} == {torch.float32}
+    assert {d for u, d in seen if u} == {torch.bfloat16} and {d for u, d in seen if not u} == {
+        torch.float32
+    }
     (*v1, g1), (*v2, g2) = runs
     assert max(abs(a - b) for a, b in zip(v1, v2)) < 1e-3
     for a, b in zip(g1, g2):
@@ -233,21 +287,32 @@ def test_bf16_autocast_feeds_lora_bf16_inputs_with_the_same_gradients(tmp_path, 
 
 def _bf16_runs(tmp_path, tiny_causal_dir, seen, runs):
     for uncast in (True, False):
-        runner, batcher, opt, model = _runner(tmp_path, tiny_causal_dir, 2, 1, "none", "model.dtype=bfloat16",
-                                              mixed_precision="bf16")
+        runner, batcher, opt, model = _runner(
+            tmp_path, tiny_causal_dir, 2, 1, "none", "model.dtype=bfloat16", mixed_precision="bf16"
+        )
         layers = [m for m in model.modules() if hasattr(m, "lora_A")]
         assert layers and runner.uncast == layers
         if not uncast:
             runner.uncast = []
-        hook = layers[0].lora_A["default"].register_forward_pre_hook(lambda m, a: seen.append((uncast, a[0].dtype)))
+        hook = (
+            layers[0]
+            .lora_A["default"]
+            .register_forward_pre_hook(
+                lambda m, a, uncast=uncast: seen.append((uncast, a[0].dtype))
+            )
+        )
         runs.append([runner.run(batcher.next_window()).objective for _ in range(2)] + [opt.grads])
         hook.remove()
         assert all(getattr(m, "cast_input_dtype_enabled", True) for m in layers)  # restored
 
 
 def test_grad_accumulation_equivalence_end_to_end(tmp_path, tiny_causal_dir):
-    a = training.train(make_cfg(tmp_path / "a", tiny_causal_dir, "train.batch_size=2", "train.grad_accum=1"))
-    b = training.train(make_cfg(tmp_path / "b", tiny_causal_dir, "train.batch_size=1", "train.grad_accum=2"))
+    a = trainer.train(
+        make_cfg(tmp_path / "a", tiny_causal_dir, "train.batch_size=2", "train.grad_accum=1")
+    )
+    b = trainer.train(
+        make_cfg(tmp_path / "b", tiny_causal_dir, "train.batch_size=1", "train.grad_accum=2")
+    )
     # Gradients agree to 1e-6 (test above); over 4 AdamW steps float summation-order noise (the LM head
     # runs on differently shaped target sets) is amplified where gradients are tiny, so allow 1e-5.
     assert_close(trainable(a, 4), trainable(b, 4), 1e-5)
@@ -264,18 +329,29 @@ def test_training_steps_lower_the_loss_on_repeated_data(tmp_path, tiny_causal_di
 
 
 def _toy_stream(n_a=10, n_b=7):
-    from t2t_mtl.records import Record
+    from t2t_mtl.core.records import Record
 
-    recs = {t: [Record(t, "i", "x" * (k % 5 + 1), "y" * (k % 3 + 1), {"row_id": str(k), "variant": "v"})
-                for k in range(n)] for t, n in (("a", n_a), ("b", n_b))}
-    members = [mixing.member_from_records(t, r) for t, r in recs.items()]
-    return mixing.MixedStream(members, {"a": 0.6, "b": 0.4}, seed=11)
+    recs = {
+        t: [
+            Record(t, "i", "x" * (k % 5 + 1), "y" * (k % 3 + 1), {"row_id": str(k), "variant": "v"})
+            for k in range(n)
+        ]
+        for t, n in (("a", n_a), ("b", n_b))
+    }
+    members = [mixture.member_from_records(t, r) for t, r in recs.items()]
+    return mixture.MixedStream(members, {"a": 0.6, "b": 0.4}, seed=11)
 
 
 def _batcher(**kw):
-    from t2t_mtl.batching import Batcher
+    from t2t_mtl.training.batching import Batcher
 
-    enc = lambda r: {"input_ids": [1] * len(r.input), "labels": [2] * len(r.output), "key": (r.task, r.meta["row_id"])}
+    def enc(r):
+        return {
+            "input_ids": [1] * len(r.input),
+            "labels": [2] * len(r.output),
+            "key": (r.task, r.meta["row_id"]),
+        }
+
     return Batcher(_toy_stream(), encode=enc, collate=lambda fs: [f["key"] for f in fs], **kw)
 
 
@@ -284,7 +360,9 @@ def test_batcher_shards_processes_and_resumes_mid_chunk(grouped):
     kw = dict(batch_size=2, group_by_length=grouped, group_steps=3, seq2seq=grouped, total_steps=7)
     one = _batcher(grad_accum=2, **kw)
     ranks = [_batcher(grad_accum=1, world_size=2, rank=r, **kw) for r in (0, 1)]
-    for _ in range(7):  # world 2 x accum 1 sees, per step, exactly the micro-batches of world 1 x accum 2
+    for _ in range(
+        7
+    ):  # world 2 x accum 1 sees, per step, exactly the micro-batches of world 1 x accum 2
         w = one.next_window()
         w0, w1 = (b.next_window() for b in ranks)
         assert w.micro == w0.micro + w1.micro and w.records == w0.records == w1.records
@@ -313,9 +391,14 @@ def test_eval_hook_is_called_in_eval_mode_and_logged(tmp_path, tiny_causal_dir):
         calls.append((ctx.step, ctx.stage, ctx.model.training, ctx.family))
         return {"score": float(ctx.step), "note": "ignored (not a number)"}
 
-    run = training.train(make_cfg(tmp_path / "ev", tiny_causal_dir, "eval.every_steps=2"), eval_fn=hook)
+    run = trainer.train(
+        make_cfg(tmp_path / "ev", tiny_causal_dir, "eval.every_steps=2"), eval_fn=hook
+    )
     assert calls == [(2, "main", False, "causal"), (4, "main", False, "causal")]
-    assert [(r["step"], r["eval/score"]) for r in metrics(run) if "eval/score" in r] == [(2, 2.0), (4, 4.0)]
+    assert [(r["step"], r["eval/score"]) for r in metrics(run) if "eval/score" in r] == [
+        (2, 2.0),
+        (4, 4.0),
+    ]
 
 
 def test_best_bundle_is_kept_by_the_combined_eval_score(tmp_path, tiny_causal_dir):
@@ -324,23 +407,30 @@ def test_best_bundle_is_kept_by_the_combined_eval_score(tmp_path, tiny_causal_di
     weights_at: dict = {}
 
     def hook(ctx):
-        weights_at[ctx.step] = {k: v.detach().clone() for k, v in ctx.model.named_parameters() if "lora_" in k}
+        weights_at[ctx.step] = {
+            k: v.detach().clone() for k, v in ctx.model.named_parameters() if "lora_" in k
+        }
         return {"combined": scores[ctx.step]}
 
-    run = training.train(make_cfg(tmp_path / "best", tiny_causal_dir, "train.steps=6", "eval.every_steps=2"),
-                         eval_fn=hook)
+    run = trainer.train(
+        make_cfg(tmp_path / "best", tiny_causal_dir, "train.steps=6", "eval.every_steps=2"),
+        eval_fn=hook,
+    )
     best = json.loads((run / "best" / "best.json").read_text())
     assert best == {"step": 4, "stage": "main", "combined": 30.0}
     man = json.loads((run / "best" / "adapter" / "t2t_manifest.json").read_text())
     assert man["step"] == 4
     from safetensors.torch import load_file
+
     saved = load_file(str(run / "best" / "adapter" / "adapter_model.safetensors"))
     # the saved adapter is step 4's (a later step's weights differ: training went on after it)
     some = next(iter(saved))
     suffix = some.split("base_model.model.")[-1]
 
     def at(step):
-        return [v for k, v in weights_at[step].items() if k.replace(".default", "").endswith(suffix)][0]
+        return [
+            v for k, v in weights_at[step].items() if k.replace(".default", "").endswith(suffix)
+        ][0]
 
     assert torch.allclose(saved[some], at(4))
     assert not torch.allclose(at(4), at(6))
@@ -350,11 +440,18 @@ def test_best_bundle_is_kept_by_the_combined_eval_score(tmp_path, tiny_causal_di
 
 
 def test_kill_and_resume_gives_the_same_records_and_weights(tmp_path, tiny_causal_dir):
-    over = ("train.steps=6", "train.save_steps=2", "train.logging_steps=1", "adapter.dropout=0.1",
-            "train.loss_balancing=uncertainty")
+    over = (
+        "train.steps=6",
+        "train.save_steps=2",
+        "train.logging_steps=1",
+        "adapter.dropout=0.1",
+        "train.loss_balancing=uncertainty",
+    )
     seen_a: dict = {}
-    full = training.train(make_cfg(tmp_path / "full", tiny_causal_dir, *over),
-                          on_step=lambda s, info: seen_a.__setitem__(s, info["records"]))
+    full = trainer.train(
+        make_cfg(tmp_path / "full", tiny_causal_dir, *over),
+        on_step=lambda s, info: seen_a.__setitem__(s, info["records"]),
+    )
 
     def killer(step, info):
         if step == 3:
@@ -362,10 +459,13 @@ def test_kill_and_resume_gives_the_same_records_and_weights(tmp_path, tiny_causa
 
     cut = tmp_path / "cut"
     with pytest.raises(RuntimeError, match="killed"):
-        training.train(make_cfg(cut, tiny_causal_dir, *over), on_step=killer)
+        trainer.train(make_cfg(cut, tiny_causal_dir, *over), on_step=killer)
     assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == ["step-2"]
     seen_b: dict = {}
-    training.train(make_cfg(cut, tiny_causal_dir, *over), on_step=lambda s, info: seen_b.__setitem__(s, info["records"]))
+    trainer.train(
+        make_cfg(cut, tiny_causal_dir, *over),
+        on_step=lambda s, info: seen_b.__setitem__(s, info["records"]),
+    )
     assert sorted(seen_b) == [3, 4, 5, 6]
     assert all(seen_b[s] == seen_a[s] for s in seen_b)
     assert_close(trainable(full, 6), trainable(cut, 6), 1e-6)
@@ -382,14 +482,25 @@ def test_kill_and_resume_gives_the_same_records_and_weights(tmp_path, tiny_causa
 
 def test_two_stages_with_replay(tmp_path, tiny_causal_dir):
     seen: dict = {}
-    run = training.train(
-        make_cfg(tmp_path / "st", tiny_causal_dir, "stages=[{name: s1, tasks: [toy_polarity], steps: 3}, "
-                 "{name: s2, tasks: [toy_copy], steps: 4, learning_rate: 1.0e-3}]", "replay.enabled=true",
-                 "replay.per_task=6",
-                 "replay.share=0.5"),
-        on_step=lambda s, info: seen.__setitem__(s, (info["stage"], {r[0] for r in info["records"]})))
+    run = trainer.train(
+        make_cfg(
+            tmp_path / "st",
+            tiny_causal_dir,
+            "stages=[{name: s1, tasks: [toy_polarity], steps: 3}, "
+            "{name: s2, tasks: [toy_copy], steps: 4, learning_rate: 1.0e-3}]",
+            "replay.enabled=true",
+            "replay.per_task=6",
+            "replay.share=0.5",
+        ),
+        on_step=lambda s, info: seen.__setitem__(
+            s, (info["stage"], {r[0] for r in info["records"]})
+        ),
+    )
     assert all(seen[s] == ("s1", {"toy_polarity"}) for s in (1, 2, 3))
-    assert {t for s in (4, 5, 6, 7) for t in seen[s][1]} == {"toy_polarity", "toy_copy"}  # replay joins s2
+    assert {t for s in (4, 5, 6, 7) for t in seen[s][1]} == {
+        "toy_polarity",
+        "toy_copy",
+    }  # replay joins s2
     buf = [json.loads(x) for x in (run / "replay" / "buffer.jsonl").read_text().splitlines()]
     assert 0 < len(buf) <= 6 and {r["task"] for r in buf} == {"toy_polarity"}
     stages = json.loads((run / "mixture.json").read_text())["stages"]
@@ -397,11 +508,18 @@ def test_two_stages_with_replay(tmp_path, tiny_causal_dir):
     rep = [m for m in stages[1]["members"] if m["name"] == "replay"]
     assert rep and abs(rep[0]["rate"] - 0.5) < 1e-9 and rep[0]["tasks"] == ["toy_polarity"]
     for st in ("s1", "s2"):
-        assert json.loads((run / "stages" / st / "adapter" / "t2t_manifest.json").read_text())["stage"] == st
+        assert (
+            json.loads((run / "stages" / st / "adapter" / "t2t_manifest.json").read_text())["stage"]
+            == st
+        )
     assert {r["stage"] for r in metrics(run)} == {"s1", "s2"}
     assert any(k == "share/replay" for r in metrics(run) for k in r)
-    lrs = {st: [r["lr"] for r in metrics(run) if r["stage"] == st and "lr" in r] for st in ("s1", "s2")}
-    assert lrs["s1"] and lrs["s2"] and max(lrs["s1"]) > 2e-3 and 0 < max(lrs["s2"]) <= 1e-3  # s2's own peak LR
+    lrs = {
+        st: [r["lr"] for r in metrics(run) if r["stage"] == st and "lr" in r] for st in ("s1", "s2")
+    }
+    assert (
+        lrs["s1"] and lrs["s2"] and max(lrs["s1"]) > 2e-3 and 0 < max(lrs["s2"]) <= 1e-3
+    )  # s2's own peak LR
 
 
 # ------------------------------------------------------------------ loss balancing
@@ -410,10 +528,15 @@ def test_two_stages_with_replay(tmp_path, tiny_causal_dir):
 def test_balancer_coefficients_and_directions():
     tok = torch.tensor([10.0, 2.0], dtype=torch.float64)
     none = losses.make_balancer("none", TASKS, [1.0, 3.0])
-    assert torch.allclose(none.coefficients(tok), torch.tensor([1 / 12, 3 / 12], dtype=torch.float64))
+    assert torch.allclose(
+        none.coefficients(tok), torch.tensor([1 / 12, 3 / 12], dtype=torch.float64)
+    )
     eq = losses.make_balancer("equal", TASKS, [1.0, 1.0])
     assert torch.allclose(eq.coefficients(tok), torch.tensor([1 / 20, 1 / 4], dtype=torch.float64))
-    assert torch.equal(eq.coefficients(torch.tensor([5.0, 0.0], dtype=torch.float64))[1:], torch.zeros(1, dtype=torch.float64))
+    assert torch.equal(
+        eq.coefficients(torch.tensor([5.0, 0.0], dtype=torch.float64))[1:],
+        torch.zeros(1, dtype=torch.float64),
+    )
 
     unc = losses.make_balancer("uncertainty", TASKS, [1.0, 1.0])
     for _ in range(400):  # task 0 has mean loss 4, task 1 has 0.25: s_i -> log L_i
@@ -427,28 +550,41 @@ def test_balancer_coefficients_and_directions():
     assert torch.equal(clone.s, unc.s)
 
     gn = losses.make_balancer("gradnorm", TASKS, [1.0, 1.0], gradnorm_alpha=1.5)
-    grads = torch.tensor([[10.0, 0.0], [0.0, 1.0]])  # task 0's gradient is 10x larger, same training rate
+    grads = torch.tensor(
+        [[10.0, 0.0], [0.0, 1.0]]
+    )  # task 0's gradient is 10x larger, same training rate
     for _ in range(10):
         gn.observe(torch.tensor([20.0, 4.0], dtype=torch.float64), tok, grads)
     assert gn.g[0] < 1 < gn.g[1] and abs(float(gn.g.sum()) - 2) < 1e-9
     gn2 = losses.make_balancer("gradnorm", TASKS, [1.0, 1.0], gradnorm_alpha=1.5)
     eq_grads = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     gn2.observe(torch.tensor([20.0, 4.0], dtype=torch.float64), tok, eq_grads)
-    for _ in range(10):  # task 1's loss halves, task 0's stays: task 0 trains slower and gains weight
+    for _ in range(
+        10
+    ):  # task 1's loss halves, task 0's stays: task 0 trains slower and gains weight
         gn2.observe(torch.tensor([20.0, 2.0], dtype=torch.float64), tok, eq_grads)
     assert gn2.g[0] > 1 > gn2.g[1]
 
 
 @pytest.mark.parametrize("strategy", ["equal", "uncertainty", "gradnorm"])
 def test_balancing_strategies_train(tmp_path, tiny_causal_dir, strategy):
-    run = training.train(make_cfg(tmp_path / strategy, tiny_causal_dir, f"train.loss_balancing={strategy}",
-                                  "train.logging_steps=1", "train.steps=3"))
+    run = trainer.train(
+        make_cfg(
+            tmp_path / strategy,
+            tiny_causal_dir,
+            f"train.loss_balancing={strategy}",
+            "train.logging_steps=1",
+            "train.steps=3",
+        )
+    )
     rows = metrics(run)
     assert len(rows) == 3 and all(r["loss"] == r["loss"] for r in rows)
     last = rows[-1]
     if strategy == "equal":  # objective = mean of the two tasks' token-mean losses
         both = [r for r in rows if "loss/toy_polarity" in r and "loss/toy_copy" in r]
-        assert both and all(abs(r["loss"] - (r["loss/toy_polarity"] + r["loss/toy_copy"]) / 2) < 1e-6 for r in both)
+        assert both and all(
+            abs(r["loss"] - (r["loss/toy_polarity"] + r["loss/toy_copy"]) / 2) < 1e-6 for r in both
+        )
     elif strategy == "uncertainty":  # losses ~6 > 1: every log-variance grows, weights fall below 1
         assert all(last[f"weight/{t}"] < 1 for t in TASKS)
     else:
@@ -471,7 +607,7 @@ def test_nan_loss_stops_with_step_and_tasks(tmp_path, tiny_causal_dir, monkeypat
     monkeypatch.setattr(losses, "token_losses", poisoned)
     run = tmp_path / "nan"
     with pytest.raises(T2TError) as e:
-        training.train(make_cfg(run, tiny_causal_dir))
+        trainer.train(make_cfg(run, tiny_causal_dir))
     msg = e.value.problems[0].format()
     assert "step 3" in msg and "non-finite loss" in msg and "toy_" in msg and "step-2" in msg
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2"]
@@ -479,10 +615,12 @@ def test_nan_loss_stops_with_step_and_tasks(tmp_path, tiny_causal_dir, monkeypat
 
 def test_validation_reports_every_problem_before_loading(tmp_path, capsys):
     cfg = tmp_path / "bad.yaml"
-    cfg.write_text(f"template_dirs: [{TOY_TEMPLATES}]\n"
-                   "model: {name: ./no/such/model, attn_implementation: flash_attention_2}\n"
-                   "tasks: [{template: toy_polarity}, {template: toy_polarty}]\n")
-    rc = cli.main(["train", "--config", str(cfg), f"output_dir={tmp_path / 'out'}"])
+    cfg.write_text(
+        f"template_dirs: [{TOY_TEMPLATES}]\n"
+        "model: {name: ./no/such/model, attn_implementation: flash_attention_2}\n"
+        "tasks: [{template: toy_polarity}, {template: toy_polarty}]\n"
+    )
+    rc = main(["train", "--config", str(cfg), f"output_dir={tmp_path / 'out'}"])
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err
     assert "toy_polarty" in err and "did you mean 'toy_polarity'" in err
@@ -498,16 +636,41 @@ def test_ddp_two_cpu_processes_agree(tmp_path, tiny_causal_dir):
     run = tmp_path / "ddp"
     over = [f"model.name={tiny_causal_dir}", "train.steps=3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                           str(REPO / "launch" / "train.py"), "--config", str(REPO / "launch/configs/tiny_cpu.yaml"),
-                           *over, f"output_dir={run}"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            str(REPO / "launch" / "train.py"),
+            "--config",
+            str(REPO / "launch/configs/tiny_cpu.yaml"),
+            *over,
+            f"output_dir={run}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run / "train_summary.json").read_text())
     assert summary["processes"] == 2 and summary["steps"] == 3
     a, b = summary["weight_checksums"]
     assert a == b
-    single = training.train(load_config(REPO / "launch/configs/tiny_cpu.yaml",
-                                        over + ["train.grad_accum=2", f"output_dir={tmp_path / 'one'}"]))
+    single = trainer.train(
+        load_config(
+            REPO / "launch/configs/tiny_cpu.yaml",
+            over + ["train.grad_accum=2", f"output_dir={tmp_path / 'one'}"],
+        )
+    )
     assert_close(trainable(run, 3), trainable(single, 3), 1e-5)

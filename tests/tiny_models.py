@@ -34,14 +34,51 @@ SMOLLM2_CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-_SUBJECTS = ["the movie", "this film", "the actor", "a review", "the story", "my friend", "the city",
-             "the river", "a question", "the answer", "the model", "the teacher", "Paris", "Berlin"]
+_SUBJECTS = [
+    "the movie",
+    "this film",
+    "the actor",
+    "a review",
+    "the story",
+    "my friend",
+    "the city",
+    "the river",
+    "a question",
+    "the answer",
+    "the model",
+    "the teacher",
+    "Paris",
+    "Berlin",
+]
 _VERBS = ["is", "was", "seems", "became", "looks", "remains"]
-_ADJS = ["good", "bad", "great", "terrible", "boring", "wonderful", "positive", "negative",
-         "neutral", "long", "short", "funny", "sad", "clear"]
-_EXTRA = ["Is the sentiment positive or negative?", "Answer the question.", "Summarize the text.",
-          "Find the named entities.", "Does the premise entail the hypothesis?", "### Instruction:",
-          "### Input:", "### Response:", "Context: Question: Answer:", "PER LOC ORG MISC entailment"]
+_ADJS = [
+    "good",
+    "bad",
+    "great",
+    "terrible",
+    "boring",
+    "wonderful",
+    "positive",
+    "negative",
+    "neutral",
+    "long",
+    "short",
+    "funny",
+    "sad",
+    "clear",
+]
+_EXTRA = [
+    "Is the sentiment positive or negative?",
+    "Answer the question.",
+    "Summarize the text.",
+    "Find the named entities.",
+    "Does the premise entail the hypothesis?",
+    "### Instruction:",
+    "### Input:",
+    "### Response:",
+    "Context: Question: Answer:",
+    "PER LOC ORG MISC entailment",
+]
 
 
 def corpus(n: int = 400, seed: int = 0) -> list[str]:
@@ -84,22 +121,38 @@ def _build_causal(out: Path) -> None:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=specials,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(corpus(), trainer)
     bos_id = tok.token_to_id("<|endoftext|>")
     tok.post_processor = processors.TemplateProcessing(
-        single="<|endoftext|> $A", pair="<|endoftext|> $A <|endoftext|> $B",
-        special_tokens=[("<|endoftext|>", bos_id)])
-    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
-                                     eos_token="<|im_end|>", unk_token=None)
+        single="<|endoftext|> $A",
+        pair="<|endoftext|> $A <|endoftext|> $B",
+        special_tokens=[("<|endoftext|>", bos_id)],
+    )
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|im_end|>", unk_token=None
+    )
     hf_tok.chat_template = SMOLLM2_CHAT_TEMPLATE
     hf_tok.save_pretrained(out)
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(hf_tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      bos_token_id=bos_id, eos_token_id=hf_tok.eos_token_id, tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=len(hf_tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=bos_id,
+        eos_token_id=hf_tok.eos_token_id,
+        tie_word_embeddings=True,
+    )
     model = LlamaForCausalLM(cfg)
     model.save_pretrained(out)
 
@@ -114,15 +167,34 @@ def _build_t5(out: Path) -> None:
         text.write_text("\n".join(corpus()), encoding="utf-8")
         # T5's id layout: pad=0, eos=1, unk=2, no bos.
         spm.SentencePieceTrainer.train(
-            input=str(text), model_prefix=str(Path(td) / "sp"), vocab_size=160, hard_vocab_limit=False, model_type="unigram",
-            pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0, minloglevel=2)
+            input=str(text),
+            model_prefix=str(Path(td) / "sp"),
+            vocab_size=160,
+            hard_vocab_limit=False,
+            model_type="unigram",
+            pad_id=0,
+            eos_id=1,
+            unk_id=2,
+            bos_id=-1,
+            character_coverage=1.0,
+            minloglevel=2,
+        )
         tok = T5Tokenizer.from_pretrained(td, vocab_file=str(Path(td) / "sp.model"))
     tok.save_pretrained(out)
 
     torch.manual_seed(0)
-    cfg = T5Config(vocab_size=len(tok), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
-                   num_heads=4, decoder_start_token_id=tok.pad_token_id, pad_token_id=tok.pad_token_id,
-                   eos_token_id=tok.eos_token_id)
+    cfg = T5Config(
+        vocab_size=len(tok),
+        d_model=64,
+        d_kv=16,
+        d_ff=128,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        decoder_start_token_id=tok.pad_token_id,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     T5ForConditionalGeneration(cfg).save_pretrained(out)
 
 

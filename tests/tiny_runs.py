@@ -21,23 +21,33 @@ TASKS = ["sentiment_sst2", "ner_conll2003", "qa_squad"]
 def run_config(model_dir: Path, out_dir: Path) -> dict:
     """The run config (as a dict) of the tiny staged run."""
     return {
-        "run_name": "tiny-staged", "output_dir": str(out_dir), "seed": 1,
+        "run_name": "tiny-staged",
+        "output_dir": str(out_dir),
+        "seed": 1,
         "model": {"name": str(model_dir), "max_length": 512},
         "adapter": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
         "tasks": [{"template": t} for t in TASKS],
-        "stages": [{"name": "first", "tasks": ["sentiment_sst2"], "steps": 2},
-                   {"name": "second", "tasks": ["ner_conll2003", "qa_squad"], "steps": 2}],
-        "train": {"batch_size": 2, "learning_rate": 0.02, "warmup_steps": 0, "save_steps": 100,
-                  "report_to": "none", "logging_steps": 1},
+        "stages": [
+            {"name": "first", "tasks": ["sentiment_sst2"], "steps": 2},
+            {"name": "second", "tasks": ["ner_conll2003", "qa_squad"], "steps": 2},
+        ],
+        "train": {
+            "batch_size": 2,
+            "learning_rate": 0.02,
+            "warmup_steps": 0,
+            "save_steps": 100,
+            "report_to": "none",
+            "logging_steps": 1,
+        },
         "eval": {"limit": 2, "max_new_tokens": 6, "batch_size": 4, "every_steps": 2},
     }
 
 
 def tiny_staged_run(root: str | os.PathLike, model_dir: Path) -> Path:
     """Train the tiny staged run into `root/tiny-staged` once; returns the run folder."""
-    from t2t_mtl.config import load_config
-    from t2t_mtl.evaluation import training_eval_fn
-    from t2t_mtl.training import train
+    from t2t_mtl.core.config import load_config
+    from t2t_mtl.evaluation.evaluator import training_eval_fn
+    from t2t_mtl.training.trainer import train
 
     target = Path(root) / "tiny-staged"
     if (target / "adapter" / "t2t_manifest.json").is_file():
@@ -53,7 +63,9 @@ def tiny_staged_run(root: str | os.PathLike, model_dir: Path) -> Path:
         # The saved config names its own output_dir; move the whole run and point it at the new place.
         saved = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
         saved["output_dir"] = str(target)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False), encoding="utf-8")
+        (run_dir / "config.yaml").write_text(
+            yaml.safe_dump(saved, sort_keys=False), encoding="utf-8"
+        )
         os.replace(run_dir, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

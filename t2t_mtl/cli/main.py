@@ -1,0 +1,470 @@
+"""The `t2t-mtl` command line. One function per verb; heavy imports happen inside the verb.
+
+Every verb turns a `T2TError` into `file:line: message` lines on stderr and exit 2,
+so a user mistake never shows a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from t2t_mtl.core.errors import T2TError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with one sub-command per verb."""
+    p = argparse.ArgumentParser(prog="t2t-mtl", description="Multi-task text-to-text fine-tuning.")
+    sub = p.add_subparsers(dest="verb", required=True)
+    # Each verb module-level function `add_<verb>(sub)` registers itself below.
+    for add in _VERBS:
+        add(sub)
+    return p
+
+
+_VERBS: list = []  # filled by the add_* functions defined below, in order
+
+
+# ---------------------------------------------------------------- validate
+
+
+def add_validate(sub) -> None:
+    """`t2t-mtl validate [PATH ...]`: check template files; every problem goes to stderr."""
+    p = sub.add_parser(
+        "validate",
+        help="check task templates (YAML, keys, Jinja, fields, trial render on samples)",
+        description="Check template files, folders or task names (default: every template in task_templates/, "
+        "the folders in $T2T_MTL_TEMPLATES and the run config's template_dirs). Each problem is "
+        "printed on stderr as `file:line: message (hint)`, then a summary line (also stderr); "
+        "stdout stays empty. Exit 0 when everything is valid, 2 otherwise.",
+    )
+    p.add_argument(
+        "paths", nargs="*", metavar="PATH", help="template file, folder of templates, or task name"
+    )
+    p.add_argument(
+        "--config", metavar="RUN.yaml", help="also search this run config's template_dirs"
+    )
+    p.add_argument(
+        "--no-trial",
+        action="store_true",
+        help="skip the trial render of every variant on the samples",
+    )
+    p.set_defaults(func=_validate)
+
+
+def _config_dirs(path: str | None) -> list:
+    if not path:
+        return []
+    from t2t_mtl.core.config import load_config
+
+    cfg = load_config(path)
+    return [cfg.resolve_path(d) for d in cfg.template_dirs]
+
+
+def _validate(args) -> int:
+    from t2t_mtl.tasks import catalogue
+
+    n, problems, untried = catalogue.check_targets(
+        args.paths, _config_dirs(args.config), trial=not args.no_trial
+    )
+    for prob in problems:
+        print(prob.format(), file=sys.stderr)
+    note = f" (no bundled samples, so not trial-rendered: {', '.join(untried)})" if untried else ""
+    if problems:
+        files = len({p.file for p in problems})
+        print(
+            f"validate: {len(problems)} problem(s) in {files} file(s); {n} template(s) checked{note}",
+            file=sys.stderr,
+        )
+        return 2
+    print(f"validate: {n} template(s) OK{note}", file=sys.stderr)
+    return 0
+
+
+_VERBS.append(add_validate)
+
+
+# ---------------------------------------------------------------- preview
+
+
+def add_preview(sub) -> None:
+    """`t2t-mtl preview TASK`: N rendered records as JSON lines on stdout (messages on stderr)."""
+    p = sub.add_parser(
+        "preview",
+        help="print N rendered records of a task as JSON lines",
+        description="Render N rows of a task and print one JSON record per line on stdout (nothing else goes "
+        "to stdout). Without --source/--config the template's bundled samples are used. The number "
+        "of skipped bad rows is always printed on stderr.",
+    )
+    p.add_argument("task", help="task name or template file")
+    p.add_argument("-n", type=int, default=5, help="number of records (default 5)")
+    p.add_argument("--split", default="train", help="split to read (default train)")
+    p.add_argument(
+        "--variant", help="render with this variant id (default: the template's variant policy)"
+    )
+    p.add_argument(
+        "--source",
+        metavar="PATH|HUB",
+        help="local file/folder, or hub dataset id (hub:ID forces hub)",
+    )
+    p.add_argument(
+        "--hub-config", metavar="NAME", help="hub dataset config name, with --source HUB"
+    )
+    p.add_argument(
+        "--splits",
+        metavar="SPLIT=STEM,...",
+        help="split -> file stem / hub split, e.g. train=train_v2",
+    )
+    p.add_argument(
+        "--columns", metavar="COL=FIELD,...", help="rename source columns to template fields"
+    )
+    p.add_argument(
+        "--labels", metavar="RAW=NAME,...", help="map raw label values to names, e.g. 0=negative"
+    )
+    p.add_argument(
+        "--config",
+        metavar="RUN.yaml",
+        help="take the task's source and template_dirs from a run config",
+    )
+    p.add_argument(
+        "--bad-rows",
+        choices=["skip", "fail"],
+        help="skip (default) or fail on rows that do not fit",
+    )
+    p.set_defaults(func=_preview)
+
+
+def _pairs(text: str | None, option: str) -> dict | None:
+    from t2t_mtl.core.errors import Problem
+
+    if text is None:
+        return None
+    out, bad = {}, []
+    for item in (x.strip() for x in text.split(",")):
+        if "=" not in item or not item.split("=", 1)[0].strip():
+            bad.append(
+                Problem(
+                    "<cli>",
+                    None,
+                    f"{option}: '{item}' is not KEY=VALUE",
+                    f"e.g. {option} 0=negative,1=positive",
+                )
+            )
+            continue
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    if bad:
+        raise T2TError(bad)
+    return out
+
+
+def _cli_source(spec: str, hub_config: str | None):
+    from pathlib import Path
+
+    from t2t_mtl.core.config import SourceConfig
+    from t2t_mtl.core.errors import DataError, Problem
+
+    if spec.startswith("hub:"):
+        return SourceConfig(hub=spec[4:], name=hub_config)
+    p = Path(spec).expanduser()
+    if p.exists():
+        return SourceConfig(path=str(p))
+    if (
+        spec.startswith((".", "/", "~"))
+        or p.suffix in (".jsonl", ".json", ".csv", ".parquet")
+        or spec.count("/") > 1
+    ):
+        raise DataError(
+            Problem(
+                spec,
+                None,
+                "--source: no such file or folder",
+                "for a hub dataset give owner/name, or hub:NAME",
+            )
+        )
+    return SourceConfig(hub=spec, name=hub_config)
+
+
+def _preview(args) -> int:
+    import dataclasses
+    import json
+
+    from t2t_mtl.core.config import load_config
+    from t2t_mtl.core.errors import ConfigError, Problem, did_you_mean
+    from t2t_mtl.tasks import catalogue, sources
+
+    if args.n < 0:
+        raise T2TError(Problem("<cli>", None, "-n must be >= 0"))
+    extra, src, bad_rows, template, task_name = [], None, "skip", args.task, None
+    if args.config:
+        cfg = load_config(args.config)
+        extra = [cfg.resolve_path(d) for d in cfg.template_dirs]
+        bad_rows = cfg.train.bad_rows
+        match = [t for t in cfg.tasks if args.task in (t.name, t.template)]
+        if not match:
+            raise ConfigError(
+                Problem(
+                    args.config,
+                    None,
+                    f"task '{args.task}' is not in this run config",
+                    did_you_mean(args.task, cfg.task_names()),
+                )
+            )
+        template, src, task_name = match[0].template, match[0].source, match[0].name
+        if src is not None and src.path:
+            src = dataclasses.replace(src, path=str(cfg.resolve_path(src.path)))
+    tpl = catalogue.load_task(template, extra)
+    if args.variant:
+        tpl.variant(args.variant)  # unknown id: fail before reading any data
+    if args.source:
+        src = _cli_source(args.source, args.hub_config)
+    mapping = {
+        k: v
+        for k, v in (
+            ("splits", _pairs(args.splits, "--splits")),
+            ("columns", _pairs(args.columns, "--columns")),
+            ("labels", _pairs(args.labels, "--labels")),
+        )
+        if v is not None
+    }
+    if mapping:
+        if src is None:
+            raise T2TError(
+                Problem(
+                    "<cli>",
+                    None,
+                    "--splits/--columns/--labels need --source (or --config)",
+                    "the bundled samples already fit the template",
+                )
+            )
+        src = dataclasses.replace(src, **mapping)
+    rows = sources.load_rows(tpl, src, args.split, bad_rows=args.bad_rows or bad_rows, limit=args.n)
+    print(rows.summary(), file=sys.stderr)
+    if len(rows) == 0:
+        print(f"{tpl.name}/{args.split}: no rows to show", file=sys.stderr)
+    for i in range(min(args.n, len(rows))):
+        rec = sources.render_row(tpl, rows, i, args.variant, row_id=str(i), split=args.split)
+        if (
+            task_name
+        ):  # a task renamed in the run config keeps that name in its records (as in training)
+            rec.task = task_name
+        print(json.dumps(rec.to_dict(), ensure_ascii=False))
+    return 0
+
+
+_VERBS.append(add_preview)
+
+
+# ---------------------------------------------------------------- mix
+
+
+def add_mix(sub) -> None:
+    """`t2t-mtl mix`: per-stage mixing table; optionally dump the stream's first records or plot shares."""
+    p = sub.add_parser(
+        "mix",
+        help="show each stage's mixture (sizes, target shares); dump or plot the stream",
+        description="Print task sizes and target shares per stage. --dump N --out F writes the "
+        "first N records of each shown stage and adds their realised shares.",
+    )
+    p.add_argument("--config", required=True, help="run config YAML")
+    p.add_argument(
+        "overrides", nargs="*", help="key=value config overrides, e.g. mixture.temperature=1"
+    )
+    p.add_argument("--stage", help="only this stage (earlier stages still feed the replay buffer)")
+    p.add_argument("--split", default="train", help="split to mix (default: train)")
+    p.add_argument(
+        "--dump", type=int, default=0, metavar="N", help="write the first N records per stage"
+    )
+    p.add_argument("--out", help="JSONL file for --dump")
+    p.add_argument(
+        "--plot", metavar="PNG", help="bar chart of target vs realised shares (matplotlib)"
+    )
+    p.set_defaults(func=_cmd_mix)
+
+
+def _cmd_mix(args) -> int:
+    from t2t_mtl.core.config import load_config
+    from t2t_mtl.core.errors import ConfigError, Problem, did_you_mean
+    from t2t_mtl.core.records import write_jsonl
+    from t2t_mtl.mixing import mixture, replay
+    from t2t_mtl.tasks import catalogue
+
+    if bool(args.dump) != bool(args.out) or args.dump < 0:
+        raise ConfigError(
+            [
+                Problem(
+                    "<cli>",
+                    None,
+                    "--dump N and --out FILE go together (N > 0)",
+                    "e.g. --dump 2000 --out mix.jsonl",
+                )
+            ]
+        )
+    cfg = load_config(args.config, args.overrides)
+    problems = catalogue.check_config(
+        cfg
+    )  # templates and sources, reported with the config's lines
+    if problems:
+        raise ConfigError(problems)
+    stages = cfg.stage_list()
+    names = [s.name for s in stages]
+    if args.stage and args.stage not in names:
+        raise ConfigError(
+            [
+                Problem(
+                    args.config,
+                    None,
+                    f"unknown stage '{args.stage}'",
+                    did_you_mean(args.stage, names),
+                )
+            ]
+        )
+    last = names.index(args.stage) if args.stage else len(stages) - 1
+    needed = sorted({t for s in stages[: last + 1] for t in s.tasks})
+    members = mixture.build_members(cfg, needed, split=args.split)
+    print(
+        "bad rows skipped: " + ", ".join(f"{n} {members[n].skipped}" for n in needed),
+        file=sys.stderr,
+    )
+    for n in needed:
+        if members[n].skipped and members[n].info.get("bad_rows"):
+            print("  " + members[n].info["bad_rows"], file=sys.stderr)
+    buf, dumped, plotted = None, [], []
+    for idx, st in enumerate(stages[: last + 1]):
+        rep = mixture.replay_member(buf) if buf is not None else None
+        plan = mixture.plan_stage(cfg, idx, members, replay=rep)
+        if not args.stage or st.name == args.stage:
+            stream = plan.stream()
+            if args.dump:
+                for r in stream.take(args.dump):
+                    r.meta["stage"] = st.name
+                    dumped.append(r)
+            elif args.plot:
+                for _ in range(10_000):  # realised shares without rendering
+                    stream.next_index()
+            realised = (
+                {k: v / stream.count for k, v in stream.counts().items()} if stream.count else None
+            )
+            _print_mix_table(cfg, plan, realised, stream.count)
+            plotted.append((plan, realised))
+        if cfg.replay.enabled and idx < last:  # what training would offer the buffer in this stage
+            if buf is None:
+                buf = replay.buffer_for_run(
+                    cfg, [n for n, m in members.items() if m.info.get("label_task")]
+                )
+            s = plan.stream()
+            for _ in range(st.steps * cfg.train.batch_size * cfg.train.grad_accum):
+                i, row, epoch = s.next_index()
+                if (
+                    epoch == 0 and s.members[i].info.get("source") != "replay"
+                ):  # others: ignored by the buffer
+                    buf.add(s.render(i, row, epoch))
+    if args.dump:
+        write_jsonl(dumped, args.out)
+        print(f"wrote {len(dumped)} records to {args.out}")
+    if args.plot:
+        _plot_mix(plotted, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _print_mix_table(cfg, plan, realised, n) -> None:
+    mix = cfg.mixing
+    print(
+        f"stage {plan.name}: T={plan.temperature:g}, K={mix.cap}, unit={mix.unit}, seed={plan.seed}"
+    )
+    head = f"  {'task':<24}{'examples':>10}{'target tokens':>15}{'n_i':>12}{'target':>9}"
+    print(head + (f"{'realised':>10}  (first {n})" if realised else ""))
+    for m in plan.members:
+        tok = f"{'' if m.tokens_exact else '~'}{m.tokens:,.0f}"
+        line = f"  {m.name:<24}{m.size:>10,}{tok:>15}{plan.sizes[m.name]:>12,.0f}{plan.rates[m.name]:>9.2%}"
+        print(line + (f"{realised.get(m.name, 0.0):>10.2%}" if realised else ""))
+
+
+def _plot_mix(plotted, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display needed
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(plotted), figsize=(5 * len(plotted), 4), squeeze=False)
+    for ax, (plan, realised) in zip(axes[0], plotted):
+        xs = range(len(plan.members))
+        names = [m.name for m in plan.members]
+        ax.bar([x - 0.2 for x in xs], [plan.rates[n] for n in names], 0.4, label="target")
+        if realised:
+            ax.bar(
+                [x + 0.2 for x in xs], [realised.get(n, 0.0) for n in names], 0.4, label="realised"
+            )
+        ax.set_xticks(list(xs), names, rotation=30, ha="right")
+        ax.set_title(f"stage {plan.name} (T={plan.temperature:g})")
+        ax.set_ylabel("share of records")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+_VERBS.append(add_mix)
+
+
+# ---------------------------------------------------------------- train
+
+
+def add_train(sub) -> None:
+    """`t2t-mtl train --config CFG [key=value ...]`: fine-tune per a run config (same code as launch/train.py)."""
+    p = sub.add_parser(
+        "train",
+        help="fine-tune a model on the run config's tasks (LoRA / QLoRA / full)",
+        description="Validate the config, templates, sources and model (every problem at once), "
+        "then train and write the run folder (output_dir). An interrupted run resumes "
+        "from its last checkpoint (train.resume: auto). For several GPUs/processes use "
+        "`accelerate launch [--config_file launch/accelerate/ddp.yaml] launch/train.py "
+        "--config CFG [key=value ...]`.",
+    )
+    p.add_argument("--config", required=True, help="run config YAML (see launch/configs/)")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="key=value config overrides, e.g. train.steps=50 output_dir=runs/x",
+    )
+    p.set_defaults(func=_train)
+
+
+def _train(args) -> int:
+    from t2t_mtl.core.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    from t2t_mtl.training import trainer  # torch & co. only once the config is known to be valid
+
+    run_dir = trainer.train(cfg)
+    print(run_dir)
+    return 0
+
+
+_VERBS.append(add_train)
+
+
+# ---------------------------------------------------------------- eval, predict, prompt, compare, export
+# Defined in cli_infer.py (light module: heavy imports happen inside each verb).
+from t2t_mtl.cli.model_verbs import add_compare, add_eval, add_export, add_predict, add_prompt  # noqa: E402
+
+_VERBS.extend([add_eval, add_predict, add_prompt, add_compare, add_export])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `t2t-mtl` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except T2TError as e:
+        for prob in e.problems:
+            print(prob.format(), file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,516 @@
+"""Typed run configuration: dataclasses, YAML + `key=value` overrides, collect-all validation.
+
+One YAML file describes a run: model, tasks (template + optional source override),
+mixing, stages, replay, adapter, optimisation, evaluation and output folder.
+`load_config` reports *every* problem at once, naming keys as the user wrote them
+(`train.lr: unknown key (did you mean 'learning_rate'?)`).
+
+Cross-checks that need the template catalogue (does template X exist?) live in
+`tasks.check_config`, one layer up, so this module stays import-light.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from t2t_mtl.core import yaml_lines
+from t2t_mtl.core.errors import ConfigError, Problem, did_you_mean
+
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+
+
+@dataclass
+class SourceConfig:
+    """Where a task's rows come from; overrides the template's own `source` block.
+
+    Either `hub` (a Hugging Face dataset path, with optional `name` = config) or
+    `path` (a local JSONL/CSV/Parquet file or a folder of `{split}.{ext}` files).
+    """
+
+    hub: str | None = None
+    name: str | None = None  # hub dataset config name
+    revision: str | None = (
+        None  # hub revision, e.g. "refs/convert/parquet" for script-only datasets
+    )
+    path: str | None = None
+    splits: dict[str, str] = field(default_factory=dict)  # canonical split -> file stem / hub split
+    columns: dict[str, str] | None = None  # source column -> template field
+    labels: dict[str, str] | None = None  # raw label value (as string) -> label name
+    format: Literal["jsonl", "csv", "parquet"] | None = None  # default: from file extension
+
+
+@dataclass
+class TaskConfig:
+    """One task of the run: a template name plus optional source override and weights."""
+
+    template: str = ""
+    name: str | None = None  # defaults to the template's name
+    source: SourceConfig | None = None  # None: the template's bundled samples / default
+    weight: float | None = None  # explicit mixing weight (overrides the temperature rule)
+    floor: float | None = None  # minimum share in the mixture (0..1)
+    ceiling: float | None = None  # maximum share in the mixture (0..1)
+    loss_weight: float = 1.0
+    max_examples: int | None = None  # cap on training rows read from the source
+    eval_mode: Literal["generate", "rank"] | None = None  # label tasks; default from template
+
+
+@dataclass
+class MixingConfig:
+    """T5-style examples-proportional mixing: p_i ∝ min(n_i, K)^(1/T)."""
+
+    temperature: float = 2.0  # T=1 proportional; large T -> equal; mT5 used ~3.3 (alpha 0.3)
+    cap: int | None = 3000  # K; None = no cap. T5 used 2^19 examples at full scale
+    unit: Literal["examples", "tokens"] = "examples"
+    seed: int | None = None  # default: the run seed
+
+
+@dataclass
+class StageConfig:
+    """One curriculum stage: which tasks, for how many optimiser steps, optional T and learning rate."""
+
+    name: str = ""
+    tasks: list[str] = field(default_factory=list)
+    steps: int = 0
+    temperature: float | None = None
+    learning_rate: float | None = (
+        None  # peak LR of this stage's schedule; None = train.learning_rate
+    )
+
+
+@dataclass
+class ReplayConfig:
+    """Replay buffer of earlier stages' records (reservoir sampling, per-task quota)."""
+
+    enabled: bool = False
+    per_task: int = 200  # reservoir quota per finished task
+    share: float | None = (
+        0.1  # replay's share of later stages; None = temperature rule over old+new
+    )
+    label_balanced: bool = False
+
+
+@dataclass
+class ModelConfig:
+    """Base model: the embedded SmolLM2, a hub id or a local folder."""
+
+    name: str = EMBEDDED_MODEL
+    family: Literal["auto", "causal", "seq2seq"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    attn_implementation: str | None = None  # e.g. "sdpa", "eager", "flash_attention_2" (CUDA only)
+    prompt_format: Literal["auto", "chat", "plain"] = (
+        "auto"  # causal only; auto = chat template if the tokenizer has one
+    )
+    trust_remote_code: bool = False
+    max_length: int = 512  # tokens of prompt + target (causal) or source (seq2seq)
+    max_target_length: int = 128  # seq2seq decoder length; also generation budget
+    truncation: Literal["middle", "end"] = (
+        "middle"  # what an over-long input loses (features.prompt_ids)
+    )
+
+
+@dataclass
+class AdapterConfig:
+    """LoRA / QLoRA (bitsandbytes 4-bit) / full fine-tuning."""
+
+    method: Literal["lora", "qlora", "full"] = "lora"
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: Any = "all-linear"  # "all-linear" or a list of module names
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and checkpointing."""
+
+    steps: int = 100  # optimiser steps when no stages are given
+    batch_size: int = 8
+    grad_accum: int = 1
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    max_grad_norm: float = 1.0
+    packing: Literal["auto", "on", "off"] = "auto"
+    group_by_length: bool = True  # seq2seq batches
+    loss_balancing: Literal["none", "equal", "uncertainty", "gradnorm"] = "none"
+    gradnorm_alpha: float = 1.5
+    gradient_checkpointing: bool = False
+    logging_steps: int = 10
+    save_steps: int = 100
+    save_total_limit: int = 2
+    resume: str = "auto"  # auto | never | path to a checkpoint folder
+    report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"
+    bad_rows: Literal["skip", "fail"] = "skip"
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation during and after training."""
+
+    every_steps: int = 0  # 0 = only at the end
+    limit: int = 50  # examples per task during training
+    split: str = "validation"
+    batch_size: int = 16
+    select_best: bool = True
+    max_new_tokens: int = 64
+
+
+@dataclass
+class RunConfig:
+    """The whole run. See launch/configs/*.yaml for complete examples."""
+
+    run_name: str = "run"
+    output_dir: str = "runs/run"
+    seed: int = 42
+    template_dirs: list[str] = field(default_factory=list)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    tasks: list[TaskConfig] = field(default_factory=list)
+    mixing: MixingConfig = field(default_factory=MixingConfig)
+    stages: list[StageConfig] = field(default_factory=list)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    # Where the YAML came from; relative paths in the config resolve against its folder.
+    config_path: str | None = None
+
+    def task_names(self) -> list[str]:
+        """Task names as used in stages, logs and metrics."""
+        return [t.name or t.template for t in self.tasks]
+
+    def resolve_path(self, p: str | None) -> Path | None:
+        """Resolve a path from the config relative to the config file's folder.
+
+        A path that exists relative to the current directory wins, so both
+        `cd project && t2t-mtl ...` and configs with `../shared/...` work.
+        """
+        if p is None:
+            return None
+        path = Path(p).expanduser()
+        if path.is_absolute() or path.exists() or not self.config_path:
+            return path
+        return Path(self.config_path).parent / path
+
+    def stage_list(self) -> list[StageConfig]:
+        """Stages to run; with none configured, one stage of all tasks for `train.steps`."""
+        if self.stages:
+            return self.stages
+        return [StageConfig(name="main", tasks=self.task_names(), steps=self.train.steps)]
+
+
+# ---------------------------------------------------------------- conversion
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, dict):
+        return origin.__name__
+    return getattr(tp, "__name__", str(tp))
+
+
+def _fmt_path(path: tuple) -> str:
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (("." if out else "") + str(p))
+    return out or "<root>"
+
+
+def _convert(
+    value: Any, tp: Any, path: tuple, loc: yaml_lines.Located, problems: list[Problem]
+) -> Any:
+    """Convert `value` to type `tp`, appending problems (never raising)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        if len(non_none) == 1:
+            return _convert(value, non_none[0], path, loc, problems)
+        return value
+    if value is None:
+        problems.append(
+            loc.problem(path, f"{_fmt_path(path)}: must not be empty", f"expected {_type_name(tp)}")
+        )
+        return None
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            problems.append(
+                loc.problem(
+                    path,
+                    f"{_fmt_path(path)}: invalid value {value!r}",
+                    did_you_mean(str(value), [str(c) for c in choices]),
+                )
+            )
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path, loc, problems)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, list):
+            if isinstance(value, str) and item_tp is str:
+                return [
+                    v.strip() for v in value.split(",") if v.strip()
+                ]  # "a,b" on the command line
+            problems.append(
+                loc.problem(path, f"{_fmt_path(path)}: expected a list, got {type(value).__name__}")
+            )
+            return []
+        return [_convert(v, item_tp, path + (i,), loc, problems) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.append(
+                loc.problem(
+                    path, f"{_fmt_path(path)}: expected a mapping, got {type(value).__name__}"
+                )
+            )
+            return {}
+        _, vt = typing.get_args(tp) or (Any, Any)
+        return {str(k): (str(v) if vt is str and v is not None else v) for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            problems.append(
+                loc.problem(path, f"{_fmt_path(path)}: expected true or false, got {value!r}")
+            )
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            problems.append(
+                loc.problem(path, f"{_fmt_path(path)}: expected an integer, got {value!r}")
+            )
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            try:
+                return float(value)  # YAML reads 2e-4 as a string
+            except (TypeError, ValueError):
+                problems.append(
+                    loc.problem(path, f"{_fmt_path(path)}: expected a number, got {value!r}")
+                )
+                return value
+        return float(value)
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            problems.append(
+                loc.problem(path, f"{_fmt_path(path)}: expected text, got {type(value).__name__}")
+            )
+            return value
+        return str(value)
+    return value
+
+
+# Names users bring from other tools (HF Trainer, axolotl, LLaMA-Factory).
+_ALIASES = {
+    "lr": "learning_rate",
+    "max_steps": "steps",
+    "per_device_train_batch_size": "batch_size",
+    "micro_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "lora_r": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "model_name_or_path": "name",
+    "base_model": "name",
+    "warmup": "warmup_steps",
+    "lr_scheduler_type": "scheduler",
+    "sequence_len": "max_length",
+    "max_seq_length": "max_length",
+    "T": "temperature",
+    "output": "output_dir",
+    "epochs": "steps",
+    "datasets": "tasks",
+}
+
+
+def _build(
+    cls: type, data: Any, path: tuple, loc: yaml_lines.Located, problems: list[Problem]
+) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        problems.append(
+            loc.problem(path, f"{_fmt_path(path)}: expected a mapping, got {type(data).__name__}")
+        )
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.name != "config_path"]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            alias = _ALIASES.get(str(key))
+            hint = f"did you mean '{alias}'?" if alias in names else did_you_mean(str(key), names)
+            problems.append(
+                loc.problem(path + (key,), f"{_fmt_path(path + (key,))}: unknown key", hint)
+            )
+            continue
+        kwargs[key] = _convert(value, hints[key], path + (key,), loc, problems)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # pragma: no cover - defaults cover every field
+        problems.append(loc.problem(path, str(e)))
+        return cls()
+
+
+def _check_values(cfg: RunConfig, loc: yaml_lines.Located, problems: list[Problem]) -> None:
+    """Range and cross-field checks that types alone cannot express."""
+
+    def bad(path: tuple, msg: str, hint: str = "") -> None:
+        problems.append(loc.problem(path, f"{_fmt_path(path)}: {msg}", hint))
+
+    if not cfg.tasks:
+        bad(("tasks",), "no tasks configured", "add at least one entry with a 'template' key")
+    names = cfg.task_names()
+    for i, t in enumerate(cfg.tasks):
+        if not t.template:
+            bad(
+                ("tasks", i, "template"),
+                "missing template name",
+                "run `t2t-mtl validate` to list templates",
+            )
+        if t.weight is not None and t.weight < 0:
+            bad(("tasks", i, "weight"), "must be >= 0")
+        for k in ("floor", "ceiling"):
+            v = getattr(t, k)
+            if v is not None and not 0 <= v <= 1:
+                bad(("tasks", i, k), "must be a share between 0 and 1")
+        if t.source is not None and not (t.source.hub or t.source.path):
+            bad(("tasks", i, "source"), "needs 'hub' or 'path'")
+        if t.source is not None and t.source.hub and t.source.path:
+            bad(("tasks", i, "source"), "give either 'hub' or 'path', not both")
+    dupes = {n for n in names if names.count(n) > 1}
+    for n in sorted(dupes):
+        bad(("tasks",), f"task name '{n}' used twice", "give one of them a distinct 'name'")
+    if cfg.mixing.temperature <= 0:
+        bad(("mixing", "temperature"), "must be > 0", "1 = proportional, larger = closer to equal")
+    if cfg.mixing.cap is not None and cfg.mixing.cap <= 0:
+        bad(("mixing", "cap"), "must be a positive number of examples (or null for no cap)")
+    for i, s in enumerate(cfg.stages):
+        if s.steps <= 0:
+            bad(("stages", i, "steps"), "must be > 0")
+        if not s.tasks:
+            bad(("stages", i, "tasks"), "lists no tasks")
+        for j, tn in enumerate(s.tasks):
+            if tn not in names:
+                bad(("stages", i, "tasks", j), f"unknown task '{tn}'", did_you_mean(tn, names))
+        if s.temperature is not None and s.temperature <= 0:
+            bad(("stages", i, "temperature"), "must be > 0")
+        if s.learning_rate is not None and s.learning_rate <= 0:
+            bad(
+                ("stages", i, "learning_rate"),
+                "must be > 0",
+                "leave it out to use train.learning_rate",
+            )
+    if cfg.replay.share is not None and not 0 <= cfg.replay.share < 1:
+        bad(("replay", "share"), "must be in [0, 1)")
+    if cfg.replay.per_task < 0:
+        bad(("replay", "per_task"), "must be >= 0")
+    tr = cfg.train
+    for k in ("steps", "batch_size", "grad_accum", "logging_steps", "save_steps"):
+        if getattr(tr, k) <= 0:
+            bad(("train", k), "must be > 0")
+    if tr.learning_rate <= 0:
+        bad(("train", "learning_rate"), "must be > 0")
+    if cfg.adapter.r <= 0:
+        bad(("adapter", "r"), "must be > 0")
+    if not 0 <= cfg.adapter.dropout < 1:
+        bad(("adapter", "dropout"), "must be in [0, 1)")
+    if cfg.model.max_length <= 8:
+        bad(("model", "max_length"), "too small", "use at least 64 tokens")
+    if cfg.eval.limit < 0 or cfg.eval.every_steps < 0:
+        bad(("eval",), "limit and every_steps must be >= 0")
+
+
+def _set_path(data: dict, dotted: str, value: Any, problems: list[Problem]) -> None:
+    parts = dotted.split(".")
+    cur: Any = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        key: Any = int(part) if part.isdigit() and isinstance(cur, list) else part
+        if isinstance(cur, list):
+            if not isinstance(key, int) or not -len(cur) <= key < len(cur):
+                problems.append(
+                    Problem(
+                        "<override>",
+                        None,
+                        f"{dotted}: no list item '{part}'",
+                        f"the list has {len(cur)} item(s), numbered from 0",
+                    )
+                )
+                return
+        if last:
+            cur[key] = value
+            return
+        if isinstance(cur, dict) and (key not in cur or cur[key] is None):
+            cur[key] = {}
+        cur = cur[key]
+        if not isinstance(cur, (dict, list)):
+            problems.append(Problem("<override>", None, f"{dotted}: '{part}' is not a section"))
+            return
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, data: dict | None = None
+) -> RunConfig:
+    """Load a run config from YAML (or a dict) and apply `key=value` overrides.
+
+    Overrides use dotted keys (`train.steps=20`, `tasks.0.source.path=data/x`);
+    values are parsed as YAML (`model.dtype=bfloat16`, `stages.0.tasks=[a,b]`).
+    Raises ConfigError listing every problem found.
+    """
+    problems: list[Problem] = []
+    if path is not None:
+        loc = yaml_lines.load(path)
+        if loc.data is None:
+            loc.data = {}
+    else:
+        loc = yaml_lines.Located(dict(data or {}), {(): 1}, "<config>")
+    if not isinstance(loc.data, dict):
+        raise ConfigError([Problem(loc.file, 1, "a run config must be a YAML mapping")])
+    for ov in overrides or []:
+        if "=" not in ov:
+            problems.append(
+                Problem("<override>", None, f"'{ov}' is not key=value", "e.g. train.steps=20")
+            )
+            continue
+        key, raw = ov.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_path(loc.data, key.strip(), value, problems)
+    cfg = _build(RunConfig, loc.data, (), loc, problems)
+    try:
+        _check_values(cfg, loc, problems)
+    except TypeError:  # a value of the wrong type was already reported above
+        pass
+    if problems:
+        raise ConfigError(problems)
+    cfg.config_path = str(path) if path is not None else None
+    return cfg
+
+
+def config_to_dict(cfg: RunConfig) -> dict:
+    """Plain dict of the resolved config (saved in the run folder)."""
+    d = dataclasses.asdict(cfg)
+    d.pop("config_path", None)
+    return d

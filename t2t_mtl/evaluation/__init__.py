@@ -1,0 +1,1 @@
+"""Evaluation: metrics, per-task evaluation of a model, evaluating run folders, result reports."""

@@ -1,0 +1,471 @@
+"""Per-task evaluation: render a split with a task's template, answer, parse, score (layer 4).
+
+Two modes for label tasks (TaskConfig.eval_mode, default the template's `eval_mode`):
+`generate` (greedy answer, parsed by the template's parser; unparseable answers count as wrong
+and as invalid) and `rank` (rank classification over the answer choices, see
+`generation.rank_choices`; never invalid). Other tasks always generate.
+
+Gold values per parse kind: `label` -> the rendered output (a choice); `span` -> the rendered
+output plus every alternative in the row's `answers` field (SQuAD's `{text: [...]}` or a list);
+`entities` -> the row's tag list (its `label_field`) aligned to its `tokens`, else the rendered
+output parsed back; `text` -> the rendered output plus the row's `summaries` list when present.
+Metrics are the template's `metric` list (the first is primary), computed by `metrics.compute`;
+each task also reports the invalid (unparsed) rate. The combined score is the mean of the
+per-task primary scores.
+
+`evaluate` works on a loaded model (`eval_runs.evaluate_run` loads a run's bundle and writes
+the results files); `training_eval_fn(cfg)` is the hook `training.train(cfg, eval_fn=...)` calls every
+`eval.every_steps` steps (an `EvalHook` on a fixed per-task subset).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from t2t_mtl.core.config import RunConfig, SourceConfig
+from t2t_mtl.core.errors import ConfigError, DataError, Problem, TemplateError, did_you_mean
+from t2t_mtl.core.records import Record
+from t2t_mtl.evaluation import metrics
+from t2t_mtl.model.generation import generate_texts, rank_choices
+from t2t_mtl.model.prompt_format import PromptFormat
+from t2t_mtl.runs.folder import resolved_source, task_for
+from t2t_mtl.tasks import sources
+from t2t_mtl.tasks.parsing import ner_linearize
+from t2t_mtl.tasks.task import Task
+
+MODES = ("generate", "rank")
+
+
+@dataclass
+class EvalTask:
+    """One task to evaluate: template, source override, mode and prompt variant id."""
+
+    name: str
+    template: Task
+    source: SourceConfig | None = None
+    mode: str = "generate"
+    variant: str | None = None  # None: the first non-heldout variant
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def variant_id(self) -> str:
+        """The variant actually used."""
+        return self.variant or self.template.train_variants()[0].id
+
+
+@dataclass
+class Example:
+    """A rendered eval record plus what scoring needs: gold value and (NER) the row's tokens."""
+
+    record: Record
+    gold: Any
+    tokens: list[str] | None = None
+
+
+def pick_variant(tpl: Task, variant: str | None) -> tuple[str | None, Problem | None]:
+    """Variant id for evaluation: None -> first training variant; "heldout" -> first heldout one."""
+    if variant is None:
+        return tpl.train_variants()[0].id, None
+    if variant == "heldout":
+        held = [v.id for v in tpl.variants if v.heldout]
+        if not held:
+            return None, Problem(
+                str(tpl.path),
+                None,
+                f"task '{tpl.name}' has no heldout variant",
+                "evaluate it with a training variant (leave --variant out)",
+            )
+        return held[0], None
+    ids = [v.id for v in tpl.variants]
+    if variant not in ids:
+        return None, Problem(
+            str(tpl.path),
+            None,
+            f"task '{tpl.name}' has no variant '{variant}'",
+            did_you_mean(variant, ids + ["heldout"]),
+        )
+    return variant, None
+
+
+def eval_tasks(
+    cfg: RunConfig,
+    *,
+    names: Sequence[str] | None = None,
+    template_dir: Path | None = None,
+    mode: str | None = None,
+    variant: str | None = None,
+) -> list[EvalTask]:
+    """The run's tasks as EvalTasks (every problem reported at once).
+
+    `template_dir`: a run's template copies (default: the catalogue); `mode` overrides every
+    label task's eval mode; `variant`: a variant id, "heldout", or None (first training variant).
+    """
+    known = cfg.task_names()
+    problems: list[Problem] = []
+    for n in names or []:
+        if n not in known:
+            problems.append(
+                Problem(
+                    "<cli>", None, f"task '{n}' is not part of this run", did_you_mean(n, known)
+                )
+            )
+    if mode is not None and mode not in MODES:
+        problems.append(
+            Problem("<cli>", None, f"unknown eval mode '{mode}'", did_you_mean(mode, MODES))
+        )
+    if problems:
+        raise ConfigError(problems)
+    out = []
+    for t in cfg.tasks:
+        name = t.name or t.template
+        if names and name not in names:
+            continue
+        tpl = task_for(cfg, t, template_dir)
+        m = mode or t.eval_mode or tpl.eval_mode
+        if m == "rank" and not tpl.answer_choices:
+            if mode is None:
+                problems.append(
+                    Problem(
+                        str(tpl.path),
+                        None,
+                        f"task '{name}': rank mode needs answer_choices",
+                        "use eval_mode: generate",
+                    )
+                )
+            m = "generate"  # --mode rank on a run with QA/NER tasks: those still generate
+        vid, prob = pick_variant(tpl, variant)
+        if prob:
+            problems.append(prob)
+        out.append(EvalTask(name, tpl, resolved_source(cfg, t), m, vid))
+    if problems:
+        raise ConfigError(problems)
+    return out
+
+
+# ------------------------------------------------------------------ data and golds
+
+
+def _tokens(tpl: Task, row: dict) -> list[str] | None:
+    if isinstance(row.get("tokens"), list):
+        return [str(t) for t in row["tokens"]]
+    for name, spec in tpl.fields.items():  # a template naming its token list differently
+        if spec.type == "list[str]" and isinstance(row.get(name), list):
+            return [str(t) for t in row[name]]
+    return None
+
+
+def _alternatives(value: Any) -> list[str]:
+    if isinstance(value, dict):
+        value = value.get("text")
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        return [str(v) for v in value if isinstance(v, str) and v.strip()]
+    return []
+
+
+def gold_for(tpl: Task, row: dict, rec: Record, tokens: list[str] | None) -> Any:
+    """The gold value scoring compares against (see module docstring)."""
+    kind = tpl.parse
+    if kind == "label":
+        return rec.output
+    if kind == "entities":
+        tags = row.get(tpl.label_field) if tpl.label_field else None
+        if (
+            isinstance(tags, list)
+            and len(tags) == len(tokens or [])
+            and all(isinstance(t, str) for t in tags)
+        ):
+            return list(tags)
+        return tpl.parse_output(rec.output, tokens=tokens).value
+    extra = (
+        _alternatives(row.get("answers")) if kind == "span" else _alternatives(row.get("summaries"))
+    )
+    return list(dict.fromkeys([rec.output] + extra))
+
+
+def load_examples(
+    task: EvalTask, split: str, limit: int | None, *, bad_rows: str = "skip"
+) -> tuple[list[Example], Any]:
+    """Render up to `limit` rows of `split` with the task's eval variant; returns (examples, Rows).
+
+    Cached per (split, limit), so an eval hook reads its data once.
+    """
+    key = (split, limit, bad_rows)
+    if key not in task._cache:
+        rows = sources.load_rows(task.template, task.source, split, bad_rows=bad_rows, limit=limit)
+        tpl, vid = task.template, task.variant_id()
+        out = []
+        for i in range(len(rows)):
+            row = rows[i]
+            try:
+                rec = sources.render_row(tpl, rows, i, vid, row_id=str(i), split=split)
+            except TemplateError as e:
+                if bad_rows != "skip":
+                    raise
+                rows.skipped += (
+                    1  # a row the template cannot render is a bad row (row_id keeps the index)
+                )
+                rows.problems.append(e.problems[-1])
+                continue
+            toks = _tokens(tpl, row) if tpl.parse == "entities" else None
+            out.append(Example(rec, gold_for(tpl, row, rec, toks), toks))
+        task._cache[key] = (out, rows)
+    return task._cache[key]
+
+
+# ------------------------------------------------------------------ scoring
+
+
+def score_task(
+    tpl: Task,
+    examples: Sequence[Example],
+    texts: Sequence[str] | None = None,
+    ranked: Sequence[Any] | None = None,
+) -> tuple[dict, list[dict]]:
+    """Parse generated `texts` (or take `ranked` choices) and compute the template's metrics.
+
+    Returns (summary, per-example rows). An empty example list gives `n: 0` and no metrics.
+    """
+    preds, valid, rows = [], [], []
+    for k, ex in enumerate(examples):
+        if ranked is not None:
+            r = ranked[k]
+            pred, ok, raw, extra = r.choice, True, r.choice, {"scores": r.scores}
+        else:
+            raw = texts[k]
+            parsed = (
+                tpl.parse_output(raw, tokens=ex.tokens)
+                if tpl.parse == "entities"
+                else tpl.parse_output(raw)
+            )
+            ok, extra = parsed.valid, {}
+            if tpl.parse == "entities":
+                pred = parsed.value  # recovered tags; partial output still earns partial credit
+                extra["entities"] = [list(e) for e in parsed.detail or []]
+            else:
+                pred = parsed.value if parsed.value not in ("", None) else None
+        preds.append(pred)
+        valid.append(ok)
+        gold = ex.gold if tpl.parse != "entities" else ner_linearize(ex.tokens or [], ex.gold)
+        rows.append(
+            {
+                "row_id": ex.record.meta.get("row_id"),
+                "raw": raw,
+                "prediction": pred
+                if tpl.parse != "entities"
+                else ner_linearize(ex.tokens or [], pred),
+                "gold": gold,
+                "valid": ok,
+                **extra,
+            }
+        )
+    summary: dict[str, Any] = {
+        "n": len(examples),
+        "metric": list(tpl.metric),
+        "primary_metric": tpl.metric[0],
+    }
+    if examples:
+        golds = [ex.gold for ex in examples]
+        res = metrics.compute(tpl.metric, preds, golds, labels=tpl.answer_choices or None)
+        summary.update(
+            metrics=res,
+            primary=metrics.primary_score(tpl.metric, res),
+            invalid_rate=metrics.invalid_rate(valid),
+        )
+    return summary, rows
+
+
+def _bar(total: int, enabled: bool, desc: str):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="ex", file=sys.stderr, dynamic_ncols=True, leave=False)
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    fmt: PromptFormat,
+    tasks: Sequence[EvalTask],
+    *,
+    split: str = "validation",
+    limit: int | None = None,
+    batch_size: int = 16,
+    max_new_tokens: int = 64,
+    max_prompt_tokens: int | None = None,
+    bad_rows: str = "skip",
+    progress: bool = True,
+    keep_predictions: bool = False,
+    log: Callable[[str], Any] | None = None,
+) -> dict[str, Any]:
+    """Evaluate `model` on every task; returns the results dict.
+
+    `{"split", "limit", "tasks": {name: {"mode", "variant", "n", "skipped_rows", "metric",
+    "primary_metric", "metrics", "primary", "invalid_rate"[, "predictions"]}}, "combined"}`;
+    "combined" is the mean primary score over tasks with examples (None when none has any).
+    A task whose data cannot be read (e.g. no such split) gets `"error"` instead of metrics.
+    """
+    data: dict[str, tuple] = {}
+    out: dict[str, Any] = {"split": split, "limit": limit, "tasks": {}}
+    for t in tasks:
+        try:
+            data[t.name] = load_examples(t, split, limit, bad_rows=bad_rows)
+        except (
+            DataError,
+            TemplateError,
+        ) as e:  # a missing split of one task must not stop the others
+            out["tasks"][t.name] = {
+                "mode": t.mode,
+                "variant": t.variant_id(),
+                "n": 0,
+                "error": "; ".join(p.format() for p in e.problems),
+            }
+            if log:
+                log(f"{t.name}: skipped: {out['tasks'][t.name]['error']}")
+    bar = _bar(sum(len(d[0]) for d in data.values()), progress, f"eval {split}")
+    try:
+        for t in tasks:
+            if t.name not in data:
+                continue
+            examples, rows = data[t.name]
+            if bar is not None:
+                bar.set_postfix_str(t.name)
+            recs = [ex.record for ex in examples]
+            upd = bar.update if bar is not None else None
+            if t.mode == "rank":
+                ranked = rank_choices(
+                    model,
+                    tokenizer,
+                    fmt,
+                    recs,
+                    t.template.answer_choices,
+                    batch_size=batch_size,
+                    max_prompt_tokens=max_prompt_tokens,
+                    progress=upd,
+                )
+                summary, preds = score_task(t.template, examples, ranked=ranked)
+            else:
+                texts = generate_texts(
+                    model,
+                    tokenizer,
+                    fmt,
+                    recs,
+                    max_new_tokens=max_new_tokens,
+                    batch_size=batch_size,
+                    max_prompt_tokens=max_prompt_tokens,
+                    progress=upd,
+                )
+                summary, preds = score_task(t.template, examples, texts)
+            entry = {
+                "mode": t.mode,
+                "variant": t.variant_id(),
+                "skipped_rows": rows.skipped,
+                **summary,
+            }
+            if keep_predictions:
+                entry["predictions"] = preds
+            out["tasks"][t.name] = entry
+    finally:
+        if bar is not None:
+            bar.close()
+    prim = [e["primary"] for e in out["tasks"].values() if "primary" in e]
+    out["combined"] = sum(prim) / len(prim) if prim else None
+    return out
+
+
+# ------------------------------------------------------------------ training hook
+
+
+class EvalHook:
+    """Evaluation during training: a small fixed subset per task (`eval.limit` rows of `eval.split`).
+
+    `hook(model)` returns `{"tasks": {name: primary score}, "combined": mean, "invalid": {name: %},
+    "results": full results}`. Data is read and rendered once, at construction.
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        tokenizer: Any,
+        fmt: PromptFormat,
+        *,
+        template_dir: Path | None = None,
+        tasks: Sequence[EvalTask] | None = None,
+        progress: bool = False,
+    ):
+        self.cfg, self.tokenizer, self.fmt, self.progress = cfg, tokenizer, fmt, progress
+        self.tasks = (
+            list(tasks) if tasks is not None else eval_tasks(cfg, template_dir=template_dir)
+        )
+        ev = cfg.eval
+        self.split, self.limit = ev.split, ev.limit or None
+        for t in self.tasks:  # read the data now: a missing split fails at start, not after hours
+            load_examples(t, self.split, self.limit, bad_rows=cfg.train.bad_rows)
+
+    def __call__(self, model: Any, step: int | None = None) -> dict[str, Any]:
+        ev = self.cfg.eval
+        res = evaluate(
+            model,
+            self.tokenizer,
+            self.fmt,
+            self.tasks,
+            split=self.split,
+            limit=self.limit,
+            batch_size=ev.batch_size,
+            max_new_tokens=ev.max_new_tokens,
+            max_prompt_tokens=self.cfg.model.max_length,
+            bad_rows=self.cfg.train.bad_rows,
+            progress=self.progress,
+        )
+        res["step"] = step
+        scored = {n: e for n, e in res["tasks"].items() if "primary" in e}
+        return {
+            "tasks": {n: e["primary"] for n, e in scored.items()},
+            "combined": res["combined"],
+            "invalid": {n: e["invalid_rate"] for n, e in scored.items()},
+            "results": res,
+        }
+
+
+def training_eval_fn(cfg: RunConfig, *, progress: bool = False) -> Callable[[Any], dict]:
+    """The `eval_fn` for `training.train`: called with its EvalContext every `eval.every_steps`,
+    returns flat scalars (logged as `eval/...`): `combined` (mean primary score: the model-selection
+    number), `<task>` (primary score) and `<task>/invalid_rate`. The main process also appends the
+    full results to `RUN/eval/during_training.jsonl`.
+
+    The eval data is read and rendered here, before training starts, so a missing eval split
+    fails at once instead of at the first evaluation.
+    """
+    tasks = eval_tasks(cfg)
+    for t in tasks:
+        load_examples(t, cfg.eval.split, cfg.eval.limit or None, bad_rows=cfg.train.bad_rows)
+    hook: list[EvalHook] = []
+
+    def eval_fn(ctx: Any) -> dict:
+        if not hook:  # tokenizer and prompt format exist only once training has loaded the model
+            hook.append(
+                EvalHook(ctx.cfg, ctx.tokenizer, ctx.prompt_format, tasks=tasks, progress=progress)
+            )
+        out = hook[0](ctx.model, ctx.step)
+        flat = {
+            "combined": out["combined"],
+            **out["tasks"],
+            **{f"{n}/invalid_rate": v for n, v in out["invalid"].items()},
+        }
+        acc = getattr(ctx, "accelerator", None)
+        if acc is None or acc.is_main_process:
+            path = Path(ctx.run_dir) / "eval" / "during_training.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a", encoding="utf-8") as f:
+                f.write(
+                    json.dumps({**out["results"], "stage": ctx.stage}, ensure_ascii=False) + "\n"
+                )
+        return {k: v for k, v in flat.items() if v is not None}
+
+    return eval_fn

@@ -1,0 +1,321 @@
+"""Task metrics on already-parsed predictions: accuracy, macro-F1, SQuAD EM/F1, entity span F1, ROUGE.
+
+Conventions shared by every function here:
+- Scores are on a 0..100 scale (percent), so `primary_score` can compare tasks directly.
+- A prediction of `None` means "the output could not be parsed"; it always counts as wrong
+  (accuracy/EM/F1/ROUGE 0 for that example, no entities for span F1). `invalid_rate` reports how often
+  it happened, so a low score can be told apart from a format problem.
+- `preds` and `golds` are parallel sequences; a length mismatch or an empty input is a programming error
+  (ValueError), never silently scored.
+
+Span F1 and ROUGE delegate to the reference libraries (seqeval, rouge-score) so numbers match what
+papers report; they are imported lazily because each costs ~1.5 s and most commands never score.
+This module stays in layer 2: no torch / transformers.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from functools import lru_cache
+from typing import Any
+
+from t2t_mtl.core.errors import did_you_mean
+
+# Metric name (as written in a template's `metric:` list) -> the result key that is its main number.
+MAIN_KEY: dict[str, str] = {
+    "accuracy": "accuracy",
+    "macro_f1": "macro_f1",
+    "squad": "f1",
+    "span_f1": "span_f1",
+    "rouge": "rougeL",
+}
+METRIC_NAMES = tuple(MAIN_KEY)
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+
+
+def _check_pair(preds: Sequence, golds: Sequence) -> int:
+    """Return the number of examples; reject empty or mismatched inputs (caller bugs)."""
+    if len(preds) != len(golds):
+        raise ValueError(f"{len(preds)} predictions but {len(golds)} gold values")
+    if len(preds) == 0:
+        raise ValueError("no examples to score")
+    return len(preds)
+
+
+# ---------------------------------------------------------------- labels
+
+
+def accuracy(preds: Sequence[Any], golds: Sequence[Any]) -> float:
+    """Percent of predictions equal to the gold label; a None (unparsed) prediction is wrong."""
+    n = _check_pair(preds, golds)
+    return 100.0 * sum(p is not None and p == g for p, g in zip(preds, golds)) / n
+
+
+def macro_f1(
+    preds: Sequence[Any], golds: Sequence[Any], labels: Sequence[Any] | None = None
+) -> float:
+    """Unweighted mean over classes of per-class F1 = 2TP / (2TP + FP + FN), in percent.
+
+    `labels` is the label set (a template's answer choices); None means the set of gold labels.
+    A None prediction, or one outside the label set, is a false negative for the gold class and a false
+    positive for no class. Labels that occur in neither golds nor predictions are left out of the mean
+    (their F1 is undefined), as sklearn does; a gold label outside `labels` is a ValueError.
+    """
+    _check_pair(preds, golds)
+    label_set = list(dict.fromkeys(labels)) if labels is not None else list(dict.fromkeys(golds))
+    known = set(label_set)
+    unknown = sorted({str(g) for g in golds if g not in known})
+    if unknown:
+        raise ValueError(f"gold labels {unknown} are not in the label set {label_set}")
+    tp: Counter = Counter()
+    fp: Counter = Counter()
+    fn: Counter = Counter()
+    for p, g in zip(preds, golds):
+        if p is not None and p == g:
+            tp[g] += 1
+            continue
+        fn[g] += 1
+        fp[p] += 1  # None / out-of-set keys are never read back: a false positive for no class
+    present = [c for c in label_set if tp[c] + fp[c] + fn[c] > 0]
+    f1s = [2 * tp[c] / (2 * tp[c] + fp[c] + fn[c]) for c in present]
+    return 100.0 * sum(f1s) / len(f1s)
+
+
+# ---------------------------------------------------------------- SQuAD v1.1
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = frozenset(string.punctuation)
+
+
+def normalize_answer(s: str) -> str:
+    """Official SQuAD v1.1 normalisation: lower case, drop punctuation, drop a/an/the, squeeze spaces."""
+    s = s.lower()
+    s = "".join(ch for ch in s if ch not in _PUNCT)
+    s = _ARTICLES.sub(" ", s)
+    return " ".join(s.split())
+
+
+def _token_f1(pred: str, gold: str) -> float:
+    """SQuAD v1.1 bag-of-tokens F1 in 0..1 (two empty answers score 0, as in the v1.1 script)."""
+    p_toks = normalize_answer(pred).split()
+    g_toks = normalize_answer(gold).split()
+    same = sum((Counter(p_toks) & Counter(g_toks)).values())
+    if same == 0:
+        return 0.0
+    precision = same / len(p_toks)
+    recall = same / len(g_toks)
+    return 2 * precision * recall / (precision + recall)
+
+
+def _as_list(golds: str | Sequence[str], what: str) -> list[str]:
+    """One gold string or a list of alternatives -> a non-empty list."""
+    out = [golds] if isinstance(golds, str) else list(golds)
+    if not out:
+        raise ValueError(f"an example has no {what}")
+    return out
+
+
+def squad_example(pred: str | None, golds: str | Sequence[str]) -> tuple[float, float]:
+    """(exact match, F1) of one prediction in 0..1, each the max over the gold answers; None scores 0."""
+    answers = _as_list(golds, "gold answer")
+    if pred is None:
+        return 0.0, 0.0
+    norm = normalize_answer(pred)
+    em = max(float(norm == normalize_answer(a)) for a in answers)
+    f1 = max(_token_f1(pred, a) for a in answers)
+    return em, f1
+
+
+def squad(
+    preds: Sequence[str | None], gold_lists: Sequence[str | Sequence[str]]
+) -> dict[str, float]:
+    """SQuAD v1.1 `{"exact_match", "f1"}` in 0..100: per-example max over gold answers, then the mean."""
+    n = _check_pair(preds, gold_lists)
+    ems, f1s = zip(*(squad_example(p, g) for p, g in zip(preds, gold_lists)))
+    return {"exact_match": 100.0 * sum(ems) / n, "f1": 100.0 * sum(f1s) / n}
+
+
+# ---------------------------------------------------------------- entity spans (seqeval)
+
+
+def _pred_tags(
+    preds: Sequence[Sequence[str] | None], golds: Sequence[Sequence[str]]
+) -> list[list[str]]:
+    """Unparsed predictions become all-O; a length mismatch means tags not aligned to the tokens (a bug)."""
+    out = []
+    for i, (p, g) in enumerate(zip(preds, golds)):
+        if p is None:
+            out.append(["O"] * len(g))
+            continue
+        if len(p) != len(g):
+            raise ValueError(f"example {i}: {len(p)} predicted tags for {len(g)} gold tags")
+        out.append(list(p))
+    return out
+
+
+def span_f1(
+    pred_tag_seqs: Sequence[Sequence[str] | None],
+    gold_tag_seqs: Sequence[Sequence[str]],
+    *,
+    per_type: bool = False,
+    strict: bool = False,
+) -> dict[str, Any]:
+    """Entity-level micro precision / recall / F1 (0..100) of IOB2 tag sequences, computed by seqeval.
+
+    An entity counts only when type and both boundaries match. The default is seqeval's default mode
+    (conlleval-compatible: a stray I-X starts an entity); `strict=True` uses seqeval's strict IOB2 mode,
+    where malformed chunks count as nothing. A None prediction (unparsed) predicts no entity.
+    With no entity on either side all three are 0 (seqeval's zero_division=0).
+    Returns `{"precision", "recall", "f1"}`, plus `"per_type": {TYPE: {"precision", "recall", "f1",
+    "support"}}` when `per_type` is true.
+    """
+    _check_pair(pred_tag_seqs, gold_tag_seqs)
+    y_true = [list(g) for g in gold_tag_seqs]
+    y_pred = _pred_tags(pred_tag_seqs, gold_tag_seqs)
+    if strict:
+        from seqeval.metrics.v1 import precision_recall_fscore_support as prfs
+        from seqeval.scheme import IOB2, Entities
+
+        kw: dict[str, Any] = {"scheme": IOB2}
+
+        def type_names() -> list[str]:
+            return sorted(Entities(y_true, IOB2).unique_tags | Entities(y_pred, IOB2).unique_tags)
+    else:
+        from seqeval.metrics.sequence_labeling import get_entities
+        from seqeval.metrics.sequence_labeling import precision_recall_fscore_support as prfs
+
+        kw = {}
+
+        def type_names() -> list[str]:
+            return sorted(
+                {t for t, _, _ in get_entities(y_true)} | {t for t, _, _ in get_entities(y_pred)}
+            )
+
+    p, r, f, _ = prfs(y_true, y_pred, average="micro", zero_division=0, **kw)
+    result: dict[str, Any] = {
+        "precision": 100.0 * float(p),
+        "recall": 100.0 * float(r),
+        "f1": 100.0 * float(f),
+    }
+    if per_type:
+        names = type_names()  # prfs(average=None) returns arrays in this sorted order
+        ps, rs, fs, ss = prfs(y_true, y_pred, average=None, zero_division=0, **kw)
+        result["per_type"] = {
+            name: {
+                "precision": 100.0 * float(a),
+                "recall": 100.0 * float(b),
+                "f1": 100.0 * float(c),
+                "support": int(s),
+            }
+            for name, a, b, c, s in zip(names, ps, rs, fs, ss)
+        }
+    return result
+
+
+# ---------------------------------------------------------------- ROUGE (rouge-score)
+
+
+@lru_cache(maxsize=1)
+def _rouge_scorer():
+    """One shared scorer (Porter stemmer, as in the ROUGE-1.5.5 `-m` option most papers use)."""
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+
+
+def rouge_example(pred: str | None, refs: str | Sequence[str]) -> dict[str, float]:
+    """ROUGE-1/2/L F-measures (0..1) of one prediction; with several references each type takes the max."""
+    ref_list = _as_list(refs, "reference summary")
+    scores = _rouge_scorer().score_multi(ref_list, pred or "")
+    return {k: float(scores[k].fmeasure) for k in ROUGE_TYPES}
+
+
+def rouge(
+    preds: Sequence[str | None], refs_or_ref_lists: Sequence[str | Sequence[str]]
+) -> dict[str, float]:
+    """Mean ROUGE-1/2/L F-measures in 0..100 (`{"rouge1", "rouge2", "rougeL"}`), by rouge-score.
+
+    Each reference is a string or a list of alternatives (max per type over them, rouge-score's
+    `score_multi`). A None prediction scores 0. Tokenisation is rouge-score's: lower-cased [a-z0-9] runs.
+    """
+    n = _check_pair(preds, refs_or_ref_lists)
+    totals = dict.fromkeys(ROUGE_TYPES, 0.0)
+    for p, refs in zip(preds, refs_or_ref_lists):
+        for k, v in rouge_example(p, refs).items():
+            totals[k] += v
+    return {k: 100.0 * v / n for k, v in totals.items()}
+
+
+# ---------------------------------------------------------------- dispatch
+
+
+def _check_names(metric_names: Iterable[str]) -> list[str]:
+    names = [metric_names] if isinstance(metric_names, str) else list(metric_names)
+    if not names:
+        raise ValueError("no metric named")
+    for name in names:
+        if name not in MAIN_KEY:
+            hint = did_you_mean(name, METRIC_NAMES)
+            raise ValueError(f"unknown metric {name!r}" + (f" ({hint})" if hint else ""))
+    return names
+
+
+def compute(
+    metric_names: str | Sequence[str],
+    preds: Sequence[Any],
+    golds: Sequence[Any],
+    *,
+    labels: Sequence[Any] | None = None,
+) -> dict[str, float]:
+    """Run the named metrics on one task's predictions; returns one flat dict of 0..100 numbers.
+
+    Keys per metric: accuracy -> `accuracy`; macro_f1 -> `macro_f1` (uses `labels`); squad ->
+    `exact_match`, `f1`; span_f1 -> `span_precision`, `span_recall`, `span_f1` (preds/golds are IOB2 tag
+    sequences); rouge -> `rouge1`, `rouge2`, `rougeL`. Gold values for squad/rouge may be a string or a
+    list of alternatives. None in `preds` means unparsed (scored as wrong).
+    """
+    out: dict[str, float] = {}
+    for name in _check_names(metric_names):
+        if name == "accuracy":
+            out["accuracy"] = accuracy(preds, golds)
+        elif name == "macro_f1":
+            out["macro_f1"] = macro_f1(preds, golds, labels)
+        elif name == "squad":
+            out.update(squad(preds, golds))
+        elif name == "span_f1":
+            s = span_f1(preds, golds)
+            out.update(span_precision=s["precision"], span_recall=s["recall"], span_f1=s["f1"])
+        elif name == "rouge":
+            out.update(rouge(preds, golds))
+    return out
+
+
+def primary_score(task_metric_names: str | Sequence[str], results: Mapping[str, float]) -> float:
+    """The task's headline number (0..100): the main key of its first metric (`MAIN_KEY`) in `results`."""
+    key = MAIN_KEY[_check_names(task_metric_names)[0]]
+    if key not in results:
+        raise ValueError(
+            f"results have no {key!r} (got {sorted(results)}); compute the metric first"
+        )
+    return float(results[key])
+
+
+def invalid_rate(items: Iterable[Any]) -> float:
+    """Percent of outputs that could not be parsed.
+
+    Each item may be a parse result with a `.valid` attribute (parsing.Parsed), a bool validity flag
+    (True = valid), or a prediction value where None means unparsed. Empty input gives 0.
+    """
+    n = bad = 0
+    for item in items:
+        n += 1
+        if item is None:
+            bad += 1
+        elif isinstance(item, bool):
+            bad += not item
+        elif hasattr(item, "valid"):
+            bad += not item.valid
+    return 100.0 * bad / n if n else 0.0

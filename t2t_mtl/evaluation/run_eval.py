@@ -1,0 +1,188 @@
+"""Evaluating run folders: the final bundle (or its base model) and every stage's bundle (layer 4).
+
+`evaluate_run` writes `RUN/eval/<name>.json`, `.md` and `.predictions.jsonl`; `forgetting_run`
+scores every task after every stage and writes the forgetting report (`reports.forgetting`:
+average forgetting, backward/forward transfer) as JSON, markdown and a heatmap PNG.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from t2t_mtl.core.errors import ConfigError, Problem
+from t2t_mtl.evaluation import metrics
+from t2t_mtl.evaluation.evaluator import EvalTask, eval_tasks, evaluate
+from t2t_mtl.evaluation.reports import (
+    forgetting,
+    forgetting_heatmap,
+    forgetting_markdown,
+    write_results,
+)
+from t2t_mtl.model.generation import place
+from t2t_mtl.model.prompt_format import PromptFormat
+from t2t_mtl.runs.folder import Run
+
+
+def evaluate_bundle(
+    run: Run,
+    bundle: Path,
+    tasks: Sequence[EvalTask],
+    *,
+    split: str,
+    limit: int | None,
+    base: bool = False,
+    progress: bool = True,
+    keep_predictions: bool = True,
+) -> dict[str, Any]:
+    """Load a bundle of `run` (or its base model) and evaluate `tasks` with the run's eval settings."""
+    from t2t_mtl.model.loading import load_for_inference
+
+    model, tokenizer, _family, manifest = load_for_inference(bundle, base=base)
+    model = place(model)
+    fmt = PromptFormat.from_dict(manifest["prompt_format"])
+    ev = run.cfg.eval
+    # Prompt budget = training's max_length: training never showed the model a longer prompt.
+    res = evaluate(
+        model,
+        tokenizer,
+        fmt,
+        tasks,
+        split=split,
+        limit=limit,
+        batch_size=ev.batch_size,
+        max_new_tokens=ev.max_new_tokens,
+        max_prompt_tokens=run.cfg.model.max_length,
+        bad_rows=run.cfg.train.bad_rows,
+        progress=progress,
+        keep_predictions=keep_predictions,
+        log=lambda m: print(m, file=sys.stderr),
+    )
+    res.update(
+        run=str(run.dir), bundle=str(bundle), base=base, model=manifest.get("model", {}).get("name")
+    )
+    return res
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    *,
+    tasks: Sequence[str] | None = None,
+    split: str | None = None,
+    limit: int | None = None,
+    base: bool = False,
+    mode: str | None = None,
+    variant: str | None = None,
+    name: str | None = None,
+    progress: bool = True,
+) -> tuple[dict[str, Any], Path]:
+    """Evaluate a run's final bundle (or, `base=True`, its untuned base model with the same prompts)
+    and write `RUN/eval/<name>.json` + `.md` + `.predictions.jsonl`; returns (results, json path).
+
+    Default name: `<split>` plus `-base`, `-rank`/`-generate` (mode override) and `-<variant>` when set.
+    """
+    run = Run.load(run_dir)
+    split = split or run.cfg.eval.split
+    ets = eval_tasks(
+        run.cfg, names=tasks, template_dir=run.dir / "templates", mode=mode, variant=variant
+    )
+    res = evaluate_bundle(
+        run, run.bundle_dir(), ets, split=split, limit=limit, base=base, progress=progress
+    )
+    res.update(mode=mode, variant=variant)
+    name = name or default_name(split, base=base, mode=mode, variant=variant)
+    res["title"] = f"{run.name}: {name}"
+    jpath, _ = write_results(res, run.eval_dir, name)
+    return res, jpath
+
+
+def default_name(
+    split: str, *, base: bool = False, mode: str | None = None, variant: str | None = None
+) -> str:
+    """File stem for an evaluation: `validation`, `validation-base`, `test-rank-heldout`, ..."""
+    parts = (
+        [split]
+        + (["base"] if base else [])
+        + ([mode] if mode else [])
+        + ([variant] if variant else [])
+    )
+    return "-".join(parts)
+
+
+def forgetting_run(
+    run_dir: str | Path,
+    *,
+    tasks: Sequence[str] | None = None,
+    split: str | None = None,
+    limit: int | None = None,
+    with_base: bool = False,
+    mode: str | None = None,
+    variant: str | None = None,
+    progress: bool = True,
+) -> tuple[dict, Path]:
+    """Forgetting report of a staged run: evaluate every `stages/<stage>/adapter` bundle on every task
+    (and, `with_base`, the base model for forward transfer); write `RUN/eval/forgetting.{json,md,png}`
+    and each stage's results as `RUN/eval/stage-<stage>-<split>.json` (`-<mode>`/`-<variant>` appended
+    to both names when given). Returns (report, json path).
+    """
+    run = Run.load(run_dir)
+    split = split or run.cfg.eval.split
+    bundles = run.stage_bundles()
+    if not bundles:
+        raise ConfigError(
+            Problem(
+                str(run.dir / "stages"),
+                None,
+                "the run has no per-stage bundles",
+                "a forgetting report needs a staged run (stages: in the config) "
+                "that finished a stage",
+            )
+        )
+    ets = eval_tasks(
+        run.cfg, names=tasks, template_dir=run.dir / "templates", mode=mode, variant=variant
+    )
+    names = [t.name for t in ets]
+    suffix = "".join(f"-{x}" for x in (mode, variant) if x)
+    stage_tasks = {s.name: s.tasks for s in run.cfg.stage_list()}
+    order = [s for s, _ in bundles]
+    learned = {}
+    for i, s in enumerate(order):
+        for t in stage_tasks.get(s, []):
+            learned.setdefault(t, i)
+    matrix, metric_names = [], {}
+    for s, bundle in bundles:
+        res = evaluate_bundle(run, bundle, ets, split=split, limit=limit, progress=progress)
+        res["title"] = f"{run.name}: after stage {s} ({split})"
+        write_results(res, run.eval_dir, f"stage-{s}-{split}{suffix}")
+        matrix.append([res["tasks"][n].get("primary") for n in names])
+        metric_names.update(
+            {
+                n: metrics.MAIN_KEY[e["primary_metric"]]
+                for n, e in res["tasks"].items()
+                if "primary" in e
+            }
+        )
+    base = None
+    if with_base:
+        res = evaluate_bundle(
+            run, bundles[0][1], ets, split=split, limit=limit, base=True, progress=progress
+        )
+        base = {n: e["primary"] for n, e in res["tasks"].items() if "primary" in e}
+    rep = forgetting(
+        order, names, matrix, {t: i for t, i in learned.items() if t in names}, base=base
+    )
+    rep.update(
+        run=str(run.dir), split=split, limit=limit, mode=mode, variant=variant, metric=metric_names
+    )
+    out = run.eval_dir
+    out.mkdir(parents=True, exist_ok=True)
+    jpath = out / f"forgetting{suffix}.json"
+    tmp = jpath.with_name(jpath.name + ".tmp")
+    tmp.write_text(json.dumps(rep, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(jpath)
+    jpath.with_suffix(".md").write_text(forgetting_markdown(rep, metric_names), encoding="utf-8")
+    forgetting_heatmap(rep, jpath.with_suffix(".png"))
+    return rep, jpath

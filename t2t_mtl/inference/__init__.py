@@ -1,0 +1,1 @@
+"""Using a trained run: prompting, predicting files, exporting a merged model."""

@@ -1,0 +1,476 @@
+"""Answer with a trained run: `Predictor` (predict rows, prompt one example, free instructions) and `export`.
+
+A Predictor renders rows with the run's own template copies and builds prompts with the run's
+saved `PromptFormat` and `features.prompt_ids` (the training tokenisation), so the model sees
+token for token what it saw in training. Rows are given in the template's field names (the
+template's source `columns` map is applied too, so rows in the hub dataset's schema work);
+only the fields the variant's instruction and input use are required (no answer needed).
+
+Structured predictions by parse kind: label -> `{"label"}`; span -> `{"answer"}`; entities ->
+`{"entities": [[TYPE, text], ...], "tags": [BIO, ...]}`; text -> `{"summary"}` (summarization)
+or `{"text"}`. `None` values mean the output could not be parsed (`valid: false`).
+
+`export` merges a LoRA adapter into a full-precision copy of the base model (never into 4-bit
+weights) and saves a plain transformers model folder with the tokenizer and the manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from jinja2 import meta
+
+from t2t_mtl.core.errors import ConfigError, DataError, Problem, TemplateError
+from t2t_mtl.core.records import Record
+from t2t_mtl.model.features import prompt_ids
+from t2t_mtl.model.generation import generate_texts, place
+from t2t_mtl.model.prompt_format import PromptFormat
+from t2t_mtl.runs.folder import Run
+from t2t_mtl.tasks.schema import ENV
+from t2t_mtl.tasks.sources import map_row
+from t2t_mtl.tasks.task import Task
+
+FREE_TASK = "free"  # task name of records built from a free instruction
+_TYPES = {
+    "str": str,
+    "int": int,
+    "float": (int, float),
+    "bool": bool,
+    "dict": dict,
+    "list": list,
+    "list[str]": list,
+    "list[label]": list,
+    "label": str,
+}
+
+
+def prompt_fields(tpl: Task, variant_id: str) -> list[str]:
+    """Fields the variant's instruction and input use (what a row must provide to be prompted)."""
+    v = tpl.variant(variant_id)
+    used: set[str] = set()
+    for src in (v.instruction, v.input):
+        used |= meta.find_undeclared_variables(ENV.parse(src or ""))
+    return [f for f in tpl.fields if f in used]
+
+
+def _close(word: str, candidates: list[str]) -> str:
+    """The candidate closest to `word` when it is a near miss, else ""."""
+    close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
+    return close[0] if close else ""
+
+
+def structured(tpl: Task, parsed: Any) -> dict[str, Any]:
+    """A parsed output as the structured prediction written by `predict` (see module docstring)."""
+    if tpl.parse == "label":
+        return {"label": parsed.value}
+    if tpl.parse == "span":
+        return {"answer": parsed.value or None}
+    if tpl.parse == "entities":
+        return {"entities": [list(e) for e in parsed.detail or []], "tags": list(parsed.value)}
+    key = "summary" if tpl.task_type == "summarization" else "text"
+    return {key: parsed.value or None}
+
+
+class Predictor:
+    """A loaded model plus the run's templates and prompt format; see the module docstring."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        fmt: PromptFormat | None,
+        *,
+        run: Run | None = None,
+        manifest: dict | None = None,
+        max_new_tokens: int = 64,
+        batch_size: int = 16,
+        max_prompt_tokens: int | None = None,
+        loader: Any = None,
+    ):
+        self._model, self._tokenizer, self._fmt, self.run = model, tokenizer, fmt, run
+        self._loader = loader  # () -> (model, tokenizer, family, manifest); called on first use
+        self.manifest = manifest or {}
+        self.max_new_tokens, self.batch_size, self.max_prompt_tokens = (
+            max_new_tokens,
+            batch_size,
+            max_prompt_tokens,
+        )
+
+    @classmethod
+    def from_run(cls, path: str | Path, base: bool = False, **kw: Any) -> Predictor:
+        """A predictor for a run's final bundle (`base=True`: its untuned base model, with the same
+        prompts and templates). The run folder is checked now; the model loads on first use, so
+        bad input is reported before the slow part."""
+        from t2t_mtl.model.loading import load_for_inference
+
+        run = Run.load(path)
+        bundle = run.bundle_dir()
+        opts = {
+            "max_new_tokens": run.cfg.eval.max_new_tokens,
+            "batch_size": run.cfg.eval.batch_size,
+            "max_prompt_tokens": run.cfg.model.max_length,
+            **kw,
+        }
+        return cls(
+            None, None, None, run=run, loader=lambda: load_for_inference(bundle, base=base), **opts
+        )
+
+    def _load(self) -> None:
+        if self._model is None and self._loader is not None:
+            model, self._tokenizer, _family, self.manifest = self._loader()
+            self._model = place(model)
+            self._fmt = PromptFormat.from_dict(self.manifest["prompt_format"])
+
+    @property
+    def model(self) -> Any:
+        """The model (loaded on first use)."""
+        self._load()
+        return self._model
+
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer (loaded with the model)."""
+        self._load()
+        return self._tokenizer
+
+    @property
+    def fmt(self) -> PromptFormat:
+        """The run's prompt format (from the bundle manifest)."""
+        self._load()
+        return self._fmt
+
+    # ------------------------------------------------------------------ rendering
+
+    def template(self, task: str) -> Task:
+        """The run's template of `task` (unknown tasks: ConfigError with "did you mean")."""
+        if self.run is None:
+            raise ConfigError(
+                Problem(
+                    "<predictor>",
+                    None,
+                    "this predictor has no run, so no task templates",
+                    "use Predictor.from_run, or .ask() for free instructions",
+                )
+            )
+        return self.run.template(task)
+
+    def render(
+        self, task: str, row: dict, *, variant: str | None = None, where: str = "<row>"
+    ) -> Record:
+        """One input row -> Record (no answer); problems raise DataError naming `where`."""
+        recs, problems = self.render_rows(task, [(where, row)], variant)
+        if problems:
+            raise DataError(problems)
+        return recs[0]
+
+    def render_rows(
+        self, task: str, rows: Sequence[tuple[str, Any]], variant: str | None = None
+    ) -> tuple[list[Record | None], list[Problem]]:
+        """Render (`file:line`, row) pairs; returns records aligned with `rows` (None for a bad row)
+        and one problem per bad row (missing or mistyped prompt fields, template errors)."""
+        tpl = self.template(task)
+        vid = variant or tpl.train_variants()[0].id
+        tpl.variant(vid)  # unknown variant: TemplateError before any row
+        needed = prompt_fields(tpl, vid)
+        columns = dict(tpl.source.get("columns") or {})
+        labels = dict(tpl.source.get("labels") or {})
+        recs: list[Record | None] = []
+        problems: list[Problem] = []
+        for where, raw in rows:
+            file, _, line = where.rpartition(":")
+            loc = (file, int(line)) if line.isdigit() else (where, None)
+            recs.append(None)
+            if not isinstance(raw, dict):
+                problems.append(
+                    Problem(
+                        *loc,
+                        f"expected a JSON object with the fields of '{task}', "
+                        f"got {type(raw).__name__}",
+                    )
+                )
+                continue
+            # The same column/label mapping as training's sources, so rows in the hub schema work
+            # (e.g. SST-2's `sentence` and integer labels); a gold label is never needed to predict.
+            row, _ = map_row(raw, columns, labels, tpl.label_field, tpl.fields)
+            extra = [str(k) for k in raw if k not in columns and k not in tpl.fields]
+            bad = [
+                f"missing field '{f}'"
+                + (f" (the row has '{c}': misspelt?)" if (c := _close(f, extra)) else "")
+                for f in needed
+                if row.get(f) is None and (f not in tpl.fields or tpl.fields[f].required)
+            ]
+            for f in needed:
+                spec = tpl.fields.get(f)
+                if (
+                    spec is not None
+                    and row.get(f) is not None
+                    and not isinstance(row[f], _TYPES.get(spec.type, object))
+                ):
+                    bad.append(f"field '{f}' should be {spec.type}, got {type(row[f]).__name__}")
+            if tpl.parse == "entities" and not bad and not isinstance(row.get("tokens"), list):
+                bad.append(
+                    "missing field 'tokens' (the sentence's tokens, needed to align entities)"
+                )
+            if bad:
+                problems.append(
+                    Problem(*loc, "; ".join(bad), f"'{task}' prompts use: {', '.join(needed)}")
+                )
+                continue
+            ctx = {
+                f: row.get(f) for f in tpl.fields
+            }  # absent optional fields are None, as in training
+            try:
+                rec = tpl.render(
+                    ctx, vid, row_id=str(loc[1] or len(recs)), split="predict", with_output=False
+                )
+                if tpl.parse == "entities":  # parsing aligns entities to the (mapped) row's tokens
+                    rec.meta["tokens"] = [str(t) for t in row["tokens"]]
+                recs[-1] = rec
+            except TemplateError as e:
+                problems.append(Problem(*loc, e.problems[0].message, e.problems[0].hint))
+        return recs, problems
+
+    def prompt_ids(self, record: Record) -> list[int]:
+        """The prompt token ids the model is given for `record` (training's tokenisation)."""
+        return prompt_ids(self.tokenizer, self.fmt, record, self.max_prompt_tokens)[0]
+
+    # ------------------------------------------------------------------ answering
+
+    def generate(self, records: Sequence[Record], progress: Any = None) -> list[str]:
+        """Greedy answers for records (batched)."""
+        return generate_texts(
+            self.model,
+            self.tokenizer,
+            self.fmt,
+            records,
+            max_new_tokens=self.max_new_tokens,
+            batch_size=self.batch_size,
+            max_prompt_tokens=self.max_prompt_tokens,
+            progress=progress,
+        )
+
+    def _answer(
+        self, task: str, rows: list[tuple[str, dict]], recs: list[Record], progress: Any = None
+    ) -> list[dict]:
+        tpl = self.template(task)
+        texts = self.generate(recs, progress)
+        out = []
+        for (_where, row), rec, text in zip(rows, recs, texts):
+            parsed = (
+                tpl.parse_output(text, tokens=rec.meta["tokens"])
+                if tpl.parse == "entities"
+                else tpl.parse_output(text)
+            )
+            item = {
+                "task": task,
+                "variant": rec.meta.get("variant"),
+                "raw": text,
+                "prediction": structured(tpl, parsed),
+                "valid": parsed.valid,
+            }
+            if isinstance(row, dict) and row.get("id") is not None:
+                item["id"] = row["id"]
+            out.append(item)
+        return out
+
+    def predict(
+        self,
+        task: str,
+        rows: Sequence[dict],
+        *,
+        variant: str | None = None,
+        progress: Any = None,
+        where: Sequence[str] | None = None,
+    ) -> list[dict]:
+        """Structured predictions for `rows` (dicts of the task's fields), in order.
+
+        Every bad row is reported at once (DataError; `where[i]` names row i, e.g. `file:line`).
+        """
+        where = list(where) if where is not None else [f"<rows>:{i + 1}" for i in range(len(rows))]
+        pairs = list(zip(where, rows))
+        recs, problems = self.render_rows(task, pairs, variant)
+        if problems:
+            raise DataError(problems)
+        return self._answer(task, pairs, recs, progress)
+
+    def prompt(self, task: str, variant: str | None = None, **fields: Any) -> dict:
+        """Answer one example of `task` given its fields; returns the prediction dict (raw + structured)."""
+        rec = self.render(task, fields, variant=variant, where="<fields>")
+        return self._answer(task, [("<fields>", fields)], [rec])[0]
+
+    def ask(self, instruction: str, input: str = "") -> str:
+        """Answer a free instruction (same prompt layout as training, no task template)."""
+        if not instruction.strip() and not input.strip():
+            raise ConfigError(
+                Problem("<cli>", None, "empty instruction", "give --instruction TEXT")
+            )
+        return self.generate([Record(FREE_TASK, instruction, input, "", {})])[0]
+
+
+# ------------------------------------------------------------------ predict files
+
+
+def read_rows(path: str | Path) -> tuple[list[tuple[str, Any]], list[Problem]]:
+    """JSONL input rows as (`file:line`, object); lines that are not JSON become problems."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(Problem(str(path), None, "input file not found"))
+    rows, problems = [], []
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((f"{path}:{n}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                problems.append(
+                    Problem(str(path), n, f"not valid JSON: {e.msg} (column {e.colno})")
+                )
+    return rows, problems
+
+
+def predict_file(
+    pred: Predictor,
+    task: str,
+    input_path: str | Path,
+    output_path: str | Path,
+    *,
+    variant: str | None = None,
+    bad_rows: str = "fail",
+    progress: Any = None,
+) -> tuple[int, list[Problem]]:
+    """Predict every row of a JSONL file and write JSONL (atomically; each output line names its
+    input `line`). `bad_rows="fail"`: any bad row -> DataError listing all, nothing written;
+    "skip": bad rows are left out and returned as problems. Returns (rows written, problems)."""
+    rows, problems = read_rows(input_path)
+    recs, bad = pred.render_rows(task, rows, variant)
+    problems = sorted(problems + bad, key=lambda p: p.line or 0)
+    if problems and bad_rows == "fail":
+        raise DataError(
+            problems
+            + [
+                Problem(
+                    str(input_path),
+                    None,
+                    f"{len(problems)} bad row(s); nothing written",
+                    "fix them, or pass --bad-rows skip",
+                )
+            ]
+        )
+    good = [(w, r, rec) for (w, r), rec in zip(rows, recs) if rec is not None]
+    out = (
+        pred._answer(task, [(w, r) for w, r, _ in good], [rec for _, _, rec in good], progress)
+        if good
+        else []
+    )
+    for (w, _, _), item in zip(good, out):
+        item["line"] = int(w.rpartition(":")[2])
+    output_path = Path(output_path)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output_path.with_name(output_path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for item in out:
+            f.write(json.dumps(item, ensure_ascii=False) + "\n")
+    tmp.replace(output_path)
+    return len(out), problems
+
+
+# ------------------------------------------------------------------ export
+
+
+def export(
+    run_dir: str | Path, out_dir: str | Path, *, dtype: str | None = None, force: bool = False
+) -> Path:
+    """Merge the run's adapter into a full-precision copy of its base model and save a standard
+    transformers folder (weights, config, tokenizer, `t2t_manifest.json`) at `out_dir`.
+
+    QLoRA runs: the base is reloaded in `dtype` (default bfloat16 if that was the compute dtype,
+    else float32), never merged into 4-bit weights. Written atomically (temporary sibling, renamed).
+    """
+    import torch
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from t2t_mtl.core.config import AdapterConfig, ModelConfig
+    from t2t_mtl.model.loading import MANIFEST, load_model_and_tokenizer, read_manifest
+
+    run = Run.load(run_dir)
+    bundle = run.bundle_dir()
+    out = Path(out_dir).expanduser()
+    if out.exists() and any(out.iterdir()) and not force:
+        raise ConfigError(
+            Problem(
+                str(out),
+                None,
+                "output folder exists and is not empty",
+                "pass --force to replace it",
+            )
+        )
+    if dtype not in (None, "float32", "bfloat16", "float16"):
+        raise ConfigError(
+            Problem(
+                "<cli>",
+                None,
+                f"--dtype: invalid value {dtype!r}",
+                "expected one of: float32, bfloat16, float16",
+            )
+        )
+    manifest = read_manifest(bundle)
+    mfields = {f.name for f in dataclasses.fields(ModelConfig)}
+    model_cfg = ModelConfig(**{k: v for k, v in manifest["model"].items() if k in mfields})
+    adapter = AdapterConfig(
+        **{
+            k: v
+            for k, v in manifest.get("adapter", {}).items()
+            if k in {f.name for f in dataclasses.fields(AdapterConfig)}
+        }
+    )
+    kind = manifest.get("bundle", {}).get("kind", "adapter")
+    if dtype is None:
+        dtype = model_cfg.dtype if model_cfg.dtype != "auto" else "float32"
+        if adapter.method == "qlora":
+            dtype = "bfloat16" if adapter.compute_dtype == "bfloat16" else "float32"
+    if kind == "full":  # full fine-tuning: the bundle holds every weight already
+        from t2t_mtl.model.loading import load_for_inference
+
+        model = load_for_inference(bundle)[0].to(getattr(torch, dtype))
+    else:
+        # adapter_cfg=None loads a plain (not quantised) base: the merge happens in `dtype`.
+        model, _, _ = load_model_and_tokenizer(
+            dataclasses.replace(model_cfg, dtype=dtype), None, for_training=False
+        )
+        model = PeftModel.from_pretrained(model, str(bundle)).merge_and_unload()
+    tokenizer = AutoTokenizer.from_pretrained(bundle, trust_remote_code=model_cfg.trust_remote_code)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        with torch.no_grad():
+            model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        data = {
+            **manifest,
+            "model": {**manifest["model"], "dtype": dtype},
+            "bundle": {
+                "kind": "full",
+                "format": 1,
+                "merged_from": str(bundle.resolve()),
+                "adapter_method": adapter.method if kind != "full" else "full",
+            },
+        }
+        (tmp / MANIFEST).write_text(
+            json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8"
+        )
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

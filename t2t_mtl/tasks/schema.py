@@ -1,0 +1,479 @@
+"""The task template format: keys, enums and field types, the sandboxed Jinja environment, static checks.
+
+`templates.py` loads a file (+ includes) and builds a `Task`; this module judges the merged
+data and compiles the variants, collecting *every* problem with the `file:line` inside the YAML file
+where it sits (included files keep their own lines), so `t2t-mtl validate` lists them all at once.
+
+Security: variants are compiled by `ImmutableSandboxedEnvironment` without a loader, so a template
+cannot reach Python internals (`__class__`, `__globals__` ...), other files or the network; the
+static check additionally refuses private names and include/import tags with their line.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from jinja2 import meta, nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+
+from t2t_mtl.core.errors import Problem, did_you_mean
+
+PROJECT_ROOT = (
+    Path(__file__).resolve().parents[2]
+)  # the checkout: `samples:` paths are relative to it
+TASK_TYPES = ("classification", "nli", "qa", "ner", "summarization", "generation")
+LABEL_TASK_TYPES = ("classification", "nli")
+METRICS = ("accuracy", "macro_f1", "squad", "span_f1", "rouge")
+PARSE_KINDS = ("label", "span", "entities", "text")
+EVAL_MODES = ("generate", "rank")
+POLICIES = ("round_robin", "random")
+FIELD_TYPES = ("str", "int", "float", "bool", "label", "list[str]", "list[label]", "list", "dict")
+TOP_KEYS = (
+    "name",
+    "task_type",
+    "version",
+    "include",
+    "description",
+    "source",
+    "samples",
+    "fields",
+    "label_field",
+    "answer_choices",
+    "variant_policy",
+    "variants",
+    "metric",
+    "parse",
+    "eval_mode",
+)
+REQUIRED_KEYS = ("name", "task_type", "version", "fields", "variants", "metric", "parse")
+SOURCE_KEYS = ("hub", "name", "revision", "path", "splits", "columns", "labels", "format")
+VARIANT_KEYS = ("id", "instruction", "input", "output", "heldout")
+PARTS = ("instruction", "input", "output")
+CONTEXT_EXTRA = ("answer_choices",)  # names the renderer adds to every row's fields
+_FORBIDDEN = {
+    nodes.Include: "include",
+    nodes.Import: "import",
+    nodes.FromImport: "from ... import",
+    nodes.Extends: "extends",
+}
+_BLOCK_SCALAR = re.compile(r":\s*[|>][-+0-9]*\s*(#.*)?$")
+
+
+class _Env(ImmutableSandboxedEnvironment):
+    """The sandbox plus limits on `*` and `**`, which could otherwise build huge strings or numbers."""
+
+    intercepted_binops = frozenset(["*", "**"])
+
+    def call_binop(self, context, operator, left, right):
+        if operator == "**" and isinstance(right, (int, float)) and abs(right) > 64:
+            raise SecurityError("exponent too large in a template")
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if (
+                    isinstance(seq, (str, list, tuple))
+                    and isinstance(n, int)
+                    and len(seq) * n > 100_000
+                ):
+                    raise SecurityError("repetition too large in a template")
+        return super().call_binop(context, operator, left, right)
+
+
+def _ner_linearize(tokens, tags):
+    # Imported lazily: parsing.py is a sibling module and the filter is only needed when used.
+    from t2t_mtl.tasks.parsing import ner_linearize
+
+    return ner_linearize(tokens, tags)
+
+
+def make_env() -> jinja2.Environment:
+    """The Jinja environment every variant is compiled with: sandboxed, strict, no loader."""
+    env = _Env(undefined=jinja2.StrictUndefined, autoescape=False)
+    env.filters["ner_linearize"] = _ner_linearize  # {{ tokens | ner_linearize(ner_tags) }}
+    env.globals["ner_linearize"] = (
+        _ner_linearize  # {{ ner_linearize(tokens, ner_tags) }} reads the same
+    )
+    return env
+
+
+ENV = make_env()
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """A declared row field: name, type (one of FIELD_TYPES) and whether rows must have it."""
+
+    name: str
+    type: str
+    required: bool = True
+
+
+@dataclass
+class Variant:
+    """One prompt variant: Jinja sources of the three parts plus their compiled templates."""
+
+    id: str
+    instruction: str
+    input: str
+    output: str
+    heldout: bool = False
+    compiled: dict | None = None  # part -> jinja2.Template
+    lines: dict | None = None  # part -> (file, line of the part's first text line)
+
+
+def resolve_data_path(p: str, template_path: Path) -> Path:
+    """Resolve a `samples`/`source.path` entry: absolute, else project root, else the template's folder."""
+    path = Path(str(p)).expanduser()
+    if path.is_absolute():
+        return path
+    if (PROJECT_ROOT / path).exists() or not (template_path.parent / path).exists():
+        return PROJECT_ROOT / path
+    return template_path.parent / path
+
+
+# ------------------------------------------------------------------ static checks
+
+
+class _Checker:
+    """Collects every static problem of one merged template, each with the file:line it comes from."""
+
+    def __init__(self, path: Path, data: dict, origins: dict, problems: list[Problem]):
+        self.path, self.data, self.origins, self.problems = path, data, origins, problems
+        self._texts: dict[str, list[str]] = {}
+
+    def at(self, kp: tuple) -> tuple[str, int]:
+        kp = tuple(kp)
+        while kp:
+            if kp in self.origins:
+                return self.origins[kp]
+            kp = kp[:-1]
+        return (str(self.path), 1)
+
+    def add(self, kp: tuple, msg: str, hint: str = "", line_offset: int = 0) -> None:
+        file, line = self.at(kp)
+        self.problems.append(Problem(file, line + line_offset, msg, hint))
+
+    def enum(self, kp: tuple, value: Any, choices: tuple, what: str) -> None:
+        if value not in choices:
+            self.add(kp, f"{what}: invalid value {value!r}", did_you_mean(str(value), choices))
+
+    def unknown_keys(self, kp: tuple, d: dict, allowed: tuple, what: str) -> None:
+        for k in d:
+            if k not in allowed:
+                self.add(kp + (k,), f"unknown key '{k}' in {what}", did_you_mean(str(k), allowed))
+
+    def first_text_line(self, kp: tuple) -> tuple[str, int]:
+        """Line where a part's Jinja text starts: the key's line, or the next one for `|`/`>` block scalars."""
+        file, line = self.at(kp)
+        if file not in self._texts:
+            try:
+                self._texts[file] = Path(file).read_text(encoding="utf-8").splitlines()
+            except OSError:
+                self._texts[file] = []
+        text = self._texts[file]
+        block = 0 < line <= len(text) and _BLOCK_SCALAR.search(text[line - 1]) is not None
+        return file, line + (1 if block else 0)
+
+
+def _check_fields(c: _Checker, raw: Any) -> dict[str, FieldSpec]:
+    out: dict[str, FieldSpec] = {}
+    if not isinstance(raw, dict) or not raw:
+        c.add(
+            ("fields",),
+            "fields must be a mapping of field name -> type",
+            "e.g. fields: {text: str, label: label}",
+        )
+        return out
+    for name, spec in raw.items():
+        kp = ("fields", name)
+        req: Any = True
+        if isinstance(spec, dict):
+            c.unknown_keys(kp, spec, ("type", "required"), f"field '{name}'")
+            ftype, req = spec.get("type"), spec.get("required", True)
+            if not isinstance(req, bool):
+                c.add(kp + ("required",), f"field '{name}': required must be true or false")
+        else:
+            ftype = spec
+        if ftype not in FIELD_TYPES:
+            c.add(
+                kp, f"field '{name}': unknown type {ftype!r}", did_you_mean(str(ftype), FIELD_TYPES)
+            )
+        if name in CONTEXT_EXTRA:
+            c.add(kp, f"field name '{name}' is reserved", "the renderer sets it from the template")
+        out[str(name)] = FieldSpec(str(name), str(ftype), bool(req))
+    return out
+
+
+def _check_source(c: _Checker, d: dict, fields: dict) -> None:
+    src = d.get("source")
+    if src is None:
+        return
+    if not isinstance(src, dict):
+        c.add(("source",), "source must be a mapping (hub, name, splits, columns, labels)")
+        return
+    c.unknown_keys(("source",), src, SOURCE_KEYS, "source")
+    for k in ("hub", "name", "revision", "path"):
+        if src.get(k) is not None and not isinstance(src[k], str):
+            c.add(("source", k), f"source.{k} must be text")
+    for k in ("splits", "columns", "labels"):
+        if src.get(k) is not None and not isinstance(src[k], dict):
+            c.add(("source", k), f"source.{k} must be a mapping")
+    if src.get("format") is not None:
+        c.enum(("source", "format"), src["format"], ("jsonl", "csv", "parquet"), "source.format")
+    if isinstance(src.get("columns"), dict) and fields:
+        for col, dst in src["columns"].items():
+            if str(dst) not in fields:
+                c.add(
+                    ("source", "columns", col),
+                    f"columns maps '{col}' to '{dst}', which is not a declared field",
+                    did_you_mean(str(dst), fields),
+                )
+    choices = d.get("answer_choices")
+    if isinstance(src.get("labels"), dict) and isinstance(choices, list) and choices:
+        for raw, name in src["labels"].items():
+            if str(name) not in [str(x) for x in choices]:
+                hint = (
+                    "YAML reads unquoted yes/no/true/false as booleans: quote the name"
+                    if isinstance(name, bool)
+                    else did_you_mean(str(name), [str(x) for x in choices])
+                )
+                c.add(
+                    ("source", "labels", raw),
+                    f"labels maps '{raw}' to '{name}', which is not in answer_choices",
+                    hint,
+                )
+
+
+def _compile_part(c: _Checker, kp: tuple, src: str, vid: str, part: str, names: set):
+    """Parse + compile one Jinja part; report syntax, forbidden constructs and undefined variables."""
+    file, first = c.first_text_line(kp)
+    where = f"variant '{vid}' {part}"
+    before = len(c.problems)
+
+    def bad(lineno: int | None, msg: str, hint: str = "") -> None:
+        c.problems.append(Problem(file, first + (lineno or 1) - 1, f"{where}: {msg}", hint))
+
+    try:
+        ast = ENV.parse(src)
+    except jinja2.TemplateSyntaxError as e:
+        bad(e.lineno, f"Jinja syntax error: {e.message}")
+        return None
+    for node in ast.find_all(tuple(_FORBIDDEN)):
+        bad(
+            node.lineno,
+            f"'{{% {_FORBIDDEN[type(node)]} %}}' is not allowed in task templates",
+            "templates cannot read other files; share text with the YAML `include:` key instead",
+        )
+    for node in ast.find_all((nodes.Getattr, nodes.Getitem, nodes.Filter)):
+        attr = getattr(node, "attr", None)
+        if isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const):
+            attr = node.arg.value
+        if (
+            isinstance(node, nodes.Filter)
+            and node.name == "attr"
+            and node.args
+            and isinstance(node.args[0], nodes.Const)
+        ):
+            attr = node.args[0].value
+        if isinstance(attr, str) and attr.startswith("_"):
+            bad(
+                node.lineno,
+                f"access to '{attr}' is not allowed (names starting with '_' are private)",
+                "templates may only use the row's fields and filters",
+            )
+    try:
+        # find_undeclared_variables compiles the template, so unknown filters/tests surface here.
+        undeclared = meta.find_undeclared_variables(ast) - names
+    except jinja2.TemplateSyntaxError as e:
+        msg = str(e.message)
+        m = re.search(r"No (filter|test) named '([^']*)'", msg)
+        bad(
+            e.lineno,
+            f"Jinja error: {msg}",
+            did_you_mean(m.group(2), ENV.filters if m.group(1) == "filter" else ENV.tests)
+            if m
+            else "",
+        )
+        return None
+    for name in sorted(undeclared):
+        line = next((n.lineno for n in ast.find_all(nodes.Name) if n.name == name), 1)
+        bad(
+            line,
+            f"undefined variable '{name}'",
+            did_you_mean(name, sorted(names - set(ENV.globals))) or "declare it under fields:",
+        )
+    if len(c.problems) > before:
+        return None
+    return ENV.from_string(ast)
+
+
+def _check_variants(c: _Checker, raw: Any, fields: dict) -> list[Variant]:
+    out: list[Variant] = []
+    if not isinstance(raw, list) or not raw:
+        c.add(
+            ("variants",),
+            "variants must be a non-empty list",
+            "each item has id, instruction, input, output",
+        )
+        return out
+    names = set(fields) | set(CONTEXT_EXTRA) | set(ENV.globals)
+    seen: dict[str, int] = {}
+    for i, v in enumerate(raw):
+        kp = ("variants", i)
+        if not isinstance(v, dict):
+            c.add(kp, f"variants[{i}] must be a mapping with id, instruction, input, output")
+            continue
+        c.unknown_keys(kp, v, VARIANT_KEYS, f"variants[{i}]")
+        vid = v.get("id")
+        if vid is None or isinstance(vid, (dict, list)) or str(vid).strip() == "":
+            c.add(kp, f"variants[{i}]: missing 'id'", "give each variant a short unique id")
+            vid = f"#{i}"
+        vid = str(vid)
+        if vid in seen:
+            c.add(
+                kp + ("id",),
+                f"duplicate variant id '{vid}' (first used on line {seen[vid]})",
+                "variant ids must be unique within a template",
+            )
+        seen.setdefault(vid, c.at(kp + ("id",))[1])
+        heldout = v.get("heldout", False)
+        if not isinstance(heldout, bool):
+            c.add(kp + ("heldout",), f"variant '{vid}': heldout must be true or false")
+        compiled, lines, texts = {}, {}, {}
+        for part in PARTS:
+            src = v.get(part, "" if part == "instruction" else None)
+            if src is None:
+                c.add(kp, f"variant '{vid}': missing '{part}'")
+                continue
+            if isinstance(src, (dict, list)):
+                c.add(
+                    kp + (part,),
+                    f"variant '{vid}' {part}: must be text (a Jinja template)",
+                    "quote it",
+                )
+                continue
+            texts[part] = str(src)
+            lines[part] = c.first_text_line(kp + (part,)) if part in v else c.at(kp)
+            compiled[part] = _compile_part(c, kp + (part,), str(src), vid, part, names)
+        out.append(
+            Variant(
+                vid,
+                texts.get("instruction", ""),
+                texts.get("input", ""),
+                texts.get("output", ""),
+                heldout is True,
+                compiled,
+                lines,
+            )
+        )
+    if out and all(v.heldout for v in out):
+        c.add(
+            ("variants",),
+            "every variant is heldout: nothing left to train on",
+            "set heldout: false on one",
+        )
+    return out
+
+
+def check_data(
+    path: Path, data: dict, origins: dict, problems: list[Problem], *, snippet: bool = False
+) -> tuple[dict, list]:
+    """Judge merged template data; appends every problem, returns (fields, compiled variants).
+
+    `snippet`: an include-only file, incomplete on purpose, so only its key names are judged.
+    """
+    c = _Checker(path, data, origins, problems)
+    c.unknown_keys((), data, TOP_KEYS, "the template")
+    if snippet:
+        return {}, []
+    for k in REQUIRED_KEYS:
+        if k not in data:
+            c.add(
+                (),
+                f"missing required key '{k}'",
+                "see docs/architecture.md for the template format",
+            )
+    name = data.get("name")
+    if "name" in data and (
+        not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name)
+    ):
+        c.add(("name",), f"name {name!r} must be a word of letters, digits, '_', '-' or '.'")
+    elif isinstance(name, str) and not path.name.startswith("_") and name != path.stem:
+        c.add(
+            ("name",),
+            f"name '{name}' does not match the file name '{path.name}'",
+            f"tasks are found by file name: rename the file to {name}.yaml or set name: {path.stem}",
+        )
+    if "task_type" in data:
+        c.enum(("task_type",), data["task_type"], TASK_TYPES, "task_type")
+    if "version" in data and (
+        isinstance(data["version"], bool) or not isinstance(data["version"], int)
+    ):
+        c.add(
+            ("version",),
+            f"version must be an integer, got {data['version']!r}",
+            "bump it when prompts change",
+        )
+    if "parse" in data:
+        c.enum(("parse",), data["parse"], PARSE_KINDS, "parse")
+    c.enum(("eval_mode",), data.get("eval_mode", "generate"), EVAL_MODES, "eval_mode")
+    c.enum(
+        ("variant_policy",), data.get("variant_policy", "round_robin"), POLICIES, "variant_policy"
+    )
+    if "metric" in data:
+        ms = data["metric"] if isinstance(data["metric"], list) else [data["metric"]]
+        if not ms:
+            c.add(
+                ("metric",),
+                "metric must name at least one metric",
+                "the first one is the primary metric",
+            )
+        for i, m in enumerate(ms):
+            c.enum(
+                ("metric", i) if isinstance(data["metric"], list) else ("metric",),
+                m,
+                METRICS,
+                "metric",
+            )
+    fields = _check_fields(c, data.get("fields")) if "fields" in data else {}
+    choices = data.get("answer_choices")
+    label_task = data.get("task_type") in LABEL_TASK_TYPES or data.get("parse") == "label"
+    if choices is not None:
+        if (
+            not isinstance(choices, list)
+            or not choices
+            or not all(isinstance(x, str) and x.strip() for x in choices)
+        ):
+            c.add(
+                ("answer_choices",),
+                "answer_choices must be a non-empty list of texts",
+                "quote yes/no/numbers",
+            )
+        elif len(set(choices)) != len(choices):
+            c.add(("answer_choices",), "answer_choices contains duplicates")
+    elif label_task or data.get("eval_mode") == "rank":
+        c.add(
+            (), "missing required key 'answer_choices' (needed by label tasks and eval_mode: rank)"
+        )
+    lf = data.get("label_field")
+    if lf is not None and fields and lf not in fields:
+        c.add(
+            ("label_field",),
+            f"label_field '{lf}' is not a declared field",
+            did_you_mean(str(lf), fields),
+        )
+    if data.get("samples") is not None:
+        if not isinstance(data["samples"], str):
+            c.add(("samples",), "samples must be a folder path")
+        elif not resolve_data_path(data["samples"], path).is_dir():
+            c.add(
+                ("samples",),
+                f"samples folder not found: {data['samples']}",
+                "relative to the project root (or to this file); holds {split}.jsonl files",
+            )
+    _check_source(c, data, fields)
+    variants = _check_variants(c, data.get("variants"), fields) if "variants" in data else []
+    return fields, variants

@@ -1,0 +1,495 @@
+"""Rows for a task: from the bundled samples, local JSONL/CSV/Parquet files or a hub dataset.
+
+Files are read with `datasets` (memory-mapped Arrow cache), so a big source is not held in Python
+memory: `Rows` keeps only the indices of the valid rows and maps each row on access. Every row is
+checked against the template's `fields` once, up front; bad rows are skipped and counted, or fail
+the run (`bad_rows="fail"`), each reported as `file:row` the user can find in their file
+(JSONL: 1-based line; CSV: line including the header; Parquet and hub: 0-based row index).
+
+This module does not import `templates` (same layer): it only reads the attributes `name`, `fields`
+(name -> object with `.type`, `.required`), `label_field`, `label_set()`, `source`, `samples`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from array import array
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from t2t_mtl.core.config import SourceConfig
+from t2t_mtl.core.errors import DataError, Problem, T2TError, did_you_mean
+
+FORMATS = {
+    "jsonl": "json",
+    "json": "json",
+    "csv": "csv",
+    "parquet": "parquet",
+}  # extension -> datasets builder
+MAX_SHOWN = 20  # problems listed in an error; the rest are counted
+
+
+@dataclass
+class Resolved:
+    """The effective source of one split: where to read, plus the mapping to apply."""
+
+    hub: str | None = None
+    name: str | None = None
+    path: Path | None = None
+    split_name: str = ""  # hub split or file stem
+    columns: dict = field(default_factory=dict)
+    labels: dict = field(default_factory=dict)
+    format: str | None = None
+    revision: str | None = None  # hub revision (script datasets: the "refs/convert/parquet" copy)
+
+
+def resolve(template: Any, source: SourceConfig | None, split: str) -> Resolved:
+    """Decide where rows of `split` come from: the override, else bundled samples, else the template's source."""
+    tsrc = template.source or {}
+    if source is not None:
+        splits = source.splits or {}
+        return Resolved(
+            source.hub,
+            source.name,
+            Path(source.path).expanduser() if source.path else None,
+            splits.get(split, split),
+            dict(source.columns if source.columns is not None else tsrc.get("columns") or {}),
+            dict(source.labels if source.labels is not None else tsrc.get("labels") or {}),
+            source.format,
+            source.revision,
+        )
+    cols, labels = dict(tsrc.get("columns") or {}), dict(tsrc.get("labels") or {})
+    samples = template.samples
+    if samples is not None and _find_split_file(samples, split, None) is not None:
+        # Bundled samples are stored per canonical split name, in the hub dataset's own schema.
+        return Resolved(path=samples, split_name=split, columns=cols, labels=labels)
+    splits = tsrc.get("splits") or {}
+    if tsrc.get("hub") or tsrc.get("path"):
+        return Resolved(
+            tsrc.get("hub"),
+            tsrc.get("name"),
+            Path(tsrc["path"]) if tsrc.get("path") else None,
+            str(splits.get(split, split)),
+            cols,
+            labels,
+            tsrc.get("format"),
+            tsrc.get("revision"),
+        )
+    have = f" (bundled samples in {samples} have no '{split}' split)" if samples else ""
+    raise DataError(
+        Problem(
+            str(template.path),
+            None,
+            f"task '{template.name}' has no data for split '{split}'{have}",
+            "give a source: `tasks[i].source.path` in the run config or `--source PATH` in preview",
+        )
+    )
+
+
+def _find_split_file(folder: Path, stem: str, fmt: str | None) -> Path | None:
+    if not folder.is_dir():
+        return None
+    exts = [e for e in FORMATS if fmt is None or e == fmt or (fmt == "jsonl" and e == "json")]
+    for ext in exts:
+        f = folder / f"{stem}.{ext}"
+        if f.is_file():
+            return f
+    return None
+
+
+# ------------------------------------------------------------------ reading
+
+
+class _Backend:
+    """Raw rows of one file or hub split, plus how to name a row's location."""
+
+    def __init__(
+        self,
+        data: Any,
+        desc: str,
+        kind: str,
+        file: Path | None = None,
+        lines: list[int] | None = None,
+    ):
+        self.data, self.desc, self.kind, self.file = data, desc, kind, file
+        self._lines = (
+            lines  # JSONL: line number of each row (computed lazily when datasets read it)
+        )
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def get(self, i: int) -> dict:
+        return dict(self.data[int(i)])
+
+    def batches(self, size: int = 1000) -> Iterator[list[dict]]:
+        if isinstance(self.data, list):
+            for s in range(0, len(self.data), size):
+                yield self.data[s : s + size]
+            return
+        for batch in self.data.iter(batch_size=size):
+            keys = list(batch)
+            n = len(batch[keys[0]]) if keys else 0
+            yield [{k: batch[k][j] for k in keys} for j in range(n)]
+
+    def location(self, i: int) -> tuple[str, int]:
+        if self.kind == "jsonl":
+            if self._lines is None:  # blank lines are skipped by the reader, so count the real ones
+                with open(self.file, "rb") as f:
+                    self._lines = [n for n, ln in enumerate(f, 1) if ln.strip()]
+            return self.desc, self._lines[i] if i < len(self._lines) else i + 1
+        if self.kind == "csv":
+            if self._lines is None:
+                self._lines = _csv_record_lines(self.file)
+            return self.desc, self._lines[i] if i < len(self._lines) else i + 2
+        return self.desc, i  # parquet / JSON array / hub: 0-based row index
+
+
+def _csv_record_lines(file: Path | None) -> list[int]:
+    """First line number of every data record of a CSV file: a quoted field may span several lines, so
+    records are found with the csv module, not by counting lines (header and blank lines skipped)."""
+    import csv
+
+    starts: list[int] = []
+    if file is None:
+        return starts
+    with open(file, newline="", encoding="utf-8", errors="replace") as f:
+        reader, prev = csv.reader(f), 0
+        for rec in reader:
+            if rec:  # csv yields [] for a blank line, which the CSV loader skips as well
+                starts.append(prev + 1)
+            prev = reader.line_num
+    return starts[1:]  # the first record is the header
+
+
+def _scan_jsonl(file: Path, problems: list[tuple[str, int, str]]) -> _Backend:
+    """Plain-Python JSONL reader for files `datasets` rejects: finds each malformed line."""
+    import json
+
+    rows, lines = [], []
+    with open(file, encoding="utf-8", errors="replace") as f:
+        for n, ln in enumerate(f, 1):
+            if not ln.strip():
+                continue
+            try:
+                obj = json.loads(ln)
+            except json.JSONDecodeError as e:
+                problems.append((str(file), n, f"not valid JSON: {e.msg} (column {e.colno})"))
+                continue
+            if not isinstance(obj, dict):
+                problems.append((str(file), n, f"expected a JSON object, got {type(obj).__name__}"))
+                continue
+            rows.append(obj)
+            lines.append(n)
+    return _Backend(rows, str(file), "jsonl", file, lines)
+
+
+def _quiet_datasets():
+    import datasets
+
+    datasets.disable_progress_bars()  # preview's stdout/stderr must only carry our own lines
+    datasets.logging.set_verbosity_error()
+    return datasets
+
+
+def _open(res: Resolved, split: str, problems: list) -> _Backend:
+    if res.path is not None:
+        file = res.path
+        if res.path.is_dir():
+            file = _find_split_file(res.path, res.split_name, res.format)
+            if file is None:
+                stems = sorted({p.stem for p in res.path.iterdir() if p.suffix[1:] in FORMATS})
+                hint = did_you_mean(res.split_name, stems) or (
+                    "files there: " + ", ".join(stems) if stems else ""
+                )
+                raise DataError(
+                    Problem(
+                        str(res.path),
+                        None,
+                        f"no {res.split_name}.jsonl/.csv/.parquet for split '{split}'",
+                        (hint + "; " if hint else "")
+                        + f"map it with splits: {{{split}: <file stem>}}",
+                    )
+                )
+        elif not res.path.exists():
+            raise DataError(
+                Problem(str(res.path), None, "data file or folder not found", "check the path")
+            )
+        ext = res.format or file.suffix[1:].lower()
+        if ext not in FORMATS:
+            raise DataError(
+                Problem(
+                    str(file), None, f"unknown data format '.{ext}'", "use .jsonl, .csv or .parquet"
+                )
+            )
+        kind = ext
+        if ext in (
+            "jsonl",
+            "json",
+        ):  # a .json file may hold JSON lines or one array (rows named by index)
+            with open(file, "rb") as fh:
+                kind = "json" if fh.read(4096).lstrip()[:1] == b"[" else "jsonl"
+        ds_mod = _quiet_datasets()
+        try:
+            ds = ds_mod.load_dataset(FORMATS[ext], data_files=str(file), split="train")
+        except (
+            Exception
+        ) as e:  # malformed file: find the bad lines ourselves (JSONL) or say what failed
+            if kind == "jsonl":
+                return _scan_jsonl(file, problems)
+            raise DataError(
+                Problem(str(file), None, f"cannot read {ext} file: {str(e).splitlines()[0][:300]}")
+            ) from None
+        return _Backend(ds, str(file), kind, file)
+    ds_mod = _quiet_datasets()
+    try:
+        ds = ds_mod.load_dataset(res.hub, res.name, split=res.split_name, revision=res.revision)
+    except (
+        Exception
+    ) as e:  # offline, unknown dataset, missing config: all end the same way for the user
+        what = f"hub dataset '{res.hub}'" + (f" (config '{res.name}')" if res.name else "")
+        raise DataError(
+            Problem(
+                f"hub:{res.hub}",
+                None,
+                f"cannot load {what}, split '{res.split_name}': {str(e).splitlines()[0][:300]}",
+                "offline or no access? point the task at local JSONL/CSV/Parquet files instead: "
+                "`source: {path: DIR}` in the run config (tasks[i].source) or `--source DIR` in preview",
+            )
+        ) from None
+    return _Backend(ds, f"{res.hub}:{res.split_name}", "hub")
+
+
+# ------------------------------------------------------------------ mapping + checking
+
+
+def _label_key(v: Any) -> str:
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))  # CSV/Parquet often store 1 as 1.0
+    return str(v)
+
+
+def map_row(
+    raw: dict, columns: dict, labels: dict, label_field: str | None, fields: dict
+) -> tuple[dict, set]:
+    """Rename columns (only those present), map labels, keep declared fields; returns (row, present names)."""
+    row = {k: v for k, v in raw.items() if k not in columns}
+    for k, dst in columns.items():
+        if k in raw:  # an explicitly renamed column wins over a same-named one
+            row[dst] = raw[k]
+    if labels and label_field in row:
+        v = row[label_field]
+        if isinstance(v, list):
+            row[label_field] = [labels.get(_label_key(x), x) for x in v]
+        elif v is not None:
+            row[label_field] = labels.get(_label_key(v), v)
+    present = {k for k in fields if k in row and row[k] is not None}
+    return {k: row.get(k) for k in fields}, present
+
+
+def _type_problem(
+    name: str, v: Any, ftype: str, required: bool, labels: list[str] | None
+) -> tuple[str, str] | None:
+    """(message, hint) when `v` does not fit `ftype`, else None."""
+
+    def bad_label(x: Any) -> tuple[str, str] | None:
+        if labels is None:
+            return (
+                None
+                if isinstance(x, str)
+                else (f"label {x!r} in '{name}' is not a name", "map it with labels:")
+            )
+        if x in labels:
+            return None
+        close = difflib.get_close_matches(str(x), labels, n=1, cutoff=0.6)
+        return (
+            f"label {x!r} not in answer_choices ({', '.join(labels)})",
+            f"did you mean '{close[0]}'?"
+            if close
+            else "map raw values to names with labels: {raw: name}",
+        )
+
+    if ftype == "str":
+        if not isinstance(v, str):
+            return f"field '{name}' should be text, got {type(v).__name__} {v!r:.40}", ""
+        if required and not v.strip():
+            return f"empty text in field '{name}'", ""
+        return None
+    if ftype == "label":
+        return bad_label(v)
+    if ftype in ("list[str]", "list[label]", "list"):
+        if not isinstance(v, list):
+            return f"field '{name}' should be a list, got {type(v).__name__}", ""
+        for x in v:
+            if ftype == "list[str]" and not isinstance(x, str):
+                return f"field '{name}' should hold texts, got {type(x).__name__} {x!r:.40}", ""
+            if ftype == "list[label]" and (p := bad_label(x)):
+                return p
+        return None
+    ok = {
+        "int": lambda x: isinstance(x, int) and not isinstance(x, bool),
+        "float": lambda x: isinstance(x, (int, float)) and not isinstance(x, bool),
+        "bool": lambda x: isinstance(x, bool),
+        "dict": lambda x: isinstance(x, dict),
+    }
+    if ftype in ok and not ok[ftype](v):
+        return f"field '{name}' should be {ftype}, got {type(v).__name__} {v!r:.40}", ""
+    return None
+
+
+def _closest(word: str, options: list[str]) -> str:
+    return (difflib.get_close_matches(word, options, n=1, cutoff=0.0) or options)[0]
+
+
+def check_row(
+    raw: dict, row: dict, present: set, template: Any, columns: dict
+) -> list[tuple[str, str]]:
+    """Every (message, hint) for one mapped row: missing fields, wrong types, unknown labels, empty text."""
+    out = []
+    labels = template.label_set()
+    for name, spec in template.fields.items():
+        if name not in present:
+            if spec.required:
+                unmapped = [str(k) for k in raw if k not in columns and k not in template.fields]
+                hint = (
+                    "columns in the row: "
+                    + ", ".join(map(str, raw))
+                    + (
+                        f"; map one with columns: {{{_closest(name, unmapped)}: {name}}}"
+                        if unmapped
+                        else ""
+                    )
+                )
+                out.append((f"missing field '{name}'", hint))
+            continue
+        p = _type_problem(name, row[name], spec.type, spec.required, labels)
+        if p:
+            out.append(p)
+    return out
+
+
+class Rows(Sequence):
+    """Mapped, validated rows of one task split (a lazy view: rows are mapped when indexed).
+
+    `.skipped` counts bad rows left out, `.problems` holds the first MAX_SHOWN of them.
+    """
+
+    def __init__(
+        self,
+        backend: _Backend,
+        keep: array,
+        res: Resolved,
+        template: Any,
+        split: str,
+        skipped: int,
+        problems: list[Problem],
+    ):
+        self._b, self._keep, self._res, self._t = backend, keep, res, template
+        self.split, self.skipped, self.problems = split, skipped, problems
+        self.task = template.name
+        self.desc = backend.desc
+
+    def __len__(self) -> int:
+        return len(self._keep)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        row, _ = map_row(
+            self._b.get(self._keep[i]),
+            self._res.columns,
+            self._res.labels,
+            self._t.label_field,
+            self._t.fields,
+        )
+        return row
+
+    def location(self, i: int) -> tuple[str, int]:
+        """(file or hub id, row number as reported in problems) of kept row `i`."""
+        return self._b.location(self._keep[i])
+
+    def summary(self) -> str:
+        """One line for stderr: `task/split: N bad rows skipped (first: file:line: message)`."""
+        text = f"{self.task}/{self.split}: {self.skipped} bad row{'s' if self.skipped != 1 else ''} skipped"
+        return text + (f" (first: {self.problems[0].format()})" if self.problems else "")
+
+
+def render_row(template: Any, rows: Sequence, i: int, variant: Any = None, **kw: Any) -> Any:
+    """`template.render(rows[i], variant, **kw)`; when the template fails on this row, the error also
+    names the row (`file:row`), so the user can tell a broken template from one odd row."""
+    try:
+        return template.render(rows[i], variant, **kw)
+    except T2TError as e:
+        where = (
+            rows.location(i)
+            if hasattr(rows, "location")
+            else (f"{getattr(template, 'name', 'task')} rows", i)
+        )
+        raise type(e)(
+            list(e.problems)
+            + [
+                Problem(
+                    where[0],
+                    where[1],
+                    "this row fails to render with the template line above",
+                    "fix or drop the row, or guard the template against it (e.g. {% if answers.text %}...{% endif %})",
+                )
+            ]
+        ) from None
+
+
+def load_rows(
+    template: Any,
+    source: SourceConfig | None,
+    split: str,
+    *,
+    bad_rows: str = "skip",
+    limit: int | None = None,
+) -> Rows:
+    """Rows of `split` for `template`, mapped and checked against its fields.
+
+    `source=None` uses the bundled samples when they have the split, else the template's own source.
+    `bad_rows="fail"` raises DataError listing the bad rows; "skip" leaves them out and counts them.
+    `limit` stops after that many good rows (preview, quick evals).
+    """
+    res = resolve(template, source, split)
+    read_problems: list[tuple[str, int, str]] = []
+    backend = _open(res, split, read_problems)
+    problems = [Problem(f, n, msg) for f, n, msg in read_problems]
+    bad = len(read_problems)
+    keep = array("q")
+    index = 0
+    for batch in backend.batches():
+        for raw in batch:
+            row, present = map_row(
+                raw, res.columns, res.labels, template.label_field, template.fields
+            )
+            found = check_row(raw, row, present, template, res.columns)
+            if found:
+                bad += 1
+                if len(problems) < MAX_SHOWN or bad_rows == "fail":
+                    file, line = backend.location(index)
+                    problems.extend(Problem(file, line, msg, hint) for msg, hint in found[:3])
+            else:
+                keep.append(index)
+            index += 1
+            if limit is not None and len(keep) >= limit:
+                break
+        if limit is not None and len(keep) >= limit:
+            break
+    if bad and bad_rows == "fail":
+        shown = problems[:MAX_SHOWN]
+        more = len(problems) - len(shown)
+        shown.append(
+            Problem(
+                f"{template.name}/{split}",
+                None,
+                f"{bad} bad row(s) in {backend.desc}"
+                + (f" ({more} more problems not shown)" if more > 0 else ""),
+                "fix them, or skip them with bad_rows: skip (run config train.bad_rows / --bad-rows skip)",
+            )
+        )
+        raise DataError(shown)
+    return Rows(backend, keep, res, template, split, bad, problems[:MAX_SHOWN])

@@ -1,0 +1,297 @@
+"""Task template files: YAML (+ include) -> a checked `Task` that renders rows into Records.
+
+The file format is specified in docs/architecture.md; its keys, the sandboxed Jinja environment and
+the static checks are in `template_schema.py`. Loading reports *every* problem with its `file:line`.
+Trial renders on the bundled samples need the data layer and therefore live in `tasks.py`.
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+from pathlib import Path
+
+import jinja2
+from jinja2.sandbox import SecurityError
+
+from t2t_mtl.core import yaml_lines
+from t2t_mtl.core.errors import Problem, T2TError, TemplateError, did_you_mean
+from t2t_mtl.core.records import Record
+
+# ENV, FieldSpec and PROJECT_ROOT are re-exported: callers know them as templates.*
+from t2t_mtl.tasks.schema import (  # noqa: F401
+    ENV,
+    LABEL_TASK_TYPES,
+    PARTS,
+    PROJECT_ROOT,
+    FieldSpec,
+    Variant,
+    check_data,
+    resolve_data_path,
+)
+
+
+class Task:
+    """A loaded, statically valid task template (see docs/architecture.md for the fields)."""
+
+    def __init__(self, data: dict, origins: dict, path: Path, files: list[Path], fields, variants):
+        self.data, self._origins, self.path, self.files = data, origins, path, files
+        self.name: str = data["name"]
+        self.task_type: str = data["task_type"]
+        self.version: int = data["version"]
+        self.description: str = data.get("description") or ""
+        self.fields: dict[str, FieldSpec] = fields
+        self.variants: list[Variant] = variants
+        self.answer_choices: list[str] = list(data.get("answer_choices") or [])
+        self.label_field = data.get("label_field") or ("label" if "label" in fields else None)
+        self.variant_policy: str = data.get("variant_policy") or "round_robin"
+        m = data["metric"]
+        self.metric: list[str] = [m] if isinstance(m, str) else list(m)
+        self.parse: str = data["parse"]
+        self.eval_mode: str = data.get("eval_mode") or "generate"
+        src = dict(data.get("source") or {})
+        for k in (
+            "columns",
+            "labels",
+            "splits",
+        ):  # YAML may give int keys (0: negative); rows are matched as text
+            if isinstance(src.get(k), dict):
+                src[k] = {str(a): str(b) for a, b in src[k].items()}
+        if src.get("path"):
+            src["path"] = str(resolve_data_path(src["path"], path))
+        self.source: dict = src
+        self.samples: Path | None = (
+            resolve_data_path(data["samples"], path) if data.get("samples") else None
+        )
+
+    def __repr__(self) -> str:
+        return f"Task({self.name!r}, {str(self.path)!r})"
+
+    @property
+    def primary_metric(self) -> str:
+        """The first metric listed (used for model selection)."""
+        return self.metric[0]
+
+    @property
+    def is_label_task(self) -> bool:
+        """True when outputs must be one of `answer_choices` (classification, NLI, parse: label)."""
+        return self.task_type in LABEL_TASK_TYPES or self.parse == "label"
+
+    def label_set(self) -> list[str] | None:
+        """Allowed label names: answer_choices, else the values of the `labels` map, else None (any)."""
+        if self.answer_choices:
+            return list(self.answer_choices)
+        labels = self.source.get("labels") or {}
+        return sorted({str(v) for v in labels.values()}) or None
+
+    def where(self, keypath: tuple) -> tuple[str, int]:
+        """(file, line) of a key path in the merged template (included files keep their own lines)."""
+        kp = tuple(keypath)
+        while kp:
+            if kp in self._origins:
+                return self._origins[kp]
+            kp = kp[:-1]
+        return (str(self.path), 1)
+
+    def train_variants(self) -> list[Variant]:
+        """Variants used in training (heldout ones are for robustness evaluation only)."""
+        return [v for v in self.variants if not v.heldout]
+
+    def variant(self, vid: str) -> Variant:
+        """The variant with id `vid`; unknown ids raise TemplateError with "did you mean"."""
+        for v in self.variants:
+            if v.id == vid:
+                return v
+        ids = [v.id for v in self.variants]
+        raise TemplateError(
+            Problem(
+                str(self.path),
+                None,
+                f"task '{self.name}' has no variant '{vid}'",
+                did_you_mean(vid, ids),
+            )
+        )
+
+    def pick_variant(self, row_id: str, epoch: int = 0) -> Variant:
+        """Apply the variant policy: round_robin cycles by row number and epoch; random is seeded by both."""
+        vs = self.train_variants()
+        rid = str(row_id)
+        if self.variant_policy == "random":
+            # A string seed is hashed with SHA-512 by `random`, so this is stable across processes.
+            return vs[random.Random(f"{self.name}|{rid}|{epoch}").randrange(len(vs))]
+        key = int(rid) if rid.isdigit() else zlib.crc32(rid.encode("utf-8"))
+        return vs[(key + epoch) % len(vs)]
+
+    def render(
+        self,
+        row: dict,
+        variant: str | Variant | None = None,
+        *,
+        row_id: str | int,
+        split: str,
+        epoch: int = 0,
+        with_output: bool = True,
+    ) -> Record:
+        """Render one row into a Record; `variant=None` applies the variant policy.
+
+        `with_output=False` renders only instruction and input (prompting rows that have no answer).
+        Errors inside a template raise TemplateError pointing at the variant's line in the YAML file.
+        """
+        if variant is None:
+            v = self.pick_variant(str(row_id), epoch)
+        else:
+            v = variant if isinstance(variant, Variant) else self.variant(variant)
+        ctx = dict(row)
+        ctx["answer_choices"] = list(self.answer_choices)
+        parts = {p: self._render_part(v, p, ctx) for p in PARTS if p != "output" or with_output}
+        meta = {
+            "variant": v.id,
+            "row_id": str(row_id),
+            "split": split,
+            "template_version": self.version,
+        }
+        return Record(
+            self.name, parts["instruction"], parts["input"], parts.get("output", ""), meta
+        )
+
+    def _render_part(self, v: Variant, part: str, ctx: dict) -> str:
+        file, line = v.lines[part]
+        try:
+            return v.compiled[part].render(ctx).strip()
+        except Exception as e:  # user template code: any failure is the template's, not ours
+            if isinstance(e, SecurityError):
+                msg, hint = (
+                    f"not allowed in a template: {e}",
+                    "templates may only use the row's fields and filters",
+                )
+            elif isinstance(e, jinja2.UndefinedError):
+                msg, hint = str(e), "fields: " + ", ".join(self.fields)
+            else:
+                msg, hint = f"render failed: {type(e).__name__}: {e}", ""
+            line += _template_lineno(e) - 1
+        raise TemplateError(Problem(file, line, f"variant '{v.id}' {part}: {msg}", hint))
+
+    def parse_output(self, text: str, *, tokens: list[str] | None = None):
+        """Generated text -> `parsing.Parsed` using this template's `parse` kind and answer choices."""
+        from t2t_mtl.tasks.parsing import parse
+
+        return parse(self.parse, text, answer_choices=self.answer_choices or None, tokens=tokens)
+
+
+def _template_lineno(exc: BaseException) -> int:
+    """Line inside the Jinja source where rendering failed (jinja rewrites tracebacks to '<template>')."""
+    tb, line = exc.__traceback__, 1
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == "<template>":
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line
+
+
+# ------------------------------------------------------------------ include + merge
+
+
+def _merge(base: dict, bo: dict, over: dict, oo: dict) -> tuple[dict, dict]:
+    """Deep-merge `over` into `base` (mappings merge, anything else is replaced); origins follow the winner."""
+    replaced: set[tuple] = set()
+
+    def rec(b: dict, o: dict, prefix: tuple) -> dict:
+        out = dict(b)
+        for k, v in o.items():
+            if isinstance(v, dict) and isinstance(b.get(k), dict):
+                out[k] = rec(b[k], v, prefix + (k,))
+            else:
+                out[k] = v
+                replaced.add(prefix + (k,))
+        return out
+
+    merged = rec(base, over, ())
+    origins = {
+        q: o for q, o in bo.items() if not any(q[:i] in replaced for i in range(1, len(q) + 1))
+    }
+    origins.update(oo)
+    return merged, origins
+
+
+def _load_merged(
+    path: Path, stack: tuple, problems: list[Problem]
+) -> tuple[dict, dict, list[Path]]:
+    """Load `path` with its includes resolved; returns (data, origins {keypath: (file, line)}, files)."""
+    loc = yaml_lines.load(path)
+    data = loc.data if loc.data is not None else {}
+    if not isinstance(data, dict):
+        problems.append(Problem(loc.file, 1, "a task template must be a YAML mapping of keys"))
+        return {}, {}, [path]
+    origins = {p: (loc.file, ln) for p, ln in loc.lines.items() if p and p[0] != "include"}
+    inc = data.pop("include", None)
+    files = [path]
+    if inc is None:
+        return data, origins, files
+    incs = [inc] if isinstance(inc, str) else inc
+    if not isinstance(incs, list) or not all(isinstance(i, str) for i in incs):
+        problems.append(
+            loc.problem(("include",), "include must be a file path or a list of file paths")
+        )
+        return data, origins, files
+    base: dict = {}
+    bo: dict = {}
+    for i, rel in enumerate(incs):
+        kp = ("include", i) if isinstance(inc, list) else ("include",)
+        target = (path.parent / rel).resolve()
+        if target in stack or target == path.resolve():
+            chain = " -> ".join(p.name for p in stack + (path.resolve(), target))
+            problems.append(
+                loc.problem(kp, f"include cycle: {chain}", "remove one of the includes")
+            )
+            continue
+        if not target.is_file():
+            near = [p.name for p in target.parent.glob("*.y*ml")] if target.parent.is_dir() else []
+            problems.append(
+                loc.problem(
+                    kp,
+                    f"include file not found: {rel}",
+                    did_you_mean(Path(rel).name, near) or "paths are relative to this file",
+                )
+            )
+            continue
+        try:
+            d, o, f = _load_merged(target, stack + (path.resolve(),), problems)
+        except T2TError as e:  # syntax error in the included file: report it where it is
+            problems.extend(e.problems)
+            continue
+        base, bo = _merge(base, bo, d, o)
+        files += f
+    merged, morig = _merge(base, bo, data, origins)
+    return merged, morig, files
+
+
+def is_snippet(path: Path) -> bool:
+    """Include-only file: its name, or its folder's (task_templates/_shared/), starts with '_'."""
+    return path.name.startswith("_") or path.parent.name.startswith("_")
+
+
+def read_task_file(path: str | Path) -> tuple[Task | None, list[Problem]]:
+    """Load and statically check a template file; returns (template or None, every problem found).
+
+    Include-only snippets (see `is_snippet`) are incomplete on purpose: only their YAML,
+    includes and key names are checked, and no template is returned.
+    """
+    path = Path(path)
+    problems: list[Problem] = []
+    try:
+        data, origins, files = _load_merged(path, (), problems)
+    except T2TError as e:
+        return None, list(e.problems)
+    snippet = is_snippet(path)
+    fields, variants = check_data(path, data, origins, problems, snippet=snippet)
+    if problems or snippet:
+        return None, problems
+    return Task(data, origins, path, files, fields, variants), problems
+
+
+def load_task_file(path: str | Path) -> Task:
+    """Load a template file; raises TemplateError listing every static problem."""
+    tpl, problems = read_task_file(path)
+    if problems or tpl is None:
+        raise TemplateError(problems)
+    return tpl

@@ -1,0 +1,1 @@
+"""Training: the accelerate loop, one optimiser step, batching, losses and balancing, checkpoints, telemetry."""

@@ -1,0 +1,201 @@
+"""Micro-batches for one process from a stage's deterministic record stream (exactly resumable).
+
+Every process walks the *same* `MixedStream`. Optimiser step s consumes one window of
+`world_size × grad_accum` micro-batches of `batch_size` records; global micro-batch j of the window
+goes to process `j % world_size`. A process renders and tokenises only its own records and skips
+the others with `stream.next_index()` (no rendering), so the data a step sees does not depend on
+where a run was interrupted, and `world 2 × accum 1` sees the same records per step as
+`world 1 × accum 2`.
+
+Length grouping (T5): windows are produced in chunks of `group_steps` steps; every process encodes
+the whole chunk, `features.length_grouped_batches` sorts it into micro-batches of similar length
+(seeded by stage seed and chunk number), and micro-batch j of the chunk goes to step
+`j // (world × accum)` and process `j % world`. The resumable state is the stream position at the
+start of the current chunk plus the number of windows already used from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from t2t_mtl.core.records import Record
+from t2t_mtl.mixing.mixture import MixedStream, derive_seed
+from t2t_mtl.model import features
+
+
+@dataclass
+class Window:
+    """One optimiser step's data for this process."""
+
+    micro: list[dict]  # collated micro-batches (tensors on CPU), grad_accum of them
+    records: dict[str, int]  # records per mixture member in the whole window (all processes)
+    tasks: list[list[str]]  # task names per micro-batch of this process (for error messages)
+    keys: list[tuple] = field(
+        default_factory=list
+    )  # (task, row_id, variant, epoch) of this process's records
+    input_tokens: int = 0  # tokens fed to the model by this process (source + target for seq2seq)
+
+
+class Batcher:
+    """Feeds one process its windows of a stage; `state()`/`load_state()` resume exactly."""
+
+    def __init__(
+        self,
+        stream: MixedStream,
+        *,
+        encode: Callable[[Record], dict],
+        collate: Callable[[list], dict],
+        batch_size: int,
+        grad_accum: int,
+        world_size: int = 1,
+        rank: int = 0,
+        group_by_length: bool = False,
+        group_steps: int = 16,
+        seq2seq: bool = False,
+        total_steps: int | None = None,
+    ):
+        self.stream = stream
+        self.encode = encode
+        self.collate = collate
+        self.batch_size = batch_size
+        self.grad_accum = grad_accum
+        self.world = world_size
+        self.rank = rank
+        self.group = group_by_length
+        self.group_steps = max(1, group_steps) if group_by_length else 1
+        self.seq2seq = seq2seq
+        self.total_steps = total_steps
+        self._names = [m.name for m in stream.members]
+        self._sources = [m.info.get("source", "task") for m in stream.members]
+        self._chunk: list[Window] | None = None
+        self._chunk_state: dict | None = None
+        self._chunk_no = 0
+        self._offset = 0
+
+    # ------------------------------------------------------------ records
+
+    def _render(self, i: int, row: int, epoch: int) -> Record:
+        """The record `MixedStream.__next__` would return for this draw."""
+        rec = self.stream.members[i].get(row, epoch)
+        return dataclasses.replace(
+            rec, meta={**rec.meta, "source": self._sources[i], "mix_epoch": epoch}
+        )
+
+    def _draw(self, n: int, render: bool, counts: dict[str, int]) -> list[Record]:
+        out = []
+        for _ in range(n):
+            i, row, epoch = self.stream.next_index()
+            counts[self._names[i]] = counts.get(self._names[i], 0) + 1
+            if render:
+                out.append(self._render(i, row, epoch))
+        return out
+
+    @staticmethod
+    def _key(r: Record) -> tuple:
+        return (r.task, r.meta.get("row_id"), r.meta.get("variant"), r.meta.get("mix_epoch"))
+
+    # ------------------------------------------------------------- chunks
+
+    def _plain_window(self) -> list[Window]:
+        counts: dict[str, int] = {}
+        mine: list[list[Record]] = []
+        for j in range(self.world * self.grad_accum):
+            own = j % self.world == self.rank
+            recs = self._draw(self.batch_size, own, counts)
+            if own:
+                mine.append(recs)
+        return [self._window(mine, counts)]
+
+    def _grouped_chunk(self) -> list[Window]:
+        per_step = self.world * self.grad_accum
+        steps = self.group_steps
+        if (
+            self.total_steps is not None
+        ):  # the stage's last chunk is shorter: it uses exactly the stage's records
+            steps = max(1, min(steps, self.total_steps - self._chunk_no * self.group_steps))
+        counts_all: dict[str, int] = {}
+        recs = self._draw(steps * per_step * self.batch_size, True, counts_all)
+        feats = [self.encode(r) for r in recs]
+        lengths = [len(f["input_ids"]) + len(f["labels"]) for f in feats]
+        order = features.length_grouped_batches(
+            lengths,
+            self.batch_size,
+            window=len(recs),
+            seed=derive_seed(self.stream.seed, 7, self._chunk_no),
+        )
+        out = []
+        for s in range(steps):
+            batches = order[s * per_step : (s + 1) * per_step]
+            counts: dict[str, int] = {}
+            for b in batches:
+                for k in b:
+                    name = self._member_of(recs[k])
+                    counts[name] = counts.get(name, 0) + 1
+            mine = [
+                [recs[k] for k in b] for j, b in enumerate(batches) if j % self.world == self.rank
+            ]
+            out.append(
+                self._window(
+                    mine,
+                    counts,
+                    [
+                        [feats[k] for k in b]
+                        for j, b in enumerate(batches)
+                        if j % self.world == self.rank
+                    ],
+                )
+            )
+        return out
+
+    def _member_of(self, r: Record) -> str:
+        return "replay" if r.meta.get("source") == "replay" and "replay" in self._names else r.task
+
+    def _window(
+        self,
+        mine: list[list[Record]],
+        counts: dict[str, int],
+        feats: list[list[dict]] | None = None,
+    ) -> Window:
+        micro, tasks, keys, n_tok = [], [], [], 0
+        for m, recs in enumerate(mine):
+            fs = feats[m] if feats is not None else [self.encode(r) for r in recs]
+            n_tok += sum(
+                len(f["input_ids"]) + (len(f["labels"]) if self.seq2seq else 0) for f in fs
+            )
+            micro.append(self.collate(fs))
+            tasks.append(sorted({r.task for r in recs}))
+            keys.extend(self._key(r) for r in recs)
+        return Window(micro, counts, tasks, keys, n_tok)
+
+    # ------------------------------------------------------------ public
+
+    def next_window(self) -> Window:
+        """The next optimiser step's window for this process."""
+        if self._chunk is None or self._offset >= len(self._chunk):
+            self._chunk_state = self.stream.state()
+            self._chunk_no = int(self._chunk_state["count"]) // self._chunk_records()
+            self._chunk = self._grouped_chunk() if self.group else self._plain_window()
+            self._offset = 0
+        w = self._chunk[self._offset]
+        self._offset += 1
+        return w
+
+    def _chunk_records(self) -> int:
+        return self.group_steps * self.world * self.grad_accum * self.batch_size
+
+    def state(self) -> dict:
+        """Position at a step boundary: stream state at the current chunk's start + windows used from it."""
+        if self._chunk is None or self._offset >= len(self._chunk):
+            return {"stream": self.stream.state(), "offset": 0}
+        return {"stream": self._chunk_state, "offset": self._offset}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Continue from `state()`: the next window is the one that followed when it was saved."""
+        self.stream.load_state(state["stream"])
+        self._chunk, self._offset = None, 0
+        if int(state.get("offset", 0)):
+            self.next_window()  # rebuild the chunk from its start ...
+            self._offset = int(state["offset"])  # ... and skip the windows already trained on

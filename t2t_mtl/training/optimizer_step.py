@@ -1,0 +1,307 @@
+"""One optimiser step over a window of micro-batches, plus the optimiser and LR schedule.
+
+The step (see `losses` for the objective):
+1. count target tokens per task in this process's micro-batches and all-reduce them (one small
+   vector), so every process knows the window's global counts N_i before any forward pass;
+2. the balancer turns them into per-task coefficients c_i; each micro-batch's loss is
+   Σ_t c_{task(t)} ℓ_t from per-token cross-entropy (reduction='none'), so per-task losses come
+   from the same forward; causal models compute logits only at target positions (`logits_to_keep`);
+3. backward through `accelerator.accumulate` (no gradient sync until the last micro-batch). The loss
+   is multiplied by processes × accumulation steps because accelerate/DDP divide by both, while our
+   c_i already normalise over the whole window;
+4. all-reduce the per-task loss sums, stop on a non-finite loss or gradient norm *before* the
+   optimiser step (the last checkpoint stays good), clip, step, update the balancer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from t2t_mtl.model import features
+from t2t_mtl.training import losses
+from t2t_mtl.training.batching import Window
+
+
+@dataclass
+class StepResult:
+    """Global (all-process) statistics of one optimiser step."""
+
+    objective: float
+    sums: torch.Tensor  # [K] float64: Σ token losses per task
+    tokens: torch.Tensor  # [K] float64: target tokens per task
+    input_tokens: float
+    grad_norm: float | None
+    finite: bool
+    bad_tasks: list[str]
+
+
+def logits_mode(model: Any) -> str:
+    """How a causal model can be asked for logits at target positions only.
+
+    "mask": it slices its hidden states with transformers' `slice_logits_to_keep`, which takes a 2-D
+    boolean mask and returns logits for exactly the True positions (flattened), so the big vocabulary
+    projection and its backward run on target tokens only; "columns": it accepts `logits_to_keep` but
+    slices itself (older or remote code), so we keep the union of target columns over the rows;
+    "all": it does not accept `logits_to_keep`.
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        if "logits_to_keep" not in inspect.signature(inner.forward).parameters:
+            return "all"
+    except (TypeError, ValueError):
+        return "all"
+    module = inspect.getmodule(type(inner))
+    return "mask" if hasattr(module, "slice_logits_to_keep") else "columns"
+
+
+@contextlib.contextmanager
+def adapter_inputs_uncast(layers: list):
+    """Within the block, peft LoRA `layers` take their input in the activation dtype (no cast to the
+    adapter weights' dtype). Only for autocast regions; a no-op for an empty list or a peft without
+    the switch (`cast_input_dtype_enabled`: setting it is then harmless)."""
+    for m in layers:
+        m.cast_input_dtype_enabled = False
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.cast_input_dtype_enabled = True
+
+
+class StepRunner:
+    """Runs windows through a prepared model/optimiser; one instance per run."""
+
+    def __init__(
+        self,
+        accelerator,
+        model,
+        optimizer,
+        balancer: losses.Balancer,
+        task_names: list[str],
+        family: str,
+        max_grad_norm: float,
+    ):
+        self.acc = accelerator
+        self.model = model
+        self.optimizer = optimizer
+        self.balancer = balancer
+        self.tasks = list(task_names)
+        self.k = len(self.tasks)
+        self.causal = family != "seq2seq"
+        self.max_grad_norm = max_grad_norm
+        inner = accelerator.unwrap_model(model)
+        self.logits_mode = logits_mode(inner) if self.causal else "all"
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.shared = (
+            [p for _, p in losses.shared_parameters(inner)] if balancer.needs_task_grads else []
+        )
+        # Under bf16/fp16 autocast (accelerate --mixed_precision) peft would still cast every LoRA
+        # input to the adapters' float32 and add the float32 update to a low-precision result: on an
+        # H100 that elementwise traffic cost more GPU time than the matmuls (docs/benchmarks.md,
+        # "GPU training throughput"). Autocast already runs the adapter matmuls in low precision
+        # against float32 master weights, so the casts are pure overhead there.
+        self.uncast = (
+            [m for m in inner.modules() if hasattr(m, "lora_A")]
+            if getattr(accelerator, "mixed_precision", "no") in ("bf16", "fp16")
+            else []
+        )
+
+    # ----------------------------------------------------------- forward
+
+    def _targets(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Labels and task ids aligned with the logits the model produces for them."""
+        if self.causal:
+            return batch["labels"][:, 1:], batch["task_ids"][:, 1:]
+        return batch["labels"], batch["task_ids"]
+
+    def count(self, batch: dict) -> torch.Tensor:
+        """Target tokens per task in a collated micro-batch ([K], float64)."""
+        labels, tasks = self._targets(batch)
+        return losses.task_counts(tasks[labels != features.IGNORE_INDEX], self.k)
+
+    def token_losses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-target-token cross-entropy and task index for one micro-batch (on the model's device)."""
+        batch = {k: v.to(self.acc.device) for k, v in batch.items()}
+        labels, tasks = self._targets(batch)
+        inputs = features.model_inputs({k: v for k, v in batch.items() if k != "task_ids"})
+        if self.causal:
+            inputs.pop(
+                "labels"
+            )  # the loss is ours (per token); the model's own would be wasted work
+            used = labels != features.IGNORE_INDEX
+            if self.logits_mode == "mask":
+                # With packed rows nearly every column holds some target, so a per-column selection
+                # would still send most positions through the head; the mask sends only targets.
+                keep = torch.zeros_like(batch["labels"], dtype=torch.bool)
+                keep[:, :-1] = used  # hidden state t predicts label t + 1
+                logits = self.model(**inputs, logits_to_keep=keep).logits  # [targets, vocab]
+                labels, tasks = labels[used], tasks[used]
+            elif self.logits_mode == "columns":
+                keep = used.any(0).nonzero().flatten()
+                logits = self.model(**inputs, logits_to_keep=keep).logits
+                labels, tasks = labels[:, keep], tasks[:, keep]
+            else:
+                logits = self.model(**inputs).logits[:, :-1]
+        else:
+            logits = self.model(**inputs).logits  # T5 builds decoder inputs from the labels
+        return losses.token_losses(logits, labels, tasks)
+
+    # -------------------------------------------------------------- step
+
+    def run(self, window: Window) -> StepResult:
+        """Forward/backward every micro-batch of `window`, then one optimiser step (unless non-finite)."""
+        dev = self.acc.device
+        local = torch.zeros(self.k + 1, dtype=torch.float64)
+        for m in window.micro:
+            local[: self.k] += self.count(m)
+        local[self.k] = float(window.input_tokens)
+        glob = self.acc.reduce(local.to(dev), "sum").cpu()
+        tokens, input_tokens = glob[: self.k], float(glob[self.k])
+        coef = self.balancer.coefficients(tokens)
+        coef_dev = coef.to(dev, torch.float32)
+        scale = self.acc.num_processes * self.acc.gradient_accumulation_steps
+        sums = torch.zeros(self.k, dtype=torch.float64)
+        tgrads = (
+            torch.zeros(
+                self.k, sum(p.numel() for p in self.shared), dtype=torch.float32, device=dev
+            )
+            if self.shared
+            else None
+        )
+        with adapter_inputs_uncast(
+            self.uncast
+        ):  # through backward: checkpointing recomputes the forward
+            for m in window.micro:
+                with self.acc.accumulate(self.model):
+                    tok_loss, tok_task = self.token_losses(m)
+                    if tgrads is not None:
+                        self._task_grads(tok_loss, tok_task, tokens, tgrads)
+                    objective = (coef_dev[tok_task] * tok_loss).sum()
+                    self.acc.backward(objective * scale)
+                sums += losses.task_sums(tok_loss.detach().double(), tok_task, self.k).cpu()
+        sums = self.acc.reduce(sums.to(dev), "sum").cpu()
+        if tgrads is not None:
+            tgrads = self.acc.reduce(tgrads, "sum").cpu()
+        present = tokens > 0
+        bad = [t for t, ok in zip(self.tasks, torch.isfinite(sums).tolist()) if not ok]
+        if bad:
+            return self._abort(sums, tokens, input_tokens, None, bad)
+        grad_norm = None
+        if self.max_grad_norm and self.max_grad_norm > 0:
+            gn = self.acc.clip_grad_norm_(self.params, self.max_grad_norm)
+            grad_norm = float(gn) if gn is not None else None
+            if grad_norm is not None and not math.isfinite(grad_norm):
+                return self._abort(
+                    sums,
+                    tokens,
+                    input_tokens,
+                    grad_norm,
+                    [t for t, p in zip(self.tasks, present.tolist()) if p],
+                )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        value = float((coef * sums).sum())
+        if isinstance(self.balancer, losses.UncertaintyBalancer):
+            value += self.balancer.objective_extra(tokens)
+        self.balancer.observe(sums, tokens, tgrads)
+        return StepResult(value, sums, tokens, input_tokens, grad_norm, True, [])
+
+    def _abort(self, sums, tokens, input_tokens, grad_norm, bad) -> StepResult:
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(float("nan"), sums, tokens, input_tokens, grad_norm, False, bad)
+
+    def _task_grads(
+        self,
+        tok_loss: torch.Tensor,
+        tok_task: torch.Tensor,
+        tokens: torch.Tensor,
+        out: torch.Tensor,
+    ) -> None:
+        """Add ∇_W (w_i L_i) of this micro-batch for every task present (GradNorm's per-task norms)."""
+        for i in tok_task.unique().tolist():
+            part = tok_loss[tok_task == i].sum() * float(self.balancer.w[i] / tokens[i])
+            grads = torch.autograd.grad(part, self.shared, retain_graph=True, allow_unused=True)
+            out[i] += torch.cat(
+                [
+                    (g if g is not None else torch.zeros_like(p)).flatten().float()
+                    for g, p in zip(grads, self.shared)
+                ]
+            )
+
+
+def restore_4bit_for_training(model: Any) -> None:
+    """Undo bitsandbytes' CPU inference layout of 4-bit weights before training continues.
+
+    On CPUs with AVX512-BF16, the first eval-mode forward of a `Linear4bit` repacks its weight for a
+    fast inference kernel that has no backward: gradients would silently stop at every 4-bit layer
+    (only LoRA adapters right before the residual stream would train). Converting back is cheap.
+    """
+    try:
+        from bitsandbytes.nn.modules import Linear4bit, _convert_weight_packed_for_cpu_inverse
+    except ImportError:  # no bitsandbytes (then there are no 4-bit layers either)
+        return
+    for m in model.modules():
+        qs = getattr(getattr(m, "weight", None), "quant_state", None)
+        if (
+            isinstance(m, Linear4bit)
+            and qs is not None
+            and getattr(qs, "packing_format_for_cpu", False)
+        ):
+            m.weight.data, m.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                m.weight.data, qs
+            )
+
+
+# ------------------------------------------------------------- optimiser and schedule
+
+
+def make_optimizer(model, learning_rate: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW over trainable parameters; no weight decay on biases and norm weights (1-d tensors)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [
+        g
+        for g in (
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        )
+        if g["params"]
+    ]
+    return torch.optim.AdamW(groups, lr=learning_rate)
+
+
+def make_scheduler(optimizer, kind: str, warmup_steps: int, total_steps: int, peak_lr: float):
+    """Warm-up to `peak_lr`, then cosine/linear decay (or constant) over one stage's steps."""
+    from transformers import get_scheduler
+
+    inner = getattr(
+        optimizer, "optimizer", optimizer
+    )  # accelerate's wrapper -> the torch optimiser
+    # Every stage restarts its schedule at its own peak; LambdaLR keeps a group's first `initial_lr`
+    # (setdefault), so a later stage's peak must be written explicitly.
+    for group in inner.param_groups:
+        group["initial_lr"] = group["lr"] = peak_lr
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[kind]
+    return get_scheduler(
+        name, inner, num_warmup_steps=min(warmup_steps, total_steps), num_training_steps=total_steps
+    )
+
+
+def scheduler_state(sched) -> dict:
+    """JSON-serialisable LR-scheduler state."""
+    return {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"}
+
+
+def load_scheduler_state(sched, state: dict) -> None:
+    """Restore a scheduler and put the learning rate of the next step back into the optimiser."""
+    sd = sched.state_dict()
+    sd.update(state)
+    sched.load_state_dict(sd)
+    for group, lr in zip(sched.optimizer.param_groups, sched.get_last_lr()):
+        group["lr"] = lr

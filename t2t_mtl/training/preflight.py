@@ -1,0 +1,169 @@
+"""Checks before any heavy work, and launch-environment glue for training.
+
+`check_run(cfg)` collects every problem a run would hit early — config cross-checks and templates
+(`catalogue.check_config`), sources (every training row is read and checked by `mixture.build_members`),
+the model (name, family, position limit), device options (`loading.check_device_options`) and the
+accelerate backend (FSDP / ZeRO-3 limits, bf16/fp16 support) — and raises one T2TError listing them all.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from t2t_mtl.core.config import EMBEDDED_MODEL, RunConfig
+from t2t_mtl.core.errors import Problem, T2TError
+from t2t_mtl.mixing import mixture
+from t2t_mtl.tasks import catalogue
+
+
+def _problem(msg: str, hint: str = "", file: str = "<config>") -> Problem:
+    return Problem(file, None, msg, hint)
+
+
+def check_run(cfg: RunConfig) -> tuple[dict, dict]:
+    """Check templates, sources, model name and device options together; returns (members, templates).
+
+    Raises one T2TError with every problem found.
+    """
+    from t2t_mtl.model import loading
+
+    problems = list(catalogue.check_config(cfg))
+    members: dict = {}
+    if not problems:
+        try:
+            members = mixture.build_members(cfg)
+        except T2TError as e:
+            problems += e.problems
+    empty = [n for n, m in members.items() if m.size == 0]
+    problems += [
+        _problem(f"task '{n}' has no training rows", "check its source and the bad-row report")
+        for n in empty
+    ]
+    try:
+        loading.check_device_options(cfg.model, cfg.adapter)
+    except T2TError as e:
+        problems += e.problems
+    name = cfg.model.name
+    try:
+        if name == EMBEDDED_MODEL:
+            loading.embedded_gguf()
+        else:
+            local = cfg.resolve_path(name)
+            _, _, hf_cfg = loading.resolve_model(
+                str(local) if local.exists() else name, cfg.model.trust_remote_code
+            )
+            loading.detect_family(hf_cfg, cfg.model.family, name)
+            limit = getattr(hf_cfg, "max_position_embeddings", None) or getattr(
+                hf_cfg, "n_positions", None
+            )
+            if (
+                limit
+                and not getattr(hf_cfg, "is_encoder_decoder", False)
+                and cfg.model.max_length > limit
+            ):
+                problems.append(
+                    _problem(
+                        f"model.max_length: {cfg.model.max_length} is more than the model's "
+                        f"{limit} positions",
+                        f"use model.max_length <= {limit}",
+                    )
+                )
+    except T2TError as e:
+        problems += e.problems
+    problems += backend_problems(cfg)
+    if cfg.replay.enabled and len(cfg.stage_list()) < 2:
+        print("note: replay.enabled has no effect with a single stage", file=sys.stderr)
+    if problems:
+        raise T2TError(problems)
+    extra = [cfg.resolve_path(d) for d in cfg.template_dirs]
+    templates = {
+        n: catalogue.load_task(t.template, extra) for n, t in zip(cfg.task_names(), cfg.tasks)
+    }
+    return members, templates
+
+
+def backend_problems(cfg: RunConfig) -> list[Problem]:
+    """Settings the launch environment (accelerate config, GPU generation) cannot run."""
+    import torch
+
+    out = []
+    sharded = _sharded_backend()
+    if cfg.train.loss_balancing == "gradnorm" and sharded:
+        out.append(
+            _problem(
+                "train.loss_balancing: gradnorm needs whole parameters on every process",
+                "use it with one GPU, DDP or DeepSpeed ZeRO-1/2, not FSDP or ZeRO-3",
+            )
+        )
+    if cfg.adapter.method == "qlora" and sharded:
+        out.append(
+            _problem(
+                "adapter.method: qlora is not supported with FSDP or DeepSpeed ZeRO-3 here",
+                "use launch/accelerate/ddp.yaml or deepspeed_zero2.yaml, or method: lora",
+            )
+        )
+    mixed = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    cuda = torch.cuda.is_available()
+    if mixed == "fp16" and not cuda:
+        out.append(
+            _problem(
+                "accelerate mixed_precision fp16 needs a GPU",
+                "use --mixed_precision bf16 or no on CPU",
+            )
+        )
+    wants_bf16 = (
+        cfg.model.dtype == "bfloat16"
+        or mixed == "bf16"
+        or (cfg.adapter.method == "qlora" and cfg.adapter.compute_dtype == "bfloat16")
+    )
+    if cuda and wants_bf16 and not torch.cuda.is_bf16_supported():
+        out.append(
+            _problem(
+                "bfloat16 is not supported by this GPU (needs compute capability 8.0+)",
+                "set model.dtype/adapter.compute_dtype to float16 or float32 and mixed_precision fp16",
+            )
+        )
+    return out
+
+
+def cpu_processes() -> bool:
+    """True for several processes on a machine without an accelerator (DDP over gloo).
+
+    accelerate's `--cpu` launcher starts one process (without mpirun), so several CPU processes come
+    from `accelerate launch --multi_gpu --num_processes N` (or torchrun); accelerate would then
+    treat each as a separate single-process run unless told to use the CPU backend.
+    """
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    avail = getattr(torch, "accelerator", None)
+    has_accel = (
+        avail.is_available()
+        if avail is not None and hasattr(avail, "is_available")
+        else torch.cuda.is_available()
+    )
+    return not has_accel
+
+
+def _sharded_backend() -> bool:
+    """FSDP or DeepSpeed ZeRO-3 (parameters split over processes), from accelerate's launch environment."""
+    return (
+        os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+        or os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "") == "3"
+    )
+
+
+def configure_deepspeed(acc: Any, cfg: RunConfig) -> None:
+    """DeepSpeed sizes its batches at prepare time from a dataloader we do not use: give it the run's
+    micro-batch size and clipping (its `auto` values) instead."""
+    plugin = getattr(acc.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    ds = plugin.deepspeed_config
+    if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        ds["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
+    if ds.get("gradient_clipping", "auto") == "auto":
+        ds["gradient_clipping"] = cfg.train.max_grad_norm
