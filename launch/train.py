@@ -18,6 +18,7 @@ sys.path.insert(
     0, str(Path(__file__).resolve().parents[1])
 )  # a source checkout works without installing
 
+from t2t_mtl.cli.main import configure_logging  # noqa: E402
 from t2t_mtl.core.config import load_config  # noqa: E402
 from t2t_mtl.core.errors import T2TError  # noqa: E402
 
@@ -28,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True, help="run config YAML (see launch/configs/)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=50")
     args = p.parse_args(argv)
+    configure_logging()  # library notes on stderr, as `t2t-mtl train` shows them
     try:
         cfg = load_config(args.config, args.overrides)
         from t2t_mtl.training import trainer

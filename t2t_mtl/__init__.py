@@ -6,6 +6,8 @@ accelerate or bitsandbytes, so `validate`, `preview` and `mix` start fast and ru
 `tests/test_import_graph.py` reads both tuples and checks every module against them.
 """
 
+__all__ = ["DATA_LAYERS", "HEAVY_PACKAGES", "LAYERS", "__version__"]
+
 __version__ = "0.1.0"
 
 # The one layer map: (subpackage, what it holds), lowest first.

@@ -1,4 +1,4 @@
-"""The benchmark scripts' pure parts: doc sections, tables, plots, imbalanced caps, hand prompts.
+"""The benchmark scripts' pure parts: doc sections, tables, plots, bootstrap statistics, hand prompts.
 
 The benchmarks themselves take minutes to hours (docs/benchmarks.md); these tests check that the
 numbers they measure end up in the right cells, on synthetic results.
@@ -17,6 +17,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import bench_forgetting  # noqa: E402
 import bench_gpu  # noqa: E402
 import bench_quality  # noqa: E402
+import quality_stats  # noqa: E402
 import common  # noqa: E402
 import report_quality  # noqa: E402
 
@@ -37,90 +38,95 @@ def test_update_doc_replaces_only_its_section(tmp_path):
     assert text.index("## A") < text.index("## B") < text.index("## C")
 
 
-def test_imbalanced_caps_follow_the_full_dataset_sizes():
-    caps = bench_quality.imbalanced_caps(2000)
-    assert caps["qa_squad"] == 2000  # the largest dataset keeps the whole slice
-    assert caps["sentiment_sst2"] == round(2000 * 67349 / 87599)
+def test_row_statistics_recompute_corpus_metrics_exactly():
+    np = pytest.importorskip("numpy")
+    idx = np.arange(4)
+    # span F1 from summed per-row counts: tp 3, fp 1, fn 2 -> 2*3 / (6 + 1 + 2)
+    span = quality_stats.RowStats("span", np.array([[1, 0, 1], [2, 1, 0], [0, 0, 1], [0, 0, 0]]))
+    assert span.score(idx) == pytest.approx(100 * 6 / 9)
     assert (
-        min(caps.values()) >= 20
-        and caps["summarization"] < caps["nli_3way"] < caps["ner_conll2003"]
+        span.score(np.array([3, 3])) == 0.0
+    )  # no entity anywhere: 0, as seqeval's zero_division=0
+    # macro-F1 over classes present: class 0 F1 = 2/3 (tp1 fp0 fn1), class 1 F1 = 2/3 (tp1 fp1 fn0)
+    macro = quality_stats.RowStats("macro", np.array([[0, 0], [1, 1], [1, 0], [-1, 2]]), 3)
+    # class 2: tp0 fp0 fn1 -> F1 0, present in golds so it counts
+    assert macro.score(idx) == pytest.approx(100 * (2 / 3 + 2 / 3 + 0) / 3)
+    mean = quality_stats.RowStats("mean", np.array([100.0, 0.0, 100.0, 100.0]))
+    assert mean.score(idx) == 75.0 and mean.score(np.array([1, 1])) == 0.0
+
+
+def test_bootstrap_intervals_and_ties():
+    np = pytest.importorskip("numpy")
+    rng = np.random.default_rng(1)
+    n = 300
+    good = [quality_stats.RowStats("mean", 100.0 * (rng.random(n) < 0.8)) for _ in range(3)]
+    same = [quality_stats.RowStats("mean", 100.0 * (rng.random(n) < 0.8)) for _ in range(3)]
+    bad = [quality_stats.RowStats("mean", 100.0 * (rng.random(n) < 0.5)) for _ in range(3)]
+    out = quality_stats.bootstrap(
+        {"a": {"t": good}, "b": {"t": same}, "c": {"t": bad}},
+        [("a", "b"), ("a", "c")],
+        resamples=400,
     )
+    a = out["systems"]["a"]["t"]
+    assert a["low"] < a["mean"] < a["high"] and 70 < a["mean"] < 90 and a["high"] - a["low"] < 15
+    assert out["pairs"]["a - b"]["t"]["tie"]  # two draws of the same 80 % system
+    c = out["pairs"]["a - c"]["t"]
+    assert not c["tie"] and c["low"] > 0  # 80 % vs 50 % on 300 rows is no tie
+    assert out["systems"]["a"]["mean"]["mean"] == a["mean"]  # one task: the mean is that task
 
 
-def test_quality_report_tables_and_plots(tmp_path):
-    runs = {
-        "base": {"scores": _scores(0.1), "invalid": {t: 10.0 for t in TASKS}},
-        "multi": {
-            "scores": _scores(0.5),
-            "train": {
-                "steps": 200,
-                "seconds": 900,
-                "input_tokens_per_s": 170.0,
-                "final_loss": 1.234,
-            },
+def _summary(m: float, w: float = 2.0, seeds=(1.0, 2.0, 3.0)) -> dict:
+    return {"mean": m, "low": m - w, "high": m + w, "seeds": list(seeds)}
+
+
+def test_quality_report_tables_plot_and_targets(tmp_path):
+    keys = (*TASKS, "mean")
+    stats = {
+        "systems": {
+            "multi": {t: _summary(50.0 + i) for i, t in enumerate(keys)},
+            "trl_hand": {t: _summary(45.0) for t in keys},
+            "single": {t: _summary(60.0) for t in keys},
+            "multi_equal": {t: _summary(59.0) for t in keys},
         },
-        "trl": {"scores": _scores(0.3)},
-        "multi_middle": {"scores": _scores(0.55)},
-        "multi_one_variant": {"scores": _scores(0.45)},
-        "multi_plain": {"scores": _scores(0.42)},
-    }
-    for i, t in enumerate(TASKS):
-        runs[f"single_{t}"] = {"scores": {t: 45.0 + i}}
-    for T, share in ((1.0, 0.6), (2.0, 0.4), (5.0, 0.25)):
-        runs[f"imbalanced_T{T:g}"] = {
-            "temperature": T,
-            "scores": _scores(share),
-            "shares": {t: (share if t == "qa_squad" else (1 - share) / 4) for t in TASKS},
-        }
-    results = {
-        "runs": runs,
-        "settings": {"steps": 200, "batch_size": 8, "limit": 100, "examples": 1600},
-        "machine": common.machine(),
-        "imbalanced_caps": bench_quality.imbalanced_caps(),
-        "truncation_stats": {
-            "qa_squad": {
-                "prompts": 100,
-                "cut_pct": 27.0,
-                "question_lost_pct_end": 27.0,
-                "question_lost_pct_middle": 0.0,
+        "pairs": {
+            "multi - trl_hand": {
+                **{
+                    t: {"diff": 5.0 + i, "low": 1.0, "high": 9.0, "tie": False}
+                    for i, t in enumerate(TASKS)
+                },
+                "ner_conll2003": {"diff": 1.0, "low": -2.0, "high": 4.0, "tie": True},
+                "mean": {"diff": 6.0, "low": 2.0, "high": 10.0, "tie": False},
             }
         },
-        "transfer": {
-            "base_template": {"nli_2way": 50.0, "topic_ag_news": 25.0},
-            "multi_template": {"nli_2way": 60.0, "topic_ag_news": 70.0},
-            "base_free": {"nli_2way": 40.0},
-            "multi_free": {"nli_2way": 55.0},
-            "base_template_invalid": {"nli_2way": 97.0},
-            "base_rank": {"nli_2way": 51.0, "topic_ag_news": 26.0},
-            "multi_rank": {"nli_2way": 58.0, "topic_ag_news": 31.0},
-            "multi_rank_invalid": {"nli_2way": 0.0},
+        "ratios": {"multi_equal / single": {"ratio": 98.3, "low": 96.0, "high": 100.5}},
+    }
+    results = {
+        "settings": {
+            "split": "validation",
+            "rows": 300,
+            "steps": 200,
+            "batch_size": 8,
+            "examples": 1600,
+            "seeds": [1, 2, 3],
         },
+        "runs": {"multi": {"1": {}, "2": {}, "3": {}}},
+        "machine": common.machine(),
+        "stats": stats,
     }
     doc = tmp_path / "docs" / "benchmarks.md"
     doc.parent.mkdir()
     report_quality.write(results, doc)
     text = doc.read_text(encoding="utf-8")
-    # SST-2 row: base 10.0, multi 50.0, single 45.0, TRL 30.0, multi - single +5.0
-    assert "| SST-2 (accuracy) | 10.0 | 50.0 | 45.0 | 30.0 | +5.0 |" in text
-    assert "| **mean** | **12.0** | **52.0** | **47.0** | **32.0** | **+5.0** |" in text
-    assert "60.0 % → 62.0" in text  # SQuAD share and score at T=1
-    # ranked columns last and never annotated with an unreadable rate (ranking cannot fail to parse)
-    assert "| RTE (accuracy) | 50.0 (97 % unreadable) | 60.0 | 40.0 | 55.0 | 51.0 | 58.0 |" in text
-    assert "| unreadable answers (mean over tasks) | 10 % | – | – | – | |" in text
-    assert "| AG News (accuracy) | 25.0 | 70.0 | – | – | 26.0 | 31.0 |" in text
-    assert "| multi | 1,600 | 900 | 170.0 | 1.234 |" in text
-    # truncation: (b) = multi (end cut) next to multi_middle, with the measured cut rates
-    assert "| SQuAD (F1) | 27 % (question lost: 27 % → 0 %) | 52.0 | 57.0 | +5.0 |" in text
-    assert "| SST-2 (accuracy) | – | 50.0 | 55.0 | +5.0 |" in text
-    # prompt variants: (b) next to the one-variant run and TRL
-    assert "| SST-2 (accuracy) | 50.0 | 45.0 | 30.0 | -5.0 |" in text
-    # prompt format: (b) chat next to the plain-prompt run and TRL
+    assert "## Multi-task quality with seeds" in text
     assert (
-        "### Prompt format (chat vs plain)" in text
-        and "| SST-2 (accuracy) | 50.0 | 42.0 | 30.0 | -8.0 |" in text
+        "| SST-2 (accuracy) | 50.0 [48.0, 52.0] | 45.0 [43.0, 47.0] | 60.0 [58.0, 62.0] | 59.0 [57.0, 61.0] |"
+        in text
     )
-    for png in ("quality.png", "temperature.png"):
-        assert (doc.parent / "img" / png).stat().st_size > 1000
+    assert "| CoNLL-2003 (span F1) | ≈ +1.0 [-2.0, +4.0] |" in text
+    assert "| SST-2 (accuracy) | ▲ +5.0 [+1.0, +9.0] |" in text
+    assert "**met** (mean difference +6.0 [+2.0, +10.0])" in text
+    assert "≥ 97 % of the single-task mean: **missed** (98.3 % [96.0, 100.5]" in text
+    assert (doc.parent / "img" / "quality_seeds.png").stat().st_size > 1000
 
 
 class _WordTokenizer:

@@ -333,7 +333,13 @@ def test_eval_cli_on_a_trained_run_writes_json_markdown_and_predictions(run_dir,
         assert e["n"] == len(mine) == 3
         assert e["invalid_rate"] == pytest.approx(100 * sum(not p["valid"] for p in mine) / 3)
         assert f"| {name} | generate |" in printed
+        # the 95 % interval: stored with its settings, printed next to the score
+        assert e["ci_low"] <= e["primary"] <= e["ci_high"]
+        assert e["ci"]["resamples"] == 1000 and e["per_example"]["digest"]
+        assert f"| {e['primary']:.2f} [{e['ci_low']:.2f}, {e['ci_high']:.2f}] |" in printed
     assert res["combined"] == pytest.approx(sum(e["primary"] for e in res["tasks"].values()) / 3)
+    assert res["combined_ci_low"] <= res["combined"] <= res["combined_ci_high"]
+    assert "| score [95 % CI] |" in printed and "1000 resamples, seed 0" in printed
     assert (
         (run_dir / "eval" / "validation.md").read_text().startswith("### tiny-staged: validation")
     )
@@ -359,6 +365,25 @@ def test_eval_cli_on_a_trained_run_writes_json_markdown_and_predictions(run_dir,
     base = json.loads((run_dir / "eval" / "validation-base-rank.json").read_text())
     assert base["base"] is True and list(base["tasks"]) == ["sentiment_sst2"]
     assert base["tasks"]["sentiment_sst2"]["mode"] == "rank"
+
+
+def test_compare_cli_tests_differences_paired_on_the_same_rows(run_dir, tmp_path, capsys):
+    args = ["eval", "--run", str(run_dir), "--tasks", "sentiment_sst2,qa_squad", "--no-progress"]
+    assert main(args + ["--limit", "3", "--name", "tuned3"]) == 0
+    assert main(args + ["--limit", "3", "--name", "base3", "--base"]) == 0
+    assert main(args + ["--limit", "2", "--name", "base2", "--base"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "cmp.json"
+    ev = run_dir / "eval"
+    cmp = [f"tuned={ev / 'tuned3.json'}", f"base={ev / 'base3.json'}", f"base2={ev / 'base2.json'}"]
+    assert main(["compare", *cmp, "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    diffs = json.loads(out.read_text())["differences"]
+    assert {d["method"] for d in diffs["base"].values()} == {"paired"}  # same rows: paired
+    assert {d["method"] for d in diffs["base2"].values()} == {"overlap"}  # 2 rows vs 3
+    assert "paired bootstrap" in table and "different rows" in table
+    for d in diffs["base"].values():  # a tie exactly when the interval of the difference holds 0
+        assert d["low"] <= d["high"] and d["tie"] == (d["low"] <= 0 <= d["high"])
 
 
 def test_eval_cli_mistakes_are_one_line_problems(run_dir, tmp_path, capsys):

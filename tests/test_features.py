@@ -1,4 +1,5 @@
-"""Tokenisation, completion-only labels, truncation, collators and attention-correct packing."""
+"""Tokenisation, completion-only labels, truncation, collators and attention-correct packing; the
+per-task losses training computes (training.losses through StepRunner) on packed and plain batches."""
 
 from __future__ import annotations
 
@@ -24,9 +25,10 @@ from t2t_mtl.model.features import (
     resolve_packing,
     stop_token_ids,
     target_ids,
-    task_loss_sums,
 )
 from t2t_mtl.model.prompt_format import PromptFormat
+from t2t_mtl.training import losses
+from t2t_mtl.training.optimizer_step import StepRunner
 
 INSTR = "Is the sentiment positive or negative?"
 
@@ -217,6 +219,20 @@ def test_pack_bins_first_fit_decreasing():
     assert pack_bins([70], 64) == [[0]]  # too long: alone
 
 
+def training_task_losses(model, batch, n_tasks: int, family: str = "causal"):
+    """(per-task loss sums, per-task target-token counts, token losses) of a collated batch, computed
+    exactly as a training step computes them: `StepRunner.token_losses` (the model's forward with
+    target-only logits, shifted for causal models), `losses.task_sums`, `StepRunner.count`."""
+    from accelerate import Accelerator
+
+    names = [f"task{i}" for i in range(n_tasks)]
+    balancer = losses.make_balancer("none", names, [1.0] * n_tasks)
+    runner = StepRunner(Accelerator(), model, None, balancer, names, family, 0.0)
+    tok_loss, tok_task = runner.token_losses(batch)
+    tok_loss = tok_loss.detach().double()
+    return losses.task_sums(tok_loss, tok_task, n_tasks), runner.count(batch), tok_loss
+
+
 def _mixed_batch(tok, fmt):
     outs = ["positive", "negative and sad", "neutral", "a great and wonderful story", "bad"]
     return [
@@ -235,20 +251,22 @@ def test_packed_loss_equals_unpacked_loss(causal):
     assert "attention_mask" not in packed
     assert (packed["labels"] != IGNORE_INDEX).sum() == (unpacked["labels"] != IGNORE_INDEX).sum()
     model.train()
-    losses, grads = [], []
+    model_losses, grads, per_task = [], [], []
     for batch in (unpacked, packed):
         model.zero_grad()
         out = model(**model_inputs(batch))
         out.loss.backward()
-        losses.append(out.loss.detach())
+        loss = float(out.loss.detach())
+        model_losses.append(out.loss.detach())
         grads.append(model.model.layers[0].self_attn.q_proj.weight.grad.clone())
-        sums, counts = task_loss_sums(
-            out.logits.detach(), batch["labels"], batch["task_ids"], 3, shift=True
-        )
-        assert torch.allclose(sums.sum() / counts.sum(), out.loss.detach(), atol=1e-5)
-        losses.append(sums / counts)
-    assert torch.allclose(losses[0], losses[2], atol=1e-5)  # overall loss
-    assert torch.allclose(losses[1], losses[3], atol=1e-5)  # per-task losses
+        sums, counts, tok_loss = training_task_losses(model, batch, 3)
+        assert counts.sum() == len(tok_loss) == (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+        assert float(tok_loss.mean()) == pytest.approx(loss, abs=1e-5)
+        assert float(sums.sum() / counts.sum()) == pytest.approx(loss, abs=1e-5)
+        per_task.append((sums / counts, counts))
+    assert torch.allclose(model_losses[0], model_losses[1], atol=1e-5)  # overall loss
+    assert torch.equal(per_task[0][1], per_task[1][1])  # per-task token counts
+    assert torch.allclose(per_task[0][0], per_task[1][0], atol=1e-5)  # per-task losses
     assert torch.allclose(grads[0], grads[1], atol=1e-5)
 
 
@@ -328,9 +346,13 @@ def test_seq2seq_collator_and_loss(t5):
     assert b["labels"].shape[1] == max(len(f["labels"]) for f in feats)
     assert b["attention_mask"].sum().item() == sum(len(f["input_ids"]) for f in feats)
     assert (b["task_ids"] >= 0).eq(b["labels"] != IGNORE_INDEX).all()
+    model.eval()  # two forwards (the model's loss, training's) must agree: no dropout
     out = model(**{k: v for k, v in b.items() if k != "task_ids"})
-    sums, counts = task_loss_sums(out.logits, b["labels"], b["task_ids"], 2, shift=False)
-    assert torch.allclose(sums.sum() / counts.sum(), out.loss, atol=1e-5)
+    sums, counts, tok_loss = training_task_losses(model, b, 2, "seq2seq")
+    assert counts.tolist() == [
+        sum(x != IGNORE_INDEX for f in feats if f["task"] == t for x in f["labels"]) for t in (0, 1)
+    ]
+    assert float(sums.sum() / counts.sum()) == pytest.approx(float(out.loss.detach()), abs=1e-5)
 
 
 def test_length_grouped_batches():

@@ -346,6 +346,71 @@ def test_mix_verb_table_dump_plot_and_replay(tmp_path, monkeypatch, capsys):
     assert "realised  (first 10000)" in text and png.is_file()  # realised shares from index draws
 
 
+def mix_preview_offers(monkeypatch, argv: list[str]) -> list[tuple[str, int, list[dict]]]:
+    """Run `t2t-mtl mix ARGV`; per offering to the replay buffer: (stage, records offered, the
+    buffer's records afterwards as dicts). Spies on `mixture.offer_stage_records`, which training
+    calls too."""
+    import t2t_mtl.mixing.mixture as mixing
+    from t2t_mtl.cli.main import main
+
+    offers = []
+    real = mixing.offer_stage_records
+
+    def spy(buf, plan, n):
+        kept = real(buf, plan, n)
+        offers.append((plan.name, n, [json.loads(json.dumps(r.to_dict())) for r in buf.records()]))
+        return kept
+
+    with monkeypatch.context() as m:
+        m.setattr(mixing, "offer_stage_records", spy)
+        assert main(["mix", *argv]) == 0
+    return offers
+
+
+def test_mix_preview_offers_what_every_process_trains_on(tmp_path, monkeypatch, capsys):
+    """`--processes N` (default $WORLD_SIZE): each stage offers steps x batch x accum x N records,
+    so the preview's buffer is the one an N-process run builds (test_training's DDP test compares it
+    with a real two-process run)."""
+    import yaml
+
+    _fake_members(monkeypatch, {"a": 400, "b": 90, "c": 2500})
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "tasks": [{"template": "a"}, {"template": "b"}, {"template": "c"}],
+                "stages": [
+                    {"name": "first", "tasks": ["a", "b"], "steps": 10},
+                    {"name": "second", "tasks": ["c"], "steps": 5},
+                    {"name": "third", "tasks": ["a"], "steps": 2},
+                ],
+                "replay": {"enabled": True, "per_task": 60, "share": 0.2},
+                "train": {"batch_size": 4},
+            }
+        )
+    )
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    two = mix_preview_offers(monkeypatch, ["--config", str(cfg), "--processes", "2"])
+    assert [(st, n) for st, n, _ in two] == [("first", 10 * 4 * 2), ("second", 5 * 4 * 2)]
+    assert {r["task"] for r in two[-1][2]} == {"a", "b", "c"}
+    # one process accumulating two micro-batches trains on the same records per step
+    accum = mix_preview_offers(monkeypatch, ["--config", str(cfg), "train.grad_accum=2"])
+    assert accum == two
+    one = mix_preview_offers(monkeypatch, ["--config", str(cfg)])
+    assert [n for _, n, _ in one] == [40, 20] and one[0][2] != two[0][2]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert mix_preview_offers(monkeypatch, ["--config", str(cfg)]) == two
+    capsys.readouterr()
+
+    from t2t_mtl.cli.main import main
+
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    assert main(["mix", "--config", str(cfg)]) == 2
+    assert "$WORLD_SIZE: 'two' is not a number of processes >= 1" in capsys.readouterr().err
+    assert main(["mix", "--config", str(cfg), "--processes", "0"]) == 2
+    assert "--processes: '0' is not a number of processes >= 1" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- real data (skipped where absent)
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]

@@ -335,3 +335,36 @@ def test_embedded_copy_matches_the_gguf_logits(embedded_cache):
     )
     gen = copy.generate(**p, max_new_tokens=12, do_sample=False)
     assert "Paris" in gguf_tok.decode(gen[0, p["input_ids"].shape[1] :])
+
+
+_IMPORT_SIDE_EFFECTS = """
+import logging, sys, warnings
+import torch, transformers  # loading's own imports may install their filters: not loading's doing
+import t2t_mtl.core.config, t2t_mtl.core.errors, t2t_mtl.core.files
+
+def loggers():
+    out = {"": (logging.root.level, list(logging.root.filters))}
+    for name, lg in logging.root.manager.loggerDict.items():
+        out[name] = (getattr(lg, "level", None), list(getattr(lg, "filters", [])))
+    return out
+
+before_filters, before_loggers = list(warnings.filters), loggers()
+import t2t_mtl.model.loading as loading
+after = loggers()
+assert warnings.filters == before_filters, "warnings.filters changed at import"
+changed = {n: v for n, v in after.items() if n in before_loggers and before_loggers[n] != v}
+new = {n: v for n, v in after.items() if n not in before_loggers and v not in ((0, []), (None, []))}
+assert not changed and not new, (changed, new)
+loading.quiet_library_noise()
+loading.quiet_library_noise()
+assert len(warnings.filters) == len(before_filters) + 1  # the filters exist once calling it
+assert len(logging.getLogger("bitsandbytes.backends.cpu.ops").filters) == 1
+"""
+
+
+def test_importing_loading_changes_no_global_warning_or_logging_state():
+    """Process-wide filters are installed by `quiet_library_noise` where models load, not at import."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _IMPORT_SIDE_EFFECTS], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]

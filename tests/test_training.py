@@ -631,10 +631,16 @@ def test_validation_reports_every_problem_before_loading(tmp_path, capsys):
 # ------------------------------------------------------------------ two processes
 
 
-def test_ddp_two_cpu_processes_agree(tmp_path, tiny_causal_dir):
-    """`accelerate launch` with two processes (gloo): ranks agree, and match one process with accum 2."""
+def test_ddp_two_cpu_processes_agree(tmp_path, tiny_causal_dir, monkeypatch):
+    """`accelerate launch` with two processes (gloo): ranks agree, and match one process with accum 2;
+    the replay buffer the run builds is the one `t2t-mtl mix --processes 2` previews."""
     run = tmp_path / "ddp"
-    over = [f"model.name={tiny_causal_dir}", "train.steps=3"]
+    over = [
+        f"model.name={tiny_causal_dir}",
+        "stages=[{name: s1, tasks: [sentiment_sst2], steps: 2}, {name: s2, tasks: [qa_squad], steps: 1}]",
+        "replay.enabled=true",
+        "replay.share=0.25",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [
@@ -674,3 +680,79 @@ def test_ddp_two_cpu_processes_agree(tmp_path, tiny_causal_dir):
         )
     )
     assert_close(trainable(run, 3), trainable(single, 3), 1e-5)
+    from test_mixing import mix_preview_offers  # the spy on the offering both sides call
+
+    config = str(REPO / "launch/configs/tiny_cpu.yaml")
+    preview = mix_preview_offers(monkeypatch, ["--config", config, *over, "--processes", "2"])
+    assert [(st, n) for st, n, _ in preview] == [("s1", 2 * 2 * 1 * 2)]  # steps x batch x accum x 2
+    saved = [json.loads(x) for x in (run / "replay" / "buffer.jsonl").read_text().splitlines()]
+    assert len(saved) == 8 and saved == preview[0][2]
+    assert (single / "replay" / "buffer.jsonl").read_text() == (
+        run / "replay" / "buffer.jsonl"
+    ).read_text()
+    one = mix_preview_offers(monkeypatch, ["--config", config, *over, "--processes", "1"])
+    assert len(one[0][2]) == 4  # what the preview showed before it counted processes
+
+
+# ------------------------------------------------------------------ mixed precision
+
+
+def test_mixed_precision_bf16_runs_under_autocast_on_cpu(tmp_path, tiny_causal_dir, monkeypatch):
+    from t2t_mtl.training import optimizer_step
+
+    seen = []
+    real_run = optimizer_step.StepRunner.run
+
+    def spy(self, window):  # the accelerator the step runs under, and the dtype a linear layer computes in
+        lin = next(m for m in self.model.modules() if isinstance(m, torch.nn.Linear))
+        dtypes = []
+        hook = lin.register_forward_hook(lambda m, a, out: dtypes.append(out.dtype))
+        try:
+            res = real_run(self, window)
+        finally:
+            hook.remove()
+        seen.append((self.acc.mixed_precision, set(dtypes)))
+        return res
+
+    monkeypatch.setattr(optimizer_step.StepRunner, "run", spy)
+    run = tmp_path / "run"
+    rc = main(
+        [
+            "train",
+            "--config",
+            str(REPO / "launch/configs/tiny_cpu.yaml"),
+            f"model.name={tiny_causal_dir}",
+            f"output_dir={run}",
+            "train.steps=2",
+            "train.mixed_precision=bf16",
+        ]
+    )
+    assert rc == 0 and seen and all(m == "bf16" and d == {torch.bfloat16} for m, d in seen)
+    assert all(r["loss"] > 0 for r in metrics(run))
+
+
+def test_mixed_precision_auto_follows_accelerate_launch_else_float32_on_cpu(monkeypatch):
+    cfg = load_config(REPO / "launch/configs/tiny_cpu.yaml")
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    assert preflight.mixed_precision(cfg) == ("bf16" if torch.cuda.is_available() else "no")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert preflight.mixed_precision(cfg) == "bf16"
+    cfg.train.mixed_precision = "no"  # an explicit setting wins over the launcher
+    assert preflight.mixed_precision(cfg) == "no"
+
+
+def test_fp16_on_cpu_is_a_config_error(tmp_path, tiny_causal_dir, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("fp16 is valid on a GPU")
+    rc = main(
+        [
+            "train",
+            "--config",
+            str(REPO / "launch/configs/tiny_cpu.yaml"),
+            f"model.name={tiny_causal_dir}",
+            f"output_dir={tmp_path / 'run'}",
+            "train.mixed_precision=fp16",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and "fp16 needs a GPU" in err and "Traceback" not in err

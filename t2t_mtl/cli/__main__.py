@@ -4,4 +4,6 @@ import sys
 
 from t2t_mtl.cli.main import main
 
+__all__: list[str] = []  # a script: nothing to import from here
+
 sys.exit(main())

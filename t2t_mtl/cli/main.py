@@ -7,9 +7,22 @@ so a user mistake never shows a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import logging
+import os
 import sys
+from pathlib import Path
 
-from t2t_mtl.core.errors import T2TError
+# The data-layer modules every light verb (validate, preview, mix) needs anyway; mixing (numpy),
+# matplotlib and torch & co. are imported inside the verbs that use them.
+from t2t_mtl.cli.model_verbs import add_compare, add_eval, add_export, add_predict, add_prompt
+from t2t_mtl.core.config import SourceConfig, load_config
+from t2t_mtl.core.errors import ConfigError, DataError, Problem, T2TError, did_you_mean
+from t2t_mtl.core.records import write_jsonl
+from t2t_mtl.tasks import catalogue, sources
+
+__all__ = ["build_parser", "configure_logging", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,15 +68,11 @@ def add_validate(sub) -> None:
 def _config_dirs(path: str | None) -> list:
     if not path:
         return []
-    from t2t_mtl.core.config import load_config
-
     cfg = load_config(path)
     return [cfg.resolve_path(d) for d in cfg.template_dirs]
 
 
 def _validate(args) -> int:
-    from t2t_mtl.tasks import catalogue
-
     n, problems, untried = catalogue.check_targets(
         args.paths, _config_dirs(args.config), trial=not args.no_trial
     )
@@ -135,8 +144,6 @@ def add_preview(sub) -> None:
 
 
 def _pairs(text: str | None, option: str) -> dict | None:
-    from t2t_mtl.core.errors import Problem
-
     if text is None:
         return None
     out, bad = {}, []
@@ -158,12 +165,7 @@ def _pairs(text: str | None, option: str) -> dict | None:
     return out
 
 
-def _cli_source(spec: str, hub_config: str | None):
-    from pathlib import Path
-
-    from t2t_mtl.core.config import SourceConfig
-    from t2t_mtl.core.errors import DataError, Problem
-
+def _cli_source(spec: str, hub_config: str | None) -> SourceConfig:
     if spec.startswith("hub:"):
         return SourceConfig(hub=spec[4:], name=hub_config)
     p = Path(spec).expanduser()
@@ -186,13 +188,6 @@ def _cli_source(spec: str, hub_config: str | None):
 
 
 def _preview(args) -> int:
-    import dataclasses
-    import json
-
-    from t2t_mtl.core.config import load_config
-    from t2t_mtl.core.errors import ConfigError, Problem, did_you_mean
-    from t2t_mtl.tasks import catalogue, sources
-
     if args.n < 0:
         raise T2TError(Problem("<cli>", None, "-n must be >= 0"))
     extra, src, bad_rows, template, task_name = [], None, "skip", args.task, None
@@ -264,7 +259,10 @@ def add_mix(sub) -> None:
         "mix",
         help="show each stage's mixture (sizes, target shares); dump or plot the stream",
         description="Print task sizes and target shares per stage. --dump N --out F writes the "
-        "first N records of each shown stage and adds their realised shares.",
+        "first N records of each shown stage and adds their realised shares. With replay, each "
+        "stage after the first mixes in the buffer that training would build from the stages "
+        "before it: they offer steps x batch_size x grad_accum x --processes records each, so "
+        "give the number of processes the run will train with.",
     )
     p.add_argument("--config", required=True, help="run config YAML")
     p.add_argument(
@@ -272,6 +270,14 @@ def add_mix(sub) -> None:
     )
     p.add_argument("--stage", help="only this stage (earlier stages still feed the replay buffer)")
     p.add_argument("--split", default="train", help="split to mix (default: train)")
+    p.add_argument(
+        "--processes",
+        type=int,
+        metavar="N",
+        help="training processes (accelerate --num_processes): each stage trains on, and offers "
+        "the replay buffer, N times the records of one process (default: $WORLD_SIZE if set, "
+        "else 1)",
+    )
     p.add_argument(
         "--dump", type=int, default=0, metavar="N", help="write the first N records per stage"
     )
@@ -283,12 +289,9 @@ def add_mix(sub) -> None:
 
 
 def _cmd_mix(args) -> int:
-    from t2t_mtl.core.config import load_config
-    from t2t_mtl.core.errors import ConfigError, Problem, did_you_mean
-    from t2t_mtl.core.records import write_jsonl
-    from t2t_mtl.mixing import mixture, replay
-    from t2t_mtl.tasks import catalogue
+    from t2t_mtl.mixing import mixture, replay  # numpy: only this verb needs it
 
+    processes = _processes(args.processes)
     if bool(args.dump) != bool(args.out) or args.dump < 0:
         raise ConfigError(
             [
@@ -329,10 +332,14 @@ def _cmd_mix(args) -> int:
     for n in needed:
         if members[n].skipped and members[n].info.get("bad_rows"):
             print("  " + members[n].info["bad_rows"], file=sys.stderr)
-    buf, dumped, plotted = None, [], []
+    buf = (
+        replay.buffer_for_run(cfg, [n for n, m in members.items() if m.info.get("label_task")])
+        if cfg.replay.enabled
+        else None
+    )
+    dumped, plotted = [], []
     for idx, st in enumerate(stages[: last + 1]):
-        rep = mixture.replay_member(buf) if buf is not None else None
-        plan = mixture.plan_stage(cfg, idx, members, replay=rep)
+        plan = mixture.plan_stage(cfg, idx, members, replay=mixture.stage_replay(buf))
         if not args.stage or st.name == args.stage:
             stream = plan.stream()
             if args.dump:
@@ -347,18 +354,8 @@ def _cmd_mix(args) -> int:
             )
             _print_mix_table(cfg, plan, realised, stream.count)
             plotted.append((plan, realised))
-        if cfg.replay.enabled and idx < last:  # what training would offer the buffer in this stage
-            if buf is None:
-                buf = replay.buffer_for_run(
-                    cfg, [n for n, m in members.items() if m.info.get("label_task")]
-                )
-            s = plan.stream()
-            for _ in range(st.steps * cfg.train.batch_size * cfg.train.grad_accum):
-                i, row, epoch = s.next_index()
-                if (
-                    epoch == 0 and s.members[i].info.get("source") != "replay"
-                ):  # others: ignored by the buffer
-                    buf.add(s.render(i, row, epoch))
+        if buf is not None and idx < last:  # what training offers the buffer after this stage
+            mixture.offer_stage_records(buf, plan, mixture.stage_records(cfg, idx, processes))
     if args.dump:
         write_jsonl(dumped, args.out)
         print(f"wrote {len(dumped)} records to {args.out}")
@@ -366,6 +363,23 @@ def _cmd_mix(args) -> int:
         _plot_mix(plotted, args.plot)
         print(f"wrote {args.plot}")
     return 0
+
+
+def _processes(given: int | None) -> int:
+    """--processes, else $WORLD_SIZE (set by accelerate/torchrun), else 1; a ConfigError when < 1."""
+    if given is not None:
+        value, where = str(given), "--processes"
+    else:
+        value, where = os.environ.get("WORLD_SIZE", "1"), "$WORLD_SIZE"
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ConfigError(
+            Problem.at("<cli>", f"{where}: {value!r} is not a number of processes >= 1", "e.g. 2")
+        )
+    return n
 
 
 def _print_mix_table(cfg, plan, realised, n) -> None:
@@ -382,7 +396,7 @@ def _print_mix_table(cfg, plan, realised, n) -> None:
 
 
 def _plot_mix(plotted, path) -> None:
-    import matplotlib
+    import matplotlib  # slow to import; only --plot needs it
 
     matplotlib.use("Agg")  # files only; no display needed
     import matplotlib.pyplot as plt
@@ -432,8 +446,6 @@ def add_train(sub) -> None:
 
 
 def _train(args) -> int:
-    from t2t_mtl.core.config import load_config
-
     cfg = load_config(args.config, args.overrides)
     from t2t_mtl.training import trainer  # torch & co. only once the config is known to be valid
 
@@ -446,14 +458,40 @@ _VERBS.append(add_train)
 
 
 # ---------------------------------------------------------------- eval, predict, prompt, compare, export
-# Defined in cli_infer.py (light module: heavy imports happen inside each verb).
-from t2t_mtl.cli.model_verbs import add_compare, add_eval, add_export, add_predict, add_prompt  # noqa: E402
-
+# Defined in model_verbs.py (light module: heavy imports happen inside each verb).
 _VERBS.extend([add_eval, add_predict, add_prompt, add_compare, add_export])
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes bare messages to the `sys.stderr` of the moment (so a swapped stream, as in tests,
+    receives them too)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Show the package's log records (`logging.getLogger("t2t_mtl...")`, `level` and up) on stderr
+    as bare messages: library notes read exactly as printed lines. For the CLI and
+    launch/train.py; calling it again changes nothing. Records still propagate to the root logger."""
+    pkg = logging.getLogger("t2t_mtl")
+    if not any(isinstance(h, _StderrHandler) for h in pkg.handlers):
+        pkg.addHandler(_StderrHandler())
+    pkg.setLevel(level)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `t2t-mtl` console script."""
+    configure_logging()
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -1,19 +1,54 @@
 """The verbs that use a trained run: `eval`, `predict`, `prompt`, `compare`, `export` (registered by cli.py).
 
-Heavy imports (torch, transformers) happen inside each verb, so `t2t-mtl --help` stays fast.
-Results and answers go to stdout; progress, notes and written paths to stderr.
+Heavy imports (torch, transformers) happen inside each verb, so `t2t-mtl --help` stays fast: this
+module is imported by every verb (cli.main registers these), so at its top it imports only what
+validate, preview and mix load anyway. Results and answers go to stdout; progress, notes and written
+paths to stderr.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from t2t_mtl.core.errors import ConfigError, Problem, did_you_mean
+import yaml
+
+from t2t_mtl.core.config import NAME_HINT, name_problem
+from t2t_mtl.core.errors import ConfigError, Problem, T2TError, did_you_mean
+from t2t_mtl.core.records import Record
+
+if TYPE_CHECKING:
+    from t2t_mtl.inference.predictor import Predictor
+    from t2t_mtl.tasks.task import Task
+
+__all__ = ["add_compare", "add_eval", "add_export", "add_predict", "add_prompt"]
 
 
 def _csv(text: str | None) -> list[str] | None:
     return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+def _add_trust_remote_code(p) -> None:
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow the run's base model to run its own Python code from its repository (needed "
+        "when the run's config says model.trust_remote_code: true); only for models you trust",
+    )
+
+
+def _check_names(*options: tuple[str, str | None]) -> None:
+    """(option, value) pairs whose values become file names under RUN/eval: each must be one safe
+    file name (`--name ../x` would write outside the run); every bad one is reported at once."""
+    problems = [
+        Problem("<cli>", None, f"{opt}: {value!r} is not a safe name: {why}", NAME_HINT)
+        for opt, value in options
+        if value is not None and (why := name_problem(value))
+    ]
+    if problems:
+        raise ConfigError(problems)
 
 
 # ---------------------------------------------------------------- eval
@@ -54,14 +89,16 @@ def add_eval(sub) -> None:
         help="with --forgetting: also score the base model (forward transfer)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_trust_remote_code(p)
     p.set_defaults(func=_eval)
 
 
 def _eval(args) -> int:
-    from t2t_mtl.evaluation.run_eval import forgetting_run
+    from t2t_mtl.evaluation.run_eval import forgetting_run  # torch & co.
 
     if args.limit is not None and args.limit <= 0:
         raise ConfigError(Problem("<cli>", None, "--limit must be > 0"))
+    _check_names(("--name", args.name), ("--split", args.split))
     if args.forgetting:
         if args.base or args.name:
             raise ConfigError(
@@ -72,7 +109,7 @@ def _eval(args) -> int:
                     "use --with-base to add the base model's scores",
                 )
             )
-        from t2t_mtl.evaluation.reports import forgetting_markdown
+        from t2t_mtl.evaluation.reports import forgetting_markdown  # see _compare
 
         rep, path = forgetting_run(
             args.run,
@@ -83,14 +120,15 @@ def _eval(args) -> int:
             mode=args.mode,
             variant=args.variant,
             progress=not args.no_progress,
+            trust_remote_code=args.trust_remote_code,
         )
         print(forgetting_markdown(rep, rep.get("metric")))
         print(
             f"wrote {path}, {path.with_suffix('.md')}, {path.with_suffix('.png')}", file=sys.stderr
         )
         return 0
-    from t2t_mtl.evaluation.reports import results_markdown
-    from t2t_mtl.evaluation.run_eval import evaluate_run
+    from t2t_mtl.evaluation.reports import results_markdown  # see _compare
+    from t2t_mtl.evaluation.run_eval import evaluate_run  # torch & co.
 
     res, path = evaluate_run(
         args.run,
@@ -102,6 +140,7 @@ def _eval(args) -> int:
         variant=args.variant,
         name=args.name,
         progress=not args.no_progress,
+        trust_remote_code=args.trust_remote_code,
     )
     print(results_markdown(res, res.get("title")))
     print(f"wrote {path} and {path.with_suffix('.md')}", file=sys.stderr)
@@ -144,25 +183,28 @@ def add_predict(sub) -> None:
         help="generation budget (default: the run's eval.max_new_tokens)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_trust_remote_code(p)
     p.set_defaults(func=_predict)
 
 
-def _predictor(args):
-    from t2t_mtl.inference.predictor import Predictor
+def _predictor(args) -> Predictor:
+    from t2t_mtl.inference.predictor import Predictor  # torch & co.
 
     kw = {"max_new_tokens": args.max_new_tokens} if getattr(args, "max_new_tokens", None) else {}
-    return Predictor.from_run(args.run, base=args.base, **kw)
+    return Predictor.from_run(
+        args.run, base=args.base, trust_remote_code=args.trust_remote_code, **kw
+    )
 
 
 def _predict(args) -> int:
-    from t2t_mtl.inference.predictor import predict_file, read_rows
+    from t2t_mtl.inference.predictor import predict_file, read_rows  # torch & co.
 
     pred = _predictor(args)
     pred.template(args.task)  # unknown task: fail before reading anything else
     rows, _ = read_rows(args.input)
     bar = None
     if not args.no_progress:
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # not loaded for the light verbs
 
         bar = tqdm(
             total=len(rows), desc=f"predict {args.task}", unit="row", file=sys.stderr, leave=False
@@ -220,13 +262,12 @@ def add_prompt(sub) -> None:
         type=int,
         help="generation budget (default: the run's eval.max_new_tokens)",
     )
+    _add_trust_remote_code(p)
     p.set_defaults(func=_prompt)
 
 
-def field_values(tpl, pairs: list[str]) -> dict:
+def field_values(tpl: Task, pairs: list[str]) -> dict:
     """`field=value` strings -> typed row values, checked against the template's fields (all problems at once)."""
-    import yaml
-
     out, problems = {}, []
     for item in pairs:
         key, sep, raw = item.partition("=")
@@ -263,8 +304,6 @@ def field_values(tpl, pairs: list[str]) -> dict:
 
 
 def _prompt(args) -> int:
-    from t2t_mtl.core.records import Record
-
     if bool(args.task) == bool(args.instruction):
         raise ConfigError(
             Problem(
@@ -327,11 +366,10 @@ def add_compare(sub) -> None:
 
 
 def _compare(args) -> int:
-    from pathlib import Path
-
-    from t2t_mtl.core.errors import T2TError
+    # reports (and the metrics and run folder it reads) would add start-up time to every verb
     from t2t_mtl.evaluation.reports import compare_table, load_results
 
+    _check_names(("--name", args.name))  # read from RUN/eval/<name>.json: never outside it
     loaded, problems = [], []
     for spec in args.sources:
         try:
@@ -359,8 +397,9 @@ def add_export(sub) -> None:
         "export",
         help="merge the adapter into the base model and save a standard transformers folder",
         description="Merge the run's LoRA adapter into a full-precision copy of the base model (QLoRA runs: the "
-        "base is reloaded unquantised) and save model, tokenizer and t2t_manifest.json to DIR; "
-        "load it with AutoModelFor*.from_pretrained(DIR).",
+        "base is reloaded unquantised) and save model, tokenizer, t2t_manifest.json and the export "
+        "marker t2t_export.json to DIR (built beside it and swapped in); load it with "
+        "AutoModelFor*.from_pretrained(DIR).",
     )
     p.add_argument("--run", required=True, help="run folder")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
@@ -369,13 +408,25 @@ def add_export(sub) -> None:
         choices=["float32", "bfloat16", "float16"],
         help="weights dtype (default: the run's model.dtype; QLoRA: its compute dtype, bf16 or fp32)",
     )
-    p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an earlier export in DIR (only a folder holding t2t_export.json, which every "
+        "export writes; any other non-empty folder is refused)",
+    )
+    _add_trust_remote_code(p)
     p.set_defaults(func=_export)
 
 
 def _export(args) -> int:
-    from t2t_mtl.inference.predictor import export
+    from t2t_mtl.inference.predictor import export  # torch & co.
 
-    out = export(args.run, args.out, dtype=args.dtype, force=args.force)
+    out = export(
+        args.run,
+        args.out,
+        dtype=args.dtype,
+        force=args.force,
+        trust_remote_code=args.trust_remote_code,
+    )
     print(f"exported to {out}", file=sys.stderr)
     return 0

@@ -23,7 +23,59 @@ import yaml
 from t2t_mtl.core import yaml_lines
 from t2t_mtl.core.errors import ConfigError, Problem, did_you_mean
 
+__all__ = [
+    "EMBEDDED_MODEL",
+    "NAME_HINT",
+    "AdapterConfig",
+    "EvalConfig",
+    "MixingConfig",
+    "ModelConfig",
+    "ReplayConfig",
+    "RunConfig",
+    "SourceConfig",
+    "StageConfig",
+    "TaskConfig",
+    "TrainConfig",
+    "config_to_dict",
+    "load_config",
+    "name_problem",
+]
+
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+
+# Names that become one file or folder name (RUN/stages/<stage>/, RUN/eval/<split>.json, ...).
+NAME_MAX = 100
+NAME_HINT = (
+    "a name becomes a file or folder name: use letters, digits, '_', '-', '.' and spaces, "
+    f"starting with a letter, digit or '_', at most {NAME_MAX} characters"
+)
+
+
+def name_problem(value: Any) -> str:
+    """Why `value` cannot be a single path component ("" when it can).
+
+    Safe names are non-empty text of at most NAME_MAX letters, digits, `_ - .` and spaces that
+    start with a letter, digit or `_` and do not end with a space or `.`: so never `.`/`..`,
+    never a `/` or `\\` (a path), a control character, or a leading `-` (read as an option).
+    """
+    if not isinstance(value, str) or not value:
+        return "it is empty"
+    if len(value) > NAME_MAX:
+        return f"it is {len(value)} characters long"
+    if value in (".", ".."):
+        return f"'{value}' names a folder, not a file"
+    if "/" in value or "\\" in value:
+        return "it contains a path separator ('/' or '\\')"
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        return "it contains a control character"
+    if not (value[0].isalnum() or value[0] == "_"):
+        return f"it starts with {value[0]!r}"
+    bad = sorted({c for c in value if not (c.isalnum() or c in "_-. ")})
+    if bad:
+        return "it contains " + ", ".join(repr(c) for c in bad)
+    if value[-1] in " .":
+        return f"it ends with {value[-1]!r}"
+    return ""
 
 
 @dataclass
@@ -107,6 +159,8 @@ class ModelConfig:
     prompt_format: Literal["auto", "chat", "plain"] = (
         "auto"  # causal only; auto = chat template if the tokenizer has one
     )
+    # Training only: eval/predict/prompt/export also need --trust-remote-code (a run folder may
+    # come from anyone; the config the user wrote for training is their own consent).
     trust_remote_code: bool = False
     max_length: int = 512  # tokens of prompt + target (causal) or source (seq2seq)
     max_target_length: int = 128  # seq2seq decoder length; also generation budget
@@ -123,7 +177,7 @@ class AdapterConfig:
     r: int = 16
     alpha: int = 32
     dropout: float = 0.05
-    target_modules: Any = "all-linear"  # "all-linear" or a list of module names
+    target_modules: str | list[str] = "all-linear"  # "all-linear" or a list of module names
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
     compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
@@ -149,8 +203,11 @@ class TrainConfig:
     logging_steps: int = 10
     save_steps: int = 100
     save_total_limit: int = 2
-    resume: str = "auto"  # auto | never | path to a checkpoint folder
+    resume: str = "auto"  # auto | never | one of this run's checkpoints/step-N folders
     report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"
+    # autocast dtype: auto = what `accelerate launch` was told, else bf16 on a GPU that supports it,
+    # else none (float32). bf16 also runs on CPUs (fastest on ones with AMX / AVX512-BF16).
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     bad_rows: Literal["skip", "fail"] = "skip"
 
 
@@ -163,7 +220,9 @@ class EvalConfig:
     split: str = "validation"
     batch_size: int = 16
     select_best: bool = True
-    max_new_tokens: int = 64
+    max_new_tokens: int = 64  # generation budget cap; each task's own budget fits its answers
+    ci_resamples: int = 1000  # bootstrap resamples of the 95 % intervals (0 = no intervals)
+    ci_seed: int = 0
 
 
 @dataclass
@@ -377,6 +436,13 @@ def _check_values(cfg: RunConfig, loc: yaml_lines.Located, problems: list[Proble
     def bad(path: tuple, msg: str, hint: str = "") -> None:
         problems.append(loc.problem(path, f"{_fmt_path(path)}: {msg}", hint))
 
+    def safe_name(path: tuple, value: Any) -> None:
+        why = name_problem(value) if isinstance(value, str) else ""  # else: a type problem
+        if why:
+            bad(path, f"{value!r} is not a safe name: {why}", NAME_HINT)
+
+    safe_name(("run_name",), cfg.run_name)
+    safe_name(("eval", "split"), cfg.eval.split)
     if not cfg.tasks:
         bad(("tasks",), "no tasks configured", "add at least one entry with a 'template' key")
     names = cfg.task_names()
@@ -387,6 +453,8 @@ def _check_values(cfg: RunConfig, loc: yaml_lines.Located, problems: list[Proble
                 "missing template name",
                 "run `t2t-mtl validate` to list templates",
             )
+        if t.name is not None:
+            safe_name(("tasks", i, "name"), t.name)
         if t.weight is not None and t.weight < 0:
             bad(("tasks", i, "weight"), "must be >= 0")
         for k in ("floor", "ceiling"):
@@ -404,7 +472,15 @@ def _check_values(cfg: RunConfig, loc: yaml_lines.Located, problems: list[Proble
         bad(("mixing", "temperature"), "must be > 0", "1 = proportional, larger = closer to equal")
     if cfg.mixing.cap is not None and cfg.mixing.cap <= 0:
         bad(("mixing", "cap"), "must be a positive number of examples (or null for no cap)")
+    stage_names = [s.name for s in cfg.stages]
     for i, s in enumerate(cfg.stages):
+        safe_name(("stages", i, "name"), s.name)
+        if isinstance(s.name, str) and s.name and stage_names.index(s.name) != i:
+            bad(
+                ("stages", i, "name"),
+                f"stage name '{s.name}' used twice",
+                "each stage saves RUN/stages/<name>/: give it a distinct name",
+            )
         if s.steps <= 0:
             bad(("stages", i, "steps"), "must be > 0")
         if not s.tasks:
@@ -438,11 +514,17 @@ def _check_values(cfg: RunConfig, loc: yaml_lines.Located, problems: list[Proble
         bad(("model", "max_length"), "too small", "use at least 64 tokens")
     if cfg.eval.limit < 0 or cfg.eval.every_steps < 0:
         bad(("eval",), "limit and every_steps must be >= 0")
+    if cfg.eval.ci_resamples < 0:
+        bad(("eval", "ci_resamples"), "must be >= 0", "0 turns the confidence intervals off")
+    if cfg.eval.max_new_tokens <= 0:
+        bad(("eval", "max_new_tokens"), "must be > 0")
 
 
-def _set_path(data: dict, dotted: str, value: Any, problems: list[Problem]) -> None:
+def _set_path(data: dict, dotted: str, value: Any, problems: list[Problem]) -> tuple | None:
+    """Set `dotted` (an override's key) in `data`; returns the key path set, or None on a problem."""
     parts = dotted.split(".")
     cur: Any = data
+    done: list = []
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
         key: Any = int(part) if part.isdigit() and isinstance(cur, list) else part
@@ -456,16 +538,35 @@ def _set_path(data: dict, dotted: str, value: Any, problems: list[Problem]) -> N
                         f"the list has {len(cur)} item(s), numbered from 0",
                     )
                 )
-                return
+                return None
+        done.append(key)
         if last:
             cur[key] = value
-            return
+            return tuple(done)
         if isinstance(cur, dict) and (key not in cur or cur[key] is None):
             cur[key] = {}
         cur = cur[key]
         if not isinstance(cur, (dict, list)):
             problems.append(Problem("<override>", None, f"{dotted}: '{part}' is not a section"))
-            return
+            return None
+    return None
+
+
+class _OverrideLocated(yaml_lines.Located):
+    """A config's Located whose problems in a value set by a `key=value` override name the
+    override as the user wrote it (`<override>: stages.0.name=..: ...`), not a file line."""
+
+    def __init__(self, loc: yaml_lines.Located, overridden: dict[tuple, str]):
+        super().__init__(loc.data, loc.lines, loc.file)
+        self.overridden = overridden
+
+    def problem(self, path: yaml_lines.KeyPath, message: str, hint: str = "") -> Problem:
+        path = tuple(path)
+        for n in range(len(path), 0, -1):  # the innermost override that set this value
+            ov = self.overridden.get(path[:n])
+            if ov is not None:
+                return Problem("<override>", None, f"{ov}: {message}", hint)
+        return super().problem(path, message, hint)
 
 
 def load_config(
@@ -486,6 +587,7 @@ def load_config(
         loc = yaml_lines.Located(dict(data or {}), {(): 1}, "<config>")
     if not isinstance(loc.data, dict):
         raise ConfigError([Problem(loc.file, 1, "a run config must be a YAML mapping")])
+    overridden: dict[tuple, str] = {}
     for ov in overrides or []:
         if "=" not in ov:
             problems.append(
@@ -497,7 +599,11 @@ def load_config(
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
-        _set_path(loc.data, key.strip(), value, problems)
+        where = _set_path(loc.data, key.strip(), value, problems)
+        if where is not None:
+            overridden[where] = ov
+    if overridden:
+        loc = _OverrideLocated(loc, overridden)
     cfg = _build(RunConfig, loc.data, (), loc, problems)
     try:
         _check_values(cfg, loc, problems)

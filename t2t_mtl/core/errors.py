@@ -11,6 +11,8 @@ import difflib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+__all__ = ["ConfigError", "DataError", "Problem", "T2TError", "TemplateError", "did_you_mean"]
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -20,6 +22,12 @@ class Problem:
     line: int | None  # 1-based line (or data row number); None when unknown
     message: str
     hint: str = ""  # how to fix it ("did you mean 'label'?")
+
+    @classmethod
+    def at(cls, file: str, message: str, hint: str = "", *, line: int | None = None) -> Problem:
+        """A problem about `file` (a path, or a place such as "<config>", "<mixing>", "<train>"),
+        at `line` when known: `Problem.at("<config>", "model.name: no such model", "check it")`."""
+        return cls(file, line, message, hint)
 
     def format(self) -> str:
         """Render as `file:line: message (hint)`; the form every command prints."""

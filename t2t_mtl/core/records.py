@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from t2t_mtl.core.errors import DataError, Problem
+from t2t_mtl.core.files import atomic_open
+
+__all__ = ["RECORD_FIELDS", "Record", "read_jsonl", "write_jsonl"]
 
 RECORD_FIELDS = ("task", "instruction", "input", "output")
 
@@ -55,12 +58,10 @@ def write_jsonl(records: Iterable[Record], path: str | Path) -> int:
     n = 0
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
+    with atomic_open(path) as f:  # a crash never leaves a half-written file behind
         for r in records:
             f.write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
             n += 1
-    tmp.replace(path)  # atomic: a crash never leaves a half-written file behind
     return n
 
 

@@ -14,6 +14,8 @@ import yaml
 
 from t2t_mtl.core.errors import Problem, T2TError
 
+__all__ = ["KeyPath", "Located", "load", "loads"]
+
 KeyPath = tuple  # ("variants", 0, "input")
 
 

@@ -11,7 +11,9 @@ output plus every alternative in the row's `answers` field (SQuAD's `{text: [...
 output parsed back; `text` -> the rendered output plus the row's `summaries` list when present.
 Metrics are the template's `metric` list (the first is primary), computed by `metrics.compute`;
 each task also reports the invalid (unparsed) rate. The combined score is the mean of the
-per-task primary scores.
+per-task primary scores. Each primary score (and the combined one) gets a 95 % confidence interval,
+a percentile bootstrap over the task's examples (`confidence`); the per-example statistics it
+resamples are kept in the results (`per_example`) so `t2t-mtl compare` can test differences.
 
 `evaluate` works on a loaded model (`eval_runs.evaluate_run` loads a run's bundle and writes
 the results files); `training_eval_fn(cfg)` is the hook `training.train(cfg, eval_fn=...)` calls every
@@ -25,18 +27,38 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
+
+from tqdm.auto import tqdm
 
 from t2t_mtl.core.config import RunConfig, SourceConfig
 from t2t_mtl.core.errors import ConfigError, DataError, Problem, TemplateError, did_you_mean
 from t2t_mtl.core.records import Record
-from t2t_mtl.evaluation import metrics
-from t2t_mtl.model.generation import generate_texts, rank_choices
+from t2t_mtl.evaluation import confidence, metrics
 from t2t_mtl.model.prompt_format import PromptFormat
 from t2t_mtl.runs.folder import resolved_source, task_for
 from t2t_mtl.tasks import sources
 from t2t_mtl.tasks.parsing import ner_linearize
 from t2t_mtl.tasks.task import Task
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from t2t_mtl.model.generation import Ranked
+
+__all__ = [
+    "EvalHook",
+    "EvalTask",
+    "Example",
+    "TrainingEvalContext",
+    "eval_tasks",
+    "evaluate",
+    "examples_from_rows",
+    "load_examples",
+    "score_task",
+    "training_eval_fn",
+]
 
 MODES = ("generate", "rank")
 
@@ -62,8 +84,9 @@ class Example:
     """A rendered eval record plus what scoring needs: gold value and (NER) the row's tokens."""
 
     record: Record
-    gold: Any
+    gold: str | list[str] | None  # label: the choice; span/text: alternatives; entities: tags
     tokens: list[str] | None = None
+    key: str | None = None  # fingerprint of the source row (`confidence.row_key`)
 
 
 def pick_variant(tpl: Task, variant: str | None) -> tuple[str | None, Problem | None]:
@@ -168,7 +191,7 @@ def _alternatives(value: Any) -> list[str]:
     return []
 
 
-def gold_for(tpl: Task, row: dict, rec: Record, tokens: list[str] | None) -> Any:
+def gold_for(tpl: Task, row: dict, rec: Record, tokens: list[str] | None) -> str | list[str] | None:
     """The gold value scoring compares against (see module docstring)."""
     kind = tpl.parse
     if kind == "label":
@@ -190,7 +213,7 @@ def gold_for(tpl: Task, row: dict, rec: Record, tokens: list[str] | None) -> Any
 
 def load_examples(
     task: EvalTask, split: str, limit: int | None, *, bad_rows: str = "skip"
-) -> tuple[list[Example], Any]:
+) -> tuple[list[Example], sources.Rows]:
     """Render up to `limit` rows of `split` with the task's eval variant; returns (examples, Rows).
 
     Cached per (split, limit), so an eval hook reads its data once.
@@ -198,24 +221,34 @@ def load_examples(
     key = (split, limit, bad_rows)
     if key not in task._cache:
         rows = sources.load_rows(task.template, task.source, split, bad_rows=bad_rows, limit=limit)
-        tpl, vid = task.template, task.variant_id()
-        out = []
-        for i in range(len(rows)):
-            row = rows[i]
-            try:
-                rec = sources.render_row(tpl, rows, i, vid, row_id=str(i), split=split)
-            except TemplateError as e:
-                if bad_rows != "skip":
-                    raise
-                rows.skipped += (
-                    1  # a row the template cannot render is a bad row (row_id keeps the index)
-                )
-                rows.problems.append(e.problems[-1])
-                continue
-            toks = _tokens(tpl, row) if tpl.parse == "entities" else None
-            out.append(Example(rec, gold_for(tpl, row, rec, toks), toks))
+        out = examples_from_rows(task.template, rows, task.variant_id(), split, bad_rows=bad_rows)
         task._cache[key] = (out, rows)
     return task._cache[key]
+
+
+def examples_from_rows(
+    tpl: Task, rows: sources.Rows, variant: str, split: str, *, bad_rows: str = "skip"
+) -> list[Example]:
+    """Render every row of `rows` with `variant` as an Example (record, gold, tokens, row key).
+
+    A row the template cannot render is a bad row: with `bad_rows="skip"` it is counted in
+    `rows.skipped` and its problem appended to `rows.problems`. A record's `row_id` is its row's
+    index in `rows`, so `rows.location(int(row_id))` names the row in the user's file.
+    """
+    out = []
+    for i in range(len(rows)):
+        row = rows[i]
+        try:
+            rec = sources.render_row(tpl, rows, i, variant, row_id=str(i), split=split)
+        except TemplateError as e:
+            if bad_rows != "skip":
+                raise
+            rows.skipped += 1  # a row the template cannot render is a bad row
+            rows.problems.append(e.problems[-1])
+            continue
+        toks = _tokens(tpl, row) if tpl.parse == "entities" else None
+        out.append(Example(rec, gold_for(tpl, row, rec, toks), toks, confidence.row_key(row)))
+    return out
 
 
 # ------------------------------------------------------------------ scoring
@@ -225,13 +258,15 @@ def score_task(
     tpl: Task,
     examples: Sequence[Example],
     texts: Sequence[str] | None = None,
-    ranked: Sequence[Any] | None = None,
+    ranked: Sequence[Ranked] | None = None,
 ) -> tuple[dict, list[dict]]:
     """Parse generated `texts` (or take `ranked` choices) and compute the template's metrics.
 
     Returns (summary, per-example rows). An empty example list gives `n: 0` and no metrics.
     """
     preds, valid, rows = [], [], []
+    pred: str | list[str] | None
+    extra: dict[str, Any]
     for k, ex in enumerate(examples):
         if ranked is not None:
             r = ranked[k]
@@ -277,20 +312,25 @@ def score_task(
             primary=metrics.primary_score(tpl.metric, res),
             invalid_rate=metrics.invalid_rate(valid),
         )
+        # What the confidence intervals (and `compare`'s paired test) resample: the primary
+        # metric's per-example statistics, tagged with the rows they were computed on.
+        stats = confidence.row_stats(tpl.metric[0], preds, golds, tpl.answer_choices or None)
+        stats.digest = confidence.rows_digest(
+            [ex.key or f"{ex.record.meta.get('row_id')}:{ex.record.input}" for ex in examples]
+        )
+        summary["per_example"] = stats.to_json()
     return summary, rows
 
 
-def _bar(total: int, enabled: bool, desc: str):
+def _bar(total: int, enabled: bool, desc: str) -> tqdm | None:
     if not enabled:
         return None
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc=desc, unit="ex", file=sys.stderr, dynamic_ncols=True, leave=False)
 
 
 def evaluate(
-    model: Any,
-    tokenizer: Any,
+    model: PreTrainedModel | PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
     fmt: PromptFormat,
     tasks: Sequence[EvalTask],
     *,
@@ -302,15 +342,21 @@ def evaluate(
     bad_rows: str = "skip",
     progress: bool = True,
     keep_predictions: bool = False,
-    log: Callable[[str], Any] | None = None,
+    log: Callable[[str], object] | None = None,
+    ci_resamples: int = confidence.RESAMPLES,
+    ci_seed: int = confidence.SEED,
 ) -> dict[str, Any]:
     """Evaluate `model` on every task; returns the results dict.
 
     `{"split", "limit", "tasks": {name: {"mode", "variant", "n", "skipped_rows", "metric",
-    "primary_metric", "metrics", "primary", "invalid_rate"[, "predictions"]}}, "combined"}`;
+    "primary_metric", "metrics", "primary", "invalid_rate", "per_example", "ci_low", "ci_high",
+    "ci"[, "predictions"]}}, "combined"[, "combined_ci_low", "combined_ci_high", "ci"]}`;
     "combined" is the mean primary score over tasks with examples (None when none has any).
+    Intervals: `confidence.add_intervals` with `ci_resamples` (0: none) and `ci_seed`.
     A task whose data cannot be read (e.g. no such split) gets `"error"` instead of metrics.
     """
+    from t2t_mtl.model.generation import generate_texts, rank_choices  # torch: only to answer
+
     data: dict[str, tuple] = {}
     out: dict[str, Any] = {"split": split, "limit": limit, "tasks": {}}
     for t in tasks:
@@ -376,6 +422,7 @@ def evaluate(
             bar.close()
     prim = [e["primary"] for e in out["tasks"].values() if "primary" in e]
     out["combined"] = sum(prim) / len(prim) if prim else None
+    confidence.add_intervals(out, resamples=ci_resamples, seed=ci_seed)
     return out
 
 
@@ -392,7 +439,7 @@ class EvalHook:
     def __init__(
         self,
         cfg: RunConfig,
-        tokenizer: Any,
+        tokenizer: PreTrainedTokenizerBase,
         fmt: PromptFormat,
         *,
         template_dir: Path | None = None,
@@ -408,7 +455,9 @@ class EvalHook:
         for t in self.tasks:  # read the data now: a missing split fails at start, not after hours
             load_examples(t, self.split, self.limit, bad_rows=cfg.train.bad_rows)
 
-    def __call__(self, model: Any, step: int | None = None) -> dict[str, Any]:
+    def __call__(
+        self, model: PreTrainedModel | PeftModel, step: int | None = None
+    ) -> dict[str, Any]:
         ev = self.cfg.eval
         res = evaluate(
             model,
@@ -422,6 +471,8 @@ class EvalHook:
             max_prompt_tokens=self.cfg.model.max_length,
             bad_rows=self.cfg.train.bad_rows,
             progress=self.progress,
+            ci_resamples=ev.ci_resamples,
+            ci_seed=ev.ci_seed,
         )
         res["step"] = step
         scored = {n: e for n, e in res["tasks"].items() if "primary" in e}
@@ -433,7 +484,29 @@ class EvalHook:
         }
 
 
-def training_eval_fn(cfg: RunConfig, *, progress: bool = False) -> Callable[[Any], dict]:
+class TrainingEvalContext(Protocol):
+    """What the `training_eval_fn` hook reads of training's `EvalContext` (training is a higher
+    layer, so the context is described here, not imported). It also uses `accelerator`, if set."""
+
+    @property
+    def model(self) -> PreTrainedModel | PeftModel: ...
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase: ...
+    @property
+    def prompt_format(self) -> PromptFormat: ...
+    @property
+    def cfg(self) -> RunConfig: ...
+    @property
+    def run_dir(self) -> Path: ...
+    @property
+    def stage(self) -> str: ...
+    @property
+    def step(self) -> int: ...
+
+
+def training_eval_fn(
+    cfg: RunConfig, *, progress: bool = False
+) -> Callable[[TrainingEvalContext], dict]:
     """The `eval_fn` for `training.train`: called with its EvalContext every `eval.every_steps`,
     returns flat scalars (logged as `eval/...`): `combined` (mean primary score: the model-selection
     number), `<task>` (primary score) and `<task>/invalid_rate`. The main process also appends the
@@ -447,7 +520,7 @@ def training_eval_fn(cfg: RunConfig, *, progress: bool = False) -> Callable[[Any
         load_examples(t, cfg.eval.split, cfg.eval.limit or None, bad_rows=cfg.train.bad_rows)
     hook: list[EvalHook] = []
 
-    def eval_fn(ctx: Any) -> dict:
+    def eval_fn(ctx: TrainingEvalContext) -> dict:
         if not hook:  # tokenizer and prompt format exist only once training has loaded the model
             hook.append(
                 EvalHook(ctx.cfg, ctx.tokenizer, ctx.prompt_format, tasks=tasks, progress=progress)

@@ -10,7 +10,7 @@ Conventions shared by every function here:
 
 Span F1 and ROUGE delegate to the reference libraries (seqeval, rouge-score) so numbers match what
 papers report; they are imported lazily because each costs ~1.5 s and most commands never score.
-This module stays in layer 2: no torch / transformers.
+This module imports no torch / transformers (the `compare` verb and reports use it without them).
 """
 
 from __future__ import annotations
@@ -18,11 +18,29 @@ from __future__ import annotations
 import re
 import string
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
 from t2t_mtl.core.errors import did_you_mean
+
+__all__ = [
+    "MAIN_KEY",
+    "METRIC_NAMES",
+    "ROUGE_TYPES",
+    "accuracy",
+    "compute",
+    "invalid_rate",
+    "macro_f1",
+    "normalize_answer",
+    "primary_score",
+    "rouge",
+    "rouge_example",
+    "span_counts",
+    "span_f1",
+    "squad",
+    "squad_example",
+]
 
 # Metric name (as written in a template's `metric:` list) -> the result key that is its main number.
 MAIN_KEY: dict[str, str] = {
@@ -48,14 +66,14 @@ def _check_pair(preds: Sequence, golds: Sequence) -> int:
 # ---------------------------------------------------------------- labels
 
 
-def accuracy(preds: Sequence[Any], golds: Sequence[Any]) -> float:
+def accuracy(preds: Sequence[Hashable], golds: Sequence[Hashable]) -> float:
     """Percent of predictions equal to the gold label; a None (unparsed) prediction is wrong."""
     n = _check_pair(preds, golds)
     return 100.0 * sum(p is not None and p == g for p, g in zip(preds, golds)) / n
 
 
 def macro_f1(
-    preds: Sequence[Any], golds: Sequence[Any], labels: Sequence[Any] | None = None
+    preds: Sequence[Hashable], golds: Sequence[Hashable], labels: Sequence[Hashable] | None = None
 ) -> float:
     """Unweighted mean over classes of per-class F1 = 2TP / (2TP + FP + FN), in percent.
 
@@ -215,6 +233,23 @@ def span_f1(
     return result
 
 
+def span_counts(pred_tags: Sequence[str] | None, gold_tags: Sequence[str]) -> tuple[int, int, int]:
+    """(true positives, false positives, false negatives) entity counts of one tag sequence, in
+    seqeval's default mode (a None prediction predicts no entity).
+
+    seqeval's micro span F1 over many sequences is exactly 2tp / (2tp + fp + fn) of these counts
+    summed over the sequences (its entities carry their sequence's offsets, so none match across
+    sequences); the confidence intervals recompute span F1 on resamples from them.
+    """
+    from seqeval.metrics.sequence_labeling import get_entities
+
+    pred = _pred_tags([pred_tags], [gold_tags])[0]
+    true_set = set(get_entities(list(gold_tags)))
+    pred_set = set(get_entities(pred))
+    tp = len(true_set & pred_set)
+    return tp, len(pred_set) - tp, len(true_set) - tp
+
+
 # ---------------------------------------------------------------- ROUGE (rouge-score)
 
 
@@ -265,10 +300,10 @@ def _check_names(metric_names: Iterable[str]) -> list[str]:
 
 def compute(
     metric_names: str | Sequence[str],
-    preds: Sequence[Any],
+    preds: Sequence[Any],  # per metric: labels, answer texts or tag lists (see below)
     golds: Sequence[Any],
     *,
-    labels: Sequence[Any] | None = None,
+    labels: Sequence[Hashable] | None = None,
 ) -> dict[str, float]:
     """Run the named metrics on one task's predictions; returns one flat dict of 0..100 numbers.
 
@@ -303,7 +338,7 @@ def primary_score(task_metric_names: str | Sequence[str], results: Mapping[str, 
     return float(results[key])
 
 
-def invalid_rate(items: Iterable[Any]) -> float:
+def invalid_rate(items: Iterable[object]) -> float:
     """Percent of outputs that could not be parsed.
 
     Each item may be a parse result with a `.valid` attribute (parsing.Parsed), a bool validity flag

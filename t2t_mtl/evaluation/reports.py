@@ -26,7 +26,20 @@ from pathlib import Path
 from typing import Any
 
 from t2t_mtl.core.errors import ConfigError, Problem
+from t2t_mtl.core.files import atomic_write_json, atomic_write_text
 from t2t_mtl.evaluation import metrics
+from t2t_mtl.runs.folder import Run
+
+__all__ = [
+    "compare_table",
+    "forgetting",
+    "forgetting_heatmap",
+    "forgetting_markdown",
+    "load_results",
+    "merge_columns",
+    "results_markdown",
+    "write_results",
+]
 
 
 def _mean(xs: Sequence[float]) -> float | None:
@@ -128,7 +141,7 @@ def forgetting_markdown(
 
 def forgetting_heatmap(rep: Mapping[str, Any], path: str | Path) -> Path:
     """Heatmap PNG of the matrix (rows stages, columns tasks), scores written in the cells."""
-    import matplotlib
+    import matplotlib  # slow to import; only this PNG needs it (and numpy)
 
     matplotlib.use("Agg")  # files only; no display needed
     import matplotlib.pyplot as plt
@@ -176,11 +189,17 @@ def forgetting_heatmap(rep: Mapping[str, Any], path: str | Path) -> Path:
 # ------------------------------------------------------------------ one evaluation
 
 
+def _score_ci(v: float, lo: float | None, hi: float | None) -> str:
+    """`87.50 [75.00, 95.00]`: a score and its 95 % interval (just the score when there is none)."""
+    return f"{v:.2f}" + (f" [{lo:.2f}, {hi:.2f}]" if lo is not None and hi is not None else "")
+
+
 def results_markdown(res: dict[str, Any], title: str | None = None) -> str:
-    """A markdown table of one results dict: task, mode, n, primary, all metrics, invalid %."""
+    """A markdown table of one results dict: task, mode, n, primary, score with its 95 % interval,
+    all metrics, invalid %; a note under the table says how the intervals were computed."""
     lines = [f"### {title}", ""] if title else []
     lines += [
-        "| task | mode | variant | n | primary | score | metrics | invalid % |",
+        "| task | mode | variant | n | primary | score [95 % CI] | metrics | invalid % |",
         "|---|---|---|---:|---|---:|---|---:|",
     ]
     for name, e in res["tasks"].items():
@@ -193,14 +212,24 @@ def results_markdown(res: dict[str, Any], title: str | None = None) -> str:
         others = ", ".join(f"{k} {v:.1f}" for k, v in e["metrics"].items())
         lines.append(
             f"| {name} | {e['mode']} | {e['variant']} | {e['n']} | {metrics.MAIN_KEY[e['primary_metric']]} | "
-            f"{e['primary']:.2f} | {others} | {e['invalid_rate']:.1f} |"
+            f"{_score_ci(e['primary'], e.get('ci_low'), e.get('ci_high'))} | {others} | "
+            f"{e['invalid_rate']:.1f} |"
         )
     comb = res.get("combined")
-    lines.append(
-        f"| **combined** | | | | mean primary | {comb:.2f} | | |"
+    score = (
+        _score_ci(comb, res.get("combined_ci_low"), res.get("combined_ci_high"))
         if comb is not None
-        else "| **combined** | | | | mean primary | — | | |"
+        else "—"
     )
+    lines.append(f"| **combined** | | | | mean primary | {score} | | |")
+    ci = res.get("ci") or next((e["ci"] for e in res["tasks"].values() if "ci" in e), None)
+    if ci:
+        lines += [
+            "",
+            f"95 % CI: {ci.get('method', 'percentile bootstrap over examples')} "
+            f"({ci.get('resamples')} resamples, seed {ci.get('seed')}); combined: each task "
+            "resampled over its own examples, then the mean across tasks.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -214,21 +243,15 @@ def write_results(res: dict[str, Any], out_dir: Path, name: str) -> tuple[Path, 
         },
     }
     jpath, mpath = out_dir / f"{name}.json", out_dir / f"{name}.md"
-    _atomic_write(jpath, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
-    _atomic_write(mpath, results_markdown(res, title=res.get("title") or name))
+    atomic_write_json(jpath, summary, indent=2, ensure_ascii=False)
+    atomic_write_text(mpath, results_markdown(res, title=res.get("title") or name))
     preds = [{"task": n, **p} for n, e in res["tasks"].items() for p in e.get("predictions", [])]
     if preds:
-        _atomic_write(
+        atomic_write_text(
             out_dir / f"{name}.predictions.jsonl",
             "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds),
         )
     return jpath, mpath
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 # ------------------------------------------------------------------ compare
@@ -242,8 +265,6 @@ def load_results(spec: str, name: str | None = None) -> tuple[str, dict[str, Any
     )
     p = Path(path_s).expanduser()
     if p.is_dir():
-        from t2t_mtl.runs.folder import Run  # config parsing only for run folders
-
         run = Run.load(p)
         stem = name or run.cfg.eval.split
         f = run.eval_dir / f"{stem}.json"
@@ -308,10 +329,32 @@ def merge_columns(
     return list(cols.items())
 
 
+TIE = "≈"
+UNPAIRED = "†"
+
+
+def _diff_text(diff: float, test: Mapping[str, Any] | None) -> str:
+    """A difference cell's text: `+1.20`, `≈ +1.20` inside the noise, `†` appended when the rows
+    differ (interval overlap instead of a paired test)."""
+    text = f"{diff:+.2f}"
+    if test is None:
+        return text
+    return (f"{TIE} " if test["tie"] else "") + text + (UNPAIRED if test["method"] == "overlap" else "")
+
+
 def compare_table(sources: Sequence[tuple[str, dict[str, Any]]]) -> tuple[str, dict[str, Any]]:
     """Markdown table (tasks x sources, primary metric; later columns show the difference to the
     first) and the same numbers as a dict. The last rows are the mean over every task a column has
-    and the mean over the tasks all columns share (the fair comparison)."""
+    and the mean over the tasks all columns share (the fair comparison).
+
+    Differences are tested against the noise of the test set (`confidence.compare_entries`) when
+    the results carry per-example statistics: `(≈ -1.20)` marks a difference whose 95 % interval
+    contains 0 (a tie), `(-5.00)` one outside it. Two runs scored on the same rows get a paired
+    bootstrap of the difference; when the rows differ the two runs' own intervals are compared
+    instead (they overlap = a tie), marked `†`. The shared-tasks mean is tested the same way.
+    """
+    from t2t_mtl.evaluation.confidence import compare_entries
+
     cols = merge_columns(sources)
     tasks: list[str] = []
     for _, col in cols:
@@ -322,20 +365,27 @@ def compare_table(sources: Sequence[tuple[str, dict[str, Any]]]) -> tuple[str, d
     labels = [lab for lab, _ in cols]
     lines = ["| task | metric | " + " | ".join(labels) + " |", "|---|---|" + "---:|" * len(labels)]
     first = cols[0][1] if cols else {}
+    tests: dict[str, dict[str, Any]] = {lab: {} for lab in labels[1:]}
 
-    def cell(k: int, v: float | None, ref: float | None) -> str:
+    def cell(k: int, v: float | None, ref: float | None, test: Mapping | None = None) -> str:
         if v is None:
             return "—"
-        return f"{v:.2f}" + (f" ({v - ref:+.2f})" if k > 0 and ref is not None else "")
+        if k == 0 or ref is None:
+            return f"{v:.2f}"
+        return f"{v:.2f} ({_diff_text(v - ref, test)})"
 
     for t in tasks:
         vals = [c[t]["primary"] if t in c else None for _, c in cols]
         ref = first[t]["primary"] if t in first else None
-        lines.append(
-            f"| {t} | {metric[t]} | "
-            + " | ".join(cell(k, v, ref) for k, v in enumerate(vals))
-            + " |"
-        )
+        row = []
+        for k, (lab, c) in enumerate(cols):
+            test = None
+            if k > 0 and t in c and t in first:
+                test = compare_entries([t], [first[t]], [c[t]])
+                if test is not None:
+                    tests[lab][t] = test
+            row.append(cell(k, vals[k], ref, test))
+        lines.append(f"| {t} | {metric[t]} | " + " | ".join(row) + " |")
     shared = [t for t in tasks if all(t in c for _, c in cols)]
     means = [_mean([c[t]["primary"] for t in c]) for _, c in cols]
     shared_means = [_mean([c[t]["primary"] for t in shared]) for _, c in cols]
@@ -345,11 +395,30 @@ def compare_table(sources: Sequence[tuple[str, dict[str, Any]]]) -> tuple[str, d
         + " |"
     )
     if len(cols) > 1:
-        lines.append(
-            f"| **mean ({len(shared)} shared)** | | "
-            + " | ".join(cell(k, v, shared_means[0]) for k, v in enumerate(shared_means))
-            + " |"
-        )
+        row = []
+        for k, (lab, c) in enumerate(cols):
+            test = None
+            if k > 0 and shared:
+                test = compare_entries(shared, [first[t] for t in shared], [c[t] for t in shared])
+                if test is not None:
+                    tests[lab]["mean (shared)"] = test
+            row.append(cell(k, shared_means[k], shared_means[0], test))
+        lines.append(f"| **mean ({len(shared)} shared)** | | " + " | ".join(row) + " |")
+    methods = {x["method"] for per in tests.values() for x in per.values()}
+    if methods:
+        lines += [
+            "",
+            f"Differences to {labels[0]}: `{TIE}` = inside the noise (the 95 % interval of the "
+            "difference contains 0), no mark = outside it; paired bootstrap over the examples both "
+            "runs were scored on.",
+        ]
+        if "overlap" in methods:
+            lines.append(
+                f"`{UNPAIRED}` = the runs were scored on different rows: their own 95 % intervals "
+                f"are compared instead (overlapping = `{TIE}`), a weaker test."
+            )
+    elif len(cols) > 1:
+        lines += ["", "Differences are not tested: the results carry no per-example statistics."]
     data = {
         "columns": labels,
         "tasks": tasks,
@@ -358,5 +427,6 @@ def compare_table(sources: Sequence[tuple[str, dict[str, Any]]]) -> tuple[str, d
         "mean": dict(zip(labels, means)),
         "shared_tasks": shared,
         "shared_mean": dict(zip(labels, shared_means)),
+        "differences": tests,
     }
     return "\n".join(lines) + "\n", data

@@ -7,13 +7,14 @@ average forgetting, backward/forward transfer) as JSON, markdown and a heatmap P
 
 from __future__ import annotations
 
-import json
-import sys
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from t2t_mtl.core.config import NAME_HINT, name_problem
 from t2t_mtl.core.errors import ConfigError, Problem
+from t2t_mtl.core.files import atomic_write_json
 from t2t_mtl.evaluation import metrics
 from t2t_mtl.evaluation.evaluator import EvalTask, eval_tasks, evaluate
 from t2t_mtl.evaluation.reports import (
@@ -23,8 +24,13 @@ from t2t_mtl.evaluation.reports import (
     write_results,
 )
 from t2t_mtl.model.generation import place
+from t2t_mtl.model.loading import load_for_inference, read_manifest, remote_code_consent
 from t2t_mtl.model.prompt_format import PromptFormat
 from t2t_mtl.runs.folder import Run
+
+__all__ = ["check_result_name", "default_name", "evaluate_bundle", "evaluate_run", "forgetting_run"]
+
+logger = logging.getLogger(__name__)
 
 
 def evaluate_bundle(
@@ -37,11 +43,15 @@ def evaluate_bundle(
     base: bool = False,
     progress: bool = True,
     keep_predictions: bool = True,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
-    """Load a bundle of `run` (or its base model) and evaluate `tasks` with the run's eval settings."""
-    from t2t_mtl.model.loading import load_for_inference
+    """Load a bundle of `run` (or its base model) and evaluate `tasks` with the run's eval settings.
 
-    model, tokenizer, _family, manifest = load_for_inference(bundle, base=base)
+    `trust_remote_code`: the user's consent to run the model's remote code (a bundle that needs
+    it is refused without; see `loading.remote_code_consent`)."""
+    model, tokenizer, _family, manifest = load_for_inference(
+        bundle, base=base, trust_remote_code=trust_remote_code
+    )
     model = place(model)
     fmt = PromptFormat.from_dict(manifest["prompt_format"])
     ev = run.cfg.eval
@@ -59,7 +69,9 @@ def evaluate_bundle(
         bad_rows=run.cfg.train.bad_rows,
         progress=progress,
         keep_predictions=keep_predictions,
-        log=lambda m: print(m, file=sys.stderr),
+        log=logger.warning,
+        ci_resamples=ev.ci_resamples,
+        ci_seed=ev.ci_seed,
     )
     res.update(
         run=str(run.dir), bundle=str(bundle), base=base, model=manifest.get("model", {}).get("name")
@@ -78,6 +90,7 @@ def evaluate_run(
     variant: str | None = None,
     name: str | None = None,
     progress: bool = True,
+    trust_remote_code: bool = False,
 ) -> tuple[dict[str, Any], Path]:
     """Evaluate a run's final bundle (or, `base=True`, its untuned base model with the same prompts)
     and write `RUN/eval/<name>.json` + `.md` + `.predictions.jsonl`; returns (results, json path).
@@ -86,17 +99,47 @@ def evaluate_run(
     """
     run = Run.load(run_dir)
     split = split or run.cfg.eval.split
+    name = name or default_name(split, base=base, mode=mode, variant=variant)
+    check_result_name(name)
+    _remote_code_ok([run.bundle_dir()], trust_remote_code)
     ets = eval_tasks(
         run.cfg, names=tasks, template_dir=run.dir / "templates", mode=mode, variant=variant
     )
     res = evaluate_bundle(
-        run, run.bundle_dir(), ets, split=split, limit=limit, base=base, progress=progress
+        run,
+        run.bundle_dir(),
+        ets,
+        split=split,
+        limit=limit,
+        base=base,
+        progress=progress,
+        trust_remote_code=trust_remote_code,
     )
     res.update(mode=mode, variant=variant)
-    name = name or default_name(split, base=base, mode=mode, variant=variant)
     res["title"] = f"{run.name}: {name}"
     jpath, _ = write_results(res, run.eval_dir, name)
     return res, jpath
+
+
+def _remote_code_ok(bundles: Sequence[Path], trust_remote_code: bool) -> None:
+    """Refuse, before any slow work, bundles whose model needs remote code the user did not allow."""
+    for b in bundles:
+        remote_code_consent(read_manifest(b), trust_remote_code, b)
+
+
+def check_result_name(name: str, what: str = "results name") -> None:
+    """Refuse a results file stem that is not one safe file name (`../x` would write outside
+    RUN/eval); `what` names the setting in the error, e.g. `--name`."""
+    why = name_problem(name)
+    if why:
+        raise ConfigError(
+            Problem(
+                "<cli>",
+                None,
+                f"{what}: {name!r} is not a safe name: {why}",
+                f"results are written to RUN/eval/<name>.json; {NAME_HINT}",
+            )
+        )
 
 
 def default_name(
@@ -122,6 +165,7 @@ def forgetting_run(
     mode: str | None = None,
     variant: str | None = None,
     progress: bool = True,
+    trust_remote_code: bool = False,
 ) -> tuple[dict, Path]:
     """Forgetting report of a staged run: evaluate every `stages/<stage>/adapter` bundle on every task
     (and, `with_base`, the base model for forward transfer); write `RUN/eval/forgetting.{json,md,png}`
@@ -146,6 +190,9 @@ def forgetting_run(
     )
     names = [t.name for t in ets]
     suffix = "".join(f"-{x}" for x in (mode, variant) if x)
+    for s, _ in bundles:
+        check_result_name(f"stage-{s}-{split}{suffix}")
+    _remote_code_ok([b for _, b in bundles], trust_remote_code)
     stage_tasks = {s.name: s.tasks for s in run.cfg.stage_list()}
     order = [s for s, _ in bundles]
     learned = {}
@@ -154,7 +201,15 @@ def forgetting_run(
             learned.setdefault(t, i)
     matrix, metric_names = [], {}
     for s, bundle in bundles:
-        res = evaluate_bundle(run, bundle, ets, split=split, limit=limit, progress=progress)
+        res = evaluate_bundle(
+            run,
+            bundle,
+            ets,
+            split=split,
+            limit=limit,
+            progress=progress,
+            trust_remote_code=trust_remote_code,
+        )
         res["title"] = f"{run.name}: after stage {s} ({split})"
         write_results(res, run.eval_dir, f"stage-{s}-{split}{suffix}")
         matrix.append([res["tasks"][n].get("primary") for n in names])
@@ -168,7 +223,14 @@ def forgetting_run(
     base = None
     if with_base:
         res = evaluate_bundle(
-            run, bundles[0][1], ets, split=split, limit=limit, base=True, progress=progress
+            run,
+            bundles[0][1],
+            ets,
+            split=split,
+            limit=limit,
+            base=True,
+            progress=progress,
+            trust_remote_code=trust_remote_code,
         )
         base = {n: e["primary"] for n, e in res["tasks"].items() if "primary" in e}
     rep = forgetting(
@@ -180,9 +242,7 @@ def forgetting_run(
     out = run.eval_dir
     out.mkdir(parents=True, exist_ok=True)
     jpath = out / f"forgetting{suffix}.json"
-    tmp = jpath.with_name(jpath.name + ".tmp")
-    tmp.write_text(json.dumps(rep, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(jpath)
+    atomic_write_json(jpath, rep, indent=2)
     jpath.with_suffix(".md").write_text(forgetting_markdown(rep, metric_names), encoding="utf-8")
     forgetting_heatmap(rep, jpath.with_suffix(".png"))
     return rep, jpath

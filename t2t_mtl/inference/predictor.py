@@ -20,23 +20,48 @@ import dataclasses
 import difflib
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import torch
 from jinja2 import meta
 
+from t2t_mtl import __version__
+from t2t_mtl.core.config import AdapterConfig, ModelConfig
 from t2t_mtl.core.errors import ConfigError, DataError, Problem, TemplateError
+from t2t_mtl.core.files import atomic_open, swap_folder, temp_folder_beside
 from t2t_mtl.core.records import Record
+from t2t_mtl.model import loading  # used as loading.X: tests patch its loaders
 from t2t_mtl.model.features import prompt_ids
 from t2t_mtl.model.generation import generate_texts, place
 from t2t_mtl.model.prompt_format import PromptFormat
 from t2t_mtl.runs.folder import Run
+from t2t_mtl.tasks.parsing import Parsed
 from t2t_mtl.tasks.schema import ENV
 from t2t_mtl.tasks.sources import map_row
 from t2t_mtl.tasks.task import Task
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    Loaded = tuple[PreTrainedModel | PeftModel, PreTrainedTokenizerBase, str, dict[str, Any]]
+
+__all__ = [
+    "EXPORT_MARKER",
+    "FREE_TASK",
+    "Predictor",
+    "check_export_target",
+    "export",
+    "predict_file",
+    "prompt_fields",
+    "read_rows",
+    "structured",
+]
+
+Progress = Callable[[int], object]  # called with the number of records just answered
 
 FREE_TASK = "free"  # task name of records built from a free instruction
 _TYPES = {
@@ -67,7 +92,7 @@ def _close(word: str, candidates: list[str]) -> str:
     return close[0] if close else ""
 
 
-def structured(tpl: Task, parsed: Any) -> dict[str, Any]:
+def structured(tpl: Task, parsed: Parsed) -> dict[str, Any]:
     """A parsed output as the structured prediction written by `predict` (see module docstring)."""
     if tpl.parse == "label":
         return {"label": parsed.value}
@@ -84,8 +109,8 @@ class Predictor:
 
     def __init__(
         self,
-        model: Any,
-        tokenizer: Any,
+        model: PreTrainedModel | PeftModel | None,
+        tokenizer: PreTrainedTokenizerBase | None,
         fmt: PromptFormat | None,
         *,
         run: Run | None = None,
@@ -93,7 +118,7 @@ class Predictor:
         max_new_tokens: int = 64,
         batch_size: int = 16,
         max_prompt_tokens: int | None = None,
-        loader: Any = None,
+        loader: Callable[[], Loaded] | None = None,
     ):
         self._model, self._tokenizer, self._fmt, self.run = model, tokenizer, fmt, run
         self._loader = loader  # () -> (model, tokenizer, family, manifest); called on first use
@@ -105,14 +130,21 @@ class Predictor:
         )
 
     @classmethod
-    def from_run(cls, path: str | Path, base: bool = False, **kw: Any) -> Predictor:
+    def from_run(
+        cls,
+        path: str | Path,
+        base: bool = False,
+        trust_remote_code: bool = False,
+        **kw: Any,  # more Predictor() options, e.g. max_new_tokens
+    ) -> Predictor:
         """A predictor for a run's final bundle (`base=True`: its untuned base model, with the same
         prompts and templates). The run folder is checked now; the model loads on first use, so
-        bad input is reported before the slow part."""
-        from t2t_mtl.model.loading import load_for_inference
-
+        bad input is reported before the slow part. `trust_remote_code`: the user's consent to
+        run the model's remote code (a run that needs it is refused without; see
+        `loading.remote_code_consent`)."""
         run = Run.load(path)
         bundle = run.bundle_dir()
+        loading.remote_code_consent(loading.read_manifest(bundle), trust_remote_code, bundle)
         opts = {
             "max_new_tokens": run.cfg.eval.max_new_tokens,
             "batch_size": run.cfg.eval.batch_size,
@@ -120,7 +152,14 @@ class Predictor:
             **kw,
         }
         return cls(
-            None, None, None, run=run, loader=lambda: load_for_inference(bundle, base=base), **opts
+            None,
+            None,
+            None,
+            run=run,
+            loader=lambda: loading.load_for_inference(
+                bundle, base=base, trust_remote_code=trust_remote_code
+            ),
+            **opts,
         )
 
     def _load(self) -> None:
@@ -130,13 +169,13 @@ class Predictor:
             self._fmt = PromptFormat.from_dict(self.manifest["prompt_format"])
 
     @property
-    def model(self) -> Any:
+    def model(self) -> PreTrainedModel | PeftModel:
         """The model (loaded on first use)."""
         self._load()
         return self._model
 
     @property
-    def tokenizer(self) -> Any:
+    def tokenizer(self) -> PreTrainedTokenizerBase:
         """The tokenizer (loaded with the model)."""
         self._load()
         return self._tokenizer
@@ -244,7 +283,7 @@ class Predictor:
 
     # ------------------------------------------------------------------ answering
 
-    def generate(self, records: Sequence[Record], progress: Any = None) -> list[str]:
+    def generate(self, records: Sequence[Record], progress: Progress | None = None) -> list[str]:
         """Greedy answers for records (batched)."""
         return generate_texts(
             self.model,
@@ -258,7 +297,11 @@ class Predictor:
         )
 
     def _answer(
-        self, task: str, rows: list[tuple[str, dict]], recs: list[Record], progress: Any = None
+        self,
+        task: str,
+        rows: list[tuple[str, dict]],
+        recs: list[Record],
+        progress: Progress | None = None,
     ) -> list[dict]:
         tpl = self.template(task)
         texts = self.generate(recs, progress)
@@ -287,7 +330,7 @@ class Predictor:
         rows: Sequence[dict],
         *,
         variant: str | None = None,
-        progress: Any = None,
+        progress: Progress | None = None,
         where: Sequence[str] | None = None,
     ) -> list[dict]:
         """Structured predictions for `rows` (dicts of the task's fields), in order.
@@ -345,7 +388,7 @@ def predict_file(
     *,
     variant: str | None = None,
     bad_rows: str = "fail",
-    progress: Any = None,
+    progress: Progress | None = None,
 ) -> tuple[int, list[Problem]]:
     """Predict every row of a JSONL file and write JSONL (atomically; each output line names its
     input `line`). `bad_rows="fail"`: any bad row -> DataError listing all, nothing written;
@@ -375,45 +418,77 @@ def predict_file(
         item["line"] = int(w.rpartition(":")[2])
     output_path = Path(output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output_path.with_name(output_path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
+    with atomic_open(output_path) as f:
         for item in out:
             f.write(json.dumps(item, ensure_ascii=False) + "\n")
-    tmp.replace(output_path)
     return len(out), problems
 
 
 # ------------------------------------------------------------------ export
 
+EXPORT_MARKER = "t2t_export.json"  # written into every export: what `--force` may replace
 
-def export(
-    run_dir: str | Path, out_dir: str | Path, *, dtype: str | None = None, force: bool = False
-) -> Path:
-    """Merge the run's adapter into a full-precision copy of its base model and save a standard
-    transformers folder (weights, config, tokenizer, `t2t_manifest.json`) at `out_dir`.
 
-    QLoRA runs: the base is reloaded in `dtype` (default bfloat16 if that was the compute dtype,
-    else float32), never merged into 4-bit weights. Written atomically (temporary sibling, renamed).
+def check_export_target(out: Path, force: bool) -> None:
+    """Refuse an export folder that must not be replaced (ConfigError naming it, why and the fix).
+
+    A missing or empty folder is fine. A non-empty one needs `force`, and even then only an
+    earlier export (a folder holding EXPORT_MARKER) is replaced: `--force --out ~` must never
+    delete a home folder.
     """
-    import torch
-    from peft import PeftModel
-    from transformers import AutoTokenizer
-
-    from t2t_mtl.core.config import AdapterConfig, ModelConfig
-    from t2t_mtl.model.loading import MANIFEST, load_model_and_tokenizer, read_manifest
-
-    run = Run.load(run_dir)
-    bundle = run.bundle_dir()
-    out = Path(out_dir).expanduser()
-    if out.exists() and any(out.iterdir()) and not force:
+    fix = "choose an empty or new folder"
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        what = "a symbolic link" if out.is_symlink() else "a file, not a folder"
+        raise ConfigError(Problem(str(out), None, f"the export target is {what}", fix))
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not force:
         raise ConfigError(
             Problem(
                 str(out),
                 None,
                 "output folder exists and is not empty",
-                "pass --force to replace it",
+                f"{fix}, or pass --force to replace an earlier export",
             )
         )
+    if not (out / EXPORT_MARKER).is_file():
+        raise ConfigError(
+            Problem(
+                str(out),
+                None,
+                f"refusing to replace this folder: it is not an earlier export (no {EXPORT_MARKER})"
+                " and --force replaces only those",
+                fix,
+            )
+        )
+
+
+def export(
+    run_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    dtype: str | None = None,
+    force: bool = False,
+    trust_remote_code: bool = False,
+) -> Path:
+    """Merge the run's adapter into a full-precision copy of its base model and save a standard
+    transformers folder (weights, config, tokenizer, `t2t_manifest.json`, EXPORT_MARKER) at
+    `out_dir`.
+
+    QLoRA runs: the base is reloaded in `dtype` (default bfloat16 if that was the compute dtype,
+    else float32), never merged into 4-bit weights. Written to a temporary sibling and swapped
+    in, so a failed export leaves an earlier one whole. `force` replaces only an earlier export
+    (`check_export_target`); `trust_remote_code` is the user's consent to run the model's remote
+    code (`loading.remote_code_consent`).
+    """
+    # peft and transformers' classes take seconds to import; of this module only export needs them
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    run = Run.load(run_dir)
+    bundle = run.bundle_dir()
+    out = Path(os.path.abspath(Path(out_dir).expanduser()))  # "." has a name and a parent
+    check_export_target(out, force)
     if dtype not in (None, "float32", "bfloat16", "float16"):
         raise ConfigError(
             Problem(
@@ -423,9 +498,11 @@ def export(
                 "expected one of: float32, bfloat16, float16",
             )
         )
-    manifest = read_manifest(bundle)
+    manifest = loading.read_manifest(bundle)
+    remote = loading.remote_code_consent(manifest, trust_remote_code, bundle)
     mfields = {f.name for f in dataclasses.fields(ModelConfig)}
     model_cfg = ModelConfig(**{k: v for k, v in manifest["model"].items() if k in mfields})
+    model_cfg.trust_remote_code = remote
     adapter = AdapterConfig(
         **{
             k: v
@@ -439,19 +516,17 @@ def export(
         if adapter.method == "qlora":
             dtype = "bfloat16" if adapter.compute_dtype == "bfloat16" else "float32"
     if kind == "full":  # full fine-tuning: the bundle holds every weight already
-        from t2t_mtl.model.loading import load_for_inference
-
-        model = load_for_inference(bundle)[0].to(getattr(torch, dtype))
+        model = loading.load_for_inference(bundle, trust_remote_code=remote)[0].to(
+            getattr(torch, dtype)
+        )
     else:
         # adapter_cfg=None loads a plain (not quantised) base: the merge happens in `dtype`.
-        model, _, _ = load_model_and_tokenizer(
+        model, _, _ = loading.load_model_and_tokenizer(
             dataclasses.replace(model_cfg, dtype=dtype), None, for_training=False
         )
         model = PeftModel.from_pretrained(model, str(bundle)).merge_and_unload()
     tokenizer = AutoTokenizer.from_pretrained(bundle, trust_remote_code=model_cfg.trust_remote_code)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with temp_folder_beside(out) as tmp:
         with torch.no_grad():
             model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -465,12 +540,16 @@ def export(
                 "adapter_method": adapter.method if kind != "full" else "full",
             },
         }
-        (tmp / MANIFEST).write_text(
+        (tmp / loading.MANIFEST).write_text(
             json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8"
         )
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        marker = {
+            "run": str(run.dir.resolve()),
+            "bundle": str(bundle.resolve()),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "t2t_mtl_version": __version__,
+        }
+        (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+        check_export_target(out, force)  # again: the folder may have changed while we merged
+        swap_folder(tmp, out)
     return out

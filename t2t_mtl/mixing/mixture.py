@@ -20,7 +20,8 @@ every task-epoch, derived from (seed, task, epoch); small tasks are thus upsampl
 time and template variants follow the task's policy (`get(row, epoch)`). Records are rendered lazily,
 one at a time; nothing but the current index permutation per task (4 bytes a row) is held. `state()`
 is a small JSON dict (count, per-task cursor and epoch); `load_state` resumes at exactly record k+1.
-Imports: numpy, records, errors; the RunConfig glue (`build_members`) imports tasks/sources lazily.
+Imports: numpy, core, the replay buffer, and tasks (catalogue, sources) for the RunConfig glue
+(`build_members`).
 """
 
 from __future__ import annotations
@@ -34,8 +35,30 @@ from typing import Any
 
 import numpy as np
 
+from t2t_mtl.core.config import RunConfig, StageConfig
 from t2t_mtl.core.errors import ConfigError, DataError, Problem, T2TError, did_you_mean
 from t2t_mtl.core.records import Record
+from t2t_mtl.mixing.replay import ReplayBuffer
+from t2t_mtl.tasks import catalogue, sources
+from t2t_mtl.tasks.task import Task
+
+__all__ = [
+    "Member",
+    "MixedStream",
+    "StagePlan",
+    "build_members",
+    "count_target_tokens",
+    "derive_seed",
+    "effective_sizes",
+    "measure_tokens",
+    "member_from_records",
+    "mixing_rates",
+    "offer_stage_records",
+    "plan_stage",
+    "replay_member",
+    "stage_records",
+    "stage_replay",
+]
 
 STATE_VERSION = 1
 _BLOCK = 4096  # task draws generated per numpy call; only (seed, k) decides record k's task
@@ -123,10 +146,6 @@ def effective_sizes(
     return out
 
 
-def _problem(msg: str, hint: str = "") -> Problem:
-    return Problem("<mixing>", None, msg, hint)
-
-
 def mixing_rates(
     sizes: Mapping[str, float],
     temperature: float = 2.0,
@@ -154,18 +173,24 @@ def mixing_rates(
     ceilings = {k: v for k, v in (ceilings or {}).items() if v is not None}
     problems = []
     if not names:
-        problems.append(_problem("no tasks to mix"))
+        problems.append(Problem.at("<mixing>", "no tasks to mix"))
     if temperature <= 0:
-        problems.append(_problem(f"temperature must be > 0, got {temperature}"))
+        problems.append(Problem.at("<mixing>", f"temperature must be > 0, got {temperature}"))
     fixed_mass = sum(shares.values())
     if any(v < 0 for v in shares.values()) or fixed_mass > 1 + _EPS:
-        problems.append(_problem(f"fixed shares {shares} must be >= 0 and sum to at most 1"))
+        problems.append(
+            Problem.at("<mixing>", f"fixed shares {shares} must be >= 0 and sum to at most 1")
+        )
     if any(v < 0 for v in weights.values()):
-        problems.append(_problem("weights must be >= 0"))
+        problems.append(Problem.at("<mixing>", "weights must be >= 0"))
     if sum(floors.get(k, 0.0) for k in names) > 1 + _EPS:
-        problems.append(_problem("floors sum to more than 1", "lower some task's floor"))
+        problems.append(
+            Problem.at("<mixing>", "floors sum to more than 1", "lower some task's floor")
+        )
     if sum(ceilings.get(k, 1.0) for k in names) < 1 - _EPS:
-        problems.append(_problem("ceilings sum to less than 1", "raise some task's ceiling"))
+        problems.append(
+            Problem.at("<mixing>", "ceilings sum to less than 1", "raise some task's ceiling")
+        )
     if problems:
         raise ConfigError(problems)
     free = [k for k in names if k not in shares]
@@ -175,7 +200,11 @@ def mixing_rates(
         total = sum(weights.values())
         if total <= 0:
             raise ConfigError(
-                [_problem("all weights are 0", "give at least one task a positive weight")]
+                [
+                    Problem.at(
+                        "<mixing>", "all weights are 0", "give at least one task a positive weight"
+                    )
+                ]
             )
         p.update({k: rest * weights[k] / total for k in free})
     else:
@@ -183,7 +212,8 @@ def mixing_rates(
         if wmass >= 1 - _EPS:
             raise ConfigError(
                 [
-                    _problem(
+                    Problem.at(
+                        "<mixing>",
                         f"explicit weights of {sorted(weights)} sum to {wmass:g}, leaving no share "
                         "for the tasks without one",
                         "give every task a weight, or use weights as shares summing below 1",
@@ -199,7 +229,9 @@ def mixing_rates(
         }
         total = sum(scores.values())
         if total <= 0:
-            raise ConfigError([_problem(f"tasks {others} are empty", "check their sources")])
+            raise ConfigError(
+                [Problem.at("<mixing>", f"tasks {others} are empty", "check their sources")]
+            )
         p.update({k: rest * (1 - wmass) * s / total for k, s in scores.items()})
     p = _clamp(p, floors, ceilings, frozen=set(shares))
     return {k: p[k] for k in names}
@@ -230,7 +262,8 @@ def _clamp(
     if not free or sums[0] > mass + 1e-9 or sums[-1] < mass - 1e-9:
         raise ConfigError(
             [
-                _problem(
+                Problem.at(
+                    "<mixing>",
                     "floors/ceilings cannot all be met",
                     "floors must sum to at most, ceilings of used tasks to at least, "
                     "the share left for them",
@@ -272,15 +305,18 @@ class MixedStream:
         empty = [m.name for m in members if m.size <= 0 and rates.get(m.name, 0) > 0]
         if missing or empty:
             raise DataError(
-                [_problem(f"no rate for member '{n}'") for n in missing]
-                + [_problem(f"member '{n}' has no records", "check its source") for n in empty]
+                [Problem.at("<mixing>", f"no rate for member '{n}'") for n in missing]
+                + [
+                    Problem.at("<mixing>", f"member '{n}' has no records", "check its source")
+                    for n in empty
+                ]
             )
         self.members = list(members)
         self.rates = {m.name: float(rates[m.name]) for m in self.members}
         self.seed = int(seed)
         w = np.array([self.rates[m.name] for m in self.members], dtype=np.float64)
         if not len(w) or w.sum() <= 0:
-            raise DataError([_problem("nothing to mix: every rate is 0")])
+            raise DataError([Problem.at("<mixing>", "nothing to mix: every rate is 0")])
         self._cum = np.cumsum(w / w.sum())
         self._last = int(
             np.flatnonzero(w > 0)[-1]
@@ -370,12 +406,15 @@ class MixedStream:
         """Resume from `state()`: the next record is the one that followed when it was saved."""
         probs = []
         if state.get("version") != STATE_VERSION:
-            probs.append(_problem(f"unknown mixing state version {state.get('version')!r}"))
+            probs.append(
+                Problem.at("<mixing>", f"unknown mixing state version {state.get('version')!r}")
+            )
         saved = state.get("members", {})
         now = {m.name: m.size for m in self.members}
         if {k: v.get("size") for k, v in saved.items()} != now:
             probs.append(
-                _problem(
+                Problem.at(
+                    "<mixing>",
                     f"stream state was saved for members {sorted(saved)} with other sizes than "
                     f"now ({now})",
                     "the tasks or their data changed; restart the stage",
@@ -385,7 +424,8 @@ class MixedStream:
             abs(state.get("rates", {}).get(k, -1) - v) > 1e-12 for k, v in self.rates.items()
         ):
             probs.append(
-                _problem(
+                Problem.at(
+                    "<mixing>",
                     "stream state was saved with another seed or other rates",
                     "resume with the same mixing settings",
                 )
@@ -403,14 +443,34 @@ class MixedStream:
 # ---------------------------------------------------------------- stages and replay
 
 
-def replay_member(buffer: Any, name: str = "replay") -> Member:
+def replay_member(buffer: ReplayBuffer, name: str = "replay") -> Member:
     """A `replay.ReplayBuffer` as a mixture Member (records keep their task; `source` becomes "replay")."""
     recs = buffer.records()
     if not recs:
         raise DataError(
-            [_problem("the replay buffer is empty", "replay needs records from an earlier stage")]
+            [
+                Problem.at(
+                    "<mixing>",
+                    "the replay buffer is empty",
+                    "replay needs records from an earlier stage",
+                )
+            ]
         )
     return member_from_records(name, recs, info={"source": "replay", "tasks": buffer.tasks()})
+
+
+def stage_replay(buffer: ReplayBuffer | None) -> Member | None:
+    """The replay member a stage mixes in: None without a buffer or while it is still empty (the
+    first stage), else `replay_member(buffer)`. Training and `t2t-mtl mix` both plan with it."""
+    return replay_member(buffer) if buffer is not None and buffer.records() else None
+
+
+def stage_records(cfg: RunConfig, stage: int, processes: int) -> int:
+    """Records stage `stage` (index) of a RunConfig trains on: steps × batch_size × grad_accum ×
+    processes. Every process walks the same stream and each optimiser step consumes one window of
+    `processes × grad_accum` micro-batches of it (see `training.batching`)."""
+    tr = cfg.train
+    return cfg.stage_list()[stage].steps * tr.batch_size * tr.grad_accum * processes
 
 
 @dataclass
@@ -431,7 +491,11 @@ class StagePlan:
 
 
 def plan_stage(
-    cfg: Any, stage: Any, members: Mapping[str, Member], *, replay: Member | None = None
+    cfg: RunConfig,
+    stage: StageConfig | str | int,
+    members: Mapping[str, Member],
+    *,
+    replay: Member | None = None,
 ) -> StagePlan:
     """Rates and seed of one stage of a RunConfig (`stage`: a StageConfig, its name or index).
 
@@ -498,8 +562,26 @@ def plan_stage(
     return StagePlan(st.name, idx, temp, ms, sizes, rates, derive_seed(base, idx))
 
 
+def offer_stage_records(buffer: ReplayBuffer, plan: StagePlan, n: int) -> int:
+    """Offer the first `n` records of a stage's stream (what it trained on: `stage_records`) to
+    the replay buffer; returns how many it kept. The one offering code of training and of the
+    `t2t-mtl mix` preview, so both build the same buffer.
+
+    Draws the buffer ignores anyway (replayed records, upsampled repeats with mix_epoch > 0) are
+    skipped without rendering; the others are rendered exactly as the stream renders them.
+    """
+    stream = plan.stream()
+    kept = 0
+    for _ in range(n):
+        i, row, epoch = stream.next_index()
+        if epoch > 0 or stream.members[i].info.get("source", "task") == "replay":
+            continue
+        kept += buffer.add(stream.render(i, row, epoch))
+    return kept
+
+
 def build_members(
-    cfg: Any,
+    cfg: RunConfig,
     names: Sequence[str] | None = None,
     *,
     split: str = "train",
@@ -510,11 +592,6 @@ def build_members(
 
     Source paths resolve like `RunConfig.resolve_path`. Problems of every task are raised together.
     """
-    from t2t_mtl.tasks import (
-        catalogue,  # same layer; imported here so mixing's core needs only numpy
-        sources,
-    )
-
     extra = [cfg.resolve_path(d) for d in cfg.template_dirs]
     out: dict[str, Member] = {}
     problems: list[Problem] = []
@@ -540,13 +617,13 @@ def build_members(
             tokens,
             get,
             exact,
-            skipped=int(getattr(rows, "skipped", 0)),
+            skipped=rows.skipped,
             info={
                 "template": tmpl.name,
                 "template_version": tmpl.version,
                 "task_type": tmpl.task_type,
-                "label_task": bool(getattr(tmpl, "is_label_task", tmpl.answer_choices)),
-                "bad_rows": rows.summary() if hasattr(rows, "summary") else "",
+                "label_task": tmpl.is_label_task,
+                "bad_rows": rows.summary(),
             },
         )
     if problems:
@@ -554,9 +631,9 @@ def build_members(
     return out
 
 
-def _renderer(tmpl: Any, rows: Any, split: str, name: str) -> Callable[[int, int], Record]:
-    from t2t_mtl.tasks import sources  # as in build_members
-
+def _renderer(
+    tmpl: Task, rows: sources.Rows, split: str, name: str
+) -> Callable[[int, int], Record]:
     def get(i: int, epoch: int) -> Record:
         rec = sources.render_row(
             tmpl, rows, i, row_id=str(i), split=split, epoch=epoch

@@ -8,9 +8,11 @@ With `label_balanced`, label tasks (classification / NLI) keep one reservoir per
 and the task's quota is split evenly over the labels seen (a label with fewer records gives its unused
 quota to the others), so rare classes are not starved.
 
-Offering records as the model trains on them samples what it has actually seen. Upsampled repeats are
-ignored (records with `mix_epoch` > 0 repeat a row offered in epoch 0), as are records that already are
-replay (`source: replay`), so the reservoir samples distinct rows.
+Offering records as the model trains on them samples what it has actually seen: after each stage,
+training and the `t2t-mtl mix` preview offer the records it trained on through one function,
+`mixture.offer_stage_records`. Upsampled repeats are ignored (records with `mix_epoch` > 0 repeat a
+row offered in epoch 0), as are records that already are replay (`source: replay`), so the reservoir
+samples distinct rows.
 
 On disk, inside the run folder: `replay/buffer.jsonl` (the selected records, plain text Records, so any
 model family can replay them) and `replay/manifest.json` (tasks, counts, seed, template versions, and the
@@ -23,11 +25,19 @@ import json
 import zlib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from t2t_mtl.core.errors import DataError, Problem
+from t2t_mtl.core.files import atomic_write_json
 from t2t_mtl.core.records import Record, read_jsonl, write_jsonl
+
+if TYPE_CHECKING:  # type-only: mixture imports this module at run time
+    from t2t_mtl.core.config import RunConfig
+    from t2t_mtl.mixing.mixture import Member
+
+__all__ = ["MANIFEST_VERSION", "ReplayBuffer", "buffer_for_run"]
 
 MANIFEST_VERSION = 1
 _M64 = (1 << 64) - 1
@@ -100,7 +110,7 @@ class ReplayBuffer:
         """Offer many records; returns how many were kept."""
         return sum(self.add(r) for r in records)
 
-    def fill(self, member) -> int:
+    def fill(self, member: Member) -> int:
         """Offer every row of a mixing Member once (epoch 0, row order); fills without a training stream."""
         return sum(self.add(member.get(i, 0)) for i in range(member.size))
 
@@ -197,9 +207,7 @@ class ReplayBuffer:
             "template_versions": versions,
             "state": self.state(),
         }
-        tmp = folder / "manifest.json.tmp"
-        tmp.write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-        tmp.replace(folder / "manifest.json")
+        atomic_write_json(folder / "manifest.json", manifest, indent=1, ensure_ascii=False)
         return folder
 
     @classmethod
@@ -255,7 +263,7 @@ def _water_fill(available: list[int], quota: int) -> list[int]:
     return take
 
 
-def buffer_for_run(cfg, label_tasks: Iterable[str] = ()) -> ReplayBuffer:
+def buffer_for_run(cfg: RunConfig, label_tasks: Iterable[str] = ()) -> ReplayBuffer:
     """The run's buffer from its RunConfig: `replay.per_task`, `replay.label_balanced`, seeded by the mixing seed."""
     base = cfg.mixing.seed if cfg.mixing.seed is not None else cfg.seed
     return ReplayBuffer(

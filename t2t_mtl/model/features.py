@@ -23,28 +23,49 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, TypedDict
 
 import torch
-import torch.nn.functional as F
 
-from t2t_mtl.model.prompt_format import PromptFormat
+from t2t_mtl.core.records import Record
+from t2t_mtl.model.prompt_format import PromptFields, PromptFormat
+
+if TYPE_CHECKING:  # type-only: transformers/peft are imported where models are loaded
+    from peft import PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+__all__ = [
+    "IGNORE_INDEX",
+    "MIDDLE_MARK",
+    "CausalCollator",
+    "Features",
+    "Seq2SeqCollator",
+    "encode",
+    "length_grouped_batches",
+    "model_inputs",
+    "pack_bins",
+    "packing_supported",
+    "prompt_ids",
+    "resolve_packing",
+    "stop_token_ids",
+    "target_ids",
+]
 
 IGNORE_INDEX = -100
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------ tokenising
 
 
-def _ids(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
+def _ids(tokenizer: PreTrainedTokenizerBase, text: str, add_special_tokens: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 
 MIDDLE_MARK = " … "  # joins the kept head and tail of a middle-truncated input
 
 
-def _shortened(tokenizer: Any, inp: list[int], keep: int, side: str) -> str:
+def _shortened(tokenizer: PreTrainedTokenizerBase, inp: list[int], keep: int, side: str) -> str:
     """The input's text cut to about `keep` tokens: its start ("end") or start + end ("middle")."""
     if keep <= 0:
         return ""
@@ -56,7 +77,10 @@ def _shortened(tokenizer: Any, inp: list[int], keep: int, side: str) -> str:
 
 
 def prompt_ids(
-    tokenizer: Any, fmt: PromptFormat, record: Any, max_tokens: int | None = None
+    tokenizer: PreTrainedTokenizerBase,
+    fmt: PromptFormat,
+    record: PromptFields,
+    max_tokens: int | None = None,
 ) -> tuple[list[int], bool]:
     """Token ids of `fmt.prompt(record)`, shortened to `max_tokens` by cutting the record's
     *input* field (the layout, instruction and generation header stay): its middle when
@@ -92,13 +116,15 @@ def prompt_ids(
     return ids, True
 
 
-def target_ids(tokenizer: Any, fmt: PromptFormat, record: Any) -> list[int]:
+def target_ids(
+    tokenizer: PreTrainedTokenizerBase, fmt: PromptFormat, record: PromptFields
+) -> list[int]:
     """Token ids of `fmt.target(record)`: answer + end-of-turn (causal; the end-of-turn text
     maps to its special token) or answer + `</s>` (seq2seq, added by the tokenizer)."""
     return _ids(tokenizer, fmt.target(record), fmt.kind == "seq2seq")
 
 
-def stop_token_ids(tokenizer: Any, fmt: PromptFormat) -> list[int]:
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase, fmt: PromptFormat) -> list[int]:
     """Token ids that end a generated answer: the last token of the trained end-of-turn text
     (e.g. Gemma's <end_of_turn>, which is not its EOS) and the tokenizer's EOS."""
     ids = []
@@ -109,15 +135,25 @@ def stop_token_ids(tokenizer: Any, fmt: PromptFormat) -> list[int]:
     return list(dict.fromkeys(ids))
 
 
+class Features(TypedDict):
+    """One encoded record (`encode`), the item the collators batch."""
+
+    input_ids: list[int]
+    labels: list[int]
+    task: int  # task_index; the collators spread it over the label tokens as task_ids
+    truncated: bool  # the prompt's input was cut
+    target_truncated: bool
+
+
 def encode(
-    record: Any,
-    tokenizer: Any,
+    record: Record,
+    tokenizer: PreTrainedTokenizerBase,
     fmt: PromptFormat,
     max_length: int,
     max_target_length: int,
     *,
     task_index: int = 0,
-) -> dict[str, Any]:
+) -> Features:
     """Features for one record.
 
     causal: `input_ids` = prompt + target tokens (≤ max_length), `labels` = -100 over the
@@ -194,7 +230,7 @@ class CausalCollator:
     """Batch causal features: input_ids, labels, position_ids, task_ids (+ attention_mask unpacked).
 
     `task_ids` is per token: the example's task index where the label is used, -1 on
-    prompt and padding, so per-task loss can be summed (see `task_loss_sums`).
+    prompt and padding, so per-task loss can be summed (see `training.losses.task_sums`).
     With `packing=True` the batch's examples are packed first-fit-decreasing into rows of
     ≤ `max_length` tokens (fewer rows, same examples, same loss): positions restart at 0
     per example, the first label of each example is -100 (never predicted from the
@@ -211,7 +247,7 @@ class CausalCollator:
         m = self.pad_to_multiple_of
         return n if not m else -(-n // m) * m
 
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, features: list[Features]) -> dict[str, torch.Tensor]:
         if self.packing:
             if not self.max_length:
                 raise ValueError("packing needs max_length")
@@ -274,7 +310,7 @@ class Seq2SeqCollator:
     pad_token_id: int
     pad_to_multiple_of: int | None = None
 
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, features: list[Features]) -> dict[str, torch.Tensor]:
         m = self.pad_to_multiple_of
 
         def width(n: int) -> int:
@@ -323,46 +359,14 @@ def length_grouped_batches(
 # ------------------------------------------------------------ model interface
 
 
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | bool]:
     """The model's keyword arguments from a collated batch: drops `task_ids`, adds
     `use_cache=False` (needed for packed rows, harmless otherwise)."""
     return {**{k: v for k, v in batch.items() if k != "task_ids"}, "use_cache": False}
 
 
-def task_loss_sums(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    task_ids: torch.Tensor,
-    num_tasks: int,
-    *,
-    shift: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-task summed token cross-entropy and token counts, shape [num_tasks] each.
-
-    `shift=True` for causal LMs (token t is predicted from logits at t-1), False for
-    seq2seq. sums.sum() / counts.sum() equals the model's own mean loss.
-    """
-    if shift:
-        logits, labels, task_ids = logits[:, :-1], labels[:, 1:], task_ids[:, 1:]
-    tok = F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)).float(),
-        labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    )
-    t = task_ids.reshape(-1)
-    used = (labels.reshape(-1) != IGNORE_INDEX) & (t >= 0)
-    sums = torch.zeros(num_tasks, dtype=tok.dtype, device=tok.device).index_add(
-        0, t[used], tok[used]
-    )
-    counts = torch.zeros(num_tasks, dtype=torch.long, device=tok.device).index_add(
-        0, t[used], torch.ones_like(t[used])
-    )
-    return sums, counts
-
-
 @torch.no_grad()
-def packing_supported(model: Any) -> bool:
+def packing_supported(model: PreTrainedModel | PeftModel) -> bool:
     """True when packed rows give the same logits as separate sequences on this model.
 
     Decoder-only models only. Runs a probe (two short random sequences, separately and
@@ -391,7 +395,7 @@ def packing_supported(model: Any) -> bool:
         finally:
             model.train(was_training)
     except Exception as e:  # an architecture that rejects position_ids etc.: no packing
-        log.warning("packing probe failed (%s: %s); packing disabled", type(e).__name__, e)
+        logger.warning("packing probe failed (%s: %s); packing disabled", type(e).__name__, e)
         return False
     scale = max(la.abs().max().item(), lb.abs().max().item(), 1e-6)
     err = max((lp[:, :7] - la).abs().max().item(), (lp[:, 7:] - lb).abs().max().item()) / scale
@@ -400,7 +404,7 @@ def packing_supported(model: Any) -> bool:
     return err <= tol
 
 
-def resolve_packing(setting: str, model: Any) -> bool:
+def resolve_packing(setting: str, model: PreTrainedModel | PeftModel) -> bool:
     """TrainConfig.packing ("auto" | "on" | "off") -> whether to pack for this model.
 
     "auto" packs only when `packing_supported`; "on" on a model where packing would be
@@ -410,7 +414,7 @@ def resolve_packing(setting: str, model: Any) -> bool:
         return False
     ok = packing_supported(model)
     if setting == "on" and not ok:
-        log.warning(
+        logger.warning(
             "train.packing=on, but this model does not keep packed examples apart "
             "(attention would leak across examples); training without packing"
         )

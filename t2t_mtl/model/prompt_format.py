@@ -27,13 +27,18 @@ from __future__ import annotations
 import datetime as _dt
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from t2t_mtl.core.errors import ConfigError, Problem
+
+if TYPE_CHECKING:  # type-only: this module stays importable without transformers
+    from transformers import PreTrainedTokenizerBase
+
+__all__ = ["KINDS", "LAYOUT_VERSION", "TRUNCATIONS", "PromptFields", "PromptFormat"]
 
 LAYOUT_VERSION = 2  # 2: `truncation` (1 always cut the end of an over-long input)
 KINDS = ("chat", "plain", "seq2seq")
@@ -44,7 +49,10 @@ _PROBE_USER = "\x00probe-user\x00"
 _PROBE_ANSWER = "\x00probe-answer\x00"
 
 
-class _HasFields(Protocol):
+class PromptFields(Protocol):
+    """What a prompt and its target are built from: a `core.records.Record`, or any object with
+    these three text fields."""
+
     instruction: str
     input: str
     output: str
@@ -116,7 +124,7 @@ class PromptFormat:
     # ------------------------------------------------------------------ layout
 
     @staticmethod
-    def user_message(record: _HasFields) -> str:
+    def user_message(record: PromptFields) -> str:
         """Instruction, a blank line, then the input (just the instruction if input is empty)."""
         return f"{record.instruction}\n\n{record.input}" if record.input else record.instruction
 
@@ -132,7 +140,7 @@ class PromptFormat:
             **self.template_vars,
         )
 
-    def prompt(self, record: _HasFields) -> str:
+    def prompt(self, record: PromptFields) -> str:
         """The text the model sees before its answer (special tokens included as text)."""
         if self.kind == "chat":
             return self.render_chat([{"role": "user", "content": self.user_message(record)}], True)
@@ -144,7 +152,7 @@ class PromptFormat:
             return self.bos_text + "\n\n".join(parts)
         return self.user_message(record)
 
-    def target(self, record: _HasFields) -> str:
+    def target(self, record: PromptFields) -> str:
         """What the model learns to produce: output plus end-of-turn text (causal), bare output (seq2seq)."""
         if self.kind == "seq2seq":
             return record.output
@@ -189,7 +197,11 @@ class PromptFormat:
 
     @classmethod
     def for_tokenizer(
-        cls, tokenizer: Any, family: str, mode: str = "auto", truncation: str = "middle"
+        cls,
+        tokenizer: PreTrainedTokenizerBase,
+        family: str,
+        mode: str = "auto",
+        truncation: str = "middle",
     ) -> PromptFormat:
         """Choose the layout for a tokenizer and model family (`truncation`: see `features.prompt_ids`).
 
@@ -246,7 +258,7 @@ class PromptFormat:
         return fmt
 
 
-def _chat_template_of(tokenizer: Any) -> str | None:
+def _chat_template_of(tokenizer: PreTrainedTokenizerBase) -> str | None:
     """The tokenizer's default chat template text, or None."""
     t = getattr(tokenizer, "chat_template", None)
     if isinstance(t, dict):  # several named templates; "default" is what apply_chat_template uses
@@ -254,7 +266,7 @@ def _chat_template_of(tokenizer: Any) -> str | None:
     return t if isinstance(t, str) and t.strip() else None
 
 
-def _bos_added_by(tokenizer: Any) -> str:
+def _bos_added_by(tokenizer: PreTrainedTokenizerBase) -> str:
     """The BOS text if the tokenizer puts a BOS in front of plain text by default, else ""."""
     bos, bos_id = getattr(tokenizer, "bos_token", None), getattr(tokenizer, "bos_token_id", None)
     if not bos or bos_id is None:

@@ -14,18 +14,41 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
+import logging
 import shutil
-import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from t2t_mtl.core.config import RunConfig, SourceConfig, TaskConfig, config_to_dict, load_config
 from t2t_mtl.core.errors import ConfigError, Problem, did_you_mean
+from t2t_mtl.core.files import atomic_write_json, atomic_write_text
+from t2t_mtl.tasks import catalogue
 from t2t_mtl.tasks.task import Task, load_task_file
 
+if TYPE_CHECKING:
+    from t2t_mtl.mixing.mixture import StagePlan
+
+__all__ = [
+    "CONFIG_FILE",
+    "MANIFEST",
+    "MIXTURE_FILE",
+    "Run",
+    "clear_previous",
+    "config_changes",
+    "copy_templates",
+    "mixture_entry",
+    "resolved_config",
+    "resolved_source",
+    "task_for",
+    "task_manifest",
+    "trim_metrics",
+    "write_config",
+    "write_mixture",
+]
+
+logger = logging.getLogger(__name__)
 CONFIG_FILE = "config.yaml"
 MIXTURE_FILE = "mixture.json"
 MANIFEST = "t2t_manifest.json"  # same name as modeling.MANIFEST (kept here: this layer has no torch)
@@ -40,7 +63,7 @@ class Run:
         self._templates: dict[str, Task] = {}
 
     @classmethod
-    def load(cls, path: str | Path) -> "Run":
+    def load(cls, path: str | Path) -> Run:
         """Open a run folder; anything that is not one is a ConfigError naming what is missing."""
         p = Path(path).expanduser()
         if not p.is_dir():
@@ -112,10 +135,9 @@ def task_for(cfg: RunConfig, task: TaskConfig, copies: Path | None = None) -> Ta
         for cand in (copies / f"{stem}.yaml", copies / f"{stem}.yml", copies / f"{task.name}.yaml"):
             if cand.is_file():
                 return load_task_file(cand)
-    from t2t_mtl.tasks import catalogue  # lazy: only runs without template copies need the catalogue
     tpl = catalogue.load_task(task.template, [cfg.resolve_path(d) for d in cfg.template_dirs])
     if copies is not None and copies.is_dir():
-        print(f"note: no copy of template '{stem}' in {copies}; using {tpl.path}", file=sys.stderr)
+        logger.warning("note: no copy of template '%s' in %s; using %s", stem, copies, tpl.path)
     return tpl
 
 
@@ -152,16 +174,10 @@ def resolved_config(cfg: RunConfig) -> dict:
     return config_to_dict(c)
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_config(run_dir: Path, cfg: RunConfig) -> Path:
     """`run_dir/config.yaml`: the resolved config (loads back with `config.load_config`)."""
     path = Path(run_dir) / CONFIG_FILE
-    _atomic_text(path, yaml.safe_dump(resolved_config(cfg), sort_keys=False, allow_unicode=True))
+    atomic_write_text(path, yaml.safe_dump(resolved_config(cfg), sort_keys=False, allow_unicode=True))
     return path
 
 
@@ -188,14 +204,14 @@ def config_changes(run_dir: Path, cfg: RunConfig) -> list[str]:
     return out
 
 
-def copy_templates(run_dir: Path, templates: dict[str, Any]) -> dict[str, str]:
+def copy_templates(run_dir: Path, templates: dict[str, Task]) -> dict[str, str]:
     """Copy each used template file and its includes into `run_dir/templates/` (layout kept, so
     includes still resolve); returns task -> copied file path relative to the run folder."""
     dest_root = Path(run_dir) / "templates"
     out = {}
     for task, tpl in templates.items():
         base = Path(tpl.path).parent
-        for f in getattr(tpl, "files", None) or [tpl.path]:
+        for f in tpl.files or [tpl.path]:
             f = Path(f)
             try:
                 rel = f.resolve().relative_to(base.resolve())
@@ -208,7 +224,7 @@ def copy_templates(run_dir: Path, templates: dict[str, Any]) -> dict[str, str]:
     return out
 
 
-def mixture_entry(plan: Any, cfg: RunConfig) -> dict:
+def mixture_entry(plan: StagePlan, cfg: RunConfig) -> dict:
     """One stage's table for mixture.json: per member size, target tokens, n_i and rate."""
     return {"stage": plan.name, "index": plan.index, "temperature": plan.temperature, "cap": cfg.mixing.cap,
             "unit": cfg.mixing.unit, "seed": plan.seed,
@@ -225,10 +241,12 @@ def write_mixture(run_dir: Path, entry: dict) -> None:
     data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"stages": []}
     stages = [s for s in data.get("stages", []) if s.get("stage") != entry["stage"]] + [entry]
     data["stages"] = sorted(stages, key=lambda s: s.get("index", 0))
-    _atomic_text(path, json.dumps(data, indent=1) + "\n")
+    atomic_write_json(path, data, indent=1)
 
 
-def task_manifest(cfg: RunConfig, templates: dict[str, Any], copies: dict[str, str]) -> list[dict]:
+def task_manifest(
+    cfg: RunConfig, templates: dict[str, Task], copies: dict[str, str]
+) -> list[dict]:
     """Per task: template name/version/type, how outputs are parsed and scored, where the copy is."""
     out = []
     for name, tc in zip(cfg.task_names(), cfg.tasks):
@@ -252,7 +270,7 @@ def trim_metrics(run_dir: Path, last_step: int) -> None:
                 keep.append(line)
         except (json.JSONDecodeError, TypeError, ValueError):
             continue
-    _atomic_text(path, "".join(x + "\n" for x in keep))
+    atomic_write_text(path, "".join(x + "\n" for x in keep))
 
 
 def clear_previous(run_dir: Path) -> None:

@@ -8,7 +8,7 @@ name starts with `_` are include-only snippets, never tasks. Template validation
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from t2t_mtl.core import yaml_lines
@@ -16,7 +16,25 @@ from t2t_mtl.core.config import RunConfig
 from t2t_mtl.core.errors import Problem, T2TError, TemplateError, did_you_mean
 from t2t_mtl.core.records import Record
 from t2t_mtl.tasks import sources
+from t2t_mtl.tasks.parsing import OUTSIDE, tag_type, type_name_problem
 from t2t_mtl.tasks.task import PROJECT_ROOT, Task, load_task_file, read_task_file
+
+__all__ = [
+    "ENV_VAR",
+    "SHIPPED_DIR",
+    "all_bad_rows_problem",
+    "catalogue_problems",
+    "check_config",
+    "check_file",
+    "check_targets",
+    "find_task_files",
+    "load_task",
+    "sample_splits",
+    "target_files",
+    "task_records",
+    "template_dirs",
+    "trial_render",
+]
 
 SHIPPED_DIR = PROJECT_ROOT / "task_templates"
 ENV_VAR = "T2T_MTL_TEMPLATES"  # extra template folders, separated by os.pathsep
@@ -98,7 +116,9 @@ def load_task(name_or_path: str | Path, extra_dirs: Iterable[str | Path] = ()) -
     return load_task_file(cat[s])
 
 
-def task_records(template: Task, rows, split: str, *, epoch: int = 0) -> Iterator[Record]:
+def task_records(
+    template: Task, rows: Sequence[dict], split: str, *, epoch: int = 0
+) -> Iterator[Record]:
     """Render every row of `rows` (row id = its index) with the template's variant policy."""
     for i in range(len(rows)):
         yield sources.render_row(template, rows, i, row_id=str(i), split=split, epoch=epoch)
@@ -107,10 +127,49 @@ def task_records(template: Task, rows, split: str, *, epoch: int = 0) -> Iterato
 # ------------------------------------------------------------------ validation
 
 
-def _sample_splits(tpl: Task) -> list[str]:
+def sample_splits(tpl: Task) -> list[str]:
+    """The splits of a template's bundled samples (file stems in its `samples` folder)."""
     if tpl.samples is None or not tpl.samples.is_dir():
         return []
     return sorted({p.stem for p in tpl.samples.iterdir() if p.suffix[1:] in sources.FORMATS})
+
+
+def all_bad_rows_problem(
+    tpl: Task,
+    rows: sources.Rows,
+    source_at: Callable[[str], tuple[str, int | None]] | None = None,
+) -> Problem | None:
+    """When rows were read but every one was bad: one problem at the mapping that causes it.
+
+    Bad labels point at the label map in effect (`source_at("labels")`, default the template's
+    `source.labels` line; the field's line when there is no map), anything else at the column map
+    (`source_at("columns")`) or the template's `fields`. None when some row was good.
+    """
+    if not rows.all_bad:
+        return None
+    first = rows.problems[0] if rows.problems else Problem(rows.desc, None, "unreadable rows")
+    count = f"all {rows.skipped} rows of {rows.desc} are bad"
+    at = source_at or (lambda key: tpl.where(("source", key)))
+    if rows.label_skipped == rows.skipped:
+        if rows.labels:
+            (file, line), what = at("labels"), "with this labels map"
+        else:
+            (file, line), what = tpl.where(("fields", tpl.label_field)), "without a labels map"
+        hint = first.hint
+        if tpl.tagging:
+            tags = tpl.label_set()
+            hint = (
+                (hint + "; " if hint else "")
+                + "a tag-list map names only values that are not tags already: raw values -> tags "
+                '("0": O, "1": B-person) or type renames (PER: person)'
+                + (f"; this task's tags: {', '.join(tags)}" if tags else "")
+            )
+        return Problem(file, line, f"{count} {what}: {first.message}", hint)
+    if rows.columns:
+        file, line = at("columns")
+    else:
+        file, line = tpl.where(("fields",))
+    return Problem(file, line, f"{count}: {first.message}", first.hint)
 
 
 def trial_render(tpl: Task, limit: int = TRIAL_ROWS) -> list[Problem]:
@@ -130,13 +189,14 @@ def trial_render(tpl: Task, limit: int = TRIAL_ROWS) -> list[Problem]:
             first[key] = [prob, 1]
 
     choices = set(tpl.answer_choices)
-    for split in _sample_splits(tpl):
+    for split in sample_splits(tpl):
         try:
             rows = sources.load_rows(tpl, None, split, bad_rows="skip", limit=limit)
         except T2TError as e:
             problems.extend(e.problems)
             continue
-        problems.extend(rows.problems)
+        every = all_bad_rows_problem(tpl, rows)
+        problems.extend(([every] if every else []) + rows.problems)
         for i in range(len(rows)):
             row, (dfile, dline) = rows[i], rows.location(i)
             where = f"{Path(dfile).name}:{dline}"
@@ -186,7 +246,7 @@ def check_file(path: str | Path, *, trial: bool = True) -> list[Problem]:
 def _check_one(path: Path, trial: bool) -> tuple[list[Problem], bool]:
     """(problems, whether a trial render had sample rows to use)."""
     tpl, problems = read_task_file(path)
-    tried = tpl is None or not trial or bool(_sample_splits(tpl))  # broken ones are reported anyway
+    tried = tpl is None or not trial or bool(sample_splits(tpl))  # broken ones are reported anyway
     if tpl is not None and trial:
         problems += trial_render(tpl)
     return problems, tried
@@ -200,6 +260,21 @@ def check_targets(
     Returns (number of files checked, problems, names of templates without bundled samples, whose
     variants could therefore not be trial-rendered).
     """
+    files, problems = target_files(targets, extra_dirs)
+    untried = []
+    for f in files:
+        found, tried = _check_one(f, trial)
+        problems += found
+        if not tried:
+            untried.append(f.stem)
+    return len(files), problems, untried
+
+
+def target_files(
+    targets: Sequence[str], extra_dirs: Iterable[str | Path] = ()
+) -> tuple[list[Path], list[Problem]]:
+    """The template files `check_targets` checks for `targets` (files, folders or task names;
+    default the whole catalogue), and the problems of targets that name none."""
     files: list[Path] = []
     problems: list[Problem] = []
     if not targets:
@@ -227,13 +302,7 @@ def check_targets(
                         did_you_mean(t, find_task_files(extra_dirs)),
                     )
                 )
-    untried = []
-    for f in files:
-        found, tried = _check_one(f, trial)
-        problems += found
-        if not tried:
-            untried.append(f.stem)
-    return len(files), problems, untried
+    return files, problems
 
 
 # ------------------------------------------------------------------ run-config cross-checks
@@ -313,6 +382,21 @@ def check_config(cfg: RunConfig) -> list[Problem]:
                 )
         allowed = tpl.label_set()
         for raw, name in (src.labels or {}).items():
+            if tpl.tagging:  # a whole tag ("1": B-person) or a type rename (PER: person)
+                etype = tag_type(name) or name
+                why = "" if name == OUTSIDE else type_name_problem(etype)
+                if why or (name != OUTSIDE and tpl.entity_types and etype not in tpl.entity_types):
+                    problems.append(
+                        bad(
+                            ("tasks", i, "source", "labels", raw),
+                            f"tasks[{i}].source.labels: '{name}' is not a tag or entity type of "
+                            f"'{tpl.name}'" + (f": {why}" if why else ""),
+                            did_you_mean(name, (allowed or []) + (tpl.entity_types or []))
+                            or "map raw values to tags (O, B-<type>, I-<type>) or rename types "
+                            "to one of: " + ", ".join(tpl.entity_types or []),
+                        )
+                    )
+                continue
             if allowed and name not in allowed:
                 problems.append(
                     bad(

@@ -15,6 +15,12 @@ Four parse kinds, named by a template's `parse:` key:
 
 Canonical NER linearisation (`ner_linearize`): the entities in sentence order, each as `TYPE: tokens`
 (tokens joined by single spaces), separated by ` | `; a sentence without entities is the word `none`.
+Entity types are data: a task's types come from its template (`entity_types`, else the `B-x`/`I-x`
+tags of its label map; `Task.entity_types`). A type name may hold any characters (case, hyphens,
+spaces, digits, dots: `creative-work`, `Product Name`, `LOC2`) except `:`, `|`, `;`, line breaks and
+leading, trailing or repeated whitespace (`type_name_problem`): those would make the linearisation
+ambiguous. `ner_parse` reads a type case-insensitively and through the task's aliases (other
+spellings, e.g. CoNLL's `PERSON` for `PER`); an alias or a case change is accepted but not canonical.
 `Peter Blackburn visited New York .` tagged B-PER I-PER O B-LOC I-LOC O ->
 `PER: Peter Blackburn | LOC: New York`. `ner_parse` aligns each entity left to right, so linearise ->
 parse gives back the input tags exactly for IOB2 input (it is checked on every row of the real
@@ -28,14 +34,34 @@ Caller mistakes (unknown kind, missing answer choices or tokens) raise ValueErro
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+
+__all__ = [
+    "ENTITY_SEP",
+    "ENTITY_TYPES",
+    "KINDS",
+    "OUTSIDE",
+    "NO_ENTITIES",
+    "Parsed",
+    "ner_linearize",
+    "ner_parse",
+    "parse",
+    "parse_label",
+    "parse_span",
+    "split_tag_map",
+    "tag_type",
+    "tags_to_spans",
+    "type_name_problem",
+]
 
 NO_ENTITIES = "none"  # the whole output for a sentence without entities
 ENTITY_SEP = " | "
-ENTITY_TYPES = ("PER", "ORG", "LOC", "MISC")  # CoNLL-2003
-# Spellings models produce for the CoNLL types; accepted, but the output is then not canonical (valid=False).
+OUTSIDE = "O"  # the tag of a token outside every entity
+ENTITY_TYPES = ("PER", "ORG", "LOC", "MISC")  # CoNLL-2003: `ner_parse`'s default types
+# Spellings models produce for the CoNLL types; accepted, but the output is then not canonical
+# (valid=False). `ner_parse`'s default aliases when its types are exactly the CoNLL four (templates
+# copied into run folders before `entity_types` existed); the shipped template declares them itself.
 TYPE_ALIASES = {
     "PERSON": "PER",
     "PERS": "PER",
@@ -48,7 +74,7 @@ TYPE_ALIASES = {
 KINDS = ("label", "span", "text", "entities")
 
 _NON_ALNUM = re.compile(r"[^0-9a-z]+")
-_ITEM = re.compile(r"^\s*([A-Za-z][A-Za-z_-]*)\s*[:=]\s*(.*?)\s*$", re.S)
+_TYPE_FORBIDDEN = (":", "|", ";", "\n", "\r")  # the linearisation's own separators
 _ANSWER_PREFIX = re.compile(r"^(?:the\s+)?answer\s*(?:is\s*)?[:\-]\s*", re.I)
 _QUOTES = ('""', "''", "``", "“”", "‘’", "**", "`")
 
@@ -60,9 +86,9 @@ class Parsed:
     `detail` carries extra structure for some kinds: the `(type, text)` entity list for `entities`.
     """
 
-    value: Any
+    value: str | list[str] | None  # label/span/text: the text; entities: one BIO tag per token
     valid: bool
-    detail: Any = None
+    detail: list[tuple[str, str]] | None = None
 
 
 def parse(
@@ -71,8 +97,14 @@ def parse(
     *,
     answer_choices: Sequence[str] | None = None,
     tokens: Sequence[str] | None = None,
+    entity_types: Sequence[str] | None = ENTITY_TYPES,
+    entity_aliases: Mapping[str, str] | None = None,
 ) -> Parsed:
-    """Parse generated `text` as `kind` (label | span | text | entities); see the module docstring."""
+    """Parse generated `text` as `kind` (label | span | text | entities); see the module docstring.
+
+    `entity_types` / `entity_aliases`: the task's entity types and other spellings (alias -> type)
+    for `entities`, as `ner_parse` takes them.
+    """
     text = "" if text is None else str(text)
     if kind == "label":
         if not answer_choices:
@@ -88,7 +120,7 @@ def parse(
     if kind == "entities":
         if tokens is None:
             raise ValueError("parse('entities') needs the sentence's tokens")
-        entities, tags, valid = ner_parse(text, tokens)
+        entities, tags, valid = ner_parse(text, tokens, entity_types, entity_aliases)
         return Parsed(tags, valid, entities)
     raise ValueError(f"unknown parse kind {kind!r}; expected one of {', '.join(KINDS)}")
 
@@ -163,6 +195,48 @@ def parse_span(text: str) -> str:
 # ---------------------------------------------------------------- entities
 
 
+def type_name_problem(name: object) -> str:
+    """Why `name` cannot be an entity type name ("" when it can): it must be non-empty text without
+    `:`, `|`, `;` or line breaks (the linearisation's separators), with single inner spaces and no
+    leading or trailing whitespace (outputs are compared with their whitespace normalised)."""
+    if not isinstance(name, str) or not name:
+        return "a type name must be non-empty text"
+    bad = [c for c in _TYPE_FORBIDDEN if c in name]
+    if bad:
+        shown = ", ".join(repr(c) for c in bad)
+        return f"it contains {shown}, which the `TYPE: words | TYPE: words` format uses itself"
+    if " ".join(name.split()) != name:
+        return "it has leading, trailing, repeated or non-space whitespace"
+    return ""
+
+
+def tag_type(tag: object) -> str | None:
+    """The entity type of a `B-x` / `I-x` tag (`x`), else None (`O` and anything else)."""
+    if isinstance(tag, str) and len(tag) > 2 and tag[:2] in ("B-", "I-"):
+        return tag[2:]
+    return None
+
+
+def split_tag_map(
+    labels: Mapping[str, str], types: Sequence[str] | None
+) -> tuple[dict[str, str], dict[str, str]]:
+    """A tag list's label map as (whole-value map, type renames).
+
+    A value that is a tag (`O`, or `B-x`/`I-x` with `x` one of `types`, any `x` when `types` is
+    None) maps a whole raw value (`"1": B-person`); any other value renames a type (`PER: person`
+    turns `B-PER`/`I-PER` into `B-person`/`I-person`). Values are never mapped twice.
+    """
+    whole: dict[str, str] = {}
+    renames: dict[str, str] = {}
+    for raw, value in labels.items():
+        t = tag_type(value)
+        if value == OUTSIDE or (t is not None and (types is None or t in types)):
+            whole[raw] = value
+        else:
+            renames[raw] = value
+    return whole, renames
+
+
 def tags_to_spans(tags: Sequence[str]) -> list[tuple[str, int, int]]:
     """Entity spans `(type, start, end)` (end exclusive) of a BIO tag sequence.
 
@@ -212,10 +286,50 @@ def _split_items(text: str) -> tuple[list[str], bool]:
     return items, canonical
 
 
+def _type_lookup(types: Sequence[str] | None, aliases: Mapping[str, str] | None):
+    """name as written -> type (or None): case-insensitive, whitespace-normalised, via aliases."""
+
+    def key(name: str) -> str:
+        return " ".join(name.split()).casefold()
+
+    if aliases is None:
+        aliases = TYPE_ALIASES if types is not None and set(types) == set(ENTITY_TYPES) else {}
+    known = {key(a): t for a, t in aliases.items()}
+    if types is not None:
+        known.update({key(t): t for t in types})  # a type's own name wins over an alias
+
+    def lookup(name: str) -> str | None:
+        hit = known.get(key(name))
+        if hit is not None or types is not None:
+            return hit
+        name = " ".join(name.split())  # any type accepted: the name as written
+        return None if type_name_problem(name) else name
+
+    return lookup
+
+
+def _split_item(item: str, lookup) -> tuple[str | None, str]:
+    """`TYPE: words` -> (type or None, words). `TYPE= words` is tolerated (not canonical)."""
+    for sep in (":", "="):
+        head, found, rest = item.partition(sep)
+        if found and head.strip():
+            etype = lookup(head)
+            if etype is not None:
+                return etype, rest.strip()
+    return None, ""
+
+
 def ner_parse(
-    text: str | None, tokens: Sequence[str], types: Sequence[str] = ENTITY_TYPES
+    text: str | None,
+    tokens: Sequence[str],
+    types: Sequence[str] | None = ENTITY_TYPES,
+    aliases: Mapping[str, str] | None = None,
 ) -> tuple[list[tuple[str, str]], list[str], bool]:
     """Align a linearised entity string to `tokens`: returns (entities, BIO tags, valid).
+
+    `types`: the task's entity types (default CoNLL-2003's four; None accepts any well-formed type
+    name as written). `aliases`: other spellings -> type, read like the types themselves (default:
+    CoNLL's `TYPE_ALIASES` when `types` are the CoNLL four, else none).
 
     Entities are matched left to right on whole tokens (exact first, then ignoring case), each after
     the previous one; an entity found only earlier in the sentence is still taken (out-of-order
@@ -231,7 +345,7 @@ def ner_parse(
         return entities, tags, False
     if raw.casefold().rstrip(".") == NO_ENTITIES:
         return entities, tags, raw == NO_ENTITIES
-    known = {t.upper(): t for t in types}
+    lookup = _type_lookup(types, aliases)
     taken = [False] * len(toks)
     folded = [t.casefold() for t in toks]
     ok = True
@@ -239,13 +353,8 @@ def ner_parse(
     ok &= canonical
     cursor = 0
     for item in items:
-        m = _ITEM.match(item)
-        if not m:
-            ok = False  # no "TYPE:" prefix: the type cannot be guessed
-            continue
-        tname, etext = m.group(1).upper(), m.group(2)
-        etype = known.get(tname) or known.get(TYPE_ALIASES.get(tname, ""))
-        if etype is None or not etext:
+        etype, etext = _split_item(item, lookup)
+        if etype is None or not etext:  # no known "TYPE:" prefix: the type cannot be guessed
             ok = False
             continue
         pieces = [etext]

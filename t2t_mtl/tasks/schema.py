@@ -20,7 +20,28 @@ import jinja2
 from jinja2 import meta, nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
+from t2t_mtl.core.config import NAME_HINT, name_problem
 from t2t_mtl.core.errors import Problem, did_you_mean
+from t2t_mtl.tasks.parsing import OUTSIDE, ner_linearize, tag_type, type_name_problem
+
+__all__ = [
+    "ENV",
+    "EVAL_MODES",
+    "FIELD_TYPES",
+    "LABEL_TASK_TYPES",
+    "METRICS",
+    "PARSE_KINDS",
+    "PARTS",
+    "POLICIES",
+    "PROJECT_ROOT",
+    "TASK_TYPES",
+    "FieldSpec",
+    "Variant",
+    "check_data",
+    "entity_types_of",
+    "make_env",
+    "resolve_data_path",
+]
 
 PROJECT_ROOT = (
     Path(__file__).resolve().parents[2]
@@ -43,6 +64,7 @@ TOP_KEYS = (
     "fields",
     "label_field",
     "answer_choices",
+    "entity_types",
     "variant_policy",
     "variants",
     "metric",
@@ -82,20 +104,11 @@ class _Env(ImmutableSandboxedEnvironment):
         return super().call_binop(context, operator, left, right)
 
 
-def _ner_linearize(tokens, tags):
-    # Imported lazily: parsing.py is a sibling module and the filter is only needed when used.
-    from t2t_mtl.tasks.parsing import ner_linearize
-
-    return ner_linearize(tokens, tags)
-
-
 def make_env() -> jinja2.Environment:
     """The Jinja environment every variant is compiled with: sandboxed, strict, no loader."""
     env = _Env(undefined=jinja2.StrictUndefined, autoescape=False)
-    env.filters["ner_linearize"] = _ner_linearize  # {{ tokens | ner_linearize(ner_tags) }}
-    env.globals["ner_linearize"] = (
-        _ner_linearize  # {{ ner_linearize(tokens, ner_tags) }} reads the same
-    )
+    env.filters["ner_linearize"] = ner_linearize  # {{ tokens | ner_linearize(ner_tags) }}
+    env.globals["ner_linearize"] = ner_linearize  # {{ ner_linearize(tokens, ner_tags) }}
     return env
 
 
@@ -232,7 +245,8 @@ def _check_source(c: _Checker, d: dict, fields: dict) -> None:
                     did_you_mean(str(dst), fields),
                 )
     choices = d.get("answer_choices")
-    if isinstance(src.get("labels"), dict) and isinstance(choices, list) and choices:
+    tagging = d.get("parse") == "entities"  # tag maps are judged by _check_entity_types
+    if isinstance(src.get("labels"), dict) and isinstance(choices, list) and choices and not tagging:
         for raw, name in src["labels"].items():
             if str(name) not in [str(x) for x in choices]:
                 hint = (
@@ -245,6 +259,111 @@ def _check_source(c: _Checker, d: dict, fields: dict) -> None:
                     f"labels maps '{raw}' to '{name}', which is not in answer_choices",
                     hint,
                 )
+
+
+def _alias_list(value: Any) -> list:
+    """The aliases of one `entity_types` mapping entry: a list, one text, or nothing."""
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list) else [value]
+
+
+def entity_types_of(
+    declared: Any, labels: dict | None, choices: list | None
+) -> tuple[list[str] | None, dict[str, str] | None]:
+    """A tagging task's (entity types, aliases {other spelling: type}).
+
+    `declared` is the template's `entity_types` (a list of names, or a mapping name -> list of
+    aliases); without it the types are read, in order, from the values of the `source.labels` map
+    and `answer_choices`: `x` of each `B-x`/`I-x` tag and every other value but `O` (a type
+    rename), and the aliases are None (the parser's default). No type found: (None, None), which
+    accepts any type name. Assumes a template that passed `check_data`.
+    """
+    if declared is not None:
+        if isinstance(declared, dict):
+            aliases = {str(a): str(t) for t, al in declared.items() for a in _alias_list(al)}
+            return [str(t) for t in declared], aliases
+        return [str(t) for t in declared], {}
+    found: list[str] = []
+    for value in list((labels or {}).values()) + list(choices or []):
+        value = str(value)
+        etype = tag_type(value) or value
+        if value != OUTSIDE and etype not in found:
+            found.append(etype)
+    return (found or None), None
+
+
+def _check_entity_types(c: _Checker, d: dict) -> list[str] | None:
+    """Judge `entity_types` and, for tagging templates, the label map's values; returns the types
+    when declared and well-formed (None otherwise)."""
+    raw = d.get("entity_types")
+    hint = "e.g. entity_types: [person, location] or {PER: [person, PERSON], LOC: []}"
+    types: list[str] | None = None
+    if raw is not None:
+        if d.get("parse") != "entities":
+            c.add(
+                ("entity_types",),
+                "entity_types is only used by NER templates (parse: entities)",
+                "remove it, or set parse: entities",
+            )
+        if isinstance(raw, dict):
+            entries = [(("entity_types", t), t, _alias_list(al)) for t, al in raw.items()]
+            for t, al in raw.items():
+                if al is not None and not isinstance(al, (list, str)):
+                    c.add(("entity_types", t), f"entity type '{t}': aliases must be a list", hint)
+        elif isinstance(raw, list):
+            entries = [(("entity_types", i), t, []) for i, t in enumerate(raw)]
+        else:
+            entries = []
+        if not entries:
+            c.add(("entity_types",), "entity_types must be a non-empty list or mapping", hint)
+            return None
+        seen: dict[str, str] = {}
+        ok = True
+        for kp, name, aliases in entries:
+            for what, value in [("entity type", name)] + [("alias", a) for a in aliases]:
+                if not isinstance(value, str):
+                    c.add(kp, f"{what} {value!r} must be text", "quote it in the YAML")
+                    ok = False
+                    continue
+                why = type_name_problem(value)
+                if why:
+                    c.add(kp, f"{what} {value!r} cannot be used: {why}", "rename it")
+                    ok = False
+                    continue
+                key = value.casefold()  # parsing reads types case-insensitively
+                if key in seen:
+                    c.add(
+                        kp,
+                        f"{what} '{value}' clashes with '{seen[key]}' (case is ignored)",
+                        "each type and alias must be unique",
+                    )
+                    ok = False
+                seen.setdefault(key, value)
+        types = [str(t) for _, t, _ in entries] if ok else None
+    labels = (d.get("source") or {}).get("labels") if isinstance(d.get("source"), dict) else None
+    if d.get("parse") != "entities" or not isinstance(labels, dict):
+        return types
+    for key, value in labels.items():
+        kp = ("source", "labels", key)
+        value = str(value)
+        etype = tag_type(value)
+        name = etype if etype is not None else value
+        if value == OUTSIDE:
+            continue
+        why = type_name_problem(name)
+        if why:
+            c.add(kp, f"labels maps '{key}' to '{value}': type '{name}' cannot be used: {why}")
+        elif types is not None and name not in types:
+            what = "a tag of type" if etype is not None else "a rename to type"
+            c.add(
+                kp,
+                f"labels maps '{key}' to '{value}', {what} '{name}', which is not in entity_types",
+                did_you_mean(name, types)
+                or "map raw values to tags (O, B-<type>, I-<type>) or rename types to one of "
+                + ", ".join(types),
+            )
+    return types
 
 
 def _compile_part(c: _Checker, kp: tuple, src: str, vid: str, part: str, names: set):
@@ -328,10 +447,15 @@ def _check_variants(c: _Checker, raw: Any, fields: dict) -> list[Variant]:
             continue
         c.unknown_keys(kp, v, VARIANT_KEYS, f"variants[{i}]")
         vid = v.get("id")
+        why = ""
         if vid is None or isinstance(vid, (dict, list)) or str(vid).strip() == "":
             c.add(kp, f"variants[{i}]: missing 'id'", "give each variant a short unique id")
             vid = f"#{i}"
+        else:  # ids end up in eval file names (RUN/eval/validation-<variant>.json)
+            why = name_problem(str(vid))
         vid = str(vid)
+        if why:
+            c.add(kp + ("id",), f"variant id {vid!r} is not a safe name: {why}", NAME_HINT)
         if vid in seen:
             c.add(
                 kp + ("id",),
@@ -475,5 +599,6 @@ def check_data(
                 "relative to the project root (or to this file); holds {split}.jsonl files",
             )
     _check_source(c, data, fields)
+    _check_entity_types(c, data)
     variants = _check_variants(c, data.get("variants"), fields) if "variants" in data else []
     return fields, variants

@@ -6,21 +6,39 @@ checked against the template's `fields` once, up front; bad rows are skipped and
 the run (`bad_rows="fail"`), each reported as `file:row` the user can find in their file
 (JSONL: 1-based line; CSV: line including the header; Parquet and hub: 0-based row index).
 
-This module does not import `templates` (same layer): it only reads the attributes `name`, `fields`
-(name -> object with `.type`, `.required`), `label_field`, `label_set()`, `source`, `samples`.
+Of a `tasks.task.Task` this module reads only `name`, `fields` (name -> object with `.type`,
+`.required`), `label_field`, `label_set()`, `tagging`, `entity_types`, `source`, `samples` and
+`render` (type-only import).
+
+Label maps (`labels`) turn raw values into label names; values they do not name pass through. For
+NER tag lists (`Task.tagging`) a map may name whole tags (`"1": B-person`) or rename entity types
+(`PER: person` turns `B-PER`/`I-PER` into `B-person`/`I-person`), so it never has to list `O`
+(`parsing.split_tag_map`).
 """
 
 from __future__ import annotations
 
+import csv
 import difflib
+import json
 from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from t2t_mtl.core.config import SourceConfig
 from t2t_mtl.core.errors import DataError, Problem, T2TError, did_you_mean
+from t2t_mtl.core.records import Record
+from t2t_mtl.tasks.parsing import OUTSIDE, split_tag_map, tag_type, type_name_problem
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+    from t2t_mtl.tasks.schema import Variant
+    from t2t_mtl.tasks.task import Task
+
+__all__ = ["FORMATS", "MAX_SHOWN", "Rows", "load_rows", "map_row", "render_row"]
 
 FORMATS = {
     "jsonl": "json",
@@ -45,7 +63,7 @@ class Resolved:
     revision: str | None = None  # hub revision (script datasets: the "refs/convert/parquet" copy)
 
 
-def resolve(template: Any, source: SourceConfig | None, split: str) -> Resolved:
+def resolve(template: Task, source: SourceConfig | None, split: str) -> Resolved:
     """Decide where rows of `split` come from: the override, else bundled samples, else the template's source."""
     tsrc = template.source or {}
     if source is not None:
@@ -107,7 +125,7 @@ class _Backend:
 
     def __init__(
         self,
-        data: Any,
+        data: Dataset | list[dict],
         desc: str,
         kind: str,
         file: Path | None = None,
@@ -150,8 +168,6 @@ class _Backend:
 def _csv_record_lines(file: Path | None) -> list[int]:
     """First line number of every data record of a CSV file: a quoted field may span several lines, so
     records are found with the csv module, not by counting lines (header and blank lines skipped)."""
-    import csv
-
     starts: list[int] = []
     if file is None:
         return starts
@@ -166,8 +182,6 @@ def _csv_record_lines(file: Path | None) -> list[int]:
 
 def _scan_jsonl(file: Path, problems: list[tuple[str, int, str]]) -> _Backend:
     """Plain-Python JSONL reader for files `datasets` rejects: finds each malformed line."""
-    import json
-
     rows, lines = [], []
     with open(file, encoding="utf-8", errors="replace") as f:
         for n, ln in enumerate(f, 1):
@@ -187,7 +201,7 @@ def _scan_jsonl(file: Path, problems: list[tuple[str, int, str]]) -> _Backend:
 
 
 def _quiet_datasets():
-    import datasets
+    import datasets  # slow to import (pyarrow, pandas): only once a file or hub split is read
 
     datasets.disable_progress_bars()  # preview's stdout/stderr must only carry our own lines
     datasets.logging.set_verbosity_error()
@@ -271,17 +285,35 @@ def _label_key(v: Any) -> str:
     return str(v)
 
 
+def _rename_tag(x: Any, renames: dict) -> Any:
+    t = tag_type(x)
+    return x if t is None or t not in renames else f"{x[:2]}{renames[t]}"
+
+
 def map_row(
-    raw: dict, columns: dict, labels: dict, label_field: str | None, fields: dict
+    raw: dict,
+    columns: dict,
+    labels: dict,
+    label_field: str | None,
+    fields: dict,
+    renames: dict | None = None,
 ) -> tuple[dict, set]:
-    """Rename columns (only those present), map labels, keep declared fields; returns (row, present names)."""
+    """Rename columns (only those present), map labels, keep declared fields; returns (row, present names).
+
+    `renames` (NER tag lists): entity type renames applied to tags `labels` does not map (see
+    `parsing.split_tag_map`, which also gives the `labels` to pass with them).
+    """
     row = {k: v for k, v in raw.items() if k not in columns}
     for k, dst in columns.items():
         if k in raw:  # an explicitly renamed column wins over a same-named one
             row[dst] = raw[k]
-    if labels and label_field in row:
+    if (labels or renames) and label_field in row:
         v = row[label_field]
-        if isinstance(v, list):
+        if isinstance(v, list) and renames:
+            row[label_field] = [
+                labels[k] if (k := _label_key(x)) in labels else _rename_tag(x, renames) for x in v
+            ]
+        elif isinstance(v, list):
             row[label_field] = [labels.get(_label_key(x), x) for x in v]
         elif v is not None:
             row[label_field] = labels.get(_label_key(v), v)
@@ -289,12 +321,43 @@ def map_row(
     return {k: row.get(k) for k in fields}, present
 
 
+def _tag_problem(name: str, x: Any, tags: list[str] | None) -> tuple[str, str] | None:
+    """(message, hint) when `x` is not a BIO tag of the task (any well-formed one when `tags` is None)."""
+    if tags is not None and x in tags:
+        return None
+    etype = tag_type(x)
+    if tags is None and (x == OUTSIDE or (etype is not None and not type_name_problem(etype))):
+        return None
+    known = "" if tags is None else f" ({', '.join(tags)})"
+    what = f"tag {x!r} in '{name}' is not a tag of this task{known}"
+    if isinstance(x, str) and (x == OUTSIDE or etype is not None):
+        why = type_name_problem(etype or "")
+        if why:
+            return f"{what}: {why}", "rename the type with labels: {OLD: new}"
+        close = difflib.get_close_matches(x, tags or [], n=1, cutoff=0.6)
+        return what, (
+            f"did you mean '{close[0]}'?"
+            if close
+            else f"declare '{etype}' in entity_types, or rename it with labels: {{{etype}: <type>}}"
+        )
+    return what, (
+        f'map it with labels: {{"{_label_key(x)}": <tag>}}, a tag being O, B-<type> or I-<type>'
+    )
+
+
 def _type_problem(
-    name: str, v: Any, ftype: str, required: bool, labels: list[str] | None
+    name: str,
+    v: Any,
+    ftype: str,
+    required: bool,
+    labels: list[str] | None,
+    tagging: bool = False,
 ) -> tuple[str, str] | None:
-    """(message, hint) when `v` does not fit `ftype`, else None."""
+    """(message, hint) when `v` does not fit `ftype`, else None (`tagging`: labels are BIO tags)."""
 
     def bad_label(x: Any) -> tuple[str, str] | None:
+        if tagging:
+            return _tag_problem(name, x, labels)
         if labels is None:
             return (
                 None
@@ -344,11 +407,13 @@ def _closest(word: str, options: list[str]) -> str:
 
 
 def check_row(
-    raw: dict, row: dict, present: set, template: Any, columns: dict
-) -> list[tuple[str, str]]:
-    """Every (message, hint) for one mapped row: missing fields, wrong types, unknown labels, empty text."""
+    raw: dict, row: dict, present: set, template: Task, columns: dict
+) -> list[tuple[str, str, str]]:
+    """Every (message, hint, field) for one mapped row: missing fields, wrong types, unknown labels,
+    empty text."""
     out = []
     labels = template.label_set()
+    tagging = bool(getattr(template, "tagging", False))
     for name, spec in template.fields.items():
         if name not in present:
             if spec.required:
@@ -362,18 +427,28 @@ def check_row(
                         else ""
                     )
                 )
-                out.append((f"missing field '{name}'", hint))
+                out.append((f"missing field '{name}'", hint, name))
             continue
-        p = _type_problem(name, row[name], spec.type, spec.required, labels)
+        p = _type_problem(name, row[name], spec.type, spec.required, labels, tagging)
         if p:
-            out.append(p)
+            out.append((*p, name))
     return out
+
+
+def label_maps(template: Task, labels: dict) -> tuple[dict, dict | None]:
+    """(labels, renames) to pass to `map_row` for `template` (renames only for NER tag lists)."""
+    if not getattr(template, "tagging", False) or not labels:
+        return labels, None
+    whole, renames = split_tag_map(labels, template.entity_types)
+    return whole, renames or None
 
 
 class Rows(Sequence):
     """Mapped, validated rows of one task split (a lazy view: rows are mapped when indexed).
 
-    `.skipped` counts bad rows left out, `.problems` holds the first MAX_SHOWN of them.
+    `.skipped` counts bad rows left out, `.problems` holds the first MAX_SHOWN of them;
+    `.label_skipped` counts the bad rows with a label outside the task's label set.
+    `.all_bad` is true when rows were read but every one was bad.
     """
 
     def __init__(
@@ -381,15 +456,25 @@ class Rows(Sequence):
         backend: _Backend,
         keep: array,
         res: Resolved,
-        template: Any,
+        template: Task,
         split: str,
         skipped: int,
         problems: list[Problem],
+        label_skipped: int = 0,
     ):
         self._b, self._keep, self._res, self._t = backend, keep, res, template
         self.split, self.skipped, self.problems = split, skipped, problems
+        self.label_skipped = label_skipped
         self.task = template.name
         self.desc = backend.desc
+        # The maps in effect (the source override's, else the template's).
+        self.labels, self.columns = res.labels, res.columns
+        self._labels, self._renames = label_maps(template, res.labels)
+
+    @property
+    def all_bad(self) -> bool:
+        """Rows were read, and every one of them was bad."""
+        return len(self) == 0 and self.skipped > 0
 
     def __len__(self) -> int:
         return len(self._keep)
@@ -400,9 +485,10 @@ class Rows(Sequence):
         row, _ = map_row(
             self._b.get(self._keep[i]),
             self._res.columns,
-            self._res.labels,
+            self._labels,
             self._t.label_field,
             self._t.fields,
+            self._renames,
         )
         return row
 
@@ -416,7 +502,13 @@ class Rows(Sequence):
         return text + (f" (first: {self.problems[0].format()})" if self.problems else "")
 
 
-def render_row(template: Any, rows: Sequence, i: int, variant: Any = None, **kw: Any) -> Any:
+def render_row(
+    template: Task,
+    rows: Sequence[dict],
+    i: int,
+    variant: str | Variant | None = None,
+    **kw: Any,  # passed on to Task.render: row_id, split, epoch, with_output
+) -> Record:
     """`template.render(rows[i], variant, **kw)`; when the template fails on this row, the error also
     names the row (`file:row`), so the user can tell a broken template from one odd row."""
     try:
@@ -441,7 +533,7 @@ def render_row(template: Any, rows: Sequence, i: int, variant: Any = None, **kw:
 
 
 def load_rows(
-    template: Any,
+    template: Task,
     source: SourceConfig | None,
     split: str,
     *,
@@ -459,19 +551,25 @@ def load_rows(
     backend = _open(res, split, read_problems)
     problems = [Problem(f, n, msg) for f, n, msg in read_problems]
     bad = len(read_problems)
+    label_bad = 0
     keep = array("q")
     index = 0
+    labels, renames = label_maps(template, res.labels)
     for batch in backend.batches():
         for raw in batch:
             row, present = map_row(
-                raw, res.columns, res.labels, template.label_field, template.fields
+                raw, res.columns, labels, template.label_field, template.fields, renames
             )
             found = check_row(raw, row, present, template, res.columns)
             if found:
                 bad += 1
+                label_bad += any(
+                    f in present and template.fields[f].type in ("label", "list[label]")
+                    for _, _, f in found
+                )
                 if len(problems) < MAX_SHOWN or bad_rows == "fail":
                     file, line = backend.location(index)
-                    problems.extend(Problem(file, line, msg, hint) for msg, hint in found[:3])
+                    problems.extend(Problem(file, line, msg, hint) for msg, hint, _ in found[:3])
             else:
                 keep.append(index)
             index += 1
@@ -492,4 +590,4 @@ def load_rows(
             )
         )
         raise DataError(shown)
-    return Rows(backend, keep, res, template, split, bad, problems[:MAX_SHOWN])
+    return Rows(backend, keep, res, template, split, bad, problems[:MAX_SHOWN], label_bad)

@@ -17,9 +17,8 @@ from jinja2.sandbox import SecurityError
 from t2t_mtl.core import yaml_lines
 from t2t_mtl.core.errors import Problem, T2TError, TemplateError, did_you_mean
 from t2t_mtl.core.records import Record
-
-# ENV, FieldSpec and PROJECT_ROOT are re-exported: callers know them as templates.*
-from t2t_mtl.tasks.schema import (  # noqa: F401
+from t2t_mtl.tasks.parsing import OUTSIDE, Parsed, parse
+from t2t_mtl.tasks.schema import (
     ENV,
     LABEL_TASK_TYPES,
     PARTS,
@@ -27,8 +26,12 @@ from t2t_mtl.tasks.schema import (  # noqa: F401
     FieldSpec,
     Variant,
     check_data,
+    entity_types_of,
     resolve_data_path,
 )
+
+# ENV and PROJECT_ROOT are re-exported from schema: callers know them as tasks.task.*
+__all__ = ["ENV", "PROJECT_ROOT", "Task", "load_task_file", "read_task_file"]
 
 
 class Task:
@@ -63,6 +66,13 @@ class Task:
         self.samples: Path | None = (
             resolve_data_path(data["samples"], path) if data.get("samples") else None
         )
+        # NER: the entity types (None: any type name) and other spellings parsing accepts.
+        self.entity_types: list[str] | None = None
+        self.entity_aliases: dict[str, str] | None = None
+        if self.tagging:
+            self.entity_types, self.entity_aliases = entity_types_of(
+                data.get("entity_types"), src.get("labels"), self.answer_choices
+            )
 
     def __repr__(self) -> str:
         return f"Task({self.name!r}, {str(self.path)!r})"
@@ -77,8 +87,21 @@ class Task:
         """True when outputs must be one of `answer_choices` (classification, NLI, parse: label)."""
         return self.task_type in LABEL_TASK_TYPES or self.parse == "label"
 
+    @property
+    def tagging(self) -> bool:
+        """True for NER templates (`parse: entities`): the label field holds BIO tags."""
+        return self.parse == "entities"
+
     def label_set(self) -> list[str] | None:
-        """Allowed label names: answer_choices, else the values of the `labels` map, else None (any)."""
+        """Allowed label names: answer_choices, else the values of the `labels` map, else None (any).
+
+        NER templates: the BIO tags of their entity types (`O`, `B-x`, `I-x`), None when the types
+        are unknown (then any well-formed tag is allowed).
+        """
+        if self.tagging:
+            if not self.entity_types:
+                return None
+            return [OUTSIDE] + [f"{p}-{t}" for t in self.entity_types for p in ("B", "I")]
         if self.answer_choices:
             return list(self.answer_choices)
         labels = self.source.get("labels") or {}
@@ -171,11 +194,17 @@ class Task:
             line += _template_lineno(e) - 1
         raise TemplateError(Problem(file, line, f"variant '{v.id}' {part}: {msg}", hint))
 
-    def parse_output(self, text: str, *, tokens: list[str] | None = None):
-        """Generated text -> `parsing.Parsed` using this template's `parse` kind and answer choices."""
-        from t2t_mtl.tasks.parsing import parse
-
-        return parse(self.parse, text, answer_choices=self.answer_choices or None, tokens=tokens)
+    def parse_output(self, text: str, *, tokens: list[str] | None = None) -> Parsed:
+        """Generated text -> `parsing.Parsed` using this template's `parse` kind, answer choices
+        and (NER) entity types."""
+        return parse(
+            self.parse,
+            text,
+            answer_choices=self.answer_choices or None,
+            tokens=tokens,
+            entity_types=self.entity_types,
+            entity_aliases=self.entity_aliases,
+        )
 
 
 def _template_lineno(exc: BaseException) -> int:

@@ -19,18 +19,23 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from t2t_mtl.core.records import Record
 from t2t_mtl.mixing.mixture import MixedStream, derive_seed
 from t2t_mtl.model import features
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["Batcher", "Window"]
 
 
 @dataclass
 class Window:
     """One optimiser step's data for this process."""
 
-    micro: list[dict]  # collated micro-batches (tensors on CPU), grad_accum of them
+    micro: list[dict[str, torch.Tensor]]  # collated micro-batches (on CPU), grad_accum of them
     records: dict[str, int]  # records per mixture member in the whole window (all processes)
     tasks: list[list[str]]  # task names per micro-batch of this process (for error messages)
     keys: list[tuple] = field(
@@ -46,8 +51,8 @@ class Batcher:
         self,
         stream: MixedStream,
         *,
-        encode: Callable[[Record], dict],
-        collate: Callable[[list], dict],
+        encode: Callable[[Record], features.Features],
+        collate: Callable[[list[features.Features]], dict[str, torch.Tensor]],
         batch_size: int,
         grad_accum: int,
         world_size: int = 1,
@@ -157,7 +162,7 @@ class Batcher:
         self,
         mine: list[list[Record]],
         counts: dict[str, int],
-        feats: list[list[dict]] | None = None,
+        feats: list[list[features.Features]] | None = None,
     ) -> Window:
         micro, tasks, keys, n_tok = [], [], [], 0
         for m, recs in enumerate(mine):

@@ -2,13 +2,18 @@
 
 A checkpoint is written with `accelerator.save_state` into `checkpoints/.tmp-step-N` (optimizer,
 per-process RNG states; FSDP/DeepSpeed shards are handled by accelerate) plus our own files, and
-only then renamed to `step-N` (`os.replace`), so a folder named `step-N` is always complete:
+only then renamed to `step-N` (`core.files.swap_folder`), so a folder named `step-N` is always complete:
 - `trainable.safetensors`: only the parameters that train (LoRA adapters, or everything for full
   fine-tuning) — a save-state hook replaces accelerate's full-model save, so a QLoRA checkpoint
   does not carry the frozen 4-bit base model;
 - `trainer_state.json`: step counters, data-stream position, replay buffer, loss-balancer state,
   LR-scheduler state, the open metric window and the number of processes.
 Older checkpoints beyond `save_total_limit` are deleted after the new one is in place.
+
+A checkpoint is trusted input: accelerate's RNG states in it are pickles, and unpickling runs code.
+So a run resumes only its own checkpoints: folders in `run_dir/checkpoints/` whose state carries the
+run folder's id (`run_dir/run_id`, a random uuid written once; checkpoints written before ids
+existed carry none and are accepted there). See `resume_point`.
 """
 
 from __future__ import annotations
@@ -17,13 +22,39 @@ import json
 import os
 import re
 import shutil
+import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors.torch import load_file, save_file
 
 from t2t_mtl.core.errors import Problem, T2TError
+from t2t_mtl.core.files import atomic_write_text, swap_folder
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+__all__ = [
+    "STATE_FILE",
+    "install_hooks",
+    "latest_checkpoint",
+    "load",
+    "read_state",
+    "resume_point",
+    "run_id",
+    "save",
+]
 
 STATE_FILE = "trainer_state.json"
 WEIGHTS_FILE = "trainable.safetensors"
+RUN_ID_FILE = "run_id"  # in the run folder: the id every checkpoint of the run carries
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_TRUST_HINT = (
+    "a checkpoint is trusted input (resuming unpickles its RNG state), so a run resumes only "
+    "its own checkpoints; use train.resume=never to start this run over"
+)
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
@@ -49,24 +80,73 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def resume_point(mode: str, run_dir: Path, resolve=Path) -> Path | None:
+def run_id(run_dir: Path, *, create: bool = False) -> str | None:
+    """The run folder's id (`run_dir/run_id`); `create=True` writes a new random one when there is
+    none (main process only). None when there is none and `create` is False."""
+    path = Path(run_dir) / RUN_ID_FILE
+    if path.is_file():
+        return path.read_text(encoding="utf-8").strip() or None
+    if not create:
+        return None
+    rid = uuid.uuid4().hex
+    atomic_write_text(path, rid + "\n")
+    return rid
+
+
+def resume_point(mode: str, run_dir: Path, resolve: Callable[[str], Path] = Path) -> Path | None:
     """The checkpoint `train.resume` asks for: auto = newest complete one (or None), never = None,
-    else a checkpoint folder (`resolve` turns the configured path into a real one)."""
+    else a checkpoint folder (`resolve` turns the configured path into a real one).
+
+    The checkpoint must belong to the run in `run_dir` (see the module docstring): a folder outside
+    `run_dir/checkpoints/`, or one whose state names another run id, is a T2TError.
+    """
     if mode == "never":
         return None
     if mode == "auto":
-        return latest_checkpoint(run_dir)
-    p = Path(resolve(mode))
-    if not (p / STATE_FILE).is_file():
+        ckpt = latest_checkpoint(run_dir)
+    else:
+        ckpt = Path(resolve(mode))
+        if not (ckpt / STATE_FILE).is_file():
+            raise T2TError(
+                Problem(
+                    "<config>",
+                    None,
+                    f"train.resume: {mode} is not a checkpoint folder",
+                    "use auto, never, or a run's checkpoints/step-N folder",
+                )
+            )
+        root = checkpoints_dir(run_dir)
+        if ckpt.resolve().parent != root.resolve():
+            raise T2TError(
+                Problem(
+                    "<config>",
+                    None,
+                    f"train.resume: {mode} is not a checkpoint of this run (not in {root})",
+                    _TRUST_HINT,
+                )
+            )
+    if ckpt is not None:
+        check_owner(ckpt, run_dir)
+    return ckpt
+
+
+def check_owner(ckpt: Path, run_dir: Path) -> None:
+    """Refuse a checkpoint whose state names another run than the one in `run_dir` (T2TError).
+    A checkpoint without a run id (written before ids existed) passes."""
+    saved = read_state(ckpt).get("run_id")
+    if saved is None:
+        return
+    mine = run_id(run_dir)
+    if saved != mine:
         raise T2TError(
             Problem(
-                "<config>",
+                str(ckpt),
                 None,
-                f"train.resume: {mode} is not a checkpoint folder",
-                "use auto, never, or a run's checkpoints/step-N folder",
+                f"this checkpoint belongs to another run (run id {saved}; the run folder "
+                f"{run_dir} has {'id ' + mine if mine else 'no run id'})",
+                _TRUST_HINT,
             )
         )
-    return p
 
 
 def read_state(ckpt: Path) -> dict:
@@ -85,11 +165,11 @@ def read_state(ckpt: Path) -> dict:
         ) from None
 
 
-def _trainable_state(model) -> dict:
+def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def install_hooks(accelerator) -> None:
+def install_hooks(accelerator: Accelerator) -> None:
     """Make `save_state`/`load_state` keep only trainable weights (for plain and DDP models).
 
     FSDP and DeepSpeed models are saved by accelerate itself (they pass no weights to the hook).
@@ -98,8 +178,6 @@ def install_hooks(accelerator) -> None:
     def save_hook(models, weights, output_dir):
         if len(weights) != len(models):
             return  # FSDP / DeepSpeed: accelerate saves the (sharded) model
-        from safetensors.torch import save_file
-
         for i, m in enumerate(models):
             if accelerator.is_main_process:
                 name = WEIGHTS_FILE if i == 0 else WEIGHTS_FILE.replace(".", f"_{i}.")
@@ -109,8 +187,6 @@ def install_hooks(accelerator) -> None:
         weights.clear()
 
     def load_hook(models, input_dir):
-        from safetensors.torch import load_file
-
         for i, m in enumerate(models):
             name = WEIGHTS_FILE if i == 0 else WEIGHTS_FILE.replace(".", f"_{i}.")
             path = os.path.join(input_dir, name)
@@ -129,8 +205,6 @@ def install_hooks(accelerator) -> None:
                         "resume with the same model and adapter settings, or use resume=never",
                     )
                 )
-            import torch
-
             with torch.no_grad():
                 for n, t in state.items():
                     params[n].copy_(t.to(params[n].device, params[n].dtype))
@@ -140,7 +214,7 @@ def install_hooks(accelerator) -> None:
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def save(accelerator, run_dir: Path, step: int, state: dict, keep: int) -> Path:
+def save(accelerator: Accelerator, run_dir: Path, step: int, state: dict, keep: int) -> Path:
     """Write checkpoint `step-{step}` atomically; all processes must call it. Returns the folder."""
     root = checkpoints_dir(run_dir)
     tmp = root / f".tmp-step-{step}"
@@ -153,13 +227,12 @@ def save(accelerator, run_dir: Path, step: int, state: dict, keep: int) -> Path:
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        state = dict(state, num_processes=accelerator.num_processes)
+        rid = run_id(run_dir, create=True)
+        state = dict(state, num_processes=accelerator.num_processes, run_id=rid)
         (tmp / STATE_FILE).write_text(
             json.dumps(state, indent=1, allow_nan=True) + "\n", encoding="utf-8"
         )
-        if final.exists():  # the same step saved again (e.g. a final save after resuming)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        swap_folder(tmp, final)  # `final` may exist: the same step saved again after resuming
         rotate(run_dir, keep)
     accelerator.wait_for_everyone()
     return final
@@ -178,7 +251,7 @@ def rotate(run_dir: Path, keep: int) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def load(accelerator, ckpt: Path) -> dict:
+def load(accelerator: Accelerator, ckpt: Path) -> dict:
     """Restore weights, optimizer and RNG states from `ckpt`; returns its trainer state."""
     state = read_state(ckpt)
     saved = int(state.get("num_processes", 1))

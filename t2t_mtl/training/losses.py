@@ -36,6 +36,18 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+__all__ = [
+    "Balancer",
+    "EqualBalancer",
+    "GradNormBalancer",
+    "UncertaintyBalancer",
+    "make_balancer",
+    "shared_parameters",
+    "task_counts",
+    "task_sums",
+    "token_losses",
+]
+
 BALANCER_LR = 0.025
 _ADAM_BETAS = (0.9, 0.999)
 _ADAM_EPS = 1e-8

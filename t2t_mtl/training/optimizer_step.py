@@ -19,13 +19,31 @@ import contextlib
 import inspect
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from t2t_mtl.model import features
 from t2t_mtl.training import losses
 from t2t_mtl.training.batching import Window
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from peft import PeftModel
+    from torch.optim.lr_scheduler import LRScheduler
+    from transformers import PreTrainedModel
+
+__all__ = [
+    "StepResult",
+    "StepRunner",
+    "adapter_inputs_uncast",
+    "load_scheduler_state",
+    "logits_mode",
+    "make_optimizer",
+    "make_scheduler",
+    "restore_4bit_for_training",
+    "scheduler_state",
+]
 
 
 @dataclass
@@ -41,7 +59,7 @@ class StepResult:
     bad_tasks: list[str]
 
 
-def logits_mode(model: Any) -> str:
+def logits_mode(model: PreTrainedModel | PeftModel) -> str:
     """How a causal model can be asked for logits at target positions only.
 
     "mask": it slices its hidden states with transformers' `slice_logits_to_keep`, which takes a 2-D
@@ -79,9 +97,9 @@ class StepRunner:
 
     def __init__(
         self,
-        accelerator,
-        model,
-        optimizer,
+        accelerator: Accelerator,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
         balancer: losses.Balancer,
         task_names: list[str],
         family: str,
@@ -235,14 +253,14 @@ class StepRunner:
             )
 
 
-def restore_4bit_for_training(model: Any) -> None:
+def restore_4bit_for_training(model: torch.nn.Module) -> None:
     """Undo bitsandbytes' CPU inference layout of 4-bit weights before training continues.
 
     On CPUs with AVX512-BF16, the first eval-mode forward of a `Linear4bit` repacks its weight for a
     fast inference kernel that has no backward: gradients would silently stop at every 4-bit layer
     (only LoRA adapters right before the residual stream would train). Converting back is cheap.
     """
-    try:
+    try:  # optional, and slow to import
         from bitsandbytes.nn.modules import Linear4bit, _convert_weight_packed_for_cpu_inverse
     except ImportError:  # no bitsandbytes (then there are no 4-bit layers either)
         return
@@ -261,7 +279,9 @@ def restore_4bit_for_training(model: Any) -> None:
 # ------------------------------------------------------------- optimiser and schedule
 
 
-def make_optimizer(model, learning_rate: float, weight_decay: float) -> torch.optim.Optimizer:
+def make_optimizer(
+    model: torch.nn.Module, learning_rate: float, weight_decay: float
+) -> torch.optim.Optimizer:
     """AdamW over trainable parameters; no weight decay on biases and norm weights (1-d tensors)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
@@ -276,9 +296,11 @@ def make_optimizer(model, learning_rate: float, weight_decay: float) -> torch.op
     return torch.optim.AdamW(groups, lr=learning_rate)
 
 
-def make_scheduler(optimizer, kind: str, warmup_steps: int, total_steps: int, peak_lr: float):
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, kind: str, warmup_steps: int, total_steps: int, peak_lr: float
+) -> LRScheduler:
     """Warm-up to `peak_lr`, then cosine/linear decay (or constant) over one stage's steps."""
-    from transformers import get_scheduler
+    from transformers import get_scheduler  # ~3 s to import (transformers.optimization)
 
     inner = getattr(
         optimizer, "optimizer", optimizer
@@ -293,12 +315,12 @@ def make_scheduler(optimizer, kind: str, warmup_steps: int, total_steps: int, pe
     )
 
 
-def scheduler_state(sched) -> dict:
+def scheduler_state(sched: LRScheduler) -> dict:
     """JSON-serialisable LR-scheduler state."""
     return {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"}
 
 
-def load_scheduler_state(sched, state: dict) -> None:
+def load_scheduler_state(sched: LRScheduler, state: dict) -> None:
     """Restore a scheduler and put the learning rate of the next step back into the optimiser."""
     sd = sched.state_dict()
     sd.update(state)

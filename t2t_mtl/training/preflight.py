@@ -8,29 +8,40 @@ accelerate backend (FSDP / ZeRO-3 limits, bf16/fp16 support) — and raises one 
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
-from typing import Any
+from typing import TYPE_CHECKING
+
+import torch
 
 from t2t_mtl.core.config import EMBEDDED_MODEL, RunConfig
 from t2t_mtl.core.errors import Problem, T2TError
 from t2t_mtl.mixing import mixture
+from t2t_mtl.model import loading
 from t2t_mtl.tasks import catalogue
+from t2t_mtl.tasks.task import Task
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+__all__ = [
+    "backend_problems",
+    "check_run",
+    "configure_deepspeed",
+    "cpu_processes",
+    "mixed_precision",
+]
+
+logger = logging.getLogger(__name__)
 
 
-def _problem(msg: str, hint: str = "", file: str = "<config>") -> Problem:
-    return Problem(file, None, msg, hint)
-
-
-def check_run(cfg: RunConfig) -> tuple[dict, dict]:
+def check_run(cfg: RunConfig) -> tuple[dict[str, mixture.Member], dict[str, Task]]:
     """Check templates, sources, model name and device options together; returns (members, templates).
 
     Raises one T2TError with every problem found.
     """
-    from t2t_mtl.model import loading
-
     problems = list(catalogue.check_config(cfg))
-    members: dict = {}
+    members: dict[str, mixture.Member] = {}
     if not problems:
         try:
             members = mixture.build_members(cfg)
@@ -38,7 +49,11 @@ def check_run(cfg: RunConfig) -> tuple[dict, dict]:
             problems += e.problems
     empty = [n for n, m in members.items() if m.size == 0]
     problems += [
-        _problem(f"task '{n}' has no training rows", "check its source and the bad-row report")
+        Problem.at(
+            "<config>",
+            f"task '{n}' has no training rows",
+            "check its source and the bad-row report",
+        )
         for n in empty
     ]
     try:
@@ -64,7 +79,8 @@ def check_run(cfg: RunConfig) -> tuple[dict, dict]:
                 and cfg.model.max_length > limit
             ):
                 problems.append(
-                    _problem(
+                    Problem.at(
+                        "<config>",
                         f"model.max_length: {cfg.model.max_length} is more than the model's "
                         f"{limit} positions",
                         f"use model.max_length <= {limit}",
@@ -74,7 +90,7 @@ def check_run(cfg: RunConfig) -> tuple[dict, dict]:
         problems += e.problems
     problems += backend_problems(cfg)
     if cfg.replay.enabled and len(cfg.stage_list()) < 2:
-        print("note: replay.enabled has no effect with a single stage", file=sys.stderr)
+        logger.warning("note: replay.enabled has no effect with a single stage")
     if problems:
         raise T2TError(problems)
     extra = [cfg.resolve_path(d) for d in cfg.template_dirs]
@@ -86,31 +102,32 @@ def check_run(cfg: RunConfig) -> tuple[dict, dict]:
 
 def backend_problems(cfg: RunConfig) -> list[Problem]:
     """Settings the launch environment (accelerate config, GPU generation) cannot run."""
-    import torch
-
     out = []
     sharded = _sharded_backend()
     if cfg.train.loss_balancing == "gradnorm" and sharded:
         out.append(
-            _problem(
+            Problem.at(
+                "<config>",
                 "train.loss_balancing: gradnorm needs whole parameters on every process",
                 "use it with one GPU, DDP or DeepSpeed ZeRO-1/2, not FSDP or ZeRO-3",
             )
         )
     if cfg.adapter.method == "qlora" and sharded:
         out.append(
-            _problem(
+            Problem.at(
+                "<config>",
                 "adapter.method: qlora is not supported with FSDP or DeepSpeed ZeRO-3 here",
                 "use launch/accelerate/ddp.yaml or deepspeed_zero2.yaml, or method: lora",
             )
         )
-    mixed = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    mixed = mixed_precision(cfg)
     cuda = torch.cuda.is_available()
     if mixed == "fp16" and not cuda:
         out.append(
-            _problem(
-                "accelerate mixed_precision fp16 needs a GPU",
-                "use --mixed_precision bf16 or no on CPU",
+            Problem.at(
+                "<config>",
+                "mixed precision fp16 needs a GPU (train.mixed_precision or accelerate's setting)",
+                "use train.mixed_precision=bf16 or no on a CPU",
             )
         )
     wants_bf16 = (
@@ -120,12 +137,28 @@ def backend_problems(cfg: RunConfig) -> list[Problem]:
     )
     if cuda and wants_bf16 and not torch.cuda.is_bf16_supported():
         out.append(
-            _problem(
+            Problem.at(
+                "<config>",
                 "bfloat16 is not supported by this GPU (needs compute capability 8.0+)",
                 "set model.dtype/adapter.compute_dtype to float16 or float32 and mixed_precision fp16",
             )
         )
     return out
+
+
+def mixed_precision(cfg: RunConfig) -> str:
+    """The autocast dtype a run trains with: `train.mixed_precision` when set; for `auto`, what
+    `accelerate launch` was told (ACCELERATE_MIXED_PRECISION), else bf16 on a GPU that supports it,
+    else "no". CPUs stay in float32 under `auto`: bf16 is faster there but is a choice the user makes
+    (docs/training.md has the measurements)."""
+    if cfg.train.mixed_precision != "auto":
+        return cfg.train.mixed_precision
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if launched:
+        return launched
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "no"
 
 
 def cpu_processes() -> bool:
@@ -135,8 +168,6 @@ def cpu_processes() -> bool:
     from `accelerate launch --multi_gpu --num_processes N` (or torchrun); accelerate would then
     treat each as a separate single-process run unless told to use the CPU backend.
     """
-    import torch
-
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     avail = getattr(torch, "accelerator", None)
@@ -156,7 +187,7 @@ def _sharded_backend() -> bool:
     )
 
 
-def configure_deepspeed(acc: Any, cfg: RunConfig) -> None:
+def configure_deepspeed(acc: Accelerator, cfg: RunConfig) -> None:
     """DeepSpeed sizes its batches at prepare time from a dataloader we do not use: give it the run's
     micro-batch size and clipping (its `auto` values) instead."""
     plugin = getattr(acc.state, "deepspeed_plugin", None)

@@ -15,6 +15,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
+__all__ = ["MetricWindow", "Telemetry", "plot_loss_curves", "read_metrics"]
+
 
 class MetricWindow:
     """Accumulates window statistics between two logging steps (kept in checkpoints for exact resume)."""
@@ -113,7 +117,7 @@ class Telemetry:
             return
         self.metrics_path = self.run_dir / "metrics.jsonl"
         if report_to == "tensorboard":
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # loads tensorboard: only if used
 
             self._tb = SummaryWriter(log_dir=str(self.run_dir / "logs"))
         elif report_to == "wandb":
@@ -137,8 +141,6 @@ class Telemetry:
         """Start (or restart, per stage) the tqdm progress bar with ETA."""
         if not self.enabled:
             return
-        from tqdm.auto import tqdm
-
         self.close_bar()
         self._bar = tqdm(
             total=total,
@@ -237,10 +239,11 @@ def plot_loss_curves(metrics_path: Path, png_path: Path) -> Path | None:
     rows = [r for r in read_metrics(metrics_path) if "loss" in r]
     if not rows:
         return None
-    import matplotlib
+    import matplotlib  # slow to import; only this PNG needs it
 
     matplotlib.use("Agg")  # files only; no display needed
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     tasks = sorted({k[5:] for r in rows for k in r if k.startswith("loss/")})
     fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -262,8 +265,6 @@ def plot_loss_curves(metrics_path: Path, png_path: Path) -> Path | None:
     for step, stage in bounds:
         ax.axvline(step, color="grey", linestyle="--", linewidth=0.8)
         ax.text(step, ax.get_ylim()[1], f" {stage}", va="top", fontsize=8, color="grey")
-    from matplotlib.ticker import MaxNLocator
-
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("optimiser step")
     ax.set_ylabel("mean target-token loss")

@@ -3,31 +3,43 @@
 `accelerate launch launch/train.py --config CFG [k=v ...]` and `t2t-mtl train --config CFG [k=v ...]`
 both call `train`. Order of work:
 1. `preflight.check_run`: every cheap check at once (config, templates, sources, model, device options);
-2. load the model (LoRA / QLoRA / full, `modeling`), pick the prompt format and packing, build the
-   optimiser, `accelerator.prepare` (DDP / FSDP / DeepSpeed come from the accelerate config);
+2. the `_Trainer._setup_*` steps: accelerator, run folder, model (LoRA / QLoRA / full,
+   `model.loading`), prompt format and packing, optimiser and `accelerator.prepare` (DDP / FSDP /
+   DeepSpeed come from the accelerate config), step runner, telemetry, collator and replay buffer;
 3. resume from the last complete checkpoint (`train.resume: auto`), including the stream position;
 4. per stage: plan the mixture (with the replay member after the first stage), feed windows
-   (`batching`) to `train_step.StepRunner`, log (`telemetry`), checkpoint (`checkpointing`), call the
-   evaluation hook every `eval.every_steps`; at the stage end save `stages/<name>/adapter`, offer the
-   stage's records to the replay buffer and save it;
+   (`batching`) to `optimizer_step.StepRunner`, log (`telemetry`), checkpoint (`checkpointing`), call
+   the evaluation hook every `eval.every_steps`; at the stage end save `stages/<name>/adapter`, offer
+   the stage's records to the replay buffer (`mixture.offer_stage_records`, as `t2t-mtl mix`
+   previews it) and save it;
 5. save the final bundle `adapter/` (with `t2t_manifest.json`), `loss_curves.png`, `train_summary.json`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
-import sys
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.optim.lr_scheduler import LRScheduler
 
 from t2t_mtl.core.config import RunConfig, config_to_dict
 from t2t_mtl.core.errors import Problem, T2TError
+from t2t_mtl.core.files import atomic_write_json
+from t2t_mtl.core.records import Record
+from t2t_mtl.evaluation import evaluator
 from t2t_mtl.mixing import mixture, replay
+from t2t_mtl.mixing.mixture import Member
+from t2t_mtl.model import features, loading
+from t2t_mtl.model.prompt_format import PromptFormat
 from t2t_mtl.runs.folder import (
     clear_previous,
     config_changes,
@@ -38,7 +50,24 @@ from t2t_mtl.runs.folder import (
     write_config,
     write_mixture,
 )
-from t2t_mtl.training.preflight import check_run
+from t2t_mtl.tasks.task import Task
+from t2t_mtl.training import checkpointing, losses, preflight
+from t2t_mtl.training.batching import Batcher, Window
+from t2t_mtl.training.optimizer_step import (
+    StepResult,
+    StepRunner,
+    load_scheduler_state,
+    make_optimizer,
+    make_scheduler,
+    restore_4bit_for_training,
+    scheduler_state,
+)
+from t2t_mtl.training.telemetry import MetricWindow, Telemetry, plot_loss_curves, read_metrics
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
 
 RESOURCE_HINT = (
     "lower train.batch_size (raise train.grad_accum to keep the effective batch), lower "
@@ -50,10 +79,10 @@ RESOURCE_HINT = (
 class EvalContext:
     """What the evaluation hook gets every `eval.every_steps` (all processes call it)."""
 
-    accelerator: Any
-    model: Any  # unwrapped, in eval mode during the call
-    tokenizer: Any
-    prompt_format: Any
+    accelerator: Accelerator
+    model: torch.nn.Module  # unwrapped, in eval mode during the call
+    tokenizer: PreTrainedTokenizerBase
+    prompt_format: PromptFormat
     family: str
     cfg: RunConfig
     run_dir: Path
@@ -77,13 +106,10 @@ def train(
     process, objective).
     """
     t0 = time.time()
-    members, templates = check_run(cfg)
+    loading.quiet_library_noise()
+    members, templates = preflight.check_run(cfg)
     if eval_fn == "auto":
-        eval_fn = None
-        if cfg.eval.every_steps:
-            from t2t_mtl.evaluation import evaluator
-
-            eval_fn = evaluator.training_eval_fn(cfg)
+        eval_fn = evaluator.training_eval_fn(cfg) if cfg.eval.every_steps else None
     trainer = _Trainer(cfg, members, templates, eval_fn, on_step, t0)
     try:
         return trainer.run()
@@ -96,8 +122,6 @@ def _end_distributed() -> None:
     """Tear the process group down explicitly: left to interpreter exit, gloo's worker threads are
     destroyed while still joinable and a rank can abort ("terminate called without an active exception")
     after training has already finished."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         try:
             dist.barrier()
@@ -106,91 +130,107 @@ def _end_distributed() -> None:
 
 
 class _Trainer:
-    """One training run: the prepared model and everything that lives across stages."""
+    """One training run: the prepared model and everything that lives across stages.
+
+    `__init__` runs the setup steps in order; each `_setup_*` sets the attributes it names.
+    """
 
     def __init__(
         self,
         cfg: RunConfig,
-        members: dict,
-        templates: dict,
+        members: dict[str, Member],
+        templates: dict[str, Task],
         eval_fn: EvalFn | None,
         on_step: StepHook | None,
         t0: float,
     ):
-        import torch
-        from accelerate import Accelerator
-        from accelerate.utils import set_seed
+        self.cfg, self.tr = cfg, cfg.train
+        self.members, self.eval_fn, self.on_step, self.t0 = members, eval_fn, on_step, t0
+        self.task_names = cfg.task_names()
+        self.task_index = {n: i for i, n in enumerate(self.task_names)}
+        self._setup_accelerator()
+        self._setup_run_folder()
+        model = self._setup_model()
+        self._setup_optimizer(model)
+        self._setup_step_runner()
+        self._setup_telemetry(templates)
+        self._setup_data()
+        self.global_step = 0
+        self.session = {"steps": 0, "loop_seconds": 0.0, "input_tokens": 0.0, "target_tokens": 0.0}
 
-        from t2t_mtl.model import features, loading
-        from t2t_mtl.model.prompt_format import PromptFormat
-        from t2t_mtl.training import checkpointing, losses, preflight
-        from t2t_mtl.training.optimizer_step import (
-            StepRunner,
-            make_optimizer,
-            restore_4bit_for_training,
-        )
-        from t2t_mtl.training.telemetry import MetricWindow, Telemetry
+    # ------------------------------------------------------------------ setup
 
-        self.cfg, self.members, self.eval_fn, self.on_step, self.t0 = (
-            cfg,
-            members,
-            eval_fn,
-            on_step,
-            t0,
+    def _setup_accelerator(self) -> None:
+        """`acc` (gradient accumulation; DDP / FSDP / DeepSpeed from the accelerate config), `main`."""
+        self.acc = Accelerator(
+            gradient_accumulation_steps=self.tr.grad_accum,
+            cpu=preflight.cpu_processes(),
+            mixed_precision=preflight.mixed_precision(self.cfg),
         )
-        tr = self.tr = cfg.train
-        acc = self.acc = Accelerator(
-            gradient_accumulation_steps=tr.grad_accum, cpu=preflight.cpu_processes()
-        )
-        self.main = acc.is_main_process
-        run_dir = self.run_dir = Path(cfg.output_dir).expanduser()
-        self.ckpt = checkpointing.resume_point(tr.resume, run_dir, cfg.resolve_path)
+        self.main = self.acc.is_main_process
+
+    def _setup_run_folder(self) -> None:
+        """`run_dir`, `ckpt` (the checkpoint to resume, or None). The main process clears a previous
+        run's files on a fresh start, or notes changed settings and trims metrics.jsonl to the
+        checkpoint on resume; every process waits for it."""
+        run_dir = self.run_dir = Path(self.cfg.output_dir).expanduser()
+        self.ckpt = checkpointing.resume_point(self.tr.resume, run_dir, self.cfg.resolve_path)
         if self.main:
             run_dir.mkdir(parents=True, exist_ok=True)
             if self.ckpt is None:
                 clear_previous(run_dir)
             else:
-                changed = config_changes(run_dir, cfg)
+                changed = config_changes(run_dir, self.cfg)
                 if changed:
-                    print(
-                        f"note: resuming {self.ckpt} with changed settings: {', '.join(changed)}",
-                        file=sys.stderr,
+                    logger.warning(
+                        "note: resuming %s with changed settings: %s", self.ckpt, ", ".join(changed)
                     )
                 trim_metrics(run_dir, checkpointing.read_state(self.ckpt)["global_step"])
-        acc.wait_for_everyone()
+        self.acc.wait_for_everyone()
 
-        set_seed(cfg.seed)  # the same adapter initialisation on every process
+    def _setup_model(self) -> torch.nn.Module:
+        """`tok`, `family`, `fmt` (prompt format), `packing`; returns the model (not yet prepared),
+        with the same adapter initialisation on every process."""
+        cfg = self.cfg
+        set_seed(cfg.seed)
         try:
             model, self.tok, self.family = loading.load_model_and_tokenizer(
                 cfg.model,
                 cfg.adapter,
                 for_training=True,
-                gradient_checkpointing=tr.gradient_checkpointing,
+                gradient_checkpointing=self.tr.gradient_checkpointing,
             )
         except torch.OutOfMemoryError:
             raise T2TError(
-                _problem("out of memory while loading the model", RESOURCE_HINT)
+                Problem.at("<train>", "out of memory while loading the model", RESOURCE_HINT)
             ) from None
         self.fmt = PromptFormat.for_tokenizer(
             self.tok, self.family, cfg.model.prompt_format, cfg.model.truncation
         )
-        self.packing = self.family == "causal" and features.resolve_packing(tr.packing, model)
+        self.packing = self.family == "causal" and features.resolve_packing(self.tr.packing, model)
         restore_4bit_for_training(model)  # the packing probe ran in eval mode
-        self.task_names = cfg.task_names()
-        self.task_index = {n: i for i, n in enumerate(self.task_names)}
-        optimizer = make_optimizer(model, tr.learning_rate, tr.weight_decay)
-        preflight.configure_deepspeed(acc, cfg)
-        self.model, self.optimizer = acc.prepare(model, optimizer)
-        checkpointing.install_hooks(acc)
-        set_seed(cfg.seed, device_specific=True)  # dropout differs between processes
+        return model
+
+    def _setup_optimizer(self, model: torch.nn.Module) -> None:
+        """`model`, `optimizer`: built and passed through `accelerator.prepare`, with checkpoint
+        hooks; then per-process seeds (dropout differs between processes)."""
+        optimizer = make_optimizer(model, self.tr.learning_rate, self.tr.weight_decay)
+        preflight.configure_deepspeed(self.acc, self.cfg)
+        self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        checkpointing.install_hooks(self.acc)
+        set_seed(self.cfg.seed, device_specific=True)
+
+    def _setup_step_runner(self) -> None:
+        """`balancer` (train.loss_balancing), `runner` (one optimiser step), `window` (metrics)."""
+        tr = self.tr
         self.balancer = losses.make_balancer(
             tr.loss_balancing,
             self.task_names,
-            [t.loss_weight for t in cfg.tasks],
+            [t.loss_weight for t in self.cfg.tasks],
             tr.gradnorm_alpha,
         )
         self.runner = StepRunner(
-            acc,
+            self.acc,
             self.model,
             self.optimizer,
             self.balancer,
@@ -199,13 +239,18 @@ class _Trainer:
             tr.max_grad_norm,
         )
         self.window = MetricWindow(self.task_names)
-        copies = copy_templates(run_dir, templates) if self.main else {}
+
+    def _setup_telemetry(self, templates: dict[str, Task]) -> None:
+        """`telemetry`, `manifest_extra` (what every saved bundle's manifest adds). The main process
+        copies the templates and writes config.yaml first; the model summary line is logged."""
+        cfg, acc = self.cfg, self.acc
+        copies = copy_templates(self.run_dir, templates) if self.main else {}
         if self.main:
-            write_config(run_dir, cfg)
+            write_config(self.run_dir, cfg)
         self.telemetry = Telemetry(
-            run_dir,
+            self.run_dir,
             enabled=self.main,
-            report_to=tr.report_to,
+            report_to=self.tr.report_to,
             run_name=cfg.run_name,
             config=config_to_dict(cfg),
         )
@@ -217,12 +262,6 @@ class _Trainer:
             f"train; prompt format {self.fmt.kind}; packing {'on' if self.packing else 'off'}; "
             f"{acc.num_processes} process(es) on {acc.device}"
         )
-        pad = self.tok.pad_token_id
-        self.collate = (
-            features.Seq2SeqCollator(pad)
-            if self.family == "seq2seq"
-            else features.CausalCollator(pad, packing=self.packing, max_length=cfg.model.max_length)
-        )
         self.manifest_extra = {
             "run_name": cfg.run_name,
             "tasks": task_manifest(cfg, templates, copies),
@@ -230,17 +269,24 @@ class _Trainer:
             "max_length": cfg.model.max_length,
             "max_target_length": cfg.model.max_target_length,
         }
-        label_tasks = [n for n, m in members.items() if m.info.get("label_task")]
-        self.buf = replay.buffer_for_run(cfg, label_tasks) if cfg.replay.enabled else None
-        self.global_step = 0
-        self.session = {"steps": 0, "loop_seconds": 0.0, "input_tokens": 0.0, "target_tokens": 0.0}
+
+    def _setup_data(self) -> None:
+        """`collate` (the family's collator, packing or not) and `buf` (the replay buffer, or None)."""
+        cfg, pad = self.cfg, self.tok.pad_token_id
+        self.collate = (
+            features.Seq2SeqCollator(pad)
+            if self.family == "seq2seq"
+            else features.CausalCollator(pad, packing=self.packing, max_length=cfg.model.max_length)
+        )
+        label_tasks = [n for n, m in self.members.items() if m.info.get("label_task")]
+        self.buf: replay.ReplayBuffer | None = (
+            replay.buffer_for_run(cfg, label_tasks) if cfg.replay.enabled else None
+        )
 
     # ------------------------------------------------------------------ run
 
-    def encode(self, rec) -> dict:
+    def encode(self, rec: Record) -> dict:
         """Features of one record (completion-only labels, the record's task index)."""
-        from t2t_mtl.model import features
-
         return features.encode(
             rec,
             self.tok,
@@ -252,9 +298,6 @@ class _Trainer:
 
     def run(self) -> Path:
         """All stages from the resume point on, then the final bundle and reports."""
-        from t2t_mtl.training import checkpointing
-        from t2t_mtl.training.telemetry import plot_loss_curves
-
         state: dict = {}
         if self.ckpt is not None:
             state = checkpointing.load(self.acc, self.ckpt)
@@ -290,16 +333,8 @@ class _Trainer:
         return self.run_dir
 
     def _stage(self, si: int, resume: dict | None) -> None:
-        from t2t_mtl.training.batching import Batcher
-        from t2t_mtl.training.optimizer_step import load_scheduler_state, make_scheduler
-
         cfg, tr, st = self.cfg, self.tr, self.cfg.stage_list()[si]
-        rep = (
-            mixture.replay_member(self.buf)
-            if self.buf is not None and si > 0 and self.buf.records()
-            else None
-        )
-        plan = mixture.plan_stage(cfg, si, self.members, replay=rep)
+        plan = mixture.plan_stage(cfg, si, self.members, replay=mixture.stage_replay(self.buf))
         if self.main:
             write_mixture(self.run_dir, mixture_entry(plan, cfg))
         seq2seq = self.family == "seq2seq"
@@ -332,21 +367,15 @@ class _Trainer:
         self.telemetry.close_bar()
         self._save_bundle(self.run_dir / "stages" / st.name / "adapter", st.name)
         if self.buf is not None and si < len(cfg.stage_list()) - 1:
-            kept = offer_stage_records(
-                self.buf, plan, st.steps * tr.batch_size * tr.grad_accum * self.acc.num_processes
-            )
+            n = mixture.stage_records(cfg, si, self.acc.num_processes)
+            kept = mixture.offer_stage_records(self.buf, plan, n)
             if self.main:
                 self.buf.save(self.run_dir)
             self.telemetry.write(
                 f"replay: kept {kept} new record(s) from stage {st.name}; buffer {self.buf.counts()}"
             )
 
-    def _step(self, si: int, s: int, batcher: Any, sched: Any) -> None:
-        import torch
-
-        from t2t_mtl.training import checkpointing
-        from t2t_mtl.training.optimizer_step import scheduler_state
-
+    def _step(self, si: int, s: int, batcher: Batcher, sched: LRScheduler) -> None:
         tr, st = self.tr, self.cfg.stage_list()[si]
         t = time.time()
         window = batcher.next_window()
@@ -354,7 +383,8 @@ class _Trainer:
             res = self.runner.run(window)
         except torch.OutOfMemoryError:
             raise T2TError(
-                _problem(
+                Problem.at(
+                    "<train>",
                     f"out of memory at step {self.global_step + 1} (batch_size {tr.batch_size}, "
                     f"max_length {self.cfg.model.max_length})",
                     RESOURCE_HINT,
@@ -421,8 +451,6 @@ class _Trainer:
             )
 
     def _eval(self, stage: str) -> None:
-        from t2t_mtl.training.optimizer_step import restore_4bit_for_training
-
         ctx = EvalContext(
             self.acc,
             self.acc.unwrap_model(self.model),
@@ -453,9 +481,7 @@ class _Trainer:
             self._save_bundle(self.run_dir / "best" / "adapter", stage)
             if self.main:
                 info = {"step": self.global_step, "stage": stage, "combined": float(score)}
-                tmp = self.run_dir / "best" / "best.json.tmp"
-                tmp.write_text(json.dumps(info, indent=1))
-                os.replace(tmp, self.run_dir / "best" / "best.json")
+                atomic_write_json(self.run_dir / "best" / "best.json", info, indent=1, end="")
                 self.telemetry.write(
                     f"new best combined score {score:.2f} at step {self.global_step}: "
                     f"{self.run_dir / 'best' / 'adapter'}"
@@ -468,8 +494,6 @@ class _Trainer:
         return float(json.loads(f.read_text())["combined"]) if f.is_file() else float("-inf")
 
     def _save_bundle(self, folder: Path, stage: str) -> None:
-        from t2t_mtl.model import loading
-
         if self.main:
             man = loading.bundle_manifest(
                 self.cfg.model,
@@ -487,34 +511,7 @@ class _Trainer:
 # ------------------------------------------------------------------ helpers
 
 
-def _problem(msg: str, hint: str = "", file: str = "<train>") -> Problem:
-    return Problem(file, None, msg, hint)
-
-
-def offer_stage_records(buf: Any, plan: Any, n: int) -> int:
-    """Offer the first `n` records of a stage's stream (what it trained on) to the replay buffer.
-
-    Draws that the buffer ignores anyway (replayed records, upsampled repeats with mix_epoch > 0)
-    are skipped without rendering; the others are rendered exactly as the stream renders them.
-    """
-    stream = plan.stream()
-    kept = 0
-    for _ in range(n):
-        i, row, epoch = stream.next_index()
-        m = stream.members[i]
-        source = m.info.get("source", "task")
-        if source == "replay" or epoch > 0:
-            continue
-        rec = m.get(row, epoch)
-        kept += buf.add(
-            dataclasses.replace(rec, meta={**rec.meta, "source": source, "mix_epoch": epoch})
-        )
-    return kept
-
-
-def _nonfinite(res: Any, step: int, stage: str, window: Any, run_dir: Path) -> T2TError:
-    from t2t_mtl.training import checkpointing
-
+def _nonfinite(res: StepResult, step: int, stage: str, window: Window, run_dir: Path) -> T2TError:
     last = checkpointing.latest_checkpoint(run_dir)
     in_batch = sorted(
         {t for m in window.tasks for t in m} | {k for k, v in window.records.items() if v}
@@ -526,7 +523,8 @@ def _nonfinite(res: Any, step: int, stage: str, window: Any, run_dir: Path) -> T
         else "training stopped before the optimiser step; no checkpoint was written yet"
     )
     return T2TError(
-        _problem(
+        Problem.at(
+            "<train>",
             f"step {step} (stage '{stage}'): non-finite {what} for task(s) {', '.join(res.bad_tasks)}; "
             f"tasks in the batch: {', '.join(in_batch)}",
             hint
@@ -536,10 +534,8 @@ def _nonfinite(res: Any, step: int, stage: str, window: Any, run_dir: Path) -> T
     )
 
 
-def _weight_checksum(model: Any):
+def _weight_checksum(model: torch.nn.Module) -> torch.Tensor:
     """Σ|w| and Σw over trainable parameters (float64): equal on every process when they agree."""
-    import torch
-
     ps = [p.detach().double() for p in model.parameters() if p.requires_grad]
     return torch.tensor(
         [sum(float(p.abs().sum()) for p in ps), sum(float(p.sum()) for p in ps)],
@@ -551,8 +547,6 @@ def _write_summary(
     run_dir: Path, steps: int, seconds: float, checksums: list, processes: int, session: dict
 ) -> None:
     """`train_summary.json`: steps, wall time, this session's throughput, per-process weight checksums."""
-    from t2t_mtl.training.telemetry import read_metrics
-
     last = next((r for r in reversed(read_metrics(run_dir / "metrics.jsonl")) if "loss" in r), {})
     loop = max(session["loop_seconds"], 1e-9)
     summary = {
@@ -568,6 +562,4 @@ def _write_summary(
         "final_task_loss": {k[5:]: v for k, v in last.items() if k.startswith("loss/")},
         "weight_checksums": checksums,
     }
-    (Path(run_dir) / "train_summary.json").write_text(
-        json.dumps(summary, indent=1) + "\n", encoding="utf-8"
-    )
+    atomic_write_json(Path(run_dir) / "train_summary.json", summary, indent=1)

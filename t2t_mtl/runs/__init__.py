@@ -1,0 +1,1 @@
+"""The run folder: what training writes into it and how evaluation and inference read it back. No torch."""
