@@ -333,13 +333,16 @@ def child_run(spec: dict) -> dict:
     record(features.CausalCollator)
     record(features.Seq2SeqCollator)
     packing_used = []
-    orig_resolve = features.resolve_packing
+    orig_check = features.packing_check
 
-    def resolve(setting, model):
-        packing_used.append(orig_resolve(setting, model))
-        return packing_used[-1]
+    def check(*args, **kw):  # the trainer's packing check (train.packing auto/on)
+        before = len(lengths)
+        ok, why = orig_check(*args, **kw)
+        del lengths[before:]  # the check's own two-example batches are not training data
+        packing_used.append(ok)
+        return ok, why
 
-    features.resolve_packing = resolve
+    features.packing_check = check
     steps: list[dict] = []
     orig_run = optimizer_step.StepRunner.run
     if spec.get(

@@ -20,9 +20,9 @@ from t2t_mtl.model.features import (
     length_grouped_batches,
     model_inputs,
     pack_bins,
-    packing_supported,
+    packing_check,
+    packing_layout,
     prompt_ids,
-    resolve_packing,
     stop_token_ids,
     target_ids,
 )
@@ -300,22 +300,51 @@ def test_packing_needs_use_cache_false(causal):
     assert abs(leaky - ref) > 1e-3
 
 
+def test_packing_layout_follows_the_attention_implementation():
+    """Flash-attention kernels get cu_seq_lens from position_ids only for a one-row batch, so they
+    get the whole micro-batch as one row; block-diagonal masks (sdpa, eager, flex) take rows."""
+    for name in ("flash_attention_2", "flash_attention_3", "paged|flash_attention_2"):
+        assert packing_layout(name) == "flat", name
+    assert packing_layout("kernels-community/flash-attn") == "flat"  # a hub kernel (varlen)
+    for name in (None, "sdpa", "eager", "flex_attention", "paged|sdpa"):
+        assert packing_layout(name) == "rows", name
+
+
+def test_flat_layout_is_one_row_with_the_same_loss(causal):
+    """The flash layout: the micro-batch as one row in batch order, no padding, positions
+    restarting per example; on SDPA (no flash kernel here) it gives the same loss as padding."""
+    model, tok, fmt = causal
+    feats = _mixed_batch(tok, fmt)
+    flat = CausalCollator(tok.eos_token_id, packing=True, layout="flat")(feats)
+    lengths = [len(f["input_ids"]) for f in feats]
+    assert flat["input_ids"].shape == (1, sum(lengths)) and "attention_mask" not in flat
+    assert flat["input_ids"][0].tolist() == [t for f in feats for t in f["input_ids"]]
+    assert flat["position_ids"][0].tolist() == [i for n in lengths for i in range(n)]
+    unpacked = CausalCollator(tok.eos_token_id)(feats)
+    model.eval()
+    with torch.no_grad():
+        ref = model(**model_inputs(unpacked)).loss
+        assert torch.allclose(model(**model_inputs(flat)).loss, ref, atol=1e-5)
+    with pytest.raises(ValueError, match="layout"):
+        CausalCollator(tok.eos_token_id, packing=True, layout="diagonal")
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_packing_supported_on_llama(tiny_causal_dir, attn):
+@pytest.mark.parametrize("layout", ["rows", "flat"])
+def test_packing_check_passes_on_correct_packing(tiny_causal_dir, attn, layout):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_causal_dir, attn_implementation=attn)
     model.train()
-    assert packing_supported(model) and model.training  # probe restores the mode
-    assert (
-        resolve_packing("auto", model)
-        and resolve_packing("on", model)
-        and not resolve_packing("off", model)
-    )
+    rng = torch.random.get_rng_state()
+    collator = CausalCollator(0, packing=True, max_length=64, layout=layout)
+    assert packing_check(model, collator) == (True, "")
+    assert model.training and torch.equal(torch.random.get_rng_state(), rng)  # nothing disturbed
 
 
-class _HidesPacking(torch.nn.Module):
-    """A model wrapper that always passes a 2D mask, which defeats packed-sequence detection."""
+class _CausalMaskOnly(torch.nn.Module):
+    """A deliberately leaking layout: a plain causal mask over the packed row (a 2D all-ones mask
+    defeats transformers' packed-sequence detection), i.e. no block boundaries."""
 
     def __init__(self, inner):
         super().__init__()
@@ -326,13 +355,31 @@ class _HidesPacking(torch.nn.Module):
         return self.inner(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kw)
 
 
-def test_packing_refused_where_it_would_be_wrong(causal, t5, caplog):
-    assert not packing_supported(t5[0])  # encoder-decoder
-    wrapped = _HidesPacking(causal[0])
-    assert not packing_supported(wrapped) and not resolve_packing("auto", wrapped)
-    with caplog.at_level(logging.WARNING):
-        assert not resolve_packing("on", wrapped)
-    assert "packing" in caplog.text
+def test_packing_check_fails_where_attention_leaks(causal, t5):
+    model = causal[0].train()
+    collator = CausalCollator(0, packing=True, max_length=64)
+    ok, why = packing_check(_CausalMaskOnly(model), collator)
+    assert not ok and "leaks across packed examples" in why and "moved by" in why
+    ok, why = packing_check(model, dataclasses.replace(collator, max_length=1))
+    assert not ok and "cannot hold two examples" in why
+    assert packing_check(t5[0], collator) == (False, "not a decoder-only model")
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_packing_check_exact_in_bf16_and_with_dropout(tiny_causal_dir, method):
+    """Exactness does not rely on float32 or eval mode: bf16 weights (LoRA) or a 4-bit base with
+    bf16 compute (QLoRA) under LoRA dropout pass too (same shapes, same kernels, same dropout
+    masks), and a leak still fails there."""
+    from t2t_mtl.core.config import AdapterConfig, ModelConfig
+    from t2t_mtl.model.loading import load_model_and_tokenizer
+
+    model, _, _ = load_model_and_tokenizer(
+        ModelConfig(name=str(tiny_causal_dir), dtype="bfloat16"),
+        AdapterConfig(method=method, r=4, dropout=0.3),
+    )
+    collator = CausalCollator(0, packing=True, max_length=64)
+    assert packing_check(model, collator) == (True, "")
+    assert not packing_check(_CausalMaskOnly(model), collator)[0]
 
 
 def test_seq2seq_collator_and_loss(t5):

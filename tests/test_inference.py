@@ -42,15 +42,38 @@ def predictor(run_dir):
 
 
 def _capture_generate(model, seen: list):
-    """Record the tensors `generate` receives (the exact prompt ids the model sees)."""
-    orig = model.generate
+    """Record the prompt tensors the model receives (the exact prompt ids it sees): the arguments
+    of `generate`, or, for causal models decoded by `generation._compact_greedy`, of each batch's
+    first forward pass (the prompt; later passes feed one token each). Returns a function that
+    removes the spies."""
+    orig_generate, orig_forward = model.generate, model.forward
+    own = {k: model.__dict__[k] for k in ("generate", "forward") if k in model.__dict__}
+    inside = []
 
-    def spy(**kw):
+    def spy_generate(**kw):
         seen.append((kw["input_ids"].clone(), kw["attention_mask"].clone()))
-        return orig(**kw)
+        inside.append(True)
+        try:
+            return orig_generate(**kw)
+        finally:
+            inside.pop()
 
-    model.generate = spy
-    return orig
+    def spy_forward(*args, **kw):
+        ids, mask = kw.get("input_ids"), kw.get("attention_mask")
+        if not inside and ids is not None and mask is not None and ids.shape == mask.shape:
+            seen.append((ids.clone(), mask.clone()))
+        return orig_forward(*args, **kw)
+
+    model.generate, model.forward = spy_generate, spy_forward
+
+    def restore():
+        for k in ("generate", "forward"):
+            if k in own:
+                setattr(model, k, own[k])  # e.g. a forward wrapped by accelerate's hooks
+            else:
+                delattr(model, k)  # back to the class method
+
+    return restore
 
 
 def _unpadded(seen) -> list[list[int]]:
@@ -94,11 +117,11 @@ def test_inference_prompt_ids_are_the_training_prompt_ids(predictor, run_dir, ta
     label_field = tpl.label_field
     plain = [{k: v for k, v in rows[i].items() if k != label_field} for i in range(len(rows))]
     seen: list = []
-    orig = _capture_generate(predictor.model, seen)
+    restore = _capture_generate(predictor.model, seen)
     try:
         predictor.predict(task, plain)
     finally:
-        predictor.model.generate = orig
+        restore()
     got = _unpadded(seen)
     assert sorted(got) == sorted(train_prompts)
     assert all(seen[0][1][:, -1] == 1)  # left padding: every row's last column is a real token

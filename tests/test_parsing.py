@@ -16,7 +16,10 @@ from t2t_mtl.tasks.parsing import (
     parse,
     parse_label,
     parse_span,
+    split_tag_map,
+    tag_type,
     tags_to_spans,
+    type_name_problem,
 )
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
@@ -196,6 +199,105 @@ def test_ner_parse_never_raises_on_random_text():
         assert len(tags) == len(TOKS)
         assert all(t == "O" or t[:2] in ("B-", "I-") for t in tags)
     assert ner_parse(None, TOKS)[1] == ["O"] * 11
+
+
+# ---------------------------------------------------------------- a task's own entity types
+
+OWN_TYPES = ["creative-work", "Product Name", "LOC2", "per.son", "person", "Ärzte"]
+OWN_TOKS = "Bob Smith read Dune in Zone 51 on a Pixel 8 with Dr. Ärzte and Bob".split()
+OWN_TAGS = (
+    "B-person,I-person,O,B-creative-work,O,B-LOC2,I-LOC2,O,O,B-Product Name,I-Product Name,O,"
+    "B-per.son,I-per.son,O,B-Ärzte"
+).split(",")
+OWN_TEXT = (
+    "person: Bob Smith | creative-work: Dune | LOC2: Zone 51 | Product Name: Pixel 8 | "
+    "per.son: Dr. Ärzte | Ärzte: Bob"
+)
+
+
+def test_own_entity_types_round_trip():
+    assert ner_linearize(OWN_TOKS, OWN_TAGS) == OWN_TEXT
+    ents, tags, valid = ner_parse(OWN_TEXT, OWN_TOKS, OWN_TYPES)
+    assert tags == OWN_TAGS and valid
+    assert [t for t, _ in ents] == [t for t, _, _ in tags_to_spans(OWN_TAGS)]
+    assert {t for t, _ in ents} == set(OWN_TYPES)
+    # the same through parse() and with any type accepted (types unknown)
+    assert parse("entities", OWN_TEXT, tokens=OWN_TOKS, entity_types=OWN_TYPES).value == OWN_TAGS
+    assert ner_parse(OWN_TEXT, OWN_TOKS, None) == (ents, OWN_TAGS, True)
+    # with CoNLL's default types only `person` is read (CoNLL's alias of PER); not valid
+    ents, tags, valid = ner_parse(OWN_TEXT, OWN_TOKS)
+    assert ents == [("PER", "Bob Smith")] and not valid
+
+
+@pytest.mark.parametrize(
+    "text, tag0, valid",
+    [
+        ("PERSON: Bob Smith", "B-person", False),  # case differs: read, not canonical
+        ("human: Bob Smith", "B-person", False),  # an alias
+        ("Human : Bob Smith", "B-person", False),
+        ("product  name: Pixel 8", "O", False),  # whitespace normalised, case ignored
+        ("person= Bob Smith", "B-person", False),  # '=' tolerated
+        ("persons: Bob Smith", "O", False),  # unknown type dropped
+        ("person: Bob Smith", "B-person", True),
+    ],
+)
+def test_own_types_are_read_leniently_but_only_canonical_is_valid(text, tag0, valid):
+    types = OWN_TYPES
+    ents, tags, ok = ner_parse(text, OWN_TOKS, types, {"human": "person"})
+    assert tags[0] == tag0 and ok is valid
+    if text.startswith("product"):
+        assert tags[9:11] == ["B-Product Name", "I-Product Name"]
+
+
+def test_conll_aliases_only_for_the_conll_types():
+    toks = ["Anna", "."]
+    # the default types are CoNLL's, and so are the default aliases
+    assert ner_parse("PERSON: Anna", toks)[1] == ["B-PER", "O"]
+    assert ner_parse("PERSON: Anna", toks, ["PER", "LOC", "ORG", "MISC"])[1] == ["B-PER", "O"]
+    assert ner_parse("PERSON: Anna", toks, ["PER", "LOC"])[1] == ["O", "O"]  # other types: none
+    assert ner_parse("PERSON: Anna", toks, ["PER", "ORG", "LOC", "MISC"], {})[1] == ["O", "O"]
+    # a declared type's own name wins over an alias spelt the same
+    assert ner_parse("GPE: Anna", toks, ["GPE", "LOC"], {"gpe": "LOC"})[1] == ["B-GPE", "O"]
+
+
+@pytest.mark.parametrize(
+    "name, bad",
+    [
+        ("creative-work", ""),
+        ("Product Name", ""),
+        ("LOC2", ""),
+        ("per.son", ""),
+        ("x", ""),
+        ("work: title", "':'"),
+        ("A | B", "'|'"),
+        ("a|b", "'|'"),
+        ("a;b", "';'"),
+        ("two\nlines", "'\\n'"),
+        (" padded", "whitespace"),
+        ("dou  ble", "whitespace"),
+        ("", "non-empty"),
+        (7, "non-empty"),
+    ],
+)
+def test_type_name_problem(name, bad):
+    why = type_name_problem(name)
+    assert (why == "") if not bad else (bad in why), why
+
+
+def test_tag_type_and_split_tag_map():
+    assert [tag_type(t) for t in ("B-x y", "I-LOC2", "O", "B-", "X-a", 3)] == [
+        "x y", "LOC2", None, None, None, None
+    ]  # fmt: skip
+    labels = {"0": "O", "1": "B-person", "PER": "person", "3": "B-other"}
+    assert split_tag_map(labels, None) == (
+        {"0": "O", "1": "B-person", "3": "B-other"},
+        {"PER": "person"},
+    )
+    # with known types, a value naming another type's tag is not a tag of this task
+    assert split_tag_map(labels, ["person"]) == (
+        {"0": "O", "1": "B-person"},
+        {"PER": "person", "3": "B-other"},
+    )
 
 
 # ---------------------------------------------------------------- labels

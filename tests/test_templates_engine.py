@@ -161,6 +161,140 @@ def test_ner_linearize_filter_and_list_label_mapping():
     assert parsed.valid and parsed.value == ["B-PER", "O", "O", "B-LOC"]
 
 
+NER_TAGS_TEMPLATE = """\
+    name: tags
+    task_type: ner
+    version: 1
+    source:
+      labels: {labels}
+    fields:
+      tokens: list[str]
+      ner_tags: list[label]
+    label_field: ner_tags
+    {extra}
+    variants:
+      - id: v
+        input: "{{{{ tokens | join(' ') }}}}"
+        output: "{{{{ tokens | ner_linearize(ner_tags) }}}}"
+    metric: span_f1
+    parse: entities
+    """
+
+
+@pytest.mark.parametrize(
+    "labels, extra, raw, tags, types",
+    [
+        # whole tags only; O is not mapped and passes through
+        (
+            "{B-PER: B-person, I-PER: I-person}",
+            "",
+            ["B-PER", "I-PER", "O"],
+            ["B-person", "I-person", "O"],
+            ["person"],
+        ),
+        # a type rename: B-/I- follow, O passes through
+        (
+            '{PER: person, "7": B-person}',
+            "",
+            ["B-PER", "I-PER", "O", 7],
+            ["B-person", "I-person", "O", "B-person"],
+            ["person"],
+        ),
+        # declared types: unmapped tags of declared types pass through
+        (
+            "{WORK: creative-work}",
+            "entity_types: [creative-work, Product Name]",
+            ["B-WORK", "B-Product Name", "I-Product Name", "O"],
+            ["B-creative-work", "B-Product Name", "I-Product Name", "O"],
+            ["creative-work", "Product Name"],
+        ),
+    ],
+)
+def test_tag_list_label_maps_need_not_map_every_tag(tmp_path, labels, extra, raw, tags, types):
+    f = write(tmp_path / "tags.yaml", NER_TAGS_TEMPLATE.format(labels=labels, extra=extra))
+    t = load_task_file(f)
+    assert t.entity_types == types and t.label_set()[0] == "O"
+    write(tmp_path / "d" / "train.jsonl", json.dumps({"tokens": ["w"] * len(raw), "ner_tags": raw}))
+    rows = sources.load_rows(t, SourceConfig(path=str(tmp_path / "d")), "train", bad_rows="fail")
+    assert rows[0]["ner_tags"] == tags
+
+
+def test_tag_outside_the_task_types_is_a_bad_row_with_a_fix(tmp_path):
+    f = write(
+        tmp_path / "tags.yaml",
+        NER_TAGS_TEMPLATE.format(labels="{PER: person}", extra="entity_types: [person]"),
+    )
+    t = load_task_file(f)
+    write(
+        tmp_path / "d" / "train.jsonl",
+        '{"tokens": ["a", "b"], "ner_tags": ["B-PER", "B-ORG"]}\n'
+        '{"tokens": ["a"], "ner_tags": [3]}\n'
+        '{"tokens": ["a"], "ner_tags": ["B-person"]}\n',
+    )
+    rows = sources.load_rows(t, SourceConfig(path=str(tmp_path / "d")), "train")
+    assert len(rows) == 1 and rows.skipped == 2 and rows.label_skipped == 2 and not rows.all_bad
+    msgs = [p.format() for p in rows.problems]
+    assert "tag 'B-ORG' in 'ner_tags' is not a tag of this task (O, B-person, I-person)" in msgs[0]
+    assert "declare 'ORG' in entity_types, or rename it with labels: {ORG: <type>}" in msgs[0]
+    assert "tag 3 in 'ner_tags' is not a tag" in msgs[1] and 'labels: {"3": <tag>}' in msgs[1]
+
+
+def test_ner_tags_without_known_types_must_still_be_tags(tmp_path):
+    f = write(tmp_path / "tags.yaml", NER_TAGS_TEMPLATE.format(labels="{}", extra=""))
+    t = load_task_file(f)
+    assert t.entity_types is None and t.label_set() is None
+    write(
+        tmp_path / "d" / "train.jsonl",
+        '{"tokens": ["a", "b"], "ner_tags": ["B-any type", "O"]}\n'
+        '{"tokens": ["a"], "ner_tags": ["B-a:b"]}\n'
+        '{"tokens": ["a"], "ner_tags": ["PER"]}\n',
+    )
+    rows = sources.load_rows(t, SourceConfig(path=str(tmp_path / "d")), "train")
+    assert len(rows) == 1 and rows.skipped == 2
+    assert "it contains ':'" in rows.problems[0].message
+    assert "tag 'PER' in 'ner_tags' is not a tag of this task" in rows.problems[1].message
+    assert t.parse_output("any type: a", tokens=["a", "b"]).value == ["B-any type", "O"]
+
+
+def test_preview_refuses_a_map_that_fits_no_row(tmp_path, capsys):
+    broken = Path(__file__).resolve().parent / "fixtures" / "broken"
+    rc = main(["preview", str(broken / "tag_map_all_bad.yaml")])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "" and "Traceback" not in err and "no rows to show" not in err
+    assert f"{broken / 'tag_map_all_bad.yaml'}:10: all 2 rows of " in err
+    # the same map given in a run config is reported at the config's line
+    cfg = write(
+        tmp_path / "run.yaml",
+        f"""\
+        template_dirs: [{broken}]
+        tasks:
+          - template: tag_map_all_bad
+            source:
+              path: {broken / "data" / "tag_map_all_bad"}
+              labels: {{"1": B-person}}
+        """,
+    )
+    assert main(["preview", "tag_map_all_bad", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert f"{cfg}:6: all 2 rows of " in err and "are bad with this labels map" in err
+    # and on the command line
+    src = str(broken / "data" / "tag_map_all_bad")
+    assert (
+        main(
+            [
+                "preview",
+                str(broken / "tag_map_all_bad.yaml"),
+                "--source",
+                src,
+                "--labels",
+                "1=B-person",
+            ]
+        )
+        == 2
+    )
+    assert "<cli> --labels: all 2 rows of " in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------ sources
 
 
@@ -324,6 +458,27 @@ def test_check_config_reports_with_config_lines(tmp_path):
     assert f"{cfg_file}:10: tasks[2].eval_mode: rank needs answer_choices" in text
     assert f"{cfg_file}:11: tasks[2].source.path: not found: missing_dir" in text
     assert len(probs) == 5
+
+
+def test_check_config_tag_maps_name_tags_or_types(tmp_path):
+    cfg_file = write(
+        tmp_path / "run.yaml",
+        f"""\
+        template_dirs: [{GOOD}]
+        tasks:
+          - template: toy_ner
+            source: {{path: {GOOD}, labels: {{PERSON: PER, "9": I-LOC}}}}
+          - template: toy_ner
+            name: n2
+            source: {{path: {GOOD}, labels: {{PERSON: person, "9": B-ORG, "8": "B-a:b"}}}}
+        """,
+    )
+    probs = [p.format() for p in catalogue.check_config(load_config(cfg_file))]
+    assert len(probs) == 3, probs
+    assert probs[0].startswith(f"{cfg_file}:7: tasks[1].source.labels: 'person' is not a tag or ")
+    assert "(expected one of: B-LOC, B-PER, I-LOC, I-PER, LOC, O, PER)" in probs[0]
+    assert f"{cfg_file}:7: tasks[1].source.labels: 'B-ORG' is not a tag or entity type" in probs[1]
+    assert "'B-a:b' is not a tag or entity type of 'toy_ner': it contains ':'" in probs[2]
 
 
 # ------------------------------------------------------------------ CLI

@@ -109,7 +109,8 @@ def test_cli_train_writes_run_folder_and_only_lora_moves(tmp_path, tiny_causal_d
         assert r["loss"] > 0 and r["lr"] > 0 and r["tokens_per_s"] > 0
         assert abs(sum(v for k, v in r.items() if k.startswith("share/")) - 1) < 1e-9
         assert any(k.startswith("loss/") for k in r) and any(k.startswith("tokens/") for k in r)
-    assert list((run / "logs").glob("events.out.tfevents.*"))
+    # TensorBoard through accelerate's tracker: RUN/logs/<project>/ (tests/test_trackers.py)
+    assert list((run / "logs" / "t2t-mtl").glob("events.out.tfevents.*"))
     assert (run / "loss_curves.png").stat().st_size > 1000
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2", "step-4"]
     assert (run / "stages" / "main" / "adapter" / "t2t_manifest.json").is_file()
@@ -703,12 +704,12 @@ def test_mixed_precision_bf16_runs_under_autocast_on_cpu(tmp_path, tiny_causal_d
     seen = []
     real_run = optimizer_step.StepRunner.run
 
-    def spy(self, window):  # the accelerator the step runs under, and the dtype a linear layer computes in
+    def spy(self, window, **kw):  # the accelerator the step runs under, and the dtype a linear layer computes in
         lin = next(m for m in self.model.modules() if isinstance(m, torch.nn.Linear))
         dtypes = []
         hook = lin.register_forward_hook(lambda m, a, out: dtypes.append(out.dtype))
         try:
-            res = real_run(self, window)
+            res = real_run(self, window, **kw)
         finally:
             hook.remove()
         seen.append((self.acc.mixed_precision, set(dtypes)))
@@ -729,6 +730,53 @@ def test_mixed_precision_bf16_runs_under_autocast_on_cpu(tmp_path, tiny_causal_d
     )
     assert rc == 0 and seen and all(m == "bf16" and d == {torch.bfloat16} for m, d in seen)
     assert all(r["loss"] > 0 for r in metrics(run))
+
+
+def test_packing_is_checked_on_the_prepared_model_and_falls_back_to_padding(
+    tmp_path, tiny_causal_dir, monkeypatch, caplog, capsys
+):
+    """The packing check runs after accelerator.prepare (here: the bf16-autocast forward), with the
+    collator layout training uses; a failed check trains with padding and says why."""
+    import logging
+
+    from t2t_mtl.model import features
+
+    calls, batches = [], []
+    real_check, real_call = features.packing_check, features.CausalCollator.__call__
+
+    def check(model, collator, device=None):
+        calls.append((hasattr(model, "_original_forward"), collator.layout, str(device)))
+        return real_check(model, collator, device)
+
+    def collate(self, feats):
+        out = real_call(self, feats)
+        batches.append(out)
+        return out
+
+    monkeypatch.setattr(features, "packing_check", check)
+    monkeypatch.setattr(features.CausalCollator, "__call__", collate)
+    from accelerate.state import AcceleratorState
+
+    cfg = make_cfg(tmp_path / "bf16", tiny_causal_dir, "train.steps=1", "train.mixed_precision=bf16")
+    AcceleratorState._reset_state()  # the process-wide state fixes mixed_precision at first use
+    try:
+        trainer.train(cfg)
+    finally:
+        AcceleratorState._reset_state()  # later runs expect the default (no autocast)
+    assert calls == [(True, "rows", "cpu")]  # autocast-wrapped: accelerate prepared it
+    assert "packing on (rows of max_length" in capsys.readouterr().err
+    assert batches and all("attention_mask" not in b for b in batches[1:])  # [0]: the check's
+
+    def leaky(model, collator, device=None):
+        return False, "B's logits moved by 0.5 (a stand-in for a leaking model)"
+
+    monkeypatch.setattr(features, "packing_check", leaky)
+    batches.clear()
+    with caplog.at_level(logging.WARNING, logger="t2t_mtl"):
+        trainer.train(make_cfg(tmp_path / "leaky", tiny_causal_dir, "train.steps=1"))
+    assert "training with padding instead" in caplog.text and "stand-in" in caplog.text
+    assert "packing off" in capsys.readouterr().err
+    assert batches and all("attention_mask" in b for b in batches)
 
 
 def test_mixed_precision_auto_follows_accelerate_launch_else_float32_on_cpu(monkeypatch):

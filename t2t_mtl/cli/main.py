@@ -16,7 +16,9 @@ from pathlib import Path
 
 # The data-layer modules every light verb (validate, preview, mix) needs anyway; mixing (numpy),
 # matplotlib and torch & co. are imported inside the verbs that use them.
+from t2t_mtl.cli.ecosystem_verbs import add_export_task, add_render, add_report
 from t2t_mtl.cli.model_verbs import add_compare, add_eval, add_export, add_predict, add_prompt
+from t2t_mtl.core import yaml_lines
 from t2t_mtl.core.config import SourceConfig, load_config
 from t2t_mtl.core.errors import ConfigError, DataError, Problem, T2TError, did_you_mean
 from t2t_mtl.core.records import write_jsonl
@@ -49,18 +51,36 @@ def add_validate(sub) -> None:
         description="Check template files, folders or task names (default: every template in task_templates/, "
         "the folders in $T2T_MTL_TEMPLATES and the run config's template_dirs). Each problem is "
         "printed on stderr as `file:line: message (hint)`, then a summary line (also stderr); "
-        "stdout stays empty. Exit 0 when everything is valid, 2 otherwise.",
+        "stdout stays empty. Exit 0 when everything is valid, 2 otherwise. --oracle also gives "
+        "every row's own gold output back as the answer, through evaluation's parse and metric: "
+        "a task that cannot score 100 with 0 %% invalid on its own data is a problem (exit 2), "
+        "listed with the rows that fail (file:row, gold output, what it parsed as).",
     )
     p.add_argument(
         "paths", nargs="*", metavar="PATH", help="template file, folder of templates, or task name"
     )
     p.add_argument(
-        "--config", metavar="RUN.yaml", help="also search this run config's template_dirs"
+        "--config",
+        metavar="RUN.yaml",
+        help="also search this run config's template_dirs; with --oracle, check the config's "
+        "tasks on their own sources instead of the templates' bundled samples",
     )
     p.add_argument(
         "--no-trial",
         action="store_true",
         help="skip the trial render of every variant on the samples",
+    )
+    p.add_argument(
+        "--oracle",
+        action="store_true",
+        help="score every row's gold output as the model's answer: each task must score 100 "
+        "(bundled samples, every split; with --config the run's sources, its eval.split)",
+    )
+    p.add_argument(
+        "--limit",
+        type=int,
+        metavar="N",
+        help="with --oracle: check at most N rows per task and split (default: all)",
     )
     p.set_defaults(func=_validate)
 
@@ -76,6 +96,8 @@ def _validate(args) -> int:
     n, problems, untried = catalogue.check_targets(
         args.paths, _config_dirs(args.config), trial=not args.no_trial
     )
+    if args.oracle:  # the trial render may have reported the same bad rows already
+        problems += [p for p in dict.fromkeys(_oracle(args)) if p not in problems]
     for prob in problems:
         print(prob.format(), file=sys.stderr)
     note = f" (no bundled samples, so not trial-rendered: {', '.join(untried)})" if untried else ""
@@ -88,6 +110,32 @@ def _validate(args) -> int:
         return 2
     print(f"validate: {n} template(s) OK{note}", file=sys.stderr)
     return 0
+
+
+def _oracle(args) -> list[Problem]:
+    """Run the oracle check (`evaluation.oracle`, torch-free); print one line per task on stderr
+    and return the problems of the tasks that fail."""
+    from t2t_mtl.evaluation import oracle  # metrics + parsing only: validate stays model-free
+
+    problems: list[Problem] = []
+    if args.limit is not None and args.limit < 1:
+        raise T2TError(Problem("<cli>", None, "--limit must be >= 1"))
+    if args.config:
+        cfg = load_config(args.config)
+        problems += catalogue.check_config(cfg)
+        try:
+            reports, untried = oracle.oracle_config(cfg, limit=args.limit), []
+        except ConfigError as e:  # templates that do not load: check_config has said so
+            return problems + [p for p in e.problems if p not in problems]
+    else:
+        files, _ = catalogue.target_files(args.paths, _config_dirs(args.config))
+        reports, untried = oracle.oracle_templates(files, limit=args.limit)
+    for r in reports:
+        print(r.summary(), file=sys.stderr)
+        problems += r.all_problems()
+    if untried:
+        print(f"oracle: no bundled samples, not checked: {', '.join(untried)}", file=sys.stderr)
+    return problems
 
 
 _VERBS.append(add_validate)
@@ -191,6 +239,7 @@ def _preview(args) -> int:
     if args.n < 0:
         raise T2TError(Problem("<cli>", None, "-n must be >= 0"))
     extra, src, bad_rows, template, task_name = [], None, "skip", args.task, None
+    config_at: tuple | None = None  # (config file's lines, task index) when the source is its
     if args.config:
         cfg = load_config(args.config)
         extra = [cfg.resolve_path(d) for d in cfg.template_dirs]
@@ -206,6 +255,7 @@ def _preview(args) -> int:
                 )
             )
         template, src, task_name = match[0].template, match[0].source, match[0].name
+        config_at = (yaml_lines.load(args.config), cfg.tasks.index(match[0]), src)
         if src is not None and src.path:
             src = dataclasses.replace(src, path=str(cfg.resolve_path(src.path)))
     tpl = catalogue.load_task(template, extra)
@@ -235,6 +285,19 @@ def _preview(args) -> int:
         src = dataclasses.replace(src, **mapping)
     rows = sources.load_rows(tpl, src, args.split, bad_rows=args.bad_rows or bad_rows, limit=args.n)
     print(rows.summary(), file=sys.stderr)
+    if rows.all_bad:  # a map that fits no row is a mistake to fix, not an empty preview
+
+        def source_at(key: str) -> tuple[str, int | None]:
+            if key in mapping:
+                return f"<cli> --{key}", None
+            if config_at is not None and config_at[2] is not None:
+                if getattr(config_at[2], key) is not None:
+                    loc, idx = config_at[0], config_at[1]
+                    return loc.file, loc.line(("tasks", idx, "source", key))
+            return tpl.where(("source", key))
+
+        every = catalogue.all_bad_rows_problem(tpl, rows, source_at)
+        raise DataError(([every] if every else []) + rows.problems[:5])
     if len(rows) == 0:
         print(f"{tpl.name}/{args.split}: no rows to show", file=sys.stderr)
     for i in range(min(args.n, len(rows))):
@@ -460,6 +523,8 @@ _VERBS.append(add_train)
 # ---------------------------------------------------------------- eval, predict, prompt, compare, export
 # Defined in model_verbs.py (light module: heavy imports happen inside each verb).
 _VERBS.extend([add_eval, add_predict, add_prompt, add_compare, add_export])
+# report, render, export-task: hand a run to other tools (ecosystem_verbs.py, also light).
+_VERBS.extend([add_report, add_render, add_export_task])
 
 
 class _StderrHandler(logging.StreamHandler):

@@ -398,8 +398,10 @@ def add_export(sub) -> None:
         help="merge the adapter into the base model and save a standard transformers folder",
         description="Merge the run's LoRA adapter into a full-precision copy of the base model (QLoRA runs: the "
         "base is reloaded unquantised) and save model, tokenizer, t2t_manifest.json and the export "
-        "marker t2t_export.json to DIR (built beside it and swapped in); load it with "
-        "AutoModelFor*.from_pretrained(DIR).",
+        "marker t2t_export.json to DIR (built beside it and swapped in), with a Hub model card "
+        "README.md (metadata, per-task metrics, prompt format, training settings, data "
+        "licences); load it with AutoModelFor*.from_pretrained(DIR). --push-to-hub REPO then "
+        "uploads DIR to that Hub model repo (created if missing; needs `hf auth login`).",
     )
     p.add_argument("--run", required=True, help="run folder")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
@@ -414,13 +416,31 @@ def add_export(sub) -> None:
         help="replace an earlier export in DIR (only a folder holding t2t_export.json, which every "
         "export writes; any other non-empty folder is refused)",
     )
+    p.add_argument(
+        "--push-to-hub",
+        metavar="REPO",
+        help="after exporting, upload DIR to this Hugging Face Hub model repo (owner/name)",
+    )
+    p.add_argument(
+        "--private", action="store_true", help="with --push-to-hub: create the repo private"
+    )
     _add_trust_remote_code(p)
     p.set_defaults(func=_export)
 
 
 def _export(args) -> int:
-    from t2t_mtl.inference.predictor import export  # torch & co.
+    from t2t_mtl.inference.predictor import export, push_to_hub  # torch & co.
 
+    if args.push_to_hub:  # a bad repo id fails now, not after the slow merge
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(args.push_to_hub)
+        except HFValidationError as e:
+            raise ConfigError(
+                Problem("<cli>", None, f"--push-to-hub: {args.push_to_hub!r}: {e}",
+                        "e.g. your-name/smollm2-multitask")
+            ) from None
     out = export(
         args.run,
         args.out,
@@ -429,4 +449,7 @@ def _export(args) -> int:
         trust_remote_code=args.trust_remote_code,
     )
     print(f"exported to {out}", file=sys.stderr)
+    if args.push_to_hub:
+        url = push_to_hub(out, args.push_to_hub, private=args.private)
+        print(f"pushed {out} to https://huggingface.co/{args.push_to_hub} ({url})", file=sys.stderr)
     return 0

@@ -26,8 +26,10 @@ from t2t_mtl.core.errors import ConfigError, Problem, did_you_mean
 __all__ = [
     "EMBEDDED_MODEL",
     "NAME_HINT",
+    "REPORT_TO",
     "AdapterConfig",
     "EvalConfig",
+    "EwcConfig",
     "MixingConfig",
     "ModelConfig",
     "ReplayConfig",
@@ -42,6 +44,8 @@ __all__ = [
 ]
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+# train.report_to: accelerate's names of the trackers t2t-mtl sets up (training/telemetry.py)
+REPORT_TO = ("tensorboard", "wandb", "mlflow", "trackio", "comet_ml", "none")
 
 # Names that become one file or folder name (RUN/stages/<stage>/, RUN/eval/<split>.json, ...).
 NAME_MAX = 100
@@ -124,8 +128,27 @@ class MixingConfig:
 
 
 @dataclass
+class EwcConfig:
+    """Elastic weight consolidation for one stage (`stages[i].ewc`; docs/training.md, "Against
+    interference and forgetting").
+
+    The stage adds (lambda/2) Σ F (θ − θ*)² to its objective: θ* = the trainable weights at the end
+    of the previous stage, F = the online diagonal Fisher (Schwarz et al. 2018) of all earlier stages,
+    F_i = gamma · F_{i−1} + Fisher(stage i), each Fisher(stage i) estimated at the end of stage i from
+    the first `samples` records of its stream. A stage's Fisher takes `samples` and `gamma` from the
+    first later stage that sets `ewc`.
+    """
+
+    # YAML key `lambda` (a Python keyword): `_build` and `config_to_dict` read the metadata.
+    lam: float = field(default=0.0, metadata={"key": "lambda"})  # required: > 0
+    samples: int = 100
+    gamma: float = 1.0
+
+
+@dataclass
 class StageConfig:
-    """One curriculum stage: which tasks, for how many optimiser steps, optional T and learning rate."""
+    """One curriculum stage: which tasks, for how many optimiser steps, optional T and learning rate,
+    an EWC penalty against forgetting earlier stages and the block range that trains."""
 
     name: str = ""
     tasks: list[str] = field(default_factory=list)
@@ -134,6 +157,10 @@ class StageConfig:
     learning_rate: float | None = (
         None  # peak LR of this stage's schedule; None = train.learning_rate
     )
+    ewc: EwcConfig | None = None  # None = no penalty in this stage
+    # [first, last] transformer blocks that train in this stage (within adapter.layers; negative
+    # counts from the top); None = every trainable block
+    train_layers: list[int] | None = None
 
 
 @dataclass
@@ -181,6 +208,10 @@ class AdapterConfig:
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
     compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    # [first, last] transformer blocks (0-based, inclusive; negative counts from the top) that get
+    # adapters (lora/qlora) or train (full); None = all. Embeddings train with a range starting at
+    # block 0, the final norm and LM head with one ending at the top block.
+    layers: list[int] | None = None
 
 
 @dataclass
@@ -204,11 +235,18 @@ class TrainConfig:
     save_steps: int = 100
     save_total_limit: int = 2
     resume: str = "auto"  # auto | never | one of this run's checkpoints/step-N folders
-    report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"
+    # experiment trackers, through accelerate (REPORT_TO); one name, a list, or "none"
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     # autocast dtype: auto = what `accelerate launch` was told, else bf16 on a GPU that supports it,
     # else none (float32). bf16 also runs on CPUs (fastest on ones with AMX / AVX512-BF16).
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     bad_rows: Literal["skip", "fail"] = "skip"
+    # Against interference and forgetting (docs/training.md): PCGrad projects conflicting per-task
+    # gradients apart; layer l's learning rate is lr · layer_lr_decay^(L−1−l); every
+    # `unfreeze_every` steps of a stage one more block below the top starts training (0 = all at once).
+    gradient_surgery: Literal["none", "pcgrad"] = "none"
+    layer_lr_decay: float = 1.0
+    unfreeze_every: int = 0
 
 
 @dataclass
@@ -221,6 +259,7 @@ class EvalConfig:
     batch_size: int = 16
     select_best: bool = True
     max_new_tokens: int = 64  # generation budget cap; each task's own budget fits its answers
+    task_budgets: bool = True  # per-task budgets (evaluator.answer_budget); false: all get the cap
     ci_resamples: int = 1000  # bootstrap resamples of the 95 % intervals (0 = no intervals)
     ci_seed: int = 0
 
@@ -412,7 +451,8 @@ def _build(
         )
         return cls()
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.name != "config_path"]
+    fields = {_key(f): f.name for f in dataclasses.fields(cls) if f.name != "config_path"}
+    names = list(fields)
     kwargs = {}
     for key, value in data.items():
         if key not in names:
@@ -422,7 +462,7 @@ def _build(
                 loc.problem(path + (key,), f"{_fmt_path(path + (key,))}: unknown key", hint)
             )
             continue
-        kwargs[key] = _convert(value, hints[key], path + (key,), loc, problems)
+        kwargs[fields[key]] = _convert(value, hints[fields[key]], path + (key,), loc, problems)
     try:
         return cls(**kwargs)
     except TypeError as e:  # pragma: no cover - defaults cover every field
@@ -440,6 +480,14 @@ def _check_values(cfg: RunConfig, loc: yaml_lines.Located, problems: list[Proble
         why = name_problem(value) if isinstance(value, str) else ""  # else: a type problem
         if why:
             bad(path, f"{value!r} is not a safe name: {why}", NAME_HINT)
+
+    def layer_range(path: tuple, value: Any) -> None:
+        if value is None or not all(isinstance(v, int) for v in value):
+            return  # unset, or already a type problem
+        if len(value) != 2:
+            bad(path, f"expected [first, last], got {value}", "e.g. [8, 29], or [-4, -1] for the top four")
+        elif (value[0] < 0) == (value[1] < 0) and value[0] > value[1]:
+            bad(path, f"first block {value[0]} is above last block {value[1]}", "use [first, last]")
 
     safe_name(("run_name",), cfg.run_name)
     safe_name(("eval", "split"), cfg.eval.split)
@@ -496,6 +544,28 @@ def _check_values(cfg: RunConfig, loc: yaml_lines.Located, problems: list[Proble
                 "must be > 0",
                 "leave it out to use train.learning_rate",
             )
+        if s.ewc is not None:
+            if i == 0:
+                bad(
+                    ("stages", i, "ewc"),
+                    "the first stage has no earlier stage to protect",
+                    "set ewc on a later stage: it penalises moving away from the stages before it",
+                )
+            if not s.ewc.lam > 0:
+                bad(
+                    ("stages", i, "ewc", "lambda"),
+                    "must be > 0",
+                    "the strength of the penalty (lambda/2) · Σ F (θ − θ*)²",
+                )
+            if s.ewc.samples <= 0:
+                bad(("stages", i, "ewc", "samples"), "must be > 0", "records per Fisher estimate")
+            if not 0 <= s.ewc.gamma <= 1:
+                bad(
+                    ("stages", i, "ewc", "gamma"),
+                    "must be in [0, 1]",
+                    "online EWC's decay of older stages' Fisher: 1 keeps all, 0 only the latest",
+                )
+        layer_range(("stages", i, "train_layers"), s.train_layers)
     if cfg.replay.share is not None and not 0 <= cfg.replay.share < 1:
         bad(("replay", "share"), "must be in [0, 1)")
     if cfg.replay.per_task < 0:
@@ -506,6 +576,30 @@ def _check_values(cfg: RunConfig, loc: yaml_lines.Located, problems: list[Proble
             bad(("train", k), "must be > 0")
     if tr.learning_rate <= 0:
         bad(("train", "learning_rate"), "must be > 0")
+    for i, name in enumerate(tr.report_to if isinstance(tr.report_to, list) else []):
+        if name not in REPORT_TO:
+            bad(
+                ("train", "report_to", i),
+                f"unknown tracker {name!r}",
+                did_you_mean(str(name), REPORT_TO) or f"expected: {', '.join(REPORT_TO)}",
+            )
+        elif name == "none" and len(tr.report_to) > 1:
+            bad(("train", "report_to", i), "'none' cannot be combined with trackers")
+    if not 0 < tr.layer_lr_decay <= 1:
+        bad(
+            ("train", "layer_lr_decay"),
+            "must be in (0, 1]",
+            "layer l trains at lr · decay^(L−1−l); 1 = the same rate everywhere",
+        )
+    if tr.unfreeze_every < 0:
+        bad(("train", "unfreeze_every"), "must be >= 0", "0 = every block trains from the start")
+    if tr.gradient_surgery == "pcgrad" and tr.loss_balancing == "gradnorm":
+        bad(
+            ("train", "gradient_surgery"),
+            "pcgrad cannot be combined with train.loss_balancing: gradnorm",
+            "both steer per-task gradients: use pcgrad with none/equal/uncertainty",
+        )
+    layer_range(("adapter", "layers"), cfg.adapter.layers)
     if cfg.adapter.r <= 0:
         bad(("adapter", "r"), "must be > 0")
     if not 0 <= cfg.adapter.dropout < 1:
@@ -615,8 +709,24 @@ def load_config(
     return cfg
 
 
+def _key(f: dataclasses.Field) -> str:
+    """The YAML key of a config field: its name, or `metadata["key"]` (e.g. `lambda`)."""
+    return f.metadata.get("key", f.name)
+
+
+def _as_dict(obj: Any) -> Any:
+    """`dataclasses.asdict` with YAML keys (`_key`), so the dict loads back with `load_config`."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {_key(f): _as_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [_as_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _as_dict(v) for k, v in obj.items()}
+    return obj
+
+
 def config_to_dict(cfg: RunConfig) -> dict:
     """Plain dict of the resolved config (saved in the run folder)."""
-    d = dataclasses.asdict(cfg)
+    d = _as_dict(cfg)
     d.pop("config_path", None)
     return d

@@ -32,13 +32,20 @@ from typing import TYPE_CHECKING, Any, Protocol
 from tqdm.auto import tqdm
 
 from t2t_mtl.core.config import RunConfig, SourceConfig
-from t2t_mtl.core.errors import ConfigError, DataError, Problem, TemplateError, did_you_mean
+from t2t_mtl.core.errors import (
+    ConfigError,
+    DataError,
+    Problem,
+    T2TError,
+    TemplateError,
+    did_you_mean,
+)
 from t2t_mtl.core.records import Record
 from t2t_mtl.evaluation import confidence, metrics
 from t2t_mtl.model.prompt_format import PromptFormat
 from t2t_mtl.runs.folder import resolved_source, task_for
 from t2t_mtl.tasks import sources
-from t2t_mtl.tasks.parsing import ner_linearize
+from t2t_mtl.tasks.parsing import FIRST_LINE_KINDS, ner_linearize
 from t2t_mtl.tasks.task import Task
 
 if TYPE_CHECKING:
@@ -251,6 +258,56 @@ def examples_from_rows(
     return out
 
 
+# ------------------------------------------------------------------ generation budgets
+
+BUDGET_ROWS = 20_000  # training rows read (at most) to find a task's longest answer
+
+
+def answer_budget(
+    task: EvalTask,
+    tokenizer: PreTrainedTokenizerBase,
+    fmt: PromptFormat,
+    cap: int,
+) -> tuple[int, str]:
+    """(max new tokens, where it came from) for generating `task`'s answers.
+
+    `template`: the template's `max_new_tokens` key, as written. `train`: 2 x the longest answer
+    of the task's training split (first `BUDGET_ROWS` rows, eval variant) + 8 tokens, at most `cap`
+    (`eval.max_new_tokens`); an answer's tokens are what training taught the model to produce:
+    reply frame, answer, end-of-turn (`PromptFormat.target`). `cap`: no training split to read.
+    Only a row that runs past the budget is affected, and then only after twice the length of any
+    training answer: with "+ 8 tokens" alone an 8-step run's QA and summary scores changed
+    (longer-than-trained answers were cut), with this margin none did (docs/benchmarks.md).
+    Cached per task.
+    """
+    if task.template.max_new_tokens is not None:
+        return int(task.template.max_new_tokens), "template"
+    key = ("budget", cap, getattr(tokenizer, "name_or_path", None), fmt.kind)
+    if key not in task._cache:
+        try:
+            rows = sources.load_rows(
+                task.template, task.source, "train", bad_rows="skip", limit=BUDGET_ROWS
+            )
+        except T2TError:  # no training split (an eval-only task): the run's cap
+            task._cache[key] = (int(cap), "cap")
+            return task._cache[key]
+        texts = []
+        for i in range(len(rows)):
+            try:
+                rec = sources.render_row(
+                    task.template, rows, i, task.variant_id(), row_id=str(i), split="train"
+                )
+            except T2TError:
+                continue  # a row the template cannot render says nothing about answer lengths
+            texts.append(fmt.target(rec))
+        longest = 0
+        for s in range(0, len(texts), 1000):  # as features.target_ids, batched
+            enc = tokenizer(texts[s : s + 1000], add_special_tokens=fmt.kind == "seq2seq")
+            longest = max([longest, *(len(x) for x in enc["input_ids"])])
+        task._cache[key] = (min(int(cap), 2 * longest + 8), "train") if texts else (int(cap), "cap")
+    return task._cache[key]
+
+
 # ------------------------------------------------------------------ scoring
 
 
@@ -345,6 +402,9 @@ def evaluate(
     log: Callable[[str], object] | None = None,
     ci_resamples: int = confidence.RESAMPLES,
     ci_seed: int = confidence.SEED,
+    task_budgets: bool = True,
+    line_stop: bool = True,
+    compact: bool = True,
 ) -> dict[str, Any]:
     """Evaluate `model` on every task; returns the results dict.
 
@@ -354,6 +414,12 @@ def evaluate(
     "combined" is the mean primary score over tasks with examples (None when none has any).
     Intervals: `confidence.add_intervals` with `ci_resamples` (0: none) and `ci_seed`.
     A task whose data cannot be read (e.g. no such split) gets `"error"` instead of metrics.
+
+    Speed (none changes a prediction; each can be turned off to measure it, bench/bench_eval.py):
+    `task_budgets`: each generated task gets its own budget (`answer_budget`, recorded as
+    `max_new_tokens` and `budget_from` in its entry), at most `max_new_tokens`; `line_stop`: rows
+    of tasks whose parser reads only the first line (`parsing.FIRST_LINE_KINDS`) end with it;
+    `compact`: ended rows leave the batch (`generation.generate_texts`).
     """
     from t2t_mtl.model.generation import generate_texts, rank_choices  # torch: only to answer
 
@@ -397,17 +463,25 @@ def evaluate(
                 )
                 summary, preds = score_task(t.template, examples, ranked=ranked)
             else:
+                budget, budget_from = (
+                    answer_budget(t, tokenizer, fmt, max_new_tokens)
+                    if task_budgets
+                    else (max_new_tokens, "cap")
+                )
                 texts = generate_texts(
                     model,
                     tokenizer,
                     fmt,
                     recs,
-                    max_new_tokens=max_new_tokens,
+                    max_new_tokens=budget,
                     batch_size=batch_size,
                     max_prompt_tokens=max_prompt_tokens,
                     progress=upd,
+                    stop_after_line=line_stop and t.template.parse in FIRST_LINE_KINDS,
+                    compact=compact,
                 )
                 summary, preds = score_task(t.template, examples, texts)
+                summary.update(max_new_tokens=budget, budget_from=budget_from)
             entry = {
                 "mode": t.mode,
                 "variant": t.variant_id(),
@@ -473,6 +547,7 @@ class EvalHook:
             progress=self.progress,
             ci_resamples=ev.ci_resamples,
             ci_seed=ev.ci_seed,
+            task_budgets=ev.task_budgets,
         )
         res["step"] = step
         scored = {n: e for n, e in res["tasks"].items() if "primary" in e}

@@ -72,6 +72,7 @@ def evaluate_bundle(
         log=logger.warning,
         ci_resamples=ev.ci_resamples,
         ci_seed=ev.ci_seed,
+        task_budgets=ev.task_budgets,
     )
     res.update(
         run=str(run.dir), bundle=str(bundle), base=base, model=manifest.get("model", {}).get("name")

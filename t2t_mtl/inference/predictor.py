@@ -33,8 +33,9 @@ from t2t_mtl.core.config import AdapterConfig, ModelConfig
 from t2t_mtl.core.errors import ConfigError, DataError, Problem, TemplateError
 from t2t_mtl.core.files import atomic_open, swap_folder, temp_folder_beside
 from t2t_mtl.core.records import Record
+from t2t_mtl.evaluation.model_card import write_model_card
 from t2t_mtl.model import loading  # used as loading.X: tests patch its loaders
-from t2t_mtl.model.features import prompt_ids
+from t2t_mtl.model.features import fitted_prompt, prompt_ids
 from t2t_mtl.model.generation import generate_texts, place
 from t2t_mtl.model.prompt_format import PromptFormat
 from t2t_mtl.runs.folder import Run
@@ -52,18 +53,22 @@ if TYPE_CHECKING:
 __all__ = [
     "EXPORT_MARKER",
     "FREE_TASK",
+    "RENDER_FORMS",
     "Predictor",
     "check_export_target",
     "export",
     "predict_file",
     "prompt_fields",
+    "push_to_hub",
     "read_rows",
+    "render_file",
     "structured",
 ]
 
 Progress = Callable[[int], object]  # called with the number of records just answered
 
 FREE_TASK = "free"  # task name of records built from a free instruction
+RENDER_FORMS = ("text", "messages")  # Predictor.served_prompt / `t2t-mtl render --format`
 _TYPES = {
     "str": str,
     "int": int,
@@ -162,6 +167,28 @@ class Predictor:
             **opts,
         )
 
+    @classmethod
+    def for_prompts(
+        cls, path: str | Path, trust_remote_code: bool = False, **kw: Any
+    ) -> Predictor:
+        """A predictor that builds prompts without a model (`render`, `export-task`): the run's
+        template copies, the prompt format saved in its final bundle's manifest and the bundle's
+        tokenizer (for the training-time truncation). Generating with it is an error."""
+        from transformers import AutoTokenizer  # tokenizer only: no model weights are read
+
+        run = Run.load(path)
+        bundle = run.bundle_dir()
+        manifest = loading.read_manifest(bundle)
+        remote = loading.remote_code_consent(manifest, trust_remote_code, bundle)
+        tok = AutoTokenizer.from_pretrained(bundle, trust_remote_code=remote)
+        opts = {
+            "max_new_tokens": run.cfg.eval.max_new_tokens,
+            "max_prompt_tokens": run.cfg.model.max_length,
+            **kw,
+        }
+        fmt = PromptFormat.from_dict(manifest["prompt_format"])
+        return cls(None, tok, fmt, run=run, manifest=manifest, **opts)
+
     def _load(self) -> None:
         if self._model is None and self._loader is not None:
             model, self._tokenizer, _family, self.manifest = self._loader()
@@ -172,6 +199,8 @@ class Predictor:
     def model(self) -> PreTrainedModel | PeftModel:
         """The model (loaded on first use)."""
         self._load()
+        if self._model is None:
+            raise RuntimeError("this predictor only builds prompts (Predictor.for_prompts)")
         return self._model
 
     @property
@@ -280,6 +309,47 @@ class Predictor:
     def prompt_ids(self, record: Record) -> list[int]:
         """The prompt token ids the model is given for `record` (training's tokenisation)."""
         return prompt_ids(self.tokenizer, self.fmt, record, self.max_prompt_tokens)[0]
+
+    def served_prompt(self, record: Record, form: str = "text") -> dict[str, Any]:
+        """What a server must be sent to prompt an exported model as training did, for `record`:
+        `{"prompt": text}` (form "text": the whole prompt text, chat template and special tokens
+        included; tokenised without adding special tokens for causal models, it gives exactly
+        `prompt_ids(record)`) or `{"messages": [{"role": "user", "content": ...}]}` (form
+        "messages", chat formats only: the chat template turns them into that text). Either also
+        has `truncated`: the input was shortened to the run's prompt budget, as in training."""
+        if form not in RENDER_FORMS:
+            raise ValueError(f"form must be one of {RENDER_FORMS}, not {form!r}")
+        fmt = self.fmt
+        if form == "messages" and fmt.kind != "chat":
+            raise ConfigError(
+                Problem.at(
+                    "<cli>",
+                    f"--format messages needs a chat prompt format; this run's is '{fmt.kind}'",
+                    "use --format text (the raw prompt text the model was trained on)",
+                )
+            )
+        ids, used = fitted_prompt(self.tokenizer, fmt, record, self.max_prompt_tokens)
+        if used is None:  # even the instruction alone is over budget: only the ids exist
+            if form == "messages":
+                raise DataError(
+                    Problem.at(
+                        "<row>",
+                        f"the instruction alone is longer than the run's {self.max_prompt_tokens}"
+                        "-token prompt budget, so training cut the prompt's tokens",
+                        "use --format text for this row",
+                    )
+                )
+            text = self.tokenizer.decode(
+                ids, skip_special_tokens=False, clean_up_tokenization_spaces=False
+            )
+            return {"prompt": text, "truncated": True}
+        out: dict[str, Any]
+        if form == "messages":
+            out = {"messages": [{"role": "user", "content": fmt.user_message(used)}]}
+        else:
+            out = {"prompt": fmt.prompt(used)}
+        out["truncated"] = used is not record
+        return out
 
     # ------------------------------------------------------------------ answering
 
@@ -424,6 +494,52 @@ def predict_file(
     return len(out), problems
 
 
+def render_file(
+    pred: Predictor,
+    task: str,
+    input_path: str | Path,
+    *,
+    form: str = "text",
+    variant: str | None = None,
+    bad_rows: str = "fail",
+) -> tuple[list[dict], list[Problem]]:
+    """The served prompt (`Predictor.served_prompt`) of every row of a JSONL file, in order: one
+    dict per good row with `task`, `line` (of the input), the row's `id` when it has one, then
+    `prompt` or `messages` and `truncated`. Bad rows as in `predict_file` (`bad_rows="fail"`: a
+    DataError listing all of them; "skip": returned as problems)."""
+    rows, problems = read_rows(input_path)
+    recs, bad = pred.render_rows(task, rows, variant)
+    problems += bad
+    out = []
+    for (where, row), rec in zip(rows, recs):
+        if rec is None:
+            continue
+        line = int(where.rpartition(":")[2])
+        try:
+            served = pred.served_prompt(rec, form)
+        except DataError as e:
+            problems += [Problem(str(input_path), line, p.message, p.hint) for p in e.problems]
+            continue
+        item: dict[str, Any] = {"task": task, "line": line}
+        if isinstance(row, dict) and row.get("id") is not None:
+            item["id"] = row["id"]
+        out.append({**item, **served})
+    problems = sorted(problems, key=lambda p: p.line or 0)
+    if problems and bad_rows == "fail":
+        raise DataError(
+            problems
+            + [
+                Problem(
+                    str(input_path),
+                    None,
+                    f"{len(problems)} bad row(s); nothing written",
+                    "fix them, or pass --bad-rows skip",
+                )
+            ]
+        )
+    return out, problems
+
+
 # ------------------------------------------------------------------ export
 
 EXPORT_MARKER = "t2t_export.json"  # written into every export: what `--force` may replace
@@ -550,6 +666,49 @@ def export(
             "t2t_mtl_version": __version__,
         }
         (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+        write_model_card(run.dir, tmp, kind="merged")  # README.md: the Hub model card
         check_export_target(out, force)  # again: the folder may have changed while we merged
         swap_folder(tmp, out)
     return out
+
+
+def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False) -> str:
+    """Upload an export folder (model, tokenizer, README.md model card, manifest) to the Hugging
+    Face Hub model repo `repo_id`, creating it when missing (`HfApi.create_repo` +
+    `upload_folder`); returns the commit URL. Credentials come from huggingface_hub (`hf auth
+    login` or $HF_TOKEN). A bad repo id, a missing token or a failed upload is a ConfigError."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    folder = Path(folder)
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise ConfigError(
+            Problem.at("<cli>", f"--push-to-hub: {repo_id!r} is not a Hub repo id: {e}",
+                       "e.g. your-name/smollm2-multitask")
+        ) from None
+    if not (folder / EXPORT_MARKER).is_file():
+        raise ConfigError(
+            Problem.at(str(folder), f"not a t2t-mtl export (no {EXPORT_MARKER})",
+                       "export a run first: t2t-mtl export --run RUN --out DIR")
+        )
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        info = api.upload_folder(
+            folder_path=str(folder),
+            repo_id=repo_id,
+            repo_type="model",
+            commit_message=f"Upload {folder.name} (t2t-mtl export)",
+        )
+    except Exception as e:  # huggingface_hub raises many types (auth, HTTP, network)
+        raise ConfigError(
+            Problem.at(
+                "<hub>",
+                f"--push-to-hub {repo_id}: {type(e).__name__}: {e}",
+                "log in with `hf auth login` (or set HF_TOKEN) and check the network; "
+                f"the export in {folder} is complete, push it again later",
+            )
+        ) from None
+    return str(getattr(info, "commit_url", info))

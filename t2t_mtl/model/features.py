@@ -8,12 +8,17 @@
   that is too long is shortened on its input field, never the answer.
 - `CausalCollator` pads or packs. Packing is attention-correct through transformers'
   own mechanism: a packed row carries `position_ids` that restart at 0 per example and
-  *no* `attention_mask`; transformers (masking_utils `find_packed_sequence_indices`, and
-  the flash-attention kwargs built from position_ids) then masks attention to stay
-  within each example. That detection only runs without a 2D mask and without a KV
-  cache, hence `model_inputs` drops nothing but adds `use_cache=False` (a model whose
-  config says use_cache=True would otherwise build a cache and silently attend across
-  examples). `packing_supported` verifies this on the actual model with a probe.
+  *no* `attention_mask`; transformers then keeps attention within each example. How depends
+  on the attention implementation, and so does the layout (`packing_layout`):
+  SDPA / eager / flex build a block-diagonal mask (masking_utils `find_packed_sequence_indices`,
+  any number of rows): layout "rows", examples packed into rows of <= max_length;
+  flash-attention kernels (flash_attention_2/3, hub kernels) get `cu_seq_lens` from position_ids,
+  but transformers derives them only for a single-row batch (`_is_packed_sequence`): layout
+  "flat", the whole micro-batch as one row without padding (padding-free), run by the varlen
+  kernel per example. Detection only runs without a 2D mask and without a KV cache, hence
+  `model_inputs` drops nothing but adds `use_cache=False` (a model whose config says
+  use_cache=True would otherwise build a cache and silently attend across examples).
+  `packing_check` verifies on the actual (prepared) model that packed examples stay apart.
 """
 
 from __future__ import annotations
@@ -37,21 +42,24 @@ if TYPE_CHECKING:  # type-only: transformers/peft are imported where models are 
 __all__ = [
     "IGNORE_INDEX",
     "MIDDLE_MARK",
+    "PACKING_LAYOUTS",
     "CausalCollator",
     "Features",
     "Seq2SeqCollator",
     "encode",
+    "fitted_prompt",
     "length_grouped_batches",
     "model_inputs",
     "pack_bins",
-    "packing_supported",
+    "packing_check",
+    "packing_layout",
     "prompt_ids",
-    "resolve_packing",
     "stop_token_ids",
     "target_ids",
 ]
 
 IGNORE_INDEX = -100
+PACKING_LAYOUTS = ("rows", "flat")
 logger = logging.getLogger(__name__)
 
 
@@ -93,10 +101,24 @@ def prompt_ids(
     same reason. Returns (ids, truncated). Inference must call this too (with its own
     budget) so the model sees exactly the training-time prompt tokens.
     """
+    ids, used = fitted_prompt(tokenizer, fmt, record, max_tokens)
+    return ids, used is not record
+
+
+def fitted_prompt(
+    tokenizer: PreTrainedTokenizerBase,
+    fmt: PromptFormat,
+    record: PromptFields,
+    max_tokens: int | None = None,
+) -> tuple[list[int], PromptFields | None]:
+    """`prompt_ids`' ids together with the fields they were built from: `record` itself when it
+    fits, a copy with the shortened input when it was cut, None when even an empty input did not
+    fit and the ids were cut instead (no text layout gives them). `fmt.prompt` of the fields is
+    the exact prompt text (for `t2t-mtl render`)."""
     add = fmt.add_special_tokens
     ids = _ids(tokenizer, fmt.prompt(record), add)
     if max_tokens is None or len(ids) <= max_tokens:
-        return ids, False
+        return ids, record
     inp = _ids(tokenizer, record.input, False)
     keep = len(inp) - (len(ids) - max_tokens)
     for _ in range(6):  # re-tokenising at the cut can shift a token or two; converge
@@ -113,7 +135,8 @@ def prompt_ids(
         # Even an empty input does not fit (huge instruction): keep the end for causal
         # prompts (the generation header must touch the answer), the start + EOS for seq2seq.
         ids = ids[-max_tokens:] if not add else ids[: max_tokens - 1] + ids[-1:]
-    return ids, True
+        return ids, None
+    return ids, short
 
 
 def target_ids(
@@ -231,17 +254,24 @@ class CausalCollator:
 
     `task_ids` is per token: the example's task index where the label is used, -1 on
     prompt and padding, so per-task loss can be summed (see `training.losses.task_sums`).
-    With `packing=True` the batch's examples are packed first-fit-decreasing into rows of
-    ≤ `max_length` tokens (fewer rows, same examples, same loss): positions restart at 0
-    per example, the first label of each example is -100 (never predicted from the
-    previous example) and there is deliberately no `attention_mask` (see module doc).
-    Pass the batch through `model_inputs` before calling the model.
+    With `packing=True` the batch's examples are packed (fewer rows, same examples, same loss):
+    layout "rows" packs them first-fit-decreasing into rows of ≤ `max_length` tokens, layout
+    "flat" puts all of them in one row in batch order (for flash-attention varlen kernels; see
+    `packing_layout`). Positions restart at 0 per example, the first label of each example is
+    -100 (never predicted from the previous example) and there is deliberately no
+    `attention_mask` (see module doc). Pass the batch through `model_inputs` before calling the
+    model.
     """
 
     pad_token_id: int
     packing: bool = False
     max_length: int | None = None
     pad_to_multiple_of: int | None = None
+    layout: str = "rows"  # "rows" | "flat" (packing only)
+
+    def __post_init__(self) -> None:
+        if self.layout not in PACKING_LAYOUTS:
+            raise ValueError(f"layout must be one of {PACKING_LAYOUTS}, not {self.layout!r}")
 
     def _width(self, n: int) -> int:
         m = self.pad_to_multiple_of
@@ -249,9 +279,12 @@ class CausalCollator:
 
     def __call__(self, features: list[Features]) -> dict[str, torch.Tensor]:
         if self.packing:
-            if not self.max_length:
+            if self.layout == "flat":
+                bins = [list(range(len(features)))]
+            elif not self.max_length:
                 raise ValueError("packing needs max_length")
-            bins = pack_bins([len(f["input_ids"]) for f in features], self.max_length)
+            else:
+                bins = pack_bins([len(f["input_ids"]) for f in features], self.max_length)
             rows = []
             for b in bins:
                 ids, labels, pos, tasks = [], [], [], []
@@ -365,57 +398,99 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | boo
     return {**{k: v for k, v in batch.items() if k != "task_ids"}, "use_cache": False}
 
 
+def packing_layout(attn_implementation: str | None) -> str:
+    """The packed layout `attn_implementation` keeps apart (see the module doc): "flat" (the
+    micro-batch as one row) for flash-attention kernels — flash_attention_2/3, their "paged|"
+    forms, and hub kernels ("org/name") that transformers runs as varlen flash attention — and
+    "rows" for sdpa, eager, flex_attention and a hub kernel registered with SDPA masks. None is
+    what transformers picks by default (sdpa). A hub kernel not registered yet gets "flat": that
+    layout is also correct under block-diagonal masks (only slower), while "rows" under a varlen
+    kernel would attend across examples."""
+    name = attn_implementation or "sdpa"
+    base = name.split("|")[-1]
+    if base.startswith("flash_attention"):
+        return "flat"
+    if "/" not in base:
+        return "rows"
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    registered = ALL_MASK_ATTENTION_FUNCTIONS.get(name)
+    if registered is None or registered is ALL_MASK_ATTENTION_FUNCTIONS["flash_attention_2"]:
+        return "flat"
+    return "rows"
+
+
+def _inner_config(model: torch.nn.Module):
+    """The transformers config of a model, also through DDP / FSDP / DeepSpeed wrappers."""
+    while getattr(model, "config", None) is None and hasattr(model, "module"):
+        model = model.module
+    return getattr(model, "config", None)
+
+
 @torch.no_grad()
-def packing_supported(model: PreTrainedModel | PeftModel) -> bool:
-    """True when packed rows give the same logits as separate sequences on this model.
+def packing_check(
+    model: torch.nn.Module, collator: CausalCollator, device: torch.device | str | None = None
+) -> tuple[bool, str]:
+    """(ok, why not): whether `collator`'s packed rows keep examples apart on `model`.
 
-    Decoder-only models only. Runs a probe (two short random sequences, separately and
-    packed with restarting position_ids, no attention_mask, no cache) and compares the
-    logits; this catches attention implementations or architectures that ignore packed
-    position_ids. Costs three forwards of ≤ 12 tokens.
+    Run it on the model as it trains: after `accelerator.prepare` (the wrapped model, on its
+    device, in its dtype and autocast) and in train mode (no eval-only kernels; bitsandbytes
+    repacks 4-bit weights for CPU inference in eval mode). Perturbation check: two random examples
+    A (7 tokens) and B (5) are packed by `collator` itself into one row, which runs three times:
+    twice as is and once with A's tokens replaced, each forward under the same RNG seed (dropout
+    draws the same masks). B's logits must not move when only A changes. With attention kept
+    within examples B's logits are computed from exactly the same numbers by the same kernels on
+    the same shapes, so they are bit-identical: the check demands a difference of exactly 0. The
+    one allowance is the difference between the two identical forwards, 0 on deterministic
+    kernels; a nondeterministic kernel (atomic reductions) cannot be asked for less than its own
+    run-to-run noise. A leak moves B by far more (tests/test_features.py).
+
+    Decoder-only models only; any error (e.g. a model that rejects position_ids) fails the check.
+    The RNG state is restored afterwards.
     """
-    cfg = getattr(model, "config", None)
+    cfg = _inner_config(model)
     if cfg is None or getattr(cfg, "is_encoder_decoder", False):
-        return False
-    try:
+        return False, "not a decoder-only model"
+    room = 12 if collator.layout == "flat" else (collator.max_length or 0)
+    lb = min(5, room // 2)
+    la = min(7, room - lb)
+    if lb < 1:
+        return False, f"max_length {collator.max_length} cannot hold two examples"
+    if device is None:
         device = next(p.device for p in model.parameters())
-        gen = torch.Generator().manual_seed(0)
-        vocab = int(getattr(cfg, "vocab_size", 0) or 0) or 100
-        a = torch.randint(min(10, vocab - 1), vocab, (1, 7), generator=gen).to(device)
-        b = torch.randint(min(10, vocab - 1), vocab, (1, 5), generator=gen).to(device)
-        was_training = model.training
-        model.eval()
-        try:
-            la = model(input_ids=a, use_cache=False).logits.float()
-            lb = model(input_ids=b, use_cache=False).logits.float()
-            pos = torch.cat([torch.arange(7), torch.arange(5)])[None].to(device)
-            lp = model(
-                input_ids=torch.cat([a, b], 1), position_ids=pos, use_cache=False
-            ).logits.float()
-        finally:
-            model.train(was_training)
+    device = torch.device(device)
+    vocab = int(getattr(cfg, "vocab_size", 0) or 0) or 100
+    gen = torch.Generator().manual_seed(0)
+    low = min(10, vocab - 1)  # clear of the usual special tokens
+    a, a2 = (torch.randint(low, vocab, (la,), generator=gen).tolist() for _ in range(2))
+    b = torch.randint(low, vocab, (lb,), generator=gen).tolist()
+    feats = [
+        {"input_ids": x, "labels": list(x), "task": 0, "truncated": False, "target_truncated": False}
+        for x in (a, b)
+    ]
+    batch = collator(feats)
+    starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist()
+    if batch["input_ids"].shape[0] != 1 or len(starts) < 2 or starts[1] != la:
+        return False, "the collator did not pack two examples into one row"
+    other = collator([{**feats[0], "input_ids": a2, "labels": list(a2)}, feats[1]])
+    devices = [device.index or 0] if device.type == "cuda" else []
+
+    def b_logits(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = model_inputs({k: v.to(device) for k, v in batch.items() if k != "labels"})
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(0)
+            logits = model(**inputs).logits
+        return logits[0, la : la + lb].float()
+
+    try:
+        first, again, moved_b = b_logits(batch), b_logits(batch), b_logits(other)
     except Exception as e:  # an architecture that rejects position_ids etc.: no packing
-        logger.warning("packing probe failed (%s: %s); packing disabled", type(e).__name__, e)
-        return False
-    scale = max(la.abs().max().item(), lb.abs().max().item(), 1e-6)
-    err = max((lp[:, :7] - la).abs().max().item(), (lp[:, 7:] - lb).abs().max().item()) / scale
-    # Low-precision kernels differ a little between shapes; leaking attention differs a lot.
-    tol = 1e-3 if all(p.dtype == torch.float32 for p in model.parameters()) else 3e-2
-    return err <= tol
-
-
-def resolve_packing(setting: str, model: PreTrainedModel | PeftModel) -> bool:
-    """TrainConfig.packing ("auto" | "on" | "off") -> whether to pack for this model.
-
-    "auto" packs only when `packing_supported`; "on" on a model where packing would be
-    wrong logs a warning and does not pack (padding gives the same result, just slower).
-    """
-    if setting == "off":
-        return False
-    ok = packing_supported(model)
-    if setting == "on" and not ok:
-        logger.warning(
-            "train.packing=on, but this model does not keep packed examples apart "
-            "(attention would leak across examples); training without packing"
+        return False, f"a packed forward failed ({type(e).__name__}: {e})"
+    noise = (again - first).abs().max().item()
+    moved = (moved_b - first).abs().max().item()
+    if moved > noise or not torch.isfinite(first).all():
+        return False, (
+            f"B's logits moved by {moved:.3g} when only A's tokens changed (run-to-run difference "
+            f"{noise:.3g}): attention leaks across packed examples"
         )
-    return ok
+    return True, ""

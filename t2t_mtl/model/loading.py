@@ -33,6 +33,7 @@ import torch
 from t2t_mtl.core.config import EMBEDDED_MODEL, AdapterConfig, ModelConfig
 from t2t_mtl.core.errors import ConfigError, Problem, T2TError, did_you_mean
 from t2t_mtl.core.files import swap_folder, temp_folder_beside
+from t2t_mtl.model import layers
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -355,7 +356,7 @@ def load_model_and_tokenizer(
     """Load (model, tokenizer, family) for `model_cfg`.
 
     for_training=True: adapter per `adapter_cfg.method` (lora: peft LoRA, base frozen;
-    qlora: 4-bit NF4 base + `prepare_model_for_kbit_training` + LoRA; full: every weight
+    qlora: 4-bit NF4 base, other base weights frozen in the compute dtype, + LoRA; full: every weight
     trainable), `config.use_cache=False` (needed for packed batches), optional gradient
     checkpointing. for_training=False: the base model in eval mode (still 4-bit for qlora,
     so an adapter sees the numerics it was trained with). The tokenizer always has a pad
@@ -400,19 +401,20 @@ def load_model_and_tokenizer(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     if method == "qlora":
-        from peft import prepare_model_for_kbit_training
-
-        # Freezes the base and casts its non-4-bit weights to float32; done for inference
-        # too, so a loaded adapter runs with exactly the numerics it was trained with.
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=for_training and gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
+        # The base is frozen and its non-4-bit weights (embeddings, LM head, norms, biases) stay
+        # in the dtype they were loaded in: the compute dtype unless model.dtype says otherwise,
+        # and float32 only where transformers keeps a module in float32 on purpose. peft's
+        # `prepare_model_for_kbit_training` would cast them to float32, so the whole residual
+        # stream ran in float32 around bf16 4-bit matmuls; TRL, axolotl and unsloth keep them in
+        # the compute dtype too. The LoRA weights peft adds are float32 (its default). The same
+        # happens for inference, so a loaded adapter runs with the numerics it was trained with.
+        model.requires_grad_(False)
     if not for_training:
         return model.eval(), tokenizer, family
     model.config.use_cache = False  # a KV cache disables transformers' packed-sequence masking
     if method == "full":
+        if adapter_cfg is not None and adapter_cfg.layers is not None:
+            layers.freeze_outside(model, adapter_cfg.layers)
         if gradient_checkpointing:
             _enable_checkpointing(model)
         model.train()
@@ -420,7 +422,9 @@ def load_model_and_tokenizer(
     from peft import LoraConfig, TaskType, get_peft_model
 
     targets = _check_targets(model, adapter_cfg.target_modules)
-    if method == "lora" and gradient_checkpointing:
+    if adapter_cfg.layers is not None:  # adapters only on the covered blocks
+        targets = layers.lora_targets(model, targets, adapter_cfg.layers)
+    if gradient_checkpointing:  # lora or qlora
         _enable_checkpointing(model)
     lora = LoraConfig(
         r=adapter_cfg.r,

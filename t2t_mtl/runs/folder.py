@@ -34,11 +34,13 @@ __all__ = [
     "CONFIG_FILE",
     "MANIFEST",
     "MIXTURE_FILE",
+    "TRACKERS_FILE",
     "Run",
     "clear_previous",
     "config_changes",
     "copy_templates",
     "mixture_entry",
+    "read_metrics",
     "resolved_config",
     "resolved_source",
     "task_for",
@@ -51,6 +53,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 CONFIG_FILE = "config.yaml"
 MIXTURE_FILE = "mixture.json"
+TRACKERS_FILE = "trackers.json"  # experiment trackers' run ids, to continue them on resume
 MANIFEST = "t2t_manifest.json"  # same name as modeling.MANIFEST (kept here: this layer has no torch)
 
 
@@ -258,6 +261,20 @@ def task_manifest(
     return out
 
 
+def read_metrics(path: Path) -> list[dict]:
+    """Rows of a run's metrics.jsonl (a truncated last line from a killed run is skipped; a missing
+    file has no rows)."""
+    rows = []
+    if not Path(path).is_file():
+        return rows
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
 def trim_metrics(run_dir: Path, last_step: int) -> None:
     """Drop metrics.jsonl rows logged after `last_step` (a killed run's tail, redone after resuming)."""
     path = Path(run_dir) / "metrics.jsonl"
@@ -281,7 +298,7 @@ def clear_previous(run_dir: Path) -> None:
     """
     if not (Path(run_dir) / CONFIG_FILE).is_file():
         return
-    for name in ("checkpoints", "logs", "stages", "replay"):
+    for name in ("checkpoints", "logs", "stages", "replay", "ewc"):
         shutil.rmtree(Path(run_dir) / name, ignore_errors=True)
-    for name in ("metrics.jsonl", MIXTURE_FILE, "loss_curves.png"):
+    for name in ("metrics.jsonl", MIXTURE_FILE, "loss_curves.png", TRACKERS_FILE):
         (Path(run_dir) / name).unlink(missing_ok=True)

@@ -392,8 +392,7 @@ def check_config(cfg: RunConfig) -> list[Problem]:
                             f"tasks[{i}].source.labels: '{name}' is not a tag or entity type of "
                             f"'{tpl.name}'" + (f": {why}" if why else ""),
                             did_you_mean(name, (allowed or []) + (tpl.entity_types or []))
-                            or "map raw values to tags (O, B-<type>, I-<type>) or rename types "
-                            "to one of: " + ", ".join(tpl.entity_types or []),
+                            or "map raw values to tags (O, B-<type>, I-<type>) or rename types",
                         )
                     )
                 continue

@@ -72,6 +72,9 @@ TYPE_ALIASES = {
     "MISCELLANEOUS": "MISC",
 }
 KINDS = ("label", "span", "text", "entities")
+# Kinds whose parser reads only the first non-empty line: once that line has ended, later text
+# cannot change the prediction (evaluation stops generating there).
+FIRST_LINE_KINDS = ("label", "span")
 
 _NON_ALNUM = re.compile(r"[^0-9a-z]+")
 _TYPE_FORBIDDEN = (":", "|", ";", "\n", "\r")  # the linearisation's own separators

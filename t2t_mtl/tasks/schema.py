@@ -70,6 +70,7 @@ TOP_KEYS = (
     "metric",
     "parse",
     "eval_mode",
+    "max_new_tokens",
 )
 REQUIRED_KEYS = ("name", "task_type", "version", "fields", "variants", "metric", "parse")
 SOURCE_KEYS = ("hub", "name", "revision", "path", "splits", "columns", "labels", "format")
@@ -246,8 +247,8 @@ def _check_source(c: _Checker, d: dict, fields: dict) -> None:
                 )
     choices = d.get("answer_choices")
     tagging = d.get("parse") == "entities"  # tag maps are judged by _check_entity_types
-    if isinstance(src.get("labels"), dict) and isinstance(choices, list) and choices and not tagging:
-        for raw, name in src["labels"].items():
+    if isinstance(src.get("labels"), dict) and isinstance(choices, list) and choices:
+        for raw, name in src["labels"].items() if not tagging else ():
             if str(name) not in [str(x) for x in choices]:
                 hint = (
                     "YAML reads unquoted yes/no/true/false as booleans: quote the name"
@@ -318,29 +319,28 @@ def _check_entity_types(c: _Checker, d: dict) -> list[str] | None:
         if not entries:
             c.add(("entity_types",), "entity_types must be a non-empty list or mapping", hint)
             return None
-        seen: dict[str, str] = {}
-        ok = True
+        seen: dict[str, tuple[str, str]] = {}
         for kp, name, aliases in entries:
             for what, value in [("entity type", name)] + [("alias", a) for a in aliases]:
                 if not isinstance(value, str):
                     c.add(kp, f"{what} {value!r} must be text", "quote it in the YAML")
-                    ok = False
                     continue
                 why = type_name_problem(value)
                 if why:
                     c.add(kp, f"{what} {value!r} cannot be used: {why}", "rename it")
-                    ok = False
                     continue
                 key = value.casefold()  # parsing reads types case-insensitively
                 if key in seen:
+                    first, spelt = seen[key]
+                    case = " (case is ignored)" if spelt != value else ""
                     c.add(
                         kp,
-                        f"{what} '{value}' clashes with '{seen[key]}' (case is ignored)",
+                        f"{what} '{value}' clashes with {first}{case}",
                         "each type and alias must be unique",
                     )
-                    ok = False
-                seen.setdefault(key, value)
-        types = [str(t) for _, t, _ in entries] if ok else None
+                seen.setdefault(key, (f"{what} '{value}'", value))
+        # The map's values are judged against the well-formed types even when others are not.
+        types = [t for _, t, _ in entries if isinstance(t, str) and not type_name_problem(t)]
     labels = (d.get("source") or {}).get("labels") if isinstance(d.get("source"), dict) else None
     if d.get("parse") != "entities" or not isinstance(labels, dict):
         return types
@@ -544,6 +544,14 @@ def check_data(
     if "parse" in data:
         c.enum(("parse",), data["parse"], PARSE_KINDS, "parse")
     c.enum(("eval_mode",), data.get("eval_mode", "generate"), EVAL_MODES, "eval_mode")
+    mnt = data.get("max_new_tokens")
+    if mnt is not None and (isinstance(mnt, bool) or not isinstance(mnt, int) or mnt <= 0):
+        c.add(
+            ("max_new_tokens",),
+            f"max_new_tokens must be a positive integer, got {mnt!r}",
+            "the generation budget of this task's answers in tokens; leave it out to derive it "
+            "from the longest training answer",
+        )
     c.enum(
         ("variant_policy",), data.get("variant_policy", "round_robin"), POLICIES, "variant_policy"
     )

@@ -18,9 +18,13 @@ NER tag lists (`Task.tagging`) a map may name whole tags (`"1": B-person`) or re
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import csv
 import difflib
 import json
+import logging
+import warnings
 from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -121,7 +125,12 @@ def _find_split_file(folder: Path, stem: str, fmt: str | None) -> Path | None:
 
 
 class _Backend:
-    """Raw rows of one file or hub split, plus how to name a row's location."""
+    """Raw rows of one file or hub split, plus how to name a row's location.
+
+    Rows are numbered as an editor shows them, from 1, in every format: a JSONL row by its line, a
+    CSV row by the first line of its record (the header is line 1, so the first row is usually
+    line 2), a Parquet, JSON-array or hub row by its position (the first row is row 1).
+    """
 
     def __init__(
         self,
@@ -129,12 +138,11 @@ class _Backend:
         desc: str,
         kind: str,
         file: Path | None = None,
-        lines: list[int] | None = None,
+        lines: Sequence[int] | None = None,
     ):
         self.data, self.desc, self.kind, self.file = data, desc, kind, file
-        self._lines = (
-            lines  # JSONL: line number of each row (computed lazily when datasets read it)
-        )
+        # Line (row number) of each row; computed lazily for JSONL and CSV files read by datasets.
+        self._lines = lines
 
     def __len__(self) -> int:
         return len(self.data)
@@ -153,38 +161,85 @@ class _Backend:
             yield [{k: batch[k][j] for k in keys} for j in range(n)]
 
     def location(self, i: int) -> tuple[str, int]:
-        if self.kind == "jsonl":
-            if self._lines is None:  # blank lines are skipped by the reader, so count the real ones
-                with open(self.file, "rb") as f:
-                    self._lines = [n for n, ln in enumerate(f, 1) if ln.strip()]
-            return self.desc, self._lines[i] if i < len(self._lines) else i + 1
-        if self.kind == "csv":
-            if self._lines is None:
-                self._lines = _csv_record_lines(self.file)
-            return self.desc, self._lines[i] if i < len(self._lines) else i + 2
-        return self.desc, i  # parquet / JSON array / hub: 0-based row index
+        if self._lines is None and self.kind == "jsonl":
+            with open(self.file, "rb") as f:  # the reader skips blank lines: count the real ones
+                self._lines = [n for n, ln in enumerate(f, 1) if ln.strip()]
+        elif self._lines is None and self.kind == "csv":
+            self._lines = array("q", (first for first, _, _ in _csv_records(self.file) if _))
+        if self._lines is not None and i < len(self._lines):
+            return self.desc, int(self._lines[i])
+        return self.desc, i + 1
 
 
-def _csv_record_lines(file: Path | None) -> list[int]:
-    """First line number of every data record of a CSV file: a quoted field may span several lines, so
-    records are found with the csv module, not by counting lines (header and blank lines skipped)."""
-    starts: list[int] = []
-    if file is None:
-        return starts
-    with open(file, newline="", encoding="utf-8", errors="replace") as f:
-        reader, prev = csv.reader(f), 0
-        for rec in reader:
-            if rec:  # csv yields [] for a blank line, which the CSV loader skips as well
-                starts.append(prev + 1)
-            prev = reader.line_num
-    return starts[1:]  # the first record is the header
+# ------------------------------------------------------------------ reading files
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[Any]:
+    """`datasets` (imported here: slow, pyarrow and pandas) with its logging, progress bars and the
+    warnings of the libraries under it silenced while a source is read: when reading fails, the
+    project's own `file:line` message is what the user sees, not library noise repeating it."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    saved = [(lg, lg.level) for lg in map(logging.getLogger, _NOISY_LOGGERS)]
+    for lg, _ in saved:
+        lg.setLevel(logging.CRITICAL + 1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield datasets
+    finally:
+        for lg, level in saved:
+            lg.setLevel(level)
+
+
+_NOISY_LOGGERS = ("datasets", "fsspec", "huggingface_hub", "filelock", "pyarrow")
+
+
+def _utf8_problem(raw: bytes, e: UnicodeDecodeError) -> str:
+    """What is wrong with a line that is not UTF-8, naming the byte and its column."""
+    col = len(raw[: e.start].decode("utf-8", errors="replace")) + 1
+    return f"not UTF-8 text: byte 0x{raw[e.start]:02x} at column {col}"
+
+
+def _text_file_state(file: Path) -> tuple[bool, bool]:
+    """(whether the file is valid UTF-8, whether it holds anything but whitespace), read in chunks."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    content = False
+    with open(file, "rb") as f:
+        while chunk := f.read(1 << 20):
+            content = content or bool(chunk.strip())
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError:
+                return False, True
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return False, content
+    return True, content
+
+
+def _empty_file(file: Path, what: str = "rows") -> DataError:
+    return DataError(
+        Problem(str(file), None, f"the file is empty: no {what}", "is it the right file?")
+    )
 
 
 def _scan_jsonl(file: Path, problems: list[tuple[str, int, str]]) -> _Backend:
-    """Plain-Python JSONL reader for files `datasets` rejects: finds each malformed line."""
+    """Plain-Python JSONL reader for files `datasets` rejects: every line that is not UTF-8, not
+    valid JSON or not a JSON object is a problem at its line; the others are the rows."""
     rows, lines = [], []
-    with open(file, encoding="utf-8", errors="replace") as f:
-        for n, ln in enumerate(f, 1):
+    with open(file, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                ln = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                problems.append((str(file), n, _utf8_problem(raw, e)))
+                continue
+            if n == 1:
+                ln = ln.lstrip("\ufeff")  # a byte-order mark written by some editors
             if not ln.strip():
                 continue
             try:
@@ -192,20 +247,220 @@ def _scan_jsonl(file: Path, problems: list[tuple[str, int, str]]) -> _Backend:
             except json.JSONDecodeError as e:
                 problems.append((str(file), n, f"not valid JSON: {e.msg} (column {e.colno})"))
                 continue
+            except (ValueError, RecursionError) as e:  # numbers too long, nesting too deep
+                problems.append((str(file), n, f"not valid JSON: {e}"))
+                continue
             if not isinstance(obj, dict):
-                problems.append((str(file), n, f"expected a JSON object, got {type(obj).__name__}"))
+                problems.append((str(file), n, f"expected a JSON object, got {_json_kind(obj)}"))
                 continue
             rows.append(obj)
             lines.append(n)
+    if not rows and not problems:
+        raise _empty_file(file)
     return _Backend(rows, str(file), "jsonl", file, lines)
 
 
-def _quiet_datasets():
-    import datasets  # slow to import (pyarrow, pandas): only once a file or hub split is read
+def _json_kind(obj: Any) -> str:
+    kinds = {list: "an array", str: "a string", bool: "true/false", type(None): "null"}
+    return kinds.get(type(obj), "a number")
 
-    datasets.disable_progress_bars()  # preview's stdout/stderr must only carry our own lines
-    datasets.logging.set_verbosity_error()
-    return datasets
+
+def _read_json_array(file: Path, problems: list[tuple[str, int, str]]) -> _Backend:
+    """A `.json` file holding one array of row objects (rows numbered by position, from 1)."""
+    raw = file.read_bytes()
+    try:
+        text = raw.decode("utf-8").lstrip("\ufeff")
+    except UnicodeDecodeError as e:
+        start = raw.rfind(b"\n", 0, e.start) + 1  # the line holding the bad byte
+        col = len(raw[start : e.start].decode("utf-8", errors="replace")) + 1
+        raise DataError(
+            Problem(
+                str(file),
+                raw[: e.start].count(b"\n") + 1,
+                f"not UTF-8 text: byte 0x{raw[e.start]:02x} at column {col}",
+            )
+        ) from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(
+            Problem(str(file), e.lineno, f"not valid JSON: {e.msg} (column {e.colno})")
+        ) from None
+    except (ValueError, RecursionError) as e:
+        raise DataError(Problem(str(file), None, f"not valid JSON: {e}")) from None
+    if not isinstance(obj, list):
+        raise DataError(
+            Problem(
+                str(file),
+                1,
+                f"expected an array of row objects, got {_json_kind(obj)}",
+                "or write one JSON object per line (JSON lines, .jsonl)",
+            )
+        )
+    rows, lines = [], []
+    for i, item in enumerate(obj, 1):
+        if isinstance(item, dict):
+            rows.append(item)
+            lines.append(i)
+        else:
+            problems.append((str(file), i, f"expected a JSON object, got {_json_kind(item)}"))
+    if not obj:
+        raise _empty_file(file)
+    return _Backend(rows, str(file), "json", file, lines)
+
+
+def _decoded_lines(file: Path, bad: dict[int, str]) -> Iterator[str]:
+    """The file's lines as text; a line that is not UTF-8 is decoded with replacement characters and
+    its number recorded in `bad` with what is wrong."""
+    with open(file, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                bad[n] = _utf8_problem(raw, e)
+                text = raw.decode("utf-8", errors="replace")
+            yield text.lstrip("\ufeff") if n == 1 else text
+
+
+def _csv_records(file: Path | None) -> Iterator[tuple[int, list[str] | None, str]]:
+    """Every data record of a CSV file: (first line, fields or None, problem), the header and blank
+    lines left out. A quoted field may span several lines, so records are found with the csv
+    module, not by counting lines. A record that is not UTF-8 or has another number of fields than
+    the header comes with fields None and the problem."""
+    if file is None:
+        return
+    csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))  # long documents in one cell
+    bad: dict[int, str] = {}
+    reader = csv.reader(_decoded_lines(file, bad))
+    header: list[str] | None = None
+    prev = 0
+    while True:
+        try:
+            rec = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            yield prev + 1, None, f"not valid CSV: {e}"
+            prev = reader.line_num
+            continue
+        first, prev = prev + 1, reader.line_num
+        if not rec:  # csv yields [] for a blank line, which the CSV loader skips as well
+            continue
+        why = next((bad[n] for n in range(first, prev + 1) if n in bad), "")
+        if header is None:
+            header = rec
+            if why:
+                yield first, None, f"header: {why}"
+            continue
+        if not why and len(rec) != len(header):
+            why = (
+                f"has {len(rec)} field{'s' if len(rec) != 1 else ''}, but the header has "
+                f"{len(header)}"
+                + (": quote a field that holds a comma" if len(rec) > len(header) else "")
+            )
+        yield first, (None if why else rec), why
+
+
+def _csv_value(text: str, kind: str) -> Any:
+    if text == "":
+        return None  # an empty cell reads as a missing value, as with the CSV loader
+    return int(text) if kind == "int" else float(text) if kind == "float" else text
+
+
+def _read_csv(file: Path, problems: list[tuple[str, int, str]], ds_mod: Any) -> _Backend:
+    """A CSV file: `datasets` reads it when every record is well-formed UTF-8 with as many fields as
+    the header; otherwise the bad records are problems at their line and the rest is read here
+    (column types inferred as the CSV loader does: int, else float, else text)."""
+    header: list[str] | None = None
+    with open(file, "rb") as f:
+        if not f.read(1 << 16).strip():
+            raise _empty_file(file)
+    starts, broken = array("q"), []
+    for first, rec, why in _csv_records(file):
+        if why:
+            broken.append((first, why))
+        else:
+            starts.append(first)
+    if not broken:
+        try:
+            ds = ds_mod.load_dataset("csv", data_files=str(file), split="train")
+        except Exception:  # noqa: BLE001 - anything the CSV loader cannot read: read it here
+            pass
+        else:
+            if len(ds) == 0:
+                raise _empty_file(file, "rows below the header")
+            return _Backend(ds, str(file), "csv", file, starts if len(starts) == len(ds) else None)
+    problems.extend((str(file), line, why) for line, why in broken)
+    with open(file, newline="", encoding="utf-8", errors="replace") as f:
+        header = next((r for r in csv.reader(f) if r), [])
+    header = [h.lstrip("\ufeff") for h in header]
+    records = [(first, rec) for first, rec, why in _csv_records(file) if rec is not None]
+    kinds = []
+    for j in range(len(header)):
+        kind = "int"
+        for _, rec in records:
+            v = rec[j]
+            if v == "":
+                continue
+            try:
+                int(v)
+            except ValueError:
+                try:
+                    float(v)
+                    kind = "float"
+                except ValueError:
+                    kind = "str"
+                    break
+        kinds.append(kind)
+    rows = [{h: _csv_value(v, k) for h, v, k in zip(header, rec, kinds)} for _, rec in records]
+    if not rows and not broken:
+        raise _empty_file(file, "rows below the header")
+    return _Backend(rows, str(file), "csv", file, [first for first, _ in records])
+
+
+def _read_file(res: Resolved, file: Path, ext: str, problems: list) -> _Backend:
+    """Rows of one local file; anything unreadable is a DataError (or per-row problems) at the
+    file and line, never a library traceback."""
+    with _quiet() as ds_mod:
+        if ext == "csv":
+            return _read_csv(file, problems, ds_mod)
+        if ext in ("jsonl", "json"):
+            utf8, content = _text_file_state(file)
+            if not content:
+                raise _empty_file(file)
+            with open(file, "rb") as fh:  # a .json file may hold JSON lines or one array
+                if fh.read(4096).lstrip().lstrip(b"\xef\xbb\xbf").lstrip()[:1] == b"[":
+                    return _read_json_array(file, problems)
+            if not utf8:
+                return _scan_jsonl(file, problems)
+            try:
+                ds = ds_mod.load_dataset("json", data_files=str(file), split="train")
+            except Exception:  # noqa: BLE001 - malformed lines: find each one ourselves
+                return _scan_jsonl(file, problems)
+            if len(ds) == 0:
+                return _scan_jsonl(file, problems)
+            return _Backend(ds, str(file), "jsonl", file)
+        if file.stat().st_size == 0:
+            raise _empty_file(file)
+        try:
+            ds = ds_mod.load_dataset("parquet", data_files=str(file), split="train")
+        except Exception as e:  # noqa: BLE001 - truncated, corrupt, not Parquet at all
+            raise DataError(
+                Problem(
+                    str(file),
+                    None,
+                    f"cannot read the Parquet file: {_first_line(e)}",
+                    "is it complete? a truncated or corrupt file must be written again",
+                )
+            ) from None
+        if len(ds) == 0:
+            raise _empty_file(file)
+        return _Backend(ds, str(file), "parquet", file)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:300]
 
 
 def _open(res: Resolved, split: str, problems: list) -> _Backend:
@@ -216,7 +471,7 @@ def _open(res: Resolved, split: str, problems: list) -> _Backend:
             if file is None:
                 stems = sorted({p.stem for p in res.path.iterdir() if p.suffix[1:] in FORMATS})
                 hint = did_you_mean(res.split_name, stems) or (
-                    "files there: " + ", ".join(stems) if stems else ""
+                    "files there: " + ", ".join(stems) if stems else "the folder holds no data files"
                 )
                 raise DataError(
                     Problem(
@@ -238,41 +493,30 @@ def _open(res: Resolved, split: str, problems: list) -> _Backend:
                     str(file), None, f"unknown data format '.{ext}'", "use .jsonl, .csv or .parquet"
                 )
             )
-        kind = ext
-        if ext in (
-            "jsonl",
-            "json",
-        ):  # a .json file may hold JSON lines or one array (rows named by index)
-            with open(file, "rb") as fh:
-                kind = "json" if fh.read(4096).lstrip()[:1] == b"[" else "jsonl"
-        ds_mod = _quiet_datasets()
         try:
-            ds = ds_mod.load_dataset(FORMATS[ext], data_files=str(file), split="train")
-        except (
-            Exception
-        ) as e:  # malformed file: find the bad lines ourselves (JSONL) or say what failed
-            if kind == "jsonl":
-                return _scan_jsonl(file, problems)
+            return _read_file(res, file, ext, problems)
+        except OSError as e:  # unreadable: permissions, a folder named like a file, ...
             raise DataError(
-                Problem(str(file), None, f"cannot read {ext} file: {str(e).splitlines()[0][:300]}")
+                Problem(str(file), None, f"cannot read the file: {e.strerror or e}")
             ) from None
-        return _Backend(ds, str(file), kind, file)
-    ds_mod = _quiet_datasets()
-    try:
-        ds = ds_mod.load_dataset(res.hub, res.name, split=res.split_name, revision=res.revision)
-    except (
-        Exception
-    ) as e:  # offline, unknown dataset, missing config: all end the same way for the user
-        what = f"hub dataset '{res.hub}'" + (f" (config '{res.name}')" if res.name else "")
-        raise DataError(
-            Problem(
-                f"hub:{res.hub}",
-                None,
-                f"cannot load {what}, split '{res.split_name}': {str(e).splitlines()[0][:300]}",
-                "offline or no access? point the task at local JSONL/CSV/Parquet files instead: "
-                "`source: {path: DIR}` in the run config (tasks[i].source) or `--source DIR` in preview",
+    with _quiet() as ds_mod:
+        try:
+            ds = ds_mod.load_dataset(
+                res.hub, res.name, split=res.split_name, revision=res.revision
             )
-        ) from None
+        except Exception as e:  # noqa: BLE001 - offline, unknown dataset, missing config: all
+            # end the same way for the user
+            what = f"hub dataset '{res.hub}'" + (f" (config '{res.name}')" if res.name else "")
+            raise DataError(
+                Problem(
+                    f"hub:{res.hub}",
+                    None,
+                    f"cannot load {what}, split '{res.split_name}': {_first_line(e)}",
+                    "offline or no access? point the task at local JSONL/CSV/Parquet files "
+                    "instead: `source: {path: DIR}` in the run config (tasks[i].source) or "
+                    "`--source DIR` in preview",
+                )
+            ) from None
     return _Backend(ds, f"{res.hub}:{res.split_name}", "hub")
 
 

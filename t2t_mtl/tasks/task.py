@@ -52,6 +52,8 @@ class Task:
         self.metric: list[str] = [m] if isinstance(m, str) else list(m)
         self.parse: str = data["parse"]
         self.eval_mode: str = data.get("eval_mode") or "generate"
+        # Generation budget of an answer in tokens; None: derived from the longest training answer.
+        self.max_new_tokens: int | None = data.get("max_new_tokens")
         src = dict(data.get("source") or {})
         for k in (
             "columns",

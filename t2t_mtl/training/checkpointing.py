@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from t2t_mtl.core.errors import Problem, T2TError
 from t2t_mtl.core.files import atomic_write_text, swap_folder
+from t2t_mtl.model.layers import trainable_named
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -166,7 +167,8 @@ def read_state(ckpt: Path) -> dict:
 
 
 def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    # The run's trainable set, including blocks a freezing schedule has turned off for now.
+    return {n: p.detach().contiguous() for n, p in trainable_named(model)}
 
 
 def install_hooks(accelerator: Accelerator) -> None:
@@ -193,7 +195,7 @@ def install_hooks(accelerator: Accelerator) -> None:
             state = load_file(path)
             inner = accelerator.unwrap_model(m)
             params = dict(inner.named_parameters())
-            missing = [n for n, p in params.items() if p.requires_grad and n not in state]
+            missing = [n for n, _ in trainable_named(inner) if n not in state]
             unknown = [n for n in state if n not in params]
             if missing or unknown:
                 raise T2TError(

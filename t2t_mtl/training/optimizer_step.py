@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from t2t_mtl.model import features
-from t2t_mtl.training import losses
+from t2t_mtl.model import features, layers
+from t2t_mtl.training import losses, protection
 from t2t_mtl.training.batching import Window
 
 if TYPE_CHECKING:
@@ -57,6 +57,7 @@ class StepResult:
     grad_norm: float | None
     finite: bool
     bad_tasks: list[str]
+    ewc_penalty: float | None = None  # (λ/2) Σ F (θ − θ*)² before this step's update, when EWC is on
 
 
 def logits_mode(model: PreTrainedModel | PeftModel) -> str:
@@ -104,6 +105,9 @@ class StepRunner:
         task_names: list[str],
         family: str,
         max_grad_norm: float,
+        *,
+        gradient_surgery: str = "none",
+        seed: int = 0,
     ):
         self.acc = accelerator
         self.model = model
@@ -113,7 +117,10 @@ class StepRunner:
         self.k = len(self.tasks)
         self.causal = family != "seq2seq"
         self.max_grad_norm = max_grad_norm
-        inner = accelerator.unwrap_model(model)
+        self.surgery = gradient_surgery
+        self.seed = seed
+        self.ewc: protection.EwcPenalty | None = None  # set by the trainer for stages with `ewc`
+        inner = self.inner = accelerator.unwrap_model(model)
         self.logits_mode = logits_mode(inner) if self.causal else "all"
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.shared = (
@@ -143,8 +150,12 @@ class StepRunner:
         labels, tasks = self._targets(batch)
         return losses.task_counts(tasks[labels != features.IGNORE_INDEX], self.k)
 
-    def token_losses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-target-token cross-entropy and task index for one micro-batch (on the model's device)."""
+    def token_losses(
+        self, batch: dict, model: torch.nn.Module | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-target-token cross-entropy and task index for one micro-batch (on the model's device).
+        `model`: another forward than the prepared model's (the unwrapped one: no DDP hooks)."""
+        model = self.model if model is None else model
         batch = {k: v.to(self.acc.device) for k, v in batch.items()}
         labels, tasks = self._targets(batch)
         inputs = features.model_inputs({k: v for k, v in batch.items() if k != "task_ids"})
@@ -158,22 +169,29 @@ class StepRunner:
                 # would still send most positions through the head; the mask sends only targets.
                 keep = torch.zeros_like(batch["labels"], dtype=torch.bool)
                 keep[:, :-1] = used  # hidden state t predicts label t + 1
-                logits = self.model(**inputs, logits_to_keep=keep).logits  # [targets, vocab]
+                logits = model(**inputs, logits_to_keep=keep).logits  # [targets, vocab]
                 labels, tasks = labels[used], tasks[used]
             elif self.logits_mode == "columns":
                 keep = used.any(0).nonzero().flatten()
-                logits = self.model(**inputs, logits_to_keep=keep).logits
+                logits = model(**inputs, logits_to_keep=keep).logits
                 labels, tasks = labels[:, keep], tasks[:, keep]
             else:
-                logits = self.model(**inputs).logits[:, :-1]
+                logits = model(**inputs).logits[:, :-1]
         else:
-            logits = self.model(**inputs).logits  # T5 builds decoder inputs from the labels
+            logits = model(**inputs).logits  # T5 builds decoder inputs from the labels
         return losses.token_losses(logits, labels, tasks)
 
     # -------------------------------------------------------------- step
 
-    def run(self, window: Window) -> StepResult:
-        """Forward/backward every micro-batch of `window`, then one optimiser step (unless non-finite)."""
+    def run(self, window: Window, step: int = 0) -> StepResult:
+        """Forward/backward every micro-batch of `window`, then one optimiser step (unless non-finite).
+
+        With `gradient_surgery: pcgrad` each task present gets its own backward pass (on the unwrapped
+        model; the per-task gradients are summed over micro-batches and processes here) and PCGrad's
+        combination, with task orders drawn from (seed, `step`), becomes the gradient. With `ewc` set,
+        the penalty's gradient joins after the backward passes. Parameters a freezing schedule has
+        turned off (requires_grad False) keep no gradient, so the optimiser leaves them as they are.
+        """
         dev = self.acc.device
         local = torch.zeros(self.k + 1, dtype=torch.float64)
         for m in window.micro:
@@ -192,17 +210,38 @@ class StepRunner:
             if self.shared
             else None
         )
+        surgery = self.surgery == "pcgrad"
+        live = [p for p in self.params if p.requires_grad] if surgery else []
+        task_flat = (
+            torch.zeros(self.k, sum(p.numel() for p in live), dtype=torch.float32, device=dev)
+            if surgery
+            else None
+        )
         with adapter_inputs_uncast(
             self.uncast
         ):  # through backward: checkpointing recomputes the forward
             for m in window.micro:
                 with self.acc.accumulate(self.model):
-                    tok_loss, tok_task = self.token_losses(m)
-                    if tgrads is not None:
-                        self._task_grads(tok_loss, tok_task, tokens, tgrads)
-                    objective = (coef_dev[tok_task] * tok_loss).sum()
-                    self.acc.backward(objective * scale)
+                    if task_flat is not None:
+                        tok_loss, tok_task = self.token_losses(m, model=self.inner)
+                        self._surgery_grads(tok_loss, tok_task, coef_dev, live, task_flat)
+                    else:
+                        tok_loss, tok_task = self.token_losses(m)
+                        if tgrads is not None:
+                            self._task_grads(tok_loss, tok_task, tokens, tgrads)
+                        objective = (coef_dev[tok_task] * tok_loss).sum()
+                        self.acc.backward(objective * scale)
                 sums += losses.task_sums(tok_loss.detach().double(), tok_task, self.k).cpu()
+        if task_flat is not None:
+            task_flat = self.acc.reduce(task_flat, "sum")
+            self._write_surgery(task_flat, tokens > 0, live, step)
+        ewc_value = None
+        if self.ewc is not None:
+            scaler = getattr(self.acc, "scaler", None)  # fp16: gradients are still scaled here
+            ewc_value = self.ewc.value_and_grad(scaler.get_scale() if scaler is not None else 1.0)
+        for p in self.params:
+            if not p.requires_grad:
+                p.grad = None  # DDP may have written zeros; AdamW must skip a frozen parameter
         sums = self.acc.reduce(sums.to(dev), "sum").cpu()
         if tgrads is not None:
             tgrads = self.acc.reduce(tgrads, "sum").cpu()
@@ -228,7 +267,7 @@ class StepRunner:
         if isinstance(self.balancer, losses.UncertaintyBalancer):
             value += self.balancer.objective_extra(tokens)
         self.balancer.observe(sums, tokens, tgrads)
-        return StepResult(value, sums, tokens, input_tokens, grad_norm, True, [])
+        return StepResult(value, sums, tokens, input_tokens, grad_norm, True, [], ewc_value)
 
     def _abort(self, sums, tokens, input_tokens, grad_norm, bad) -> StepResult:
         self.optimizer.zero_grad(set_to_none=True)
@@ -242,6 +281,8 @@ class StepRunner:
         out: torch.Tensor,
     ) -> None:
         """Add ∇_W (w_i L_i) of this micro-batch for every task present (GradNorm's per-task norms)."""
+        if not all(p.requires_grad for p in self.shared):
+            return  # the shared layer is frozen at this step: no norms to balance
         for i in tok_task.unique().tolist():
             part = tok_loss[tok_task == i].sum() * float(self.balancer.w[i] / tokens[i])
             grads = torch.autograd.grad(part, self.shared, retain_graph=True, allow_unused=True)
@@ -251,6 +292,43 @@ class StepRunner:
                     for g, p in zip(grads, self.shared)
                 ]
             )
+
+    def _surgery_grads(
+        self,
+        tok_loss: torch.Tensor,
+        tok_task: torch.Tensor,
+        coef: torch.Tensor,
+        live: list[torch.nn.Parameter],
+        out: torch.Tensor,
+    ) -> None:
+        """Add ∇ Σ_{t of task i} c_i ℓ_t of this micro-batch to out[i] for every task present
+        (one backward pass each; together they are the micro-batch's share of the window gradient)."""
+        present = tok_task.unique().tolist()
+        for n, i in enumerate(present):
+            part = (coef[i] * tok_loss[tok_task == i]).sum()
+            grads = torch.autograd.grad(
+                part, live, retain_graph=n < len(present) - 1, allow_unused=True
+            )
+            out[i] += torch.cat(
+                [
+                    (g if g is not None else torch.zeros_like(p)).flatten().float()
+                    for g, p in zip(grads, live)
+                ]
+            )
+
+    def _write_surgery(
+        self, task_flat: torch.Tensor, present: torch.Tensor, live: list, step: int
+    ) -> None:
+        """PCGrad's combination of the window's per-task gradients into the parameters' .grad."""
+        idx = present.nonzero().flatten().tolist()
+        if not idx:
+            return
+        combined = protection.pcgrad(task_flat[idx], protection.order_generator(self.seed, step))
+        offset = 0
+        for p in live:
+            g = combined[offset : offset + p.numel()].view_as(p).to(p.dtype)
+            p.grad = g if p.grad is None else p.grad + g
+            offset += p.numel()
 
 
 def restore_4bit_for_training(model: torch.nn.Module) -> None:
@@ -280,18 +358,38 @@ def restore_4bit_for_training(model: torch.nn.Module) -> None:
 
 
 def make_optimizer(
-    model: torch.nn.Module, learning_rate: float, weight_decay: float
+    model: torch.nn.Module,
+    learning_rate: float,
+    weight_decay: float,
+    layer_lr_decay: float = 1.0,
 ) -> torch.optim.Optimizer:
-    """AdamW over trainable parameters; no weight decay on biases and norm weights (1-d tensors)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    """AdamW over the run's trainable set (`layers.trainable_named`); no weight decay on biases and
+    norm weights (1-d tensors).
+
+    Layer-wise learning rates: with `layer_lr_decay` d < 1 a parameter in block l of L trains at
+    lr · d^(L−1−l), the embeddings at lr · d^L (lowest), the parts above the top block (final norm,
+    LM head) at lr. One group per (scale, weight decay), highest scale first (so group 0 carries the
+    schedule's own rate); each group's `lr_scale` is what `make_scheduler` multiplies in.
+    """
+    named = layers.trainable_named(model)
+    n = layers.block_count(model) if layer_lr_decay != 1 else 0
+
+    def scale(name: str) -> float:
+        if layer_lr_decay == 1:
+            return 1.0
+        return layer_lr_decay ** (n - 1 - min(layers.position(name, n), n - 1))
+
+    by_key: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
+    for name, p in named:
+        by_key.setdefault((scale(name), p.dim() >= 2), []).append(p)
     groups = [
-        g
-        for g in (
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        )
-        if g["params"]
+        {
+            "params": ps,
+            "weight_decay": weight_decay if decay else 0.0,
+            "lr": learning_rate * s,
+            "lr_scale": s,
+        }
+        for (s, decay), ps in sorted(by_key.items(), key=lambda kv: (-kv[0][0], not kv[0][1]))
     ]
     return torch.optim.AdamW(groups, lr=learning_rate)
 
@@ -307,8 +405,8 @@ def make_scheduler(
     )  # accelerate's wrapper -> the torch optimiser
     # Every stage restarts its schedule at its own peak; LambdaLR keeps a group's first `initial_lr`
     # (setdefault), so a later stage's peak must be written explicitly.
-    for group in inner.param_groups:
-        group["initial_lr"] = group["lr"] = peak_lr
+    for group in inner.param_groups:  # a layer-wise group peaks at its share of peak_lr
+        group["initial_lr"] = group["lr"] = peak_lr * group.get("lr_scale", 1.0)
     name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[kind]
     return get_scheduler(
         name, inner, num_warmup_steps=min(warmup_steps, total_steps), num_training_steps=total_steps

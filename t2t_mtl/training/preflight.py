@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from t2t_mtl.core import yaml_lines
 from t2t_mtl.core.config import EMBEDDED_MODEL, RunConfig
 from t2t_mtl.core.errors import Problem, T2TError
 from t2t_mtl.mixing import mixture
-from t2t_mtl.model import loading
+from t2t_mtl.model import layers, loading
 from t2t_mtl.tasks import catalogue
 from t2t_mtl.tasks.task import Task
 
@@ -29,6 +30,7 @@ __all__ = [
     "check_run",
     "configure_deepspeed",
     "cpu_processes",
+    "layer_range_problems",
     "mixed_precision",
 ]
 
@@ -70,6 +72,12 @@ def check_run(cfg: RunConfig) -> tuple[dict[str, mixture.Member], dict[str, Task
                 str(local) if local.exists() else name, cfg.model.trust_remote_code
             )
             loading.detect_family(hf_cfg, cfg.model.family, name)
+            blocks = max(
+                getattr(hf_cfg, k, 0) or 0
+                for k in ("num_hidden_layers", "num_layers", "num_decoder_layers", "n_layer")
+            )
+            if blocks:  # else the check waits for the loaded model
+                problems += layer_range_problems(cfg, blocks)
             limit = getattr(hf_cfg, "max_position_embeddings", None) or getattr(
                 hf_cfg, "n_positions", None
             )
@@ -121,6 +129,7 @@ def backend_problems(cfg: RunConfig) -> list[Problem]:
             )
         )
     mixed = mixed_precision(cfg)
+    out += _protection_problems(cfg, sharded, mixed)
     cuda = torch.cuda.is_available()
     if mixed == "fp16" and not cuda:
         out.append(
@@ -143,6 +152,70 @@ def backend_problems(cfg: RunConfig) -> list[Problem]:
                 "set model.dtype/adapter.compute_dtype to float16 or float32 and mixed_precision fp16",
             )
         )
+    return out
+
+
+def _located(cfg: RunConfig):
+    """`bad(key_path, message, hint)`: a Problem at the key's line of the config file when known."""
+    loc = None
+    if cfg.config_path:
+        try:
+            loc = yaml_lines.load(cfg.config_path)
+        except T2TError:
+            loc = None
+
+    def bad(kp: tuple, msg: str, hint: str = "") -> Problem:
+        return loc.problem(kp, msg, hint) if loc is not None else Problem.at("<config>", msg, hint)
+
+    return bad
+
+
+def _protection_problems(cfg: RunConfig, sharded: bool, mixed: str) -> list[Problem]:
+    """Where EWC, PCGrad, freezing schedules and layer-wise learning rates cannot run: they read
+    or write whole parameters and their .grad between backward and the optimiser step, which FSDP
+    and DeepSpeed ZeRO-3 shard and DeepSpeed's engine owns; PCGrad's own backward passes bypass
+    fp16's gradient scaler."""
+    out: list[Problem] = []
+    bad = _located(cfg)
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    engine = "FSDP or DeepSpeed ZeRO-3" if sharded else "DeepSpeed"
+    fix = "use one GPU or DDP (launch/accelerate/ddp.yaml)"
+    keys: list[tuple] = []  # settings the backend cannot run
+    if sharded or deepspeed:
+        keys += [("stages", i, "ewc") for i, s in enumerate(cfg.stages) if s.ewc is not None]
+        keys += [("stages", i, "train_layers") for i, s in enumerate(cfg.stages) if s.train_layers]
+        if cfg.train.gradient_surgery == "pcgrad":
+            keys.append(("train", "gradient_surgery"))
+        if cfg.train.unfreeze_every > 0:
+            keys.append(("train", "unfreeze_every"))
+        if cfg.train.layer_lr_decay != 1 and sharded:
+            keys.append(("train", "layer_lr_decay"))
+    for kp in keys:
+        name = ".".join(f"[{k}]" if isinstance(k, int) else k for k in kp).replace(".[", "[")
+        out.append(bad(kp, f"{name} is not supported with {engine}", fix))
+    if cfg.train.gradient_surgery == "pcgrad" and mixed == "fp16":
+        out.append(
+            bad(
+                ("train", "gradient_surgery"),
+                "train.gradient_surgery: pcgrad does not work with fp16 mixed precision",
+                "use bf16 (train.mixed_precision=bf16) or no",
+            )
+        )
+    return out
+
+
+def layer_range_problems(cfg: RunConfig, n_blocks: int) -> list[Problem]:
+    """adapter.layers and stages[i].train_layers that do not fit a model of `n_blocks` blocks."""
+    bad = _located(cfg)
+    ranges = [(("adapter", "layers"), cfg.adapter.layers)] + [
+        (("stages", i, "train_layers"), s.train_layers) for i, s in enumerate(cfg.stages)
+    ]
+    out = []
+    for kp, rng in ranges:
+        why = layers.range_problem(rng, n_blocks) if rng else ""
+        if why:
+            name = "adapter.layers" if kp[0] == "adapter" else f"stages[{kp[1]}].train_layers"
+            out.append(bad(kp, f"{name}: {why}", "use [first, last] block numbers"))
     return out
 
 

@@ -38,7 +38,7 @@ from t2t_mtl.core.records import Record
 from t2t_mtl.evaluation import evaluator
 from t2t_mtl.mixing import mixture, replay
 from t2t_mtl.mixing.mixture import Member
-from t2t_mtl.model import features, loading
+from t2t_mtl.model import features, layers, loading
 from t2t_mtl.model.prompt_format import PromptFormat
 from t2t_mtl.runs.folder import (
     clear_previous,
@@ -51,7 +51,7 @@ from t2t_mtl.runs.folder import (
     write_mixture,
 )
 from t2t_mtl.tasks.task import Task
-from t2t_mtl.training import checkpointing, losses, preflight
+from t2t_mtl.training import checkpointing, losses, preflight, protection
 from t2t_mtl.training.batching import Batcher, Window
 from t2t_mtl.training.optimizer_step import (
     StepResult,
@@ -62,7 +62,13 @@ from t2t_mtl.training.optimizer_step import (
     restore_4bit_for_training,
     scheduler_state,
 )
-from t2t_mtl.training.telemetry import MetricWindow, Telemetry, plot_loss_curves, read_metrics
+from t2t_mtl.training.telemetry import (
+    MetricWindow,
+    Telemetry,
+    plot_loss_curves,
+    read_metrics,
+    tracker_setup,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -152,6 +158,7 @@ class _Trainer:
         self._setup_run_folder()
         model = self._setup_model()
         self._setup_optimizer(model)
+        self._setup_packing()
         self._setup_step_runner()
         self._setup_telemetry(templates)
         self._setup_data()
@@ -161,11 +168,18 @@ class _Trainer:
     # ------------------------------------------------------------------ setup
 
     def _setup_accelerator(self) -> None:
-        """`acc` (gradient accumulation; DDP / FSDP / DeepSpeed from the accelerate config), `main`."""
+        """`acc` (gradient accumulation; DDP / FSDP / DeepSpeed from the accelerate config; the
+        installed trackers of train.report_to, `telemetry.tracker_setup`), `main`, `tracker_notes`."""
+        log_with, project, self.tracker_notes = tracker_setup(
+            self.tr.report_to, Path(self.cfg.output_dir).expanduser()
+        )
         self.acc = Accelerator(
             gradient_accumulation_steps=self.tr.grad_accum,
             cpu=preflight.cpu_processes(),
             mixed_precision=preflight.mixed_precision(self.cfg),
+            kwargs_handlers=_ddp_kwargs(self.cfg),
+            log_with=log_with or None,
+            project_config=project,
         )
         self.main = self.acc.is_main_process
 
@@ -189,8 +203,9 @@ class _Trainer:
         self.acc.wait_for_everyone()
 
     def _setup_model(self) -> torch.nn.Module:
-        """`tok`, `family`, `fmt` (prompt format), `packing`; returns the model (not yet prepared),
-        with the same adapter initialisation on every process."""
+        """`tok`, `family`, `fmt` (prompt format), `packing_layout` (the packed layout the model's
+        attention keeps apart); returns the model (not yet prepared), with the same adapter
+        initialisation on every process."""
         cfg = self.cfg
         set_seed(cfg.seed)
         try:
@@ -207,18 +222,46 @@ class _Trainer:
         self.fmt = PromptFormat.for_tokenizer(
             self.tok, self.family, cfg.model.prompt_format, cfg.model.truncation
         )
-        self.packing = self.family == "causal" and features.resolve_packing(self.tr.packing, model)
-        restore_4bit_for_training(model)  # the packing probe ran in eval mode
+        self.packing_layout = features.packing_layout(
+            getattr(model.config, "_attn_implementation", None)
+        )
+        layers.mark_trainable(model)  # what the optimiser holds, even while a block is frozen
         return model
 
     def _setup_optimizer(self, model: torch.nn.Module) -> None:
         """`model`, `optimizer`: built and passed through `accelerator.prepare`, with checkpoint
         hooks; then per-process seeds (dropout differs between processes)."""
-        optimizer = make_optimizer(model, self.tr.learning_rate, self.tr.weight_decay)
+        optimizer = make_optimizer(
+            model, self.tr.learning_rate, self.tr.weight_decay, self.tr.layer_lr_decay
+        )
         preflight.configure_deepspeed(self.acc, self.cfg)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         checkpointing.install_hooks(self.acc)
         set_seed(self.cfg.seed, device_specific=True)
+
+    def _setup_packing(self) -> None:
+        """`packing`: whether causal batches are packed (train.packing auto/on). Decided on the
+        prepared model (its device, dtype and autocast) by `features.packing_check`, on every
+        process, and only when all pass; otherwise training pads, with a log line saying why."""
+        self.packing = False
+        if self.family != "causal" or self.tr.packing == "off":
+            return
+        collator = features.CausalCollator(
+            self.tok.pad_token_id,
+            packing=True,
+            max_length=self.cfg.model.max_length,
+            layout=self.packing_layout,
+        )
+        ok, why = features.packing_check(self.model, collator, self.acc.device)
+        failed = self.acc.reduce(torch.tensor([float(not ok)], device=self.acc.device), "sum")
+        self.packing = float(failed.item()) == 0
+        if not self.packing and self.main:
+            logger.warning(
+                "train.packing=%s: packed examples would not stay apart on this model (%s); "
+                "training with padding instead (same losses, slower)",
+                self.tr.packing,
+                why or "the check failed on another process",
+            )
 
     def _setup_step_runner(self) -> None:
         """`balancer` (train.loss_balancing), `runner` (one optimiser step), `window` (metrics)."""
@@ -237,8 +280,11 @@ class _Trainer:
             self.task_names,
             self.family,
             tr.max_grad_norm,
+            gradient_surgery=tr.gradient_surgery,
+            seed=self.cfg.seed,
         )
         self.window = MetricWindow(self.task_names)
+        self.layer_schedule = protection.LayerSchedule(self.cfg, self.acc.unwrap_model(self.model))
 
     def _setup_telemetry(self, templates: dict[str, Task]) -> None:
         """`telemetry`, `manifest_extra` (what every saved bundle's manifest adds). The main process
@@ -250,16 +296,19 @@ class _Trainer:
         self.telemetry = Telemetry(
             self.run_dir,
             enabled=self.main,
-            report_to=self.tr.report_to,
+            accelerator=acc,
             run_name=cfg.run_name,
             config=config_to_dict(cfg),
+            resume_step=(
+                None if self.ckpt is None else checkpointing.read_state(self.ckpt)["global_step"]
+            ),
         )
-        for note in self.telemetry.notes:
+        for note in self.tracker_notes + self.telemetry.notes:
             self.telemetry.write(f"note: {note}")
         trainable, total = loading.trainable_parameters(acc.unwrap_model(self.model))
         self.telemetry.write(
             f"model {cfg.model.name} ({self.family}, {cfg.adapter.method}): {trainable:,} of {total:,} parameters "
-            f"train; prompt format {self.fmt.kind}; packing {'on' if self.packing else 'off'}; "
+            f"train; prompt format {self.fmt.kind}; packing {self._packing_note()}; "
             f"{acc.num_processes} process(es) on {acc.device}"
         )
         self.manifest_extra = {
@@ -270,13 +319,25 @@ class _Trainer:
             "max_target_length": cfg.model.max_target_length,
         }
 
+    def _packing_note(self) -> str:
+        if not self.packing:
+            return "off"
+        if self.packing_layout == "flat":
+            return "on (one row per micro-batch: flash-attention varlen)"
+        return "on (rows of max_length, block-diagonal attention)"
+
     def _setup_data(self) -> None:
         """`collate` (the family's collator, packing or not) and `buf` (the replay buffer, or None)."""
         cfg, pad = self.cfg, self.tok.pad_token_id
         self.collate = (
             features.Seq2SeqCollator(pad)
             if self.family == "seq2seq"
-            else features.CausalCollator(pad, packing=self.packing, max_length=cfg.model.max_length)
+            else features.CausalCollator(
+                pad,
+                packing=self.packing,
+                max_length=cfg.model.max_length,
+                layout=self.packing_layout,
+            )
         )
         label_tasks = [n for n, m in self.members.items() if m.info.get("label_task")]
         self.buf: replay.ReplayBuffer | None = (
@@ -358,6 +419,7 @@ class _Trainer:
             batcher.load_state(resume["batcher"])
             load_scheduler_state(sched, resume["scheduler"])
             first = int(resume["stage_step"])
+        self.runner.ewc = self._ewc_penalty(si)
         self.telemetry.progress(
             st.steps, first, f"stage {st.name}" if len(cfg.stage_list()) > 1 else "train"
         )
@@ -366,6 +428,8 @@ class _Trainer:
             self._step(si, s, batcher, sched)
         self.telemetry.close_bar()
         self._save_bundle(self.run_dir / "stages" / st.name / "adapter", st.name)
+        if protection.fisher_needed(cfg, si):
+            self._estimate_fisher(si, plan)
         if self.buf is not None and si < len(cfg.stage_list()) - 1:
             n = mixture.stage_records(cfg, si, self.acc.num_processes)
             kept = mixture.offer_stage_records(self.buf, plan, n)
@@ -379,8 +443,14 @@ class _Trainer:
         tr, st = self.tr, self.cfg.stage_list()[si]
         t = time.time()
         window = batcher.next_window()
+        if self.layer_schedule.apply(si, s) and protection.dynamic_freezing(self.cfg):
+            rng = self.layer_schedule.current
+            self.telemetry.write(
+                f"step {self.global_step + 1}: "
+                + (f"blocks {rng[0]}..{rng[1]} train" if rng else "every block trains")
+            )
         try:
-            res = self.runner.run(window)
+            res = self.runner.run(window, step=self.global_step + 1)
         except torch.OutOfMemoryError:
             raise T2TError(
                 Problem.at(
@@ -410,6 +480,8 @@ class _Trainer:
         last = s == st.steps - 1
         if step % tr.logging_steps == 0 or last:
             row = {**self.window.row(), "lr": lr, "stage_step": s + 1}
+            if res.ewc_penalty is not None:
+                row["ewc_penalty"] = res.ewc_penalty  # at this step, before its update
             if res.grad_norm is not None:
                 row["grad_norm"] = res.grad_norm
             row.update({f"weight/{k}": v for k, v in self.balancer.weights().items()})
@@ -449,6 +521,68 @@ class _Trainer:
                     "objective": res.objective,
                 },
             )
+
+    def _ewc_penalty(self, si: int) -> protection.EwcPenalty | None:
+        """Stage `si`'s EWC penalty, read from `RUN/ewc/after-<previous stage>` (None without
+        `ewc`); read from the file in fresh and resumed runs alike."""
+        stages = self.cfg.stage_list()
+        ewc = stages[si].ewc
+        if ewc is None:
+            return None
+        path = protection.ewc_file(self.run_dir, stages[si - 1].name)
+        fisher, anchor = protection.load_ewc(path, self.acc.device)
+        self.telemetry.write(
+            f"ewc: stage {stages[si].name} is held near the weights after stage "
+            f"{stages[si - 1].name} (lambda {ewc.lam:g}, {path})"
+        )
+        named = layers.trainable_named(self.acc.unwrap_model(self.model))
+        return protection.EwcPenalty(named, fisher, anchor, ewc.lam)
+
+    def _estimate_fisher(self, si: int, plan: mixture.StagePlan) -> None:
+        """The online Fisher after stage `si` and its anchor (the weights now) ->
+        `RUN/ewc/after-<stage>.safetensors` (see `protection`). Every process estimates from its
+        share of the stage's first `samples` records (record j on process j mod N); the sums are
+        all-reduced. Deterministic, so a run resumed at the stage's end writes the same file."""
+        cfg, stages = self.cfg, self.cfg.stage_list()
+        st, ewc, t = stages[si], protection.stage_ewc(cfg, si), time.time()
+        stream = plan.stream()
+        n, rank = self.acc.num_processes, self.acc.process_index
+
+        def batches():
+            for j in range(ewc.samples):
+                if j % n == rank:
+                    yield self.collate([self.encode(next(stream))])
+                else:
+                    stream.next_index()
+
+        inner = self.acc.unwrap_model(self.model)
+        named = layers.trainable_named(inner)
+        sums = protection.estimate_fisher(self.runner, inner, named, batches(), cfg.seed + si)
+        flat = self.acc.reduce(torch.cat([v.flatten() for v in sums.values()]), "sum")
+        flat = flat / ewc.samples
+        fisher, offset = {}, 0
+        for name, v in sums.items():
+            fisher[name] = flat[offset : offset + v.numel()].view_as(v)
+            offset += v.numel()
+        if si > 0:  # online EWC: F <- gamma * F_old + F_new (the file exists: see fisher_needed)
+            old, _ = protection.load_ewc(
+                protection.ewc_file(self.run_dir, stages[si - 1].name), self.acc.device
+            )
+            fisher = {k: ewc.gamma * old[k] + v for k, v in fisher.items()}
+        path = protection.ewc_file(self.run_dir, st.name)
+        if self.main:
+            meta = {
+                "stage": st.name,
+                "stages": [s.name for s in stages[: si + 1]],
+                "samples": ewc.samples,
+                "gamma": ewc.gamma,
+            }
+            protection.save_ewc(path, fisher, {k: p for k, p in named}, meta)
+            self.telemetry.write(
+                f"ewc: Fisher of stage {st.name} from {ewc.samples} record(s) in "
+                f"{time.time() - t:.1f} s: {path}"
+            )
+        self.acc.wait_for_everyone()
 
     def _eval(self, stage: str) -> None:
         ctx = EvalContext(
@@ -534,9 +668,19 @@ def _nonfinite(res: StepResult, step: int, stage: str, window: Window, run_dir: 
     )
 
 
+def _ddp_kwargs(cfg: RunConfig) -> list:
+    """DDP must look for parameters without a gradient when a freezing schedule turns some off
+    during the run (they were trainable when DDP wrapped the model)."""
+    if not protection.dynamic_freezing(cfg):
+        return []
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    return [DistributedDataParallelKwargs(find_unused_parameters=True)]
+
+
 def _weight_checksum(model: torch.nn.Module) -> torch.Tensor:
     """Σ|w| and Σw over trainable parameters (float64): equal on every process when they agree."""
-    ps = [p.detach().double() for p in model.parameters() if p.requires_grad]
+    ps = [p.detach().double() for _, p in layers.trainable_named(model)]
     return torch.tensor(
         [sum(float(p.abs().sum()) for p in ps), sum(float(p.sum()) for p in ps)],
         dtype=torch.float64,
