@@ -44,11 +44,16 @@ AFTER = {"task_budgets": True, "line_stop": True, "compact": True}
 SCORE_KEYS = ("primary", "metrics", "invalid_rate", "per_example", "ci_low", "ci_high")
 
 
-def settings(ablate: bool) -> dict[str, dict[str, bool]]:
-    out = {"before": BEFORE, "after": AFTER}
+def settings(ablate: bool, base: bool) -> dict[str, dict[str, bool]]:
+    """The compared settings. A base model gets no per-task budgets in "after", as `t2t-mtl eval
+    --base` (run_eval): the budgets fit answers fine-tuning taught, and an untuned model was taught
+    none."""
+    after = {**AFTER, "task_budgets": not base}
+    out = {"before": BEFORE, "after": after}
     if ablate:
-        for k in AFTER:
-            out[f"after, no {k}"] = {**AFTER, k: False}
+        for k in after:
+            if after[k]:
+                out[f"after, no {k}"] = {**after, k: False}
     return out
 
 
@@ -132,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     warm = [ex.record for ex in load_examples(tasks[0], ev.split, args.limit)[0][:4]]
     generate_texts(model, tok, fmt, warm, max_new_tokens=4, compact=False)
     generate_texts(model, tok, fmt, warm, max_new_tokens=4, compact=True)
-    setups = settings(args.ablate)
+    setups = settings(args.ablate, base=args.base or not args.run)
     names = list(setups)
     times: dict[str, dict[str, list[float]]] = {t.name: {s: [] for s in names} for t in tasks}
     cpu: dict[str, dict[str, list[float]]] = {t.name: {s: [] for s in names} for t in tasks}
@@ -172,16 +177,19 @@ def main(argv: list[str] | None = None) -> int:
                 "predictions_identical": all(parsed(e) == parsed(e0) for e in entries),
                 "primary": entries[0]["primary"],
             }
-        row["speedup"] = round(
-            row["settings"]["after"]["examples_per_s"]
-            / row["settings"]["before"]["examples_per_s"],
-            2,
+        st = row["settings"]
+        row["speedup"] = round(st["after"]["examples_per_s"] / st["before"]["examples_per_s"], 2)
+        row["speedup_cpu"] = round(
+            st["after"]["examples_per_cpu_s"] / st["before"]["examples_per_cpu_s"], 2
         )
         rows.append(row)
     total_n = sum(r["n"] for r in rows)
     totals = {
         s: round(total_n / sum(statistics.median(times[t.name][s]) for t in tasks), 2)
         for s in names
+    }
+    totals_cpu = {
+        s: round(total_n / sum(statistics.median(cpu[t.name][s]) for t in tasks), 2) for s in names
     }
     out = {
         "machine": common.machine(torch_threads=torch.get_num_threads()),
@@ -196,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": setups,
         "tasks": rows,
         "all_tasks_examples_per_s": totals,
+        "all_tasks_examples_per_cpu_s": totals_cpu,
         "wall_seconds": round(time.perf_counter() - t_start, 1),
     }
     common.write_json(args.out, out)
@@ -218,18 +227,26 @@ def markdown(out: dict) -> str:
         + (f", first {out['limit']} rows per task" if out["limit"] else ", every row")
         + f"; batch size {out['batch_size']}, eval.max_new_tokens {out['max_new_tokens']}. *before*: "
         "transformers' `generate` on every batch, one budget for all tasks, each batch running until "
-        "its longest row ends; *after*: per-task budgets (2 x the longest training answer + 8 tokens, "
-        "at most eval.max_new_tokens), label and span rows stop at the end of their first line, ended "
-        "rows leave the batch (compact greedy decoding). Each cell is a whole `evaluate` of one task "
-        "(generation, parsing, scoring, 95 % intervals), the median over "
-        f"{out['rounds']} rounds. The machine was shared with other jobs, so the settings ran "
-        "interleaved in one process (each task under every setting back to back, the order rotating "
-        "per task and round): load from elsewhere falls on both alike, but absolute rates vary "
-        "between runs.",
+        "its longest row ends; *after*: "
+        + (
+            "per-task budgets (2 x the longest training answer + 8 tokens, at most "
+            "eval.max_new_tokens), "
+            if out["settings"]["after"]["task_budgets"]
+            else "still one budget for all tasks (an untuned model gets no per-task budgets, as in "
+            "`t2t-mtl eval --base`: they fit the answers fine-tuning taught), "
+        )
+        + "label and span rows stop at the end of their first line, ended rows leave the batch "
+        "(compact greedy decoding). Each cell is a whole `evaluate` of one task (generation, parsing, "
+        f"scoring, 95 % intervals), the median over {out['rounds']} rounds; ex/CPU-s divides by the "
+        "process's CPU time instead of the wall clock. The machine was shared with other jobs (load "
+        "average 2-6 on its 2 cores), so the settings ran interleaved in one process (each task under "
+        "every setting back to back, the order rotating per task and round) and on one torch thread "
+        "(two threads spin-wait when another process holds a core): load from elsewhere falls on both "
+        "alike, but absolute rates vary between runs and CPU-time rates are the steadier measure.",
         "",
         "| task | parse | n | budget before → after | "
-        + " | ".join(f"{s} (ex/s)" for s in names)
-        + " | speed-up | scores identical | predictions identical |",
+        + " | ".join(f"{s}: ex/s, ex/CPU-s" for s in names)
+        + " | speed-up wall, CPU | scores identical | predictions identical |",
         "|---|---|---:|---|" + "---:|" * len(names) + "---:|---|---|",
     ]
     for r in out["tasks"]:
@@ -239,15 +256,17 @@ def markdown(out: dict) -> str:
         lines.append(
             f"| {r['task']} | {r['parse']} | {r['n']} | {st['before']['max_new_tokens']} → "
             f"{st['after']['max_new_tokens']} | "
-            + " | ".join(f"{st[s]['examples_per_s']:.2f}" for s in names)
-            + f" | {r['speedup']:.2f}x | {'yes' if same_scores else '**no**'} | "
-            f"{'yes' if same_preds else '**no**'} |"
+            + " | ".join(
+                f"{st[s]['examples_per_s']:.2f}, {st[s]['examples_per_cpu_s']:.2f}" for s in names
+            )
+            + f" | {r['speedup']:.2f}x, {r['speedup_cpu']:.2f}x | "
+            f"{'yes' if same_scores else '**no**'} | {'yes' if same_preds else '**no**'} |"
         )
-    tot = out["all_tasks_examples_per_s"]
+    tot, tot_cpu = out["all_tasks_examples_per_s"], out["all_tasks_examples_per_cpu_s"]
     lines.append(
         f"| **all tasks** | | {sum(r['n'] for r in out['tasks'])} | | "
-        + " | ".join(f"{tot[s]:.2f}" for s in names)
-        + f" | {tot['after'] / tot['before']:.2f}x | | |"
+        + " | ".join(f"{tot[s]:.2f}, {tot_cpu[s]:.2f}" for s in names)
+        + f" | {tot['after'] / tot['before']:.2f}x, {tot_cpu['after'] / tot_cpu['before']:.2f}x | | |"
     )
     lines += [
         "",

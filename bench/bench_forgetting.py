@@ -1,14 +1,23 @@
-"""Forgetting in two-stage training, with and without replay (issue 6, benchmark 2).
+"""Forgetting in two-stage training, with and without replay, EWC or freezing (issue 6, benchmark 2).
 
-    .venv/bin/python bench/bench_forgetting.py [DATA_DIR] [--replay 0,0.1,0.3] [--stage-steps 100]
-        [--batch-size 8] [--per-task 200] [--stage2-lr LR] [--limit 100] [--work runs/bench_forgetting]
-        [--out bench/results/forgetting.json] [--doc docs/benchmarks.md] [--no-doc]
+    .venv/bin/python bench/bench_forgetting.py [DATA_DIR] [--replay 0,0.1,0.3]
+        [--settings none,replay,replay_balanced,ewc,replay_ewc,freeze] [--seeds 1,2,3]
+        [--share 0.1] [--ewc-lambda 1000] [--ewc-samples 100] [--freeze-layers=-15,-1]
+        [--stage-steps 100] [--batch-size 8] [--per-task 200] [--stage2-lr LR] [--limit 100]
+        [--work runs/bench_forgetting] [--out bench/results/forgetting.json] [--doc docs/benchmarks.md]
+        [--no-doc]
 
 Stage 1 trains SST-2, SICK and SQuAD; stage 2 trains CoNLL-2003 and SciTLDR (the slices in DATA_DIR,
 default ../shared/data/real), each stage --stage-steps optimiser steps × --batch-size, with the default
 recipe (launch/configs/default.yaml). One run per replay share: 0 = no replay; s > 0 = a reservoir
 buffer of --per-task stage-1 records per task that makes up the share s of stage 2's examples (the
-budget stays the same, so replay displaces new-task examples). Every stage's adapter is scored on all
+budget stays the same, so replay displaces new-task examples). `--settings` adds named settings
+(`NAMED`): `none`; `replay` / `replay_balanced` (a buffer making up --share of stage 2; balanced: one
+reservoir per label for label tasks); `ewc` (stage 2 sets `ewc: {lambda: --ewc-lambda, samples:
+--ewc-samples}`); `replay_ewc` (both); `freeze` (stage 2 trains only blocks --freeze-layers,
+`stages[1].train_layers`). `--seeds` runs every setting once per seed (run seed = the seed; results
+keyed `<setting>_s<seed>`, and the doc gets a mean-over-seeds table); without it the recipe's seed
+runs once, keyed as before. Every stage's adapter is scored on all
 five tasks (first --limit validation rows, primary metric) by `t2t-mtl eval --forgetting`'s code, giving
 the forgetting matrix, average forgetting (mean over stage-1 tasks of best earlier score − final score)
 and backward transfer (final − just-learned). Run folders and evaluations are cached under --work, so
@@ -20,7 +29,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -41,22 +52,63 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def setting_key(share: float, stage2_lr: float | None) -> str:
-    """Results key (and run-folder suffix) of one setting: '10', or '10_lr0.0001' with a stage-2 LR."""
-    return f"{round(100 * share)}" + (f"_lr{stage2_lr:g}" if stage2_lr else "")
+# Named settings (--settings): what stage 2 adds against forgetting, and the doc's label.
+NAMED = {
+    "none": "none",
+    "replay": "replay",
+    "replay_balanced": "label-balanced replay",
+    "ewc": "EWC",
+    "replay_ewc": "replay + EWC",
+    "freeze": "frozen lower blocks",
+}
+
+
+def setting_key(
+    share: float, stage2_lr: float | None, setting: str | None = None, seed: int | None = None
+) -> str:
+    """Results key (and run-folder suffix) of one setting: '10', or '10_lr0.0001' with a stage-2 LR,
+    or a named setting ('ewc', 'replay_ewc_lr0.0001'); '_s<seed>' is added with --seeds."""
+    base = setting if setting is not None else f"{round(100 * share)}"
+    return (
+        base
+        + (f"_lr{stage2_lr:g}" if stage2_lr else "")
+        + (f"_s{seed}" if seed is not None else "")
+    )
+
+
+def split_key(key: str) -> tuple[str, str, str]:
+    """(setting or share, stage-2 LR or '', seed or '') of a results key."""
+    rest, _, seed = key.rpartition("_s") if re.search(r"_s\d+$", key) else (key, "", "")
+    base, _, lr = rest.partition("_lr")
+    return base, lr, seed
 
 
 def setting_label(key: str) -> str:
-    """'10' -> '10 %'; '10_lr0.0001' -> '10 %, stage-2 LR 0.0001'."""
-    share, _, lr = key.partition("_lr")
-    return f"{share} %" + (f", stage-2 LR {lr}" if lr else "")
+    """'10' -> '10 %'; '10_lr0.0001' -> '10 %, stage-2 LR 0.0001'; 'replay_ewc_s2' -> 'replay + EWC,
+    seed 2'."""
+    base, lr, seed = split_key(key)
+    label = NAMED.get(base, f"{base} %")
+    return label + (f", stage-2 LR {lr}" if lr else "") + (f", seed {seed}" if seed else "")
 
 
-def run_config(args, data: Path, share: float):
+def heading(key: str) -> str:
+    """'Replay 10 %' for a replay share, 'Setting: EWC, seed 1' for a named setting."""
+    share = split_key(key)[0].isdigit()
+    return ("Replay " if share else "Setting: ") + setting_label(key)
+
+
+def run_config(args, data: Path, share: float, setting: str | None = None, seed: int | None = None):
+    """The two-stage run of one replay share (`setting` None) or one named setting, at `seed` (None:
+    the recipe's)."""
     from t2t_mtl.core.config import load_config
 
     d = common.default_recipe()
-    name = f"replay_{setting_key(share, args.stage2_lr)}"
+    key = setting_key(share, args.stage2_lr, setting, seed)
+    name = f"replay_{key}" if setting is None else key
+    if setting is not None:
+        share = args.share if "replay" in setting else 0.0
+    if seed is not None:
+        d["seed"] = seed
     d.update(run_name=name, output_dir=str(Path(args.work) / name), tasks=common.slice_tasks(data))
     d["model"]["truncation"] = (
         "end"  # what the measured runs used (layout 1); keeps every share comparable
@@ -71,7 +123,12 @@ def run_config(args, data: Path, share: float):
         "enabled": share > 0,
         "per_task": args.per_task,
         "share": share if share > 0 else 0.1,
+        "label_balanced": setting == "replay_balanced",
     }
+    if setting in ("ewc", "replay_ewc"):
+        d["stages"][1]["ewc"] = {"lambda": args.ewc_lambda, "samples": args.ewc_samples}
+    if setting == "freeze":
+        d["stages"][1]["train_layers"] = list(args.freeze_layers)
     d["train"].update(
         batch_size=args.batch_size,
         save_steps=50,
@@ -83,12 +140,14 @@ def run_config(args, data: Path, share: float):
     return load_config(data=d)
 
 
-def one_setting(args, data: Path, share: float) -> dict:
-    """Train (once) and score every stage of one replay setting; returns the forgetting report."""
+def one_setting(
+    args, data: Path, share: float, setting: str | None = None, seed: int | None = None
+) -> dict:
+    """Train (once) and score every stage of one setting; returns the forgetting report."""
     from t2t_mtl.evaluation.run_eval import forgetting_run
     from t2t_mtl.training import trainer
 
-    cfg = run_config(args, data, share)
+    cfg = run_config(args, data, share, setting, seed)
     run_dir = Path(cfg.output_dir)
     if not (run_dir / "train_summary.json").is_file():
         log(f"training {cfg.run_name} (2 stages x {args.stage_steps} steps x {args.batch_size})")
@@ -133,7 +192,8 @@ def section(results: dict, doc: Path) -> str:
         "score before the last stage − final score); *BWT* = mean of (final − score right after learning).",
         "*Losses only* counts a stage-1 task that improved during stage 2 as 0 instead of as negative "
         "forgetting, so one task's gain cannot hide another's loss.",
-        "| replay share | avg forgetting (stage-1 tasks) | losses only | BWT | final mean (5 tasks) "
+        "| setting (replay share or name) | avg forgetting (stage-1 tasks) | losses only | BWT "
+        "| final mean (5 tasks) "
         "| target ≤ 2 pts (avg / losses only) |\n|---:|---:|---:|---:|---:|---|",
     ]
     for key, rep in results["settings_results"].items():
@@ -142,16 +202,26 @@ def section(results: dict, doc: Path) -> str:
         def verdict(x):
             return "met" if x is not None and x <= TARGET else "**not met**"
 
-        ok = "–" if key.partition("_lr")[0] == "0" else f"{verdict(f)} / {verdict(lo)}"
+        ok = "–" if split_key(key)[0] in ("0", "none") else f"{verdict(f)} / {verdict(lo)}"
         out[-1] += (
             f"\n| {setting_label(key)} | {common.fmt_score(f)} | {common.fmt_score(lo)} | "
             f"{common.fmt_score(rep.get('backward_transfer'))} | "
             f"{common.fmt_score(rep.get('final_average'))} | {ok} |"
         )
+    if st.get("ewc_lambda") is not None:
+        out.insert(
+            4,
+            f"Named settings: *replay* makes up {st.get('share')} of stage 2; *EWC*: stage 2 sets "
+            f"`ewc: {{lambda: {st['ewc_lambda']:g}, samples: {st.get('ewc_samples')}}}`; *frozen lower "
+            f"blocks*: stage 2 trains only blocks {st.get('freeze_layers')} (`train_layers`).",
+        )
+    seeds_table = seed_means(results["settings_results"])
+    if seeds_table:
+        out.append(seeds_table)
     for key, rep in results["settings_results"].items():
         tasks = rep["tasks"]
         lines = [
-            f"**Replay {setting_label(key)}** — scores after each stage:",
+            f"**{heading(key)}** — scores after each stage:",
             "",
             "| after | " + " | ".join(LABEL.get(t, t) for t in tasks) + " |",
             "|---|" + "---:|" * len(tasks),
@@ -167,9 +237,43 @@ def section(results: dict, doc: Path) -> str:
         if src.is_file():
             img.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, img)
-            lines.append(f"\n![forgetting, replay {setting_label(key)}](img/{img.name})")
+            lines.append(f"\n![forgetting, {heading(key).lower()}](img/{img.name})")
         out.append("\n".join(lines))
     return "\n\n".join(out)
+
+
+def seed_means(reports: dict) -> str:
+    """Mean ± sd over seeds per setting (keys with '_s<seed>'), or "" when no key has a seed."""
+    groups: dict[str, list[dict]] = {}
+    for key, rep in reports.items():
+        base, lr, seed = split_key(key)
+        if seed:
+            groups.setdefault(base + (f"_lr{lr}" if lr else ""), []).append(rep)
+    if not groups:
+        return ""
+
+    def stat(vals: list) -> str:
+        vals = [v for v in vals if v is not None]
+        if not vals:
+            return "–"
+        sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        return f"{statistics.mean(vals):.1f} ± {sd:.1f}"
+
+    lines = [
+        "Mean ± sd over seeds (points):",
+        "",
+        "| setting | seeds | avg forgetting | losses only | BWT | final mean |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for key, reps in groups.items():
+        lines.append(
+            f"| {setting_label(key)} | {len(reps)} | "
+            f"{stat([r.get('average_forgetting') for r in reps])} | "
+            f"{stat([losses_only(r) for r in reps])} | "
+            f"{stat([r.get('backward_transfer') for r in reps])} | "
+            f"{stat([r.get('final_average') for r in reps])} |"
+        )
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,7 +282,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("data_dir", nargs="?", default=str(common.DEFAULT_DATA))
     ap.add_argument(
-        "--replay", default="0,0.1,0.3", help="comma-separated replay shares of stage 2 (0 = none)"
+        "--replay",
+        default=None,
+        help="comma-separated replay shares of stage 2 (0 = none); default 0,0.1,0.3 without "
+        "--settings, none with it",
+    )
+    ap.add_argument(
+        "--settings", default="", help=f"comma-separated named settings: {', '.join(NAMED)}"
+    )
+    ap.add_argument(
+        "--seeds", default="", help="comma-separated run seeds (default: the recipe's, once)"
+    )
+    ap.add_argument("--share", type=float, default=0.1, help="replay share of the named settings")
+    ap.add_argument("--ewc-lambda", type=float, default=1000.0)
+    ap.add_argument("--ewc-samples", type=int, default=100)
+    ap.add_argument(
+        "--freeze-layers",
+        default="-15,-1",
+        help="FIRST,LAST blocks stage 2 trains in the freeze setting (negative: from the top)",
     )
     ap.add_argument("--stage-steps", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=8)
@@ -206,16 +327,32 @@ def main(argv: list[str] | None = None) -> int:
         log(f"updated {args.doc}")
         return 0
     data = Path(args.data_dir).resolve()
+    settings = [x.strip() for x in args.settings.split(",") if x.strip()]
+    replay = args.replay if args.replay is not None else ("" if settings else "0,0.1,0.3")
     try:
-        shares = [float(x) for x in args.replay.split(",") if x.strip()]
+        shares = [float(x) for x in replay.split(",") if x.strip()]
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()] or [None]
+        args.freeze_layers = [int(x) for x in args.freeze_layers.split(",")]
     except ValueError:
         print(
-            f"error: --replay {args.replay!r}: expected comma-separated numbers such as 0,0.1",
+            "error: --replay, --seeds and --freeze-layers take comma-separated numbers "
+            "(e.g. --replay 0,0.1 --seeds 1,2,3 --freeze-layers=-15,-1)",
             file=sys.stderr,
         )
         return 2
     errors = common.check_data_dir(data, [f for _, f in common.SLICES])
     errors += [f"error: --replay {s}: a share must be in [0, 1)" for s in shares if not 0 <= s < 1]
+    errors += [
+        f"error: --settings: unknown setting {x!r} (choose from {', '.join(NAMED)})"
+        for x in settings
+        if x not in NAMED
+    ]
+    if not 0 < args.share < 1:
+        errors.append("error: --share must be in (0, 1)")
+    if len(args.freeze_layers) != 2:
+        errors.append("error: --freeze-layers takes FIRST,LAST")
+    if args.ewc_lambda <= 0 or args.ewc_samples <= 0:
+        errors.append("error: --ewc-lambda and --ewc-samples must be > 0")
     if errors:
         return common.report_errors(errors)
     out_path = Path(args.out)
@@ -227,13 +364,24 @@ def main(argv: list[str] | None = None) -> int:
         "limit": args.limit,
         "data": str(data),
     }
-    res = results.setdefault("settings_results", {})
-    for share in shares:
-        res[setting_key(share, args.stage2_lr)] = one_setting(args, data, share)
-        results["machine"] = common.machine(
-            command="python bench/bench_forgetting.py " + " ".join(argv or sys.argv[1:])
+    if settings:
+        results["settings"].update(
+            share=args.share,
+            ewc_lambda=args.ewc_lambda,
+            ewc_samples=args.ewc_samples,
+            freeze_layers=args.freeze_layers,
         )
-        common.write_json(out_path, results)
+    res = results.setdefault("settings_results", {})
+    # Seed-major: after the first pass every setting has one seed, so a partial study is usable.
+    runs = [(share, None) for share in shares] + [(0.0, name) for name in settings]
+    for seed in seeds:
+        for share, name in runs:
+            key = setting_key(share, args.stage2_lr, name, seed)
+            res[key] = one_setting(args, data, share, name, seed)
+            results["machine"] = common.machine(
+                command="python bench/bench_forgetting.py " + " ".join(argv or sys.argv[1:])
+            )
+            common.write_json(out_path, results)
     if not args.no_doc:
         common.update_doc(Path(args.doc), SECTION, section(results, Path(args.doc)))
         log(f"updated {args.doc}")

@@ -440,6 +440,7 @@ def evaluate_system(args, system: System, cfg, out_dir: Path, ecfg) -> dict:
             "texts": list(texts),
             "primary": summary.get("primary"),
             "invalid_rate": summary.get("invalid_rate"),
+            "per_example": summary.get("per_example"),
         }
     out["seconds"] = round(time.time() - t0, 1)
     common.write_json(path, out)
@@ -550,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"all runs present ({time.time() - t_start:.0f} s this invocation)")
     import quality_stats
 
-    results["stats"] = quality_stats.study_stats(results, ecfg)
+    results["stats"] = quality_stats.study_stats(results)
     common.write_json(out_path, results)
     if not args.no_doc:
         import report_quality

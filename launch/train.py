@@ -19,7 +19,6 @@ sys.path.insert(
 )  # a source checkout works without installing
 
 from t2t_mtl.cli.main import configure_logging  # noqa: E402
-from t2t_mtl.core.config import load_config  # noqa: E402
 from t2t_mtl.core.errors import T2TError  # noqa: E402
 
 
@@ -31,9 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     configure_logging()  # library notes on stderr, as `t2t-mtl train` shows them
     try:
-        cfg = load_config(args.config, args.overrides)
-        from t2t_mtl.training import trainer
+        from t2t_mtl.training import preflight, trainer
 
+        cfg = preflight.load_run_config(args.config, args.overrides)
         run_dir = trainer.train(cfg)
         if os.environ.get("RANK", "0") == "0":
             print(run_dir)

@@ -17,8 +17,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 import bench_forgetting  # noqa: E402
 import bench_gpu  # noqa: E402
 import bench_quality  # noqa: E402
-import quality_stats  # noqa: E402
 import common  # noqa: E402
+import quality_stats  # noqa: E402
 import report_quality  # noqa: E402
 
 TASKS = report_quality.TASKS
@@ -38,23 +38,6 @@ def test_update_doc_replaces_only_its_section(tmp_path):
     assert text.index("## A") < text.index("## B") < text.index("## C")
 
 
-def test_row_statistics_recompute_corpus_metrics_exactly():
-    np = pytest.importorskip("numpy")
-    idx = np.arange(4)
-    # span F1 from summed per-row counts: tp 3, fp 1, fn 2 -> 2*3 / (6 + 1 + 2)
-    span = quality_stats.RowStats("span", np.array([[1, 0, 1], [2, 1, 0], [0, 0, 1], [0, 0, 0]]))
-    assert span.score(idx) == pytest.approx(100 * 6 / 9)
-    assert (
-        span.score(np.array([3, 3])) == 0.0
-    )  # no entity anywhere: 0, as seqeval's zero_division=0
-    # macro-F1 over classes present: class 0 F1 = 2/3 (tp1 fp0 fn1), class 1 F1 = 2/3 (tp1 fp1 fn0)
-    macro = quality_stats.RowStats("macro", np.array([[0, 0], [1, 1], [1, 0], [-1, 2]]), 3)
-    # class 2: tp0 fp0 fn1 -> F1 0, present in golds so it counts
-    assert macro.score(idx) == pytest.approx(100 * (2 / 3 + 2 / 3 + 0) / 3)
-    mean = quality_stats.RowStats("mean", np.array([100.0, 0.0, 100.0, 100.0]))
-    assert mean.score(idx) == 75.0 and mean.score(np.array([1, 1])) == 0.0
-
-
 def test_bootstrap_intervals_and_ties():
     np = pytest.importorskip("numpy")
     rng = np.random.default_rng(1)
@@ -62,8 +45,10 @@ def test_bootstrap_intervals_and_ties():
     good = [quality_stats.RowStats("mean", 100.0 * (rng.random(n) < 0.8)) for _ in range(3)]
     same = [quality_stats.RowStats("mean", 100.0 * (rng.random(n) < 0.8)) for _ in range(3)]
     bad = [quality_stats.RowStats("mean", 100.0 * (rng.random(n) < 0.5)) for _ in range(3)]
+    # seeds of one system that disagree widen its interval: the seed spread is part of the noise
+    spread = [quality_stats.RowStats("mean", 100.0 * (rng.random(n) < p)) for p in (0.6, 0.8, 1.0)]
     out = quality_stats.bootstrap(
-        {"a": {"t": good}, "b": {"t": same}, "c": {"t": bad}},
+        {"a": {"t": good}, "b": {"t": same}, "c": {"t": bad}, "d": {"t": spread}},
         [("a", "b"), ("a", "c")],
         resamples=400,
     )
@@ -73,6 +58,8 @@ def test_bootstrap_intervals_and_ties():
     c = out["pairs"]["a - c"]["t"]
     assert not c["tie"] and c["low"] > 0  # 80 % vs 50 % on 300 rows is no tie
     assert out["systems"]["a"]["mean"]["mean"] == a["mean"]  # one task: the mean is that task
+    d = out["systems"]["d"]["t"]
+    assert d["high"] - d["low"] > a["high"] - a["low"] and len(d["seeds"]) == 3
 
 
 def _summary(m: float, w: float = 2.0, seeds=(1.0, 2.0, 3.0)) -> dict:
@@ -190,6 +177,90 @@ def test_forgetting_section_reports_target_per_setting(tmp_path):
     mixed = {"forgetting": {"sentiment_sst2": 14.0, "nli_3way": -21.0, "qa_squad": 0.6}}
     assert bench_forgetting.losses_only(mixed) == pytest.approx((14.0 + 0.0 + 0.6) / 3)
     assert "| stage2 | 50.0 | 60.0 | 50.0 | 70.0 | 30.0 |" in text
+    assert "**Replay 10 %** — scores after each stage:" in text
+
+
+def test_forgetting_named_settings_and_seeds(tmp_path):
+    """--settings / --seeds: the run config of each named setting, result keys, and the
+    mean-over-seeds table."""
+    import argparse
+
+    args = argparse.Namespace(
+        stage2_lr=None,
+        share=0.2,
+        ewc_lambda=500.0,
+        ewc_samples=50,
+        freeze_layers=[-15, -1],
+        stage_steps=10,
+        per_task=20,
+        batch_size=8,
+        limit=10,
+        work=str(tmp_path),
+    )
+    cfgs = {
+        n: bench_forgetting.run_config(args, tmp_path, 0.0, n, 2)
+        for n in ("replay_balanced", "replay_ewc", "freeze", "ewc", "none")
+    }
+    got = {
+        n: (
+            c.seed,
+            c.replay.enabled,
+            c.replay.label_balanced,
+            c.stages[1].ewc,
+            c.stages[1].train_layers,
+        )
+        for n, c in cfgs.items()
+    }
+    assert got["replay_balanced"] == (2, True, True, None, None)
+    assert cfgs["replay_balanced"].replay.share == 0.2
+    assert got["replay_ewc"][:3] == (2, True, False) and got["replay_ewc"][3].lam == 500.0
+    assert got["ewc"][1] is False and got["ewc"][3].samples == 50
+    assert got["freeze"] == (2, False, False, None, [-15, -1])
+    assert got["none"] == (2, False, False, None, None)
+    assert cfgs["freeze"].output_dir == str(tmp_path / "freeze_s2")
+    plain = bench_forgetting.run_config(args, tmp_path, 0.1)  # the share runs keep their folders
+    assert plain.output_dir == str(tmp_path / "replay_10") and plain.seed == 42
+    assert bench_forgetting.setting_key(0, 1e-4, "replay_ewc", 3) == "replay_ewc_lr0.0001_s3"
+    assert bench_forgetting.setting_label("replay_ewc_lr0.0001_s3") == (
+        "replay + EWC, stage-2 LR 0.0001, seed 3"
+    )
+
+    def rep(f, bwt):
+        return {
+            "tasks": list(TASKS),
+            "stages": ["stage1", "stage2"],
+            "matrix": [[80.0] * 5, [80.0 - f] + [80.0] * 4],
+            "average_forgetting": f,
+            "forgetting": {"sentiment_sst2": f},
+            "backward_transfer": bwt,
+            "final_average": 50.0,
+        }
+
+    results = {
+        "settings": {
+            "stage_steps": 100,
+            "batch_size": 8,
+            "per_task": 200,
+            "limit": 100,
+            "share": 0.1,
+            "ewc_lambda": 1000.0,
+            "ewc_samples": 100,
+            "freeze_layers": [-15, -1],
+        },
+        "machine": common.machine(),
+        "settings_results": {
+            "ewc_s1": rep(1.0, -1.0),
+            "ewc_s2": rep(3.0, -2.0),
+            "none_s1": rep(9.0, 0.0),
+        },
+    }
+    text = bench_forgetting.section(results, tmp_path / "benchmarks.md")
+    assert "| EWC | 2 | 2.0 ± 1.4 | 2.0 ± 1.4 | -1.5 ± 0.7 | 50.0 ± 0.0 |" in text
+    assert "| none | 1 | 9.0 ± 0.0 |" in text
+    assert "| EWC, seed 2 | 3.0 | 3.0 | -2.0 | 50.0 | **not met** / **not met** |" in text
+    assert "| none, seed 1 | 9.0 | 9.0 | 0.0 | 50.0 | – |" in text
+    assert "`ewc: {lambda: 1000, samples: 100}`" in text
+    assert "**Setting: EWC, seed 1** — scores after each stage:" in text
 
 
 def _tiny_model_dir(tmp_path, kind: str) -> Path:

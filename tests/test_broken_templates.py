@@ -180,7 +180,7 @@ def test_bad_csv_rows_after_multiline_fields_name_the_right_line(tmp_path, capsy
     )
 
 
-def test_bad_parquet_rows_use_row_index(tmp_path, capsys):
+def test_bad_parquet_rows_are_numbered_from_1(tmp_path, capsys):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
 
@@ -189,7 +189,7 @@ def test_bad_parquet_rows_use_row_index(tmp_path, capsys):
     rc = main(["preview", str(BROKEN / "rows_task.yaml"), "--source", str(f), "--bad-rows", "fail"])
     _, err = capsys.readouterr()
     assert rc == 2
-    assert f"{f}:1: label 5 not in answer_choices" in err  # 0-based row index for parquet
+    assert f"{f}:2: label 5 not in answer_choices" in err  # the 2nd row, as in JSONL and CSV
     rc = main(["preview", str(BROKEN / "rows_task.yaml"), "--source", str(f)])
     out, err = capsys.readouterr()
     assert rc == 0 and [json.loads(x)["output"] for x in out.splitlines()] == [
@@ -244,16 +244,21 @@ def _squad_with_empty_answers(tmp_path) -> Path:
     return f
 
 
-def test_row_the_template_cannot_render_is_named(tmp_path, capsys):
-    """A template failing on one row names the template line *and* the data row (file:row)."""
+def test_row_the_template_cannot_render_is_a_bad_row(tmp_path, capsys):
+    """A template failing on one row is a bad row: skipped and counted (the rest is previewed), or
+    with `fail` an error; either way it names the data row (file:row) *and* the template line."""
     f = _squad_with_empty_answers(tmp_path)
-    rc = main(
-        ["preview", "qa_squad", "--source", str(f), "-n", "2", "--variant", "passage_question"]
-    )
-    err = capsys.readouterr().err
-    assert rc == 2
+    args = ["preview", "qa_squad", "--source", str(f), "-n", "2", "--variant", "passage_question"]
+    rc = main(args)
+    out, err = capsys.readouterr()
+    assert rc == 0 and [json.loads(x)["output"] for x in out.splitlines()] == ["France"]
+    assert f"qa_squad/train: 1 bad row skipped (first: {f}:2: this row fails to render" in err
     assert "qa_squad.yaml:" in err and "list object has no element 0" in err
-    assert f"{f}:2: this row fails to render" in err
+    assert "'answers['text']' has no item 0 in this row" in err  # the hint names the expression
+    rc = main(args + ["--bad-rows", "fail"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "" and "Traceback" not in err
+    assert f"{f}:2: this row fails to render" in err and "qa_squad.yaml:" in err
 
 
 def test_eval_skips_rows_the_template_cannot_render(tmp_path):
@@ -270,3 +275,4 @@ def test_eval_skips_rows_the_template_cannot_render(tmp_path):
     examples, rows = load_examples(task, "validation", None, bad_rows="skip")
     assert [ex.record.meta["row_id"] for ex in examples] == ["0"] and rows.skipped == 1
     assert rows.problems[-1].format().startswith(f"{f}:2: this row fails to render")
+    assert rows.location(0) == (str(f), 1)  # kept rows keep their file's row numbers

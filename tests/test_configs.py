@@ -65,4 +65,5 @@ def test_all_accelerate_setups_are_shipped():
         "deepspeed_zero2",
         "deepspeed_zero3",
         "cpu_ddp",
+        "cpu_fsdp",
     }

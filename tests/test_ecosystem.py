@@ -20,7 +20,7 @@ from t2t_mtl.core.records import Record
 from t2t_mtl.evaluation import model_card, run_report
 from t2t_mtl.model import features
 from t2t_mtl.model.prompt_format import PromptFormat
-from t2t_mtl.tasks import sources
+from t2t_mtl.tasks import catalogue, sources
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on one torch thread
 
@@ -66,7 +66,8 @@ def test_realised_shares_are_the_mean_logged_share_per_stage():
     assert run_report.realised_shares(rows, "c") == {}
 
 
-def test_report_is_one_self_contained_page_with_every_section(run_dir, capsys):
+def test_report_is_one_self_contained_page_with_every_section(run_dir, tmp_path, capsys):
+    run_dir = Path(shutil.copytree(run_dir, tmp_path / "run"))  # this test edits its files
     preds = run_dir / "eval" / "validation.predictions.jsonl"
     rows = [json.loads(x) for x in preds.read_text().splitlines()]
     rows[0]["raw"] = "<script>alert(1)</script> & <b>"  # model output is untrusted text
@@ -102,7 +103,7 @@ def test_report_is_one_self_contained_page_with_every_section(run_dir, capsys):
     assert front_matter(card)["library_name"] == "peft"
 
 
-def test_report_of_a_run_without_results_says_what_to_run(run_dir, tmp_path):
+def test_report_of_a_run_without_results_says_what_to_run(run_dir, tmp_path, capsys):
     bare = tmp_path / "bare"
     shutil.copytree(run_dir, bare, ignore=shutil.ignore_patterns("eval"))
     (bare / "metrics.jsonl").unlink()
@@ -110,7 +111,25 @@ def test_report_of_a_run_without_results_says_what_to_run(run_dir, tmp_path):
     assert f"run <code>t2t-mtl eval --run {bare}</code>" in page
     assert f"<code>t2t-mtl eval --run {bare} --forgetting</code>" in page
     assert "metrics.jsonl has no loss rows" in page
+    shutil.rmtree(bare / "adapter")  # still training: a page, but no card yet
+    assert main(["report", "--run", str(bare)]) == 0
+    assert "no final bundle (RUN/adapter) yet, so no model card" in capsys.readouterr().err
     assert main(["report", "--run", str(tmp_path / "nope")]) == 2
+    assert "run folder not found" in capsys.readouterr().err
+
+
+def test_report_and_card_need_no_torch(run_dir):
+    code = (
+        "import sys\n"
+        "from t2t_mtl.evaluation import model_card, run_report\n"
+        "run_report.build_report(sys.argv[1]); model_card.model_card(sys.argv[1])\n"
+        "heavy = [m for m in ('torch', 'transformers', 'peft', 'accelerate') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code, str(run_dir)], capture_output=True, text=True, check=False
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -251,13 +270,15 @@ def test_push_errors_are_reported_without_a_traceback(run_dir, tmp_path, monkeyp
 # ------------------------------------------------------------------ render
 
 
-def _training_prompts(run_dir, task: str, n: int):
-    """(rows without answers, the prompt token ids the training collator builds for them)."""
+def _training_prompts(run_dir, task: str, n: int, *, as_eval: bool = False):
+    """(rows without answers, the prompt token ids the training collator builds for them);
+    `as_eval`: the rows an eval `--limit n` draws (a seeded random subset), else the first n."""
     from t2t_mtl.inference.predictor import Predictor
 
     pred = Predictor.for_prompts(run_dir)
     tpl, tok, fmt = pred.template(task), pred.tokenizer, pred.fmt
-    rows = sources.load_rows(tpl, None, "validation", limit=n)
+    seed = f"{pred.run.cfg.seed}|{task}" if as_eval else None
+    rows = sources.load_rows(tpl, None, "validation", limit=n, seed=seed)
     vid = tpl.train_variants()[0].id
     mc = pred.run.cfg.model
     feats = [
@@ -375,7 +396,7 @@ def test_export_task_writes_an_lm_eval_task_whose_hooks_score_like_eval(run_dir,
     docs = [json.loads(x) for x in data.read_text().splitlines()]
     # the prompts are the training prompts (render's text)
     rows = tmp_path / "rows.jsonl"
-    _, plain, train_ids = _training_prompts(run_dir, "sentiment_sst2", 3)
+    _, plain, train_ids = _training_prompts(run_dir, "sentiment_sst2", 3, as_eval=True)
     rows.write_text("".join(json.dumps(r) + "\n" for r in plain))
     from t2t_mtl.inference.predictor import Predictor, render_file
 
@@ -414,6 +435,27 @@ def test_export_task_writes_an_lm_eval_task_whose_hooks_score_like_eval(run_dir,
     index = json.loads((out / "t2t_tasks.json").read_text())
     assert sorted(index) == ["ner_conll2003", "sentiment_sst2"]
     assert (out / index["ner_conll2003"]["template_file"]).is_file()
+
+
+def test_export_task_from_a_run_config_uses_its_base_models_tokenizer(tiny_causal_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "lm"
+    cfg = str(REPO / "launch/configs/tiny_cpu.yaml")
+    argv = ["export-task", "qa_squad", "--to", "lm-eval", str(out), "--limit", "2"]
+    assert main([*argv, "--config", cfg, f"model.name={tiny_causal_dir}"]) == 0
+    docs = [json.loads(x) for x in (out / "qa_squad.validation.jsonl").read_text().splitlines()]
+    tok = AutoTokenizer.from_pretrained(tiny_causal_dir)
+    fmt = PromptFormat.for_tokenizer(tok, "causal")
+    tpl = catalogue.load_task("qa_squad")
+    rows = sources.load_rows(tpl, None, "validation", limit=2)
+    vid = tpl.train_variants()[0].id
+    assert len(docs) == 2
+    for i, d in enumerate(docs):
+        rec = tpl.render(rows[i], vid, row_id=str(i), split="validation")
+        ids, cut = features.prompt_ids(tok, fmt, rec, 128)  # tiny_cpu's model.max_length
+        assert cut and features.MIDDLE_MARK in d["prompt"]  # shortened in the middle, as eval does
+        assert tok(d["prompt"], add_special_tokens=False)["input_ids"] == ids
 
 
 def test_export_task_mistakes_exit_2(run_dir, tmp_path, capsys):

@@ -4,7 +4,6 @@ per-task losses training computes (training.losses through StepRunner) on packed
 from __future__ import annotations
 
 import dataclasses
-import logging
 import random
 
 import pytest

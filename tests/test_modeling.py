@@ -135,7 +135,9 @@ def test_qlora_keeps_the_base_in_the_compute_dtype(tiny_causal_dir, tmp_path):
     assert len(four_bit) == 14  # 7 projections x 2 layers
     four_bit_weights = {id(m.weight) for m in four_bit}
     other = {
-        n: p for n, p in model.named_parameters() if "lora_" not in n and id(p) not in four_bit_weights
+        n: p
+        for n, p in model.named_parameters()
+        if "lora_" not in n and id(p) not in four_bit_weights
     }
     assert {"base_model.model.lm_head.weight", "base_model.model.model.norm.weight"} <= set(other)
     assert {n: p.dtype for n, p in other.items()} == {n: torch.bfloat16 for n in other}
@@ -193,6 +195,22 @@ def test_lora_with_gradient_checkpointing_backpropagates(tiny_causal_dir):
     assert model.base_model.model.model.gradient_checkpointing
     model(input_ids=IDS, labels=IDS).loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpointing_reentrant_only_when_asked(tiny_causal_dir, reentrant):
+    """Non-reentrant by default; reentrant (what DeepSpeed ZeRO-3 needs) still trains every adapter."""
+    model, _, _ = load_model_and_tokenizer(
+        ModelConfig(name=str(tiny_causal_dir)),
+        AdapterConfig(r=4),
+        gradient_checkpointing=True,
+        reentrant_checkpointing=reentrant,
+    )
+    layer = model.base_model.model.model.layers[0]
+    assert layer.gradient_checkpointing
+    assert layer._gradient_checkpointing_func.keywords == {"use_reentrant": reentrant}
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_B" in n)
 
 
 def test_t5_lora(tiny_t5_dir):

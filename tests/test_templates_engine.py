@@ -395,11 +395,19 @@ def test_user_template_picked_up_via_env_var(tmp_path, monkeypatch, capsys):
     assert main(["preview", "my_task", "--source", str(tmp_path / "d")]) == 0
     out, _ = capsys.readouterr()
     assert json.loads(out)["input"] == "Q: 2+2?"
-    assert main(["validate"]) == 0, capsys.readouterr().err  # default: shipped + user folders
+    # validate trial-renders real rows: without samples or a source there are none to render on
+    assert main(["validate"]) == 2  # default: shipped + user folders
     err = capsys.readouterr().err
-    assert (
-        f"validate: {len(_shipped()) + 1} template(s) OK" in err and "my_task" in err
-    )  # no samples: noted
+    assert f"{user / 'my_task.yaml'}:1: no rows to trial-render 'my_task' on" in err
+    assert main(["validate", "--no-trial"]) == 0
+    capsys.readouterr()
+    text = (user / "my_task.yaml").read_text(encoding="utf-8")
+    (user / "my_task.yaml").write_text(text + "source: {path: ../d}\n", encoding="utf-8")
+    assert main(["validate"]) == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"validate: {len(_shipped()) + 1} template(s) OK" in err
+    assert "rendered on bundled samples: ner_conll2003," in err
+    assert "rendered on own source: my_task" in err
     assert main(["validate", "my_task"]) == 0
     assert main(["validate", "my_tsk"]) == 2
     assert (

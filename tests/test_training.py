@@ -478,6 +478,56 @@ def test_kill_and_resume_gives_the_same_records_and_weights(tmp_path, tiny_causa
     assert max(abs(x - y) for x, y in zip(sa["s"], sb["s"])) < 1e-9
 
 
+def test_adamw_8bit_trains_and_resumes_exactly(tmp_path, tiny_causal_dir, monkeypatch):
+    """train.optim=adamw_8bit: bitsandbytes' AdamW8bit (8-bit state for tensors of >= 4096 elements:
+    r=32 makes the MLP adapters that big), and its quantised state survives a kill and resume."""
+    import bitsandbytes as bnb
+
+    from t2t_mtl.training import optimizer_step
+
+    over = ("train.optim=adamw_8bit", "adapter.r=32", "train.steps=4", "train.save_steps=2")
+    made = []
+    real = optimizer_step.make_optimizer
+
+    def spy(*a, **k):
+        made.append(real(*a, **k))
+        return made[-1]
+
+    monkeypatch.setattr(trainer, "make_optimizer", spy)
+    full = trainer.train(make_cfg(tmp_path / "full", tiny_causal_dir, *over))
+    assert isinstance(made[0], bnb.optim.AdamW8bit)
+    states = [v for st in made[0].state.values() for v in st.values() if torch.is_tensor(v)]
+    assert any(v.dtype == torch.uint8 for v in states)
+
+    def killer(step, info):
+        if step == 3:
+            raise RuntimeError("killed")
+
+    cut = tmp_path / "cut"
+    with pytest.raises(RuntimeError, match="killed"):
+        trainer.train(make_cfg(cut, tiny_causal_dir, *over), on_step=killer)
+    trainer.train(make_cfg(cut, tiny_causal_dir, *over))
+    assert_close(trainable(full, 4), trainable(cut, 4), 1e-6)
+    plain = trainer.train(make_cfg(tmp_path / "plain", tiny_causal_dir, *over[1:]))
+    assert not torch.equal(  # it really was another optimiser
+        next(iter(trainable(plain, 4).values())), next(iter(trainable(full, 4).values()))
+    )
+
+
+def test_optimizer_setting_is_validated(tmp_path, tiny_causal_dir, capsys):
+    base = ["train", "--config", str(REPO / "launch/configs/tiny_cpu.yaml")]
+    base += [f"model.name={tiny_causal_dir}", f"output_dir={tmp_path / 'run'}"]
+    assert main([*base, "train.optim=adam8"]) == 2
+    err = capsys.readouterr().err
+    assert "train.optim: invalid value" in err and "did you mean" in err and "Traceback" not in err
+    if not torch.cuda.is_available():
+        for optim in ("paged_adamw", "paged_adamw_8bit"):
+            assert main([*base, f"train.optim={optim}"]) == 2
+            err = capsys.readouterr().err
+            assert f"train.optim: {optim} needs a GPU" in err and "adamw_8bit" in err
+    assert not (tmp_path / "run").exists()
+
+
 # ------------------------------------------------------------------ stages and replay
 
 
@@ -695,6 +745,150 @@ def test_ddp_two_cpu_processes_agree(tmp_path, tiny_causal_dir, monkeypatch):
     assert len(one[0][2]) == 4  # what the preview showed before it counted processes
 
 
+def _launch(config_file: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file)]
+    return subprocess.run(
+        [*cmd, str(REPO / "launch" / "train.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_fsdp_two_cpu_processes_match_one_process(tmp_path, tiny_causal_dir):
+    """FSDP2 over gloo (launch/accelerate/cpu_fsdp.yaml) on a bf16 base with float32 LoRA adapters
+    (the mix FSDP1 cannot flatten): it trains, evaluates during training through the sharded model,
+    saves an adapter gathered from the shards that equals one process's (grad_accum 2), and resumes
+    from its sharded checkpoint to the same weights."""
+    from safetensors.torch import load_file
+
+    run = tmp_path / "fsdp"
+    over = [
+        "--config",
+        str(REPO / "launch/configs/tiny_cpu.yaml"),
+        f"model.name={tiny_causal_dir}",
+        "model.dtype=bfloat16",
+        "train.steps=3",
+        "eval.every_steps=2",
+        "eval.limit=2",
+        "eval.max_new_tokens=4",
+        "eval.ci_resamples=0",
+    ]
+    cfg_file = REPO / "launch/accelerate/cpu_fsdp.yaml"
+    proc = _launch(cfg_file, tmp_path, *over, f"output_dir={run}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "packing on" in proc.stderr
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] == 3
+    a, b = summary["weight_checksums"]
+    assert a == b  # sums over the shards of both processes
+    assert (run / "eval" / "during_training.jsonl").is_file()
+    assert (run / "checkpoints" / "step-3" / "pytorch_model_fsdp_0").is_dir()  # sharded
+    adapter = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    single = trainer.train(
+        load_config(
+            REPO / "launch/configs/tiny_cpu.yaml",
+            [o for o in over if "=" in o]
+            + ["train.grad_accum=2", f"output_dir={tmp_path / 'one'}"],
+        )
+    )
+    one = load_file(str(single / "adapter" / "adapter_model.safetensors"))
+    assert {v.dtype for v in adapter.values()} == {torch.float32}
+    assert_close(adapter, one, 1e-5)
+    one_sums = json.loads((single / "train_summary.json").read_text())["weight_checksums"][0]
+    assert a == pytest.approx(one_sums, rel=1e-6)
+
+    (run / "adapter" / "adapter_model.safetensors").unlink()
+    import shutil
+
+    shutil.rmtree(run / "checkpoints" / "step-3")
+    proc = _launch(cfg_file, tmp_path, *over, f"output_dir={run}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming from" in proc.stderr and "step-2" in proc.stderr
+    assert_close(load_file(str(run / "adapter" / "adapter_model.safetensors")), adapter, 1e-6)
+
+
+def _fsdp1_units(model, policy) -> list[set]:
+    """The parameter dtypes of each unit FSDP1 would flatten under `policy` (a module the policy
+    wraps owns its parameters except those of units inside it; the root owns the rest)."""
+    units = [m for m in model.modules() if m is not model and policy(m, False, 0)]
+    owner = {}
+    for unit in [model, *units]:  # inner units come later in modules() order and win
+        for p in unit.parameters():
+            owner[id(p)] = unit
+    dtypes: dict = {}
+    for p in model.parameters():
+        dtypes.setdefault(id(owner[id(p)]), set()).add(p.dtype)
+    return list(dtypes.values())
+
+
+def test_fsdp1_wraps_lora_layers_apart_so_every_unit_has_one_dtype(tiny_causal_dir, monkeypatch):
+    """FSDP1 needs one dtype per flattened unit; the default transformer-block wrapping mixes the
+    bf16 base with float32 adapters ("Must flatten tensors with uniform dtype"), peft's policy
+    (set by preflight.configure_fsdp for FSDP1 only) does not. FSDP1 needs a GPU to run."""
+    import functools
+    from types import SimpleNamespace
+
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from t2t_mtl.core.config import AdapterConfig, ModelConfig
+
+    model, _, _ = loading.load_model_and_tokenizer(
+        ModelConfig(name=str(tiny_causal_dir), dtype="bfloat16"), AdapterConfig(r=4)
+    )
+    default = functools.partial(
+        transformer_auto_wrap_policy, transformer_layer_cls={LlamaDecoderLayer}
+    )
+    assert any(len(d) > 1 for d in _fsdp1_units(model, default))  # what crashed at prepare
+    plugin = SimpleNamespace(auto_wrap_policy=default)
+    acc = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), is_fsdp2=True)
+    preflight.configure_fsdp(acc, model)
+    assert plugin.auto_wrap_policy is default  # FSDP2 shards per parameter: left alone
+    acc.is_fsdp2 = False
+    preflight.configure_fsdp(acc, model)
+    units = _fsdp1_units(model, plugin.auto_wrap_policy)
+    assert all(len(d) == 1 for d in units) and {torch.float32} in units
+
+
+def test_deepspeed_auto_accumulation_becomes_the_runs_own(monkeypatch):
+    """The shipped DeepSpeed configs say gradient_accumulation_steps: auto; accelerate launch passes
+    that on as ACCELERATE_GRADIENT_ACCUMULATION_STEPS=auto, which Accelerator() cannot parse."""
+    cfg = load_config(REPO / "launch/configs/tiny_cpu.yaml", ["train.grad_accum=3"])
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "auto")
+    preflight.deepspeed_launch_env(cfg)
+    assert os.environ["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"] == "3"
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")  # an explicit value stays
+    preflight.deepspeed_launch_env(cfg)
+    assert os.environ["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"] == "4"
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    assert not preflight.deepspeed_zero3()
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    assert preflight.deepspeed_zero3()
+
+
+def test_fsdp_on_cpu_needs_fsdp2_without_module_broadcast(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("these limits are for CPU processes")
+    cfg = load_config(REPO / "launch/configs/tiny_cpu.yaml")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    monkeypatch.setenv("FSDP_SYNC_MODULE_STATES", "true")
+    msgs = [p.format() for p in preflight.backend_problems(cfg)]
+    assert any("fsdp_version: 2" in m and "cpu_fsdp.yaml" in m for m in msgs)
+    assert any("fsdp_sync_module_states: true needs a GPU" in m for m in msgs)
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    monkeypatch.setenv("FSDP_SYNC_MODULE_STATES", "false")
+    assert preflight.backend_problems(cfg) == []
+    cfg.adapter.method = "qlora"
+    (qlora,) = preflight.backend_problems(cfg)
+    assert "qlora is not supported with FSDP" in qlora.format()
+
+
 # ------------------------------------------------------------------ mixed precision
 
 
@@ -757,7 +951,9 @@ def test_packing_is_checked_on_the_prepared_model_and_falls_back_to_padding(
     monkeypatch.setattr(features.CausalCollator, "__call__", collate)
     from accelerate.state import AcceleratorState
 
-    cfg = make_cfg(tmp_path / "bf16", tiny_causal_dir, "train.steps=1", "train.mixed_precision=bf16")
+    cfg = make_cfg(
+        tmp_path / "bf16", tiny_causal_dir, "train.steps=1", "train.mixed_precision=bf16"
+    )
     AcceleratorState._reset_state()  # the process-wide state fixes mixed_precision at first use
     try:
         trainer.train(cfg)

@@ -8,7 +8,7 @@ them again with the same root is free; `tests/conftest.py` wraps them in session
   tokenizer trained here on `CORPUS`, with SmolLM2's ChatML chat template (which injects a
   default system message), `eos_token="<|im_end|>"`, `bos_token="<|endoftext|>"` (added in
   front by `add_special_tokens=True`, like Llama tokenizers do) and no pad token (like many
-  causal tokenizers; `modeling` sets one).
+  causal tokenizers; `model.loading` sets one).
 - `tiny_t5(root) -> Path`: a 2-layer T5 plus a SentencePiece unigram tokenizer trained
   here on `CORPUS` (`T5Tokenizer`, with `</s>` appended and 100 sentinel tokens).
 

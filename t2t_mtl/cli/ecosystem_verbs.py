@@ -40,9 +40,7 @@ def add_report(sub) -> None:
     )
     p.add_argument("--run", required=True, help="run folder")
     p.add_argument("--out", metavar="FILE.html", help="where to write the page")
-    p.add_argument(
-        "--no-card", action="store_true", help="do not write RUN/adapter/README.md"
-    )
+    p.add_argument("--no-card", action="store_true", help="do not write RUN/adapter/README.md")
     p.set_defaults(func=_report)
 
 
@@ -55,8 +53,11 @@ def _report(args) -> int:
     print(f"wrote {path}", file=sys.stderr)
     if not args.no_card:
         run = Run.load(args.run)
-        card = write_model_card(run.dir, run.bundle_dir(), kind="adapter")
-        print(f"wrote {card}", file=sys.stderr)
+        if (run.dir / "adapter" / "t2t_manifest.json").is_file():
+            card = write_model_card(run.dir, run.bundle_dir(), kind="adapter")
+            print(f"wrote {card}", file=sys.stderr)
+        else:  # a run still training: the page is useful already, the card needs the bundle
+            print("note: no final bundle (RUN/adapter) yet, so no model card", file=sys.stderr)
     print(path)
     return 0
 
@@ -145,8 +146,12 @@ def add_export_task(sub) -> None:
     p.add_argument("--to", required=True, choices=["lm-eval"], help="target harness")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="run folder: its templates and prompt format")
-    src.add_argument("--config", metavar="RUN.yaml", help="run config: its tasks and base model")
-    p.add_argument("overrides", nargs="*", help="key=value overrides of --config")
+    src.add_argument(
+        "--config",
+        nargs="+",
+        metavar="ARG",
+        help="RUN.yaml [key=value ...]: a run config (its tasks and base model) and overrides",
+    )
     p.add_argument("--split", help="split to export (default: the eval.split)")
     p.add_argument("--limit", type=int, help="at most N rows (the first N, as `eval --limit`)")
     p.add_argument("--variant", help="prompt variant id, or 'heldout'")
@@ -162,16 +167,13 @@ def _export_task(args) -> int:
 
     if args.limit is not None and args.limit <= 0:
         raise ConfigError(Problem("<cli>", None, "--limit must be > 0"))
-    if args.overrides and not args.config:
-        raise ConfigError(
-            Problem("<cli>", None, "key=value overrides need --config", "or drop them")
-        )
+    config, overrides = (args.config[0], args.config[1:]) if args.config else (None, None)
     path = export_lm_eval(
         args.task,
         args.dir,
         run_dir=args.run,
-        config=args.config,
-        overrides=args.overrides,
+        config=config,
+        overrides=overrides,
         split=args.split,
         limit=args.limit,
         variant=args.variant,

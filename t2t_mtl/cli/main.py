@@ -85,22 +85,22 @@ def add_validate(sub) -> None:
     p.set_defaults(func=_validate)
 
 
-def _config_dirs(path: str | None) -> list:
-    if not path:
-        return []
-    cfg = load_config(path)
-    return [cfg.resolve_path(d) for d in cfg.template_dirs]
-
-
 def _validate(args) -> int:
-    n, problems, untried = catalogue.check_targets(
-        args.paths, _config_dirs(args.config), trial=not args.no_trial
-    )
+    cfg, problems, broken = None, [], False
+    if args.config:  # its own problems and cross-checks are reported with the templates'
+        cfg = load_config(args.config, collect=problems)
+        broken = bool(problems)
+        problems += catalogue.config_cross_problems(cfg, broken)
+    extra = [cfg.resolve_path(d) for d in cfg.template_dirs] if cfg is not None else []
+    n, found, used = catalogue.check_targets(args.paths, extra, trial=not args.no_trial, cfg=cfg)
+    problems += found
     if args.oracle:  # the trial render may have reported the same bad rows already
-        problems += [p for p in dict.fromkeys(_oracle(args)) if p not in problems]
+        problems += _oracle(args, cfg, broken)
+    problems = list(dict.fromkeys(problems))
     for prob in problems:
         print(prob.format(), file=sys.stderr)
-    note = f" (no bundled samples, so not trial-rendered: {', '.join(untried)})" if untried else ""
+    # which real rows each template was trial-rendered on
+    note = "".join(f"; {what}: {', '.join(names)}" for what, names in used.items())
     if problems:
         files = len({p.file for p in problems})
         print(
@@ -112,23 +112,26 @@ def _validate(args) -> int:
     return 0
 
 
-def _oracle(args) -> list[Problem]:
+def _oracle(args, cfg=None, broken: bool = False) -> list[Problem]:
     """Run the oracle check (`evaluation.oracle`, torch-free); print one line per task on stderr
-    and return the problems of the tasks that fail."""
+    and return the problems of the tasks that fail (`cfg`: the run config of --config; `broken`:
+    it has problems of its own, already reported)."""
     from t2t_mtl.evaluation import oracle  # metrics + parsing only: validate stays model-free
 
     problems: list[Problem] = []
     if args.limit is not None and args.limit < 1:
         raise T2TError(Problem("<cli>", None, "--limit must be >= 1"))
-    if args.config:
-        cfg = load_config(args.config)
-        problems += catalogue.check_config(cfg)
+    if cfg is not None:
         try:
             reports, untried = oracle.oracle_config(cfg, limit=args.limit), []
-        except ConfigError as e:  # templates that do not load: check_config has said so
+        except T2TError as e:  # templates that do not load: check_config has said so
             return problems + [p for p in e.problems if p not in problems]
+        except Exception:  # noqa: BLE001 - a config with problems (reported) can trip it
+            if not broken:
+                raise
+            return problems
     else:
-        files, _ = catalogue.target_files(args.paths, _config_dirs(args.config))
+        files, _ = catalogue.target_files(args.paths)
         reports, untried = oracle.oracle_templates(files, limit=args.limit)
     for r in reports:
         print(r.summary(), file=sys.stderr)
@@ -366,12 +369,8 @@ def _cmd_mix(args) -> int:
                 )
             ]
         )
-    cfg = load_config(args.config, args.overrides)
-    problems = catalogue.check_config(
-        cfg
-    )  # templates and sources, reported with the config's lines
-    if problems:
-        raise ConfigError(problems)
+    # the config, its templates and sources: every problem at once, at its line or override
+    cfg = catalogue.load_checked_config(args.config, args.overrides)
     stages = cfg.stage_list()
     names = [s.name for s in stages]
     if args.stage and args.stage not in names:
@@ -509,9 +508,10 @@ def add_train(sub) -> None:
 
 
 def _train(args) -> int:
-    cfg = load_config(args.config, args.overrides)
-    from t2t_mtl.training import trainer  # torch & co. only once the config is known to be valid
+    from t2t_mtl.training import preflight, trainer  # torch & co.
 
+    # A config with problems is reported with every other problem of the run at once.
+    cfg = preflight.load_run_config(args.config, args.overrides)
     run_dir = trainer.train(cfg)
     print(run_dir)
     return 0

@@ -1,4 +1,4 @@
-"""The verbs that use a trained run: `eval`, `predict`, `prompt`, `compare`, `export` (registered by cli.py).
+"""The verbs that use a trained run: `eval`, `predict`, `prompt`, `compare`, `export` (registered by cli.main).
 
 Heavy imports (torch, transformers) happen inside each verb, so `t2t-mtl --help` stays fast: this
 module is imported by every verb (cli.main registers these), so at its top it imports only what
@@ -438,8 +438,12 @@ def _export(args) -> int:
             validate_repo_id(args.push_to_hub)
         except HFValidationError as e:
             raise ConfigError(
-                Problem("<cli>", None, f"--push-to-hub: {args.push_to_hub!r}: {e}",
-                        "e.g. your-name/smollm2-multitask")
+                Problem(
+                    "<cli>",
+                    None,
+                    f"--push-to-hub: {args.push_to_hub!r}: {e}",
+                    "e.g. your-name/smollm2-multitask",
+                )
             ) from None
     out = export(
         args.run,

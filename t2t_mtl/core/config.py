@@ -6,7 +6,7 @@ mixing, stages, replay, adapter, optimisation, evaluation and output folder.
 (`train.lr: unknown key (did you mean 'learning_rate'?)`).
 
 Cross-checks that need the template catalogue (does template X exist?) live in
-`tasks.check_config`, one layer up, so this module stays import-light.
+`tasks.catalogue.check_config`, one layer up, so this module stays import-light.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
-from t2t_mtl.core import yaml_lines
+from t2t_mtl.core import shipped, yaml_lines
 from t2t_mtl.core.errors import ConfigError, Problem, did_you_mean
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "TaskConfig",
     "TrainConfig",
     "config_to_dict",
+    "find_config",
     "load_config",
     "name_problem",
 ]
@@ -226,6 +227,9 @@ class TrainConfig:
     warmup_steps: int = 10
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     max_grad_norm: float = 1.0
+    # AdamW from torch, or bitsandbytes' 8-bit (optimiser state quantised) / paged (state paged
+    # out to CPU memory under GPU memory pressure; GPU only) AdamW
+    optim: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = "adamw"
     packing: Literal["auto", "on", "off"] = "auto"
     group_by_length: bool = True  # seq2seq batches
     loss_balancing: Literal["none", "equal", "uncertainty", "gradnorm"] = "none"
@@ -259,7 +263,7 @@ class EvalConfig:
     batch_size: int = 16
     select_best: bool = True
     max_new_tokens: int = 64  # generation budget cap; each task's own budget fits its answers
-    task_budgets: bool = True  # per-task budgets (evaluator.answer_budget); false: all get the cap
+    task_budgets: bool = True  # per-task budgets (evaluator.answer_budget; not for base models)
     ci_resamples: int = 1000  # bootstrap resamples of the 95 % intervals (0 = no intervals)
     ci_seed: int = 0
 
@@ -282,6 +286,15 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     # Where the YAML came from; relative paths in the config resolve against its folder.
     config_path: str | None = None
+    # The YAML's lines and the `key=value` overrides applied (`problem` uses them); not a key.
+    located: Any = field(default=None, repr=False, compare=False)
+
+    def problem(self, path: tuple, message: str, hint: str = "") -> Problem:
+        """A Problem about the config key at `path` (`("tasks", 0, "template")`): at the
+        `key=value` override that set it, else at its line in the config file, else `<config>`."""
+        if self.located is not None:
+            return self.located.problem(path, message, hint)
+        return Problem(self.config_path or "<config>", None, message, hint)
 
     def task_names(self) -> list[str]:
         """Task names as used in stages, logs and metrics."""
@@ -451,7 +464,11 @@ def _build(
         )
         return cls()
     hints = typing.get_type_hints(cls)
-    fields = {_key(f): f.name for f in dataclasses.fields(cls) if f.name != "config_path"}
+    fields = {
+        _key(f): f.name
+        for f in dataclasses.fields(cls)
+        if f.name not in ("config_path", "located")
+    }
     names = list(fields)
     kwargs = {}
     for key, value in data.items():
@@ -663,17 +680,47 @@ class _OverrideLocated(yaml_lines.Located):
         return super().problem(path, message, hint)
 
 
+def find_config(path: str | Path) -> Path:
+    """The run config file `path` names: the file itself, else a shipped config of that name
+    (`default`, `tiny_cpu.yaml`: `core.shipped`, found from any folder). A ConfigError when it is
+    neither, listing what was tried and the shipped names."""
+    p = Path(path).expanduser()
+    if p.exists():
+        return p
+    found = shipped.shipped_config(str(path))
+    if found is not None:
+        return found
+    names = shipped.config_names()
+    raise ConfigError(
+        Problem(
+            str(path),
+            None,
+            "run config not found",
+            f"tried {p.resolve()} and the shipped configs in {shipped.CONFIGS}"
+            + (f"; {did_you_mean(Path(str(path)).stem, names)}" if names else ""),
+        )
+    )
+
+
 def load_config(
-    path: str | Path | None = None, overrides: list[str] | None = None, data: dict | None = None
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    data: dict | None = None,
+    *,
+    collect: list[Problem] | None = None,
 ) -> RunConfig:
     """Load a run config from YAML (or a dict) and apply `key=value` overrides.
 
+    `path` is a file, or the name of a shipped config (`default`; `find_config`).
     Overrides use dotted keys (`train.steps=20`, `tasks.0.source.path=data/x`);
     values are parsed as YAML (`model.dtype=bfloat16`, `stages.0.tasks=[a,b]`).
-    Raises ConfigError listing every problem found.
+    Raises ConfigError listing every problem found; with `collect` (a list) the problems are
+    appended to it instead and the config is returned as far as it could be built (for callers
+    that report them together with the cross-checks, `RunConfig.problem` placing each one).
     """
     problems: list[Problem] = []
     if path is not None:
+        path = find_config(path)
         loc = yaml_lines.load(path)
         if loc.data is None:
             loc.data = {}
@@ -703,9 +750,12 @@ def load_config(
         _check_values(cfg, loc, problems)
     except TypeError:  # a value of the wrong type was already reported above
         pass
-    if problems:
-        raise ConfigError(problems)
     cfg.config_path = str(path) if path is not None else None
+    cfg.located = loc
+    if collect is not None:
+        collect.extend(problems)
+    elif problems:
+        raise ConfigError(problems)
     return cfg
 
 
@@ -729,4 +779,5 @@ def config_to_dict(cfg: RunConfig) -> dict:
     """Plain dict of the resolved config (saved in the run folder)."""
     d = _as_dict(cfg)
     d.pop("config_path", None)
+    d.pop("located", None)
     return d

@@ -110,4 +110,6 @@ def load(path: str | Path) -> Located:
         raise T2TError([Problem(str(p), None, "file not found", "check the path")]) from None
     except UnicodeDecodeError as e:
         raise T2TError([Problem(str(p), None, f"not UTF-8 text: {e}")]) from None
+    except OSError as e:  # a folder, no permission, ...
+        raise T2TError([Problem(str(p), None, f"cannot read: {e.strerror or e}")]) from None
     return loads(text, str(p))

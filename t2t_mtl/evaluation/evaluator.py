@@ -1,4 +1,4 @@
-"""Per-task evaluation: render a split with a task's template, answer, parse, score (layer 4).
+"""Per-task evaluation: render a split with a task's template, answer, parse, score.
 
 Two modes for label tasks (TaskConfig.eval_mode, default the template's `eval_mode`):
 `generate` (greedy answer, parsed by the template's parser; unparseable answers count as wrong
@@ -15,8 +15,8 @@ per-task primary scores. Each primary score (and the combined one) gets a 95 % c
 a percentile bootstrap over the task's examples (`confidence`); the per-example statistics it
 resamples are kept in the results (`per_example`) so `t2t-mtl compare` can test differences.
 
-`evaluate` works on a loaded model (`eval_runs.evaluate_run` loads a run's bundle and writes
-the results files); `training_eval_fn(cfg)` is the hook `training.train(cfg, eval_fn=...)` calls every
+`evaluate` works on a loaded model (`run_eval.evaluate_run` loads a run's bundle and writes
+the results files); `training_eval_fn(cfg)` is the hook `trainer.train(cfg, eval_fn=...)` calls every
 `eval.every_steps` steps (an `EvalHook` on a fixed per-task subset).
 """
 
@@ -79,6 +79,8 @@ class EvalTask:
     source: SourceConfig | None = None
     mode: str = "generate"
     variant: str | None = None  # None: the first non-heldout variant
+    # Seeds the random subset a `limit` draws (`sources.load_rows`); None: the first rows.
+    sample_seed: str | None = None
     _cache: dict = field(default_factory=dict, repr=False)
 
     def variant_id(self) -> str:
@@ -170,7 +172,9 @@ def eval_tasks(
         vid, prob = pick_variant(tpl, variant)
         if prob:
             problems.append(prob)
-        out.append(EvalTask(name, tpl, resolved_source(cfg, t), m, vid))
+        # eval.limit / --limit draw a seeded random subset: the run seed and the task name
+        seed = f"{cfg.seed}|{name}"
+        out.append(EvalTask(name, tpl, resolved_source(cfg, t), m, vid, sample_seed=seed))
     if problems:
         raise ConfigError(problems)
     return out
@@ -223,11 +227,20 @@ def load_examples(
 ) -> tuple[list[Example], sources.Rows]:
     """Render up to `limit` rows of `split` with the task's eval variant; returns (examples, Rows).
 
+    `limit` rows are a random subset seeded by `task.sample_seed` (the same on every run and
+    machine, in file order; data files are often sorted), the first ones without a seed.
     Cached per (split, limit), so an eval hook reads its data once.
     """
     key = (split, limit, bad_rows)
     if key not in task._cache:
-        rows = sources.load_rows(task.template, task.source, split, bad_rows=bad_rows, limit=limit)
+        rows = sources.load_rows(
+            task.template,
+            task.source,
+            split,
+            bad_rows=bad_rows,
+            limit=limit,
+            seed=task.sample_seed,
+        )
         out = examples_from_rows(task.template, rows, task.variant_id(), split, bad_rows=bad_rows)
         task._cache[key] = (out, rows)
     return task._cache[key]
@@ -277,7 +290,9 @@ def answer_budget(
     reply frame, answer, end-of-turn (`PromptFormat.target`). `cap`: no training split to read.
     Only a row that runs past the budget is affected, and then only after twice the length of any
     training answer: with "+ 8 tokens" alone an 8-step run's QA and summary scores changed
-    (longer-than-trained answers were cut), with this margin none did (docs/benchmarks.md).
+    (longer-than-trained answers were cut), with this margin none did (docs/benchmarks.md). The
+    budget presumes a model fine-tuned on these answers: an untuned base model writes sentences
+    where a label is due, so `run_eval` evaluates base models with the cap alone.
     Cached per task.
     """
     if task.template.max_new_tokens is not None:
@@ -582,7 +597,7 @@ class TrainingEvalContext(Protocol):
 def training_eval_fn(
     cfg: RunConfig, *, progress: bool = False
 ) -> Callable[[TrainingEvalContext], dict]:
-    """The `eval_fn` for `training.train`: called with its EvalContext every `eval.every_steps`,
+    """The `eval_fn` for `trainer.train`: called with its EvalContext every `eval.every_steps`,
     returns flat scalars (logged as `eval/...`): `combined` (mean primary score: the model-selection
     number), `<task>` (primary score) and `<task>/invalid_rate`. The main process also appends the
     full results to `RUN/eval/during_training.jsonl`.

@@ -1,4 +1,4 @@
-"""A Hugging Face Hub model card (`README.md` with YAML metadata) for a run's model (layer 4, no torch).
+"""A Hugging Face Hub model card (`README.md` with YAML metadata) for a run's model (no torch).
 
 `model_card(run_dir, kind=...)` reads the run folder (config, final bundle manifest, template copies,
 train_summary.json, eval results) and writes:
@@ -81,7 +81,9 @@ def data_licence(path: Path | None) -> str:
         for para in re.split(r"\n\s*\n", text):
             if not _LICENCE_LINE.search(para):
                 continue
-            flat = " ".join(re.sub(r"\*\*|`|^[#>]+", "", para, flags=re.M).split())  # markdown marks
+            flat = " ".join(
+                re.sub(r"\*\*|`|^[#>]+", "", para, flags=re.M).split()
+            )  # markdown marks
             kept = []
             for sentence in re.split(r"(?<=[.!?])\s+", flat):
                 kept.append(sentence)
@@ -149,7 +151,9 @@ def card_metadata(run: Run, manifest: Mapping[str, Any], kind: str) -> dict[str,
 
 def _fmt_score(e: Mapping[str, Any]) -> str:
     lo, hi = e.get("ci_low"), e.get("ci_high")
-    return f"{e['primary']:.2f}" + (f" [{lo:.2f}, {hi:.2f}]" if lo is not None and hi is not None else "")
+    return f"{e['primary']:.2f}" + (
+        f" [{lo:.2f}, {hi:.2f}]" if lo is not None and hi is not None else ""
+    )
 
 
 def _results_section(run: Run) -> list[str]:
@@ -205,7 +209,7 @@ def _prompt_section(run: Run, fmt: PromptFormat, tasks: list[Mapping[str, Any]])
     ]
     if fmt.kind == "chat":
         lines += [
-            "It is one user message, `instruction + \"\\n\\n\" + input` (just the instruction when "
+            'It is one user message, `instruction + "\\n\\n" + input` (just the instruction when '
             "the input is empty), put through the tokenizer's chat template with the generation "
             "prompt, so with transformers:",
             "",
@@ -288,7 +292,9 @@ def _training_section(run: Run, manifest: Mapping[str, Any]) -> list[str]:
         if ad.method != "full"
         else "full fine-tuning"
     )
-    stages = "; ".join(f"{s.name}: {s.steps} steps on {', '.join(s.tasks)}" for s in cfg.stage_list())
+    stages = "; ".join(
+        f"{s.name}: {s.steps} steps on {', '.join(s.tasks)}" for s in cfg.stage_list()
+    )
     lines = [
         "| setting | value |",
         "|---|---|",
@@ -309,7 +315,9 @@ def _training_section(run: Run, manifest: Mapping[str, Any]) -> list[str]:
             f"| trained | {summ.get('steps')} steps, {summ.get('seconds')} s on "
             f"{summ.get('processes', 1)} process(es); final loss {summ.get('final_loss', 0.0):.4f} |"
         )
-    lines.append(f"| tool | t2t-mtl {__version__} (run `{run.name}`, step {manifest.get('step')}) |")
+    lines.append(
+        f"| tool | t2t-mtl {__version__} (run `{run.name}`, step {manifest.get('step')}) |"
+    )
     return lines
 
 
@@ -323,9 +331,7 @@ def model_card(run_dir: str | Path, *, kind: str = "adapter") -> str:
     tasks = manifest.get("tasks") or [{"name": n} for n in run.task_names()]
     meta = card_metadata(run, manifest, kind)
     base = meta.get("base_model") or f"the local model `{run.cfg.model.name}`"
-    what = (
-        "A LoRA adapter" if meta["library_name"] == "peft" else "A full model (adapter merged)"
-    )
+    what = "A LoRA adapter" if meta["library_name"] == "peft" else "A full model (adapter merged)"
     lines = [
         "---",
         yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(),

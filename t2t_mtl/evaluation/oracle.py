@@ -297,7 +297,9 @@ def oracle_templates(
         report = TaskOracle(tpl.name, tpl)
         for split in splits:
             try:
-                rows = sources.load_rows(tpl, None, split, bad_rows="skip", limit=limit)
+                rows = sources.load_rows(
+                    tpl, None, split, bad_rows="skip", limit=limit, render=False
+                )
             except T2TError as e:
                 report.problems += e.problems
                 continue
@@ -333,7 +335,9 @@ def oracle_config(
             return tpl.where(("source", key))
 
         try:
-            rows = sources.load_rows(et.template, et.source, split, bad_rows="skip", limit=limit)
+            rows = sources.load_rows(
+                et.template, et.source, split, bad_rows="skip", limit=limit, render=False
+            )
         except T2TError as e:
             report.problems += e.problems
             continue

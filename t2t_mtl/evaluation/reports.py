@@ -1,6 +1,6 @@
 """Tables built from evaluation results: the forgetting report of staged runs and run comparisons.
 
-Pure data in, text/JSON/PNG out (layer 2: no torch). Scores are the per-task primary metrics on
+Pure data in, text/JSON/PNG out (no torch). Scores are the per-task primary metrics on
 0..100, so forgetting and transfer are in points.
 
 Forgetting report, for a run with stages 1..S and R[s][j] = task j's score after stage s; task j

@@ -1,4 +1,4 @@
-"""Evaluating run folders: the final bundle (or its base model) and every stage's bundle (layer 4).
+"""Evaluating run folders: the final bundle (or its base model) and every stage's bundle.
 
 `evaluate_run` writes `RUN/eval/<name>.json`, `.md` and `.predictions.jsonl`; `forgetting_run`
 scores every task after every stage and writes the forgetting report (`reports.forgetting`:
@@ -72,7 +72,8 @@ def evaluate_bundle(
         log=logger.warning,
         ci_resamples=ev.ci_resamples,
         ci_seed=ev.ci_seed,
-        task_budgets=ev.task_budgets,
+        # Budgets fit the answers fine-tuning taught; an untuned model was taught none.
+        task_budgets=ev.task_budgets and not base,
     )
     res.update(
         run=str(run.dir), bundle=str(bundle), base=base, model=manifest.get("model", {}).get("name")

@@ -1,4 +1,4 @@
-"""One self-contained HTML page about a run folder (`t2t-mtl report`; layer 4, no torch).
+"""One self-contained HTML page about a run folder (`t2t-mtl report`; no torch).
 
 `build_report(run_dir)` reads only files a run folder already holds and returns the page:
 
@@ -201,7 +201,8 @@ def eval_figure(rows: Sequence[Mapping[str, Any]]) -> Figure | None:
     every = rows
     rows = [r for r in rows if "step" in r and any(k.startswith("eval/") for k in r)]
     keys = sorted(
-        {k[5:] for r in rows for k in r if k.startswith("eval/") and "/" not in k[5:]} - {"combined"}
+        {k[5:] for r in rows for k in r if k.startswith("eval/") and "/" not in k[5:]}
+        - {"combined"}
     )
     if not rows or not (keys or any("eval/combined" in r for r in rows)):
         return None
@@ -227,7 +228,9 @@ def eval_figure(rows: Sequence[Mapping[str, Any]]) -> Figure | None:
     return fig
 
 
-def mixture_figure(stages: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]]) -> Figure:
+def mixture_figure(
+    stages: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]]
+) -> Figure:
     """Grouped bars per stage: each member's target share and its realised share."""
     plt = _plt()
     fig, axes = plt.subplots(
@@ -293,7 +296,9 @@ def _summary(run: Run) -> str:
     best = _read_json(run.dir / "best" / "best.json")
     ad = cfg.adapter
     adapter = ad.method + (f" (r={ad.r}, alpha={ad.alpha})" if ad.method != "full" else "")
-    stages = ", ".join(f"{s.name}: {s.steps} steps on {', '.join(s.tasks)}" for s in cfg.stage_list())
+    stages = ", ".join(
+        f"{s.name}: {s.steps} steps on {', '.join(s.tasks)}" for s in cfg.stage_list()
+    )
     facts = [
         ("model", _e(cfg.model.name)),
         ("adapter", _e(adapter)),
@@ -308,7 +313,9 @@ def _summary(run: Run) -> str:
         ),
         (
             "mixing",
-            _e(f"temperature {cfg.mixing.temperature:g}, cap {cfg.mixing.cap}, unit {cfg.mixing.unit}")
+            _e(
+                f"temperature {cfg.mixing.temperature:g}, cap {cfg.mixing.cap}, unit {cfg.mixing.unit}"
+            )
             + (_e(f"; replay {cfg.replay.share} of later stages") if cfg.replay.enabled else ""),
         ),
     ]
@@ -357,7 +364,10 @@ def _mixture(run: Run, rows: list[dict]) -> str:
                 (_e(f"{m.get('examples', 0):,}"), "num"),
                 (_num(m.get("n_i"), ",.0f"), "num"),
                 (_num(100 * float(m.get("rate", 0.0)), ".1f") + " %", "num"),
-                ((_num(100 * real[m["name"]], ".1f") + " %") if m.get("name") in real else "—", "num"),
+                (
+                    (_num(100 * real[m["name"]], ".1f") + " %") if m.get("name") in real else "—",
+                    "num",
+                ),
             ]
             for m in st.get("members", [])
         ]
@@ -398,9 +408,7 @@ def _results_table(res: Mapping[str, Any]) -> str:
         + [(_e(f"[{_num(lo)}, {_num(hi)}]") if lo is not None and hi is not None else "—", "num")]
         + [("", "")]
     )
-    out = _table(
-        ["task", "mode / variant", "n", "primary", "score", "95 % CI", "metrics"], body
-    )
+    out = _table(["task", "mode / variant", "n", "primary", "score", "95 % CI", "metrics"], body)
     ci = res.get("ci") or next(
         (e["ci"] for e in res.get("tasks", {}).values() if isinstance(e.get("ci"), dict)), None
     )
@@ -422,7 +430,9 @@ def _final(run: Run) -> str:
         lim = res.get("limit")
         what = f"split {res.get('split')}" + (f", at most {lim} rows per task" if lim else "")
         base = " (untuned base model)" if res.get("base") else ""
-        parts.append(f"<h3>{_e(f.stem)}{_e(base)}</h3><p class='note'>{_e(what)}; eval/{_e(f.name)}</p>")
+        parts.append(
+            f"<h3>{_e(f.stem)}{_e(base)}</h3><p class='note'>{_e(what)}; eval/{_e(f.name)}</p>"
+        )
         parts.append(_results_table(res))
     return "\n".join(parts)
 
@@ -485,7 +495,9 @@ def _predictions(run: Run) -> str:
     parts = [f"<p class='note'>The first {SAMPLE_ROWS} rows per task of eval/{_e(path.name)}.</p>"]
     for task, rows in by_task.items():
         n_ok = sum(bool(r.get("valid")) for r in rows)
-        parts.append(f"<h3>{_e(task)} <span class='note'>({n_ok} of {len(rows)} parsed)</span></h3>")
+        parts.append(
+            f"<h3>{_e(task)} <span class='note'>({n_ok} of {len(rows)} parsed)</span></h3>"
+        )
         body = [
             [
                 (_e(r.get("row_id")), "num"),
@@ -550,7 +562,9 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     path = Path(out).expanduser() if out else run.dir / REPORT_FILE
     if path.is_dir():
         raise ConfigError(
-            Problem(str(path), None, "--out is a folder", f"give a file name, e.g. {path / REPORT_FILE}")
+            Problem(
+                str(path), None, "--out is a folder", f"give a file name, e.g. {path / REPORT_FILE}"
+            )
         )
     page = build_report(run.dir)
     path.parent.mkdir(parents=True, exist_ok=True)

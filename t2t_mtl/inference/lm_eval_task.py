@@ -275,10 +275,13 @@ def export_lm_eval(
         )
     conf["process_results"] = _Fn("utils.process_results")
     conf["metric_list"] = [
-        {"metric": k, "aggregation": _Fn(f"utils.agg_{k}"), "higher_is_better": True}
-        for k in keys
+        {"metric": k, "aggregation": _Fn(f"utils.agg_{k}"), "higher_is_better": True} for k in keys
     ] + [
-        {"metric": "invalid_rate", "aggregation": _Fn("utils.agg_invalid_rate"), "higher_is_better": False}
+        {
+            "metric": "invalid_rate",
+            "aggregation": _Fn("utils.agg_invalid_rate"),
+            "higher_is_better": False,
+        }
     ]
     conf["metadata"] = {"version": float(tpl.version), "t2t_mtl_variant": et.variant_id()}
     head = (

@@ -168,9 +168,7 @@ class Predictor:
         )
 
     @classmethod
-    def for_prompts(
-        cls, path: str | Path, trust_remote_code: bool = False, **kw: Any
-    ) -> Predictor:
+    def for_prompts(cls, path: str | Path, trust_remote_code: bool = False, **kw: Any) -> Predictor:
         """A predictor that builds prompts without a model (`render`, `export-task`): the run's
         template copies, the prompt format saved in its final bundle's manifest and the bundle's
         tokenizer (for the training-time truncation). Generating with it is an error."""
@@ -685,13 +683,19 @@ def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False) -> s
         validate_repo_id(repo_id)
     except HFValidationError as e:
         raise ConfigError(
-            Problem.at("<cli>", f"--push-to-hub: {repo_id!r} is not a Hub repo id: {e}",
-                       "e.g. your-name/smollm2-multitask")
+            Problem.at(
+                "<cli>",
+                f"--push-to-hub: {repo_id!r} is not a Hub repo id: {e}",
+                "e.g. your-name/smollm2-multitask",
+            )
         ) from None
     if not (folder / EXPORT_MARKER).is_file():
         raise ConfigError(
-            Problem.at(str(folder), f"not a t2t-mtl export (no {EXPORT_MARKER})",
-                       "export a run first: t2t-mtl export --run RUN --out DIR")
+            Problem.at(
+                str(folder),
+                f"not a t2t-mtl export (no {EXPORT_MARKER})",
+                "export a run first: t2t-mtl export --run RUN --out DIR",
+            )
         )
     api = HfApi()
     try:

@@ -603,8 +603,13 @@ def build_members(
             src = tc.source
             if src is not None and src.path:
                 src = dataclasses.replace(src, path=str(cfg.resolve_path(src.path)))
-            rows = sources.load_rows(
-                tmpl, src, split, bad_rows=cfg.train.bad_rows, limit=tc.max_examples
+            rows = sources.load_rows(  # max_examples: a seeded random subset, not the first
+                tmpl,
+                src,
+                split,
+                bad_rows=cfg.train.bad_rows,
+                limit=tc.max_examples,
+                seed=f"{cfg.seed}|{name}",
             )
         except T2TError as e:
             problems.extend(e.problems)

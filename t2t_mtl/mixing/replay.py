@@ -16,7 +16,7 @@ samples distinct rows.
 
 On disk, inside the run folder: `replay/buffer.jsonl` (the selected records, plain text Records, so any
 model family can replay them) and `replay/manifest.json` (tasks, counts, seed, template versions, and the
-full resumable state). `mixing.replay_member(buffer)` makes it one more mixture Member, "replay".
+full resumable state). `mixture.replay_member(buffer)` makes it one more mixture Member, "replay".
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Tokenisation, completion-only labels, packing and collators (layer 3, uses torch).
+"""Tokenisation, completion-only labels, packing and collators (uses torch).
 
 - `prompt_ids` is the one way to tokenise a prompt: training (`encode`) and inference
   both call it, so the model sees the same tokens in both (BOS and template markers are
@@ -35,9 +35,8 @@ import torch
 from t2t_mtl.core.records import Record
 from t2t_mtl.model.prompt_format import PromptFields, PromptFormat
 
-if TYPE_CHECKING:  # type-only: transformers/peft are imported where models are loaded
-    from peft import PeftModel
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+if TYPE_CHECKING:  # type-only: transformers is imported where models are loaded
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = [
     "IGNORE_INDEX",
@@ -465,7 +464,13 @@ def packing_check(
     a, a2 = (torch.randint(low, vocab, (la,), generator=gen).tolist() for _ in range(2))
     b = torch.randint(low, vocab, (lb,), generator=gen).tolist()
     feats = [
-        {"input_ids": x, "labels": list(x), "task": 0, "truncated": False, "target_truncated": False}
+        {
+            "input_ids": x,
+            "labels": list(x),
+            "task": 0,
+            "truncated": False,
+            "target_truncated": False,
+        }
         for x in (a, b)
     ]
     batch = collator(feats)

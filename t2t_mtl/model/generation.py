@@ -1,4 +1,4 @@
-"""Batched greedy generation and rank classification on records (layer 3, uses torch).
+"""Batched greedy generation and rank classification on records (uses torch).
 
 Both build prompts with `features.prompt_ids` and targets with `features.target_ids`, the
 functions training uses, so the model is asked exactly what it was taught:
@@ -35,6 +35,7 @@ from t2t_mtl.model.prompt_format import PromptFormat
 if TYPE_CHECKING:
     from peft import PeftModel
     from transformers import (
+        Cache,
         GenerationConfig,
         PreTrainedModel,
         PreTrainedTokenizerBase,
@@ -165,6 +166,7 @@ def generate_texts(
     progress: Callable[[int], object] | None = None,
     stop_after_line: bool = False,
     compact: bool = True,
+    share_prefix: bool = True,
 ) -> list[str]:
     """Greedy answers (decoded text, stripped) for `records`, in input order.
 
@@ -176,7 +178,9 @@ def generate_texts(
     ends; it runs only when the generation config asks for nothing but the argmax of the logits
     (`_plain_greedy`), and yields transformers' greedy tokens. Otherwise (seq2seq, a repetition
     penalty or other logits processors, `compact=False`) transformers' `generate` runs, with the
-    line stop as a per-row stopping criterion.
+    line stop as a per-row stopping criterion. With `compact` and `share_prefix`, the tokens all
+    prompts of a batch start with (chat header, system message, instruction) are prefilled once
+    for the batch instead of once per row.
     """
     if not records:
         return []
@@ -205,7 +209,16 @@ def generate_texts(
             rows = [prompts[i] for i in idx]
             ids, mask = (_right_pad if seq2seq else _left_pad)(rows, pad, device)
             if use_compact:
-                new = _compact_greedy(model, ids, mask, int(max_new_tokens), stops, line_done)
+                shared = shared_prefix_len(rows) if share_prefix else 0
+                new = _compact_greedy(
+                    model,
+                    ids,
+                    mask,
+                    int(max_new_tokens),
+                    stops,
+                    line_done,
+                    prefix_len=shared if shared >= MIN_SHARED_PREFIX else 0,
+                )
             else:
                 kw: dict[str, StoppingCriteriaList] = {}
                 if line_done is not None:
@@ -247,6 +260,9 @@ def _decode_answer(
     ids = _answer_ids(ids, stops, prefix, drop_first)
     return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
+
+# Shorter shared prefixes are not worth the extra forward pass that runs them.
+MIN_SHARED_PREFIX = 8
 
 # Where `str.splitlines` (which the label and span parsers use) ends a line.
 _LINE_BREAKS = frozenset("\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
@@ -351,6 +367,7 @@ def _compact_greedy(
     max_new_tokens: int,
     stops: Sequence[int],
     line_done: Callable[[list[int]], bool] | None = None,
+    prefix_len: int = 0,
 ) -> list[list[int]]:
     """Greedy decoding of a left-padded causal batch in which ended rows leave the batch.
 
@@ -359,6 +376,12 @@ def _compact_greedy(
     that rows which ended (stop token, budget, `line_done`) are dropped from the batch and its
     cache. Dropping copies the cache, so it happens once a quarter of the batch has ended (or the
     batch is small). Returns each row's new ids, its stop token included.
+
+    `prefix_len`: the first `prefix_len` tokens of every row's prompt are the same (chat header,
+    system message, instruction: often half the prompt or more), so they are run once and their
+    keys/values copied to every row; each row's rest is then prefilled after them, left-padded
+    in between (masked, with position ids counted from the mask as before). The attention sums
+    the same terms, so the tokens are the same up to floating-point rounding.
     """
     n = ids.shape[0]
     out: list[list[int]] = [[] for _ in range(n)]
@@ -368,14 +391,15 @@ def _compact_greedy(
     kw: dict[str, object] = {"use_cache": True}
     if _accepts(model, "logits_to_keep"):
         kw["logits_to_keep"] = 1
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    res = model(input_ids=ids, attention_mask=mask, position_ids=pos, **kw)
-    next_pos = mask.sum(-1, keepdim=True)
+    if prefix_len > 0:
+        res, mask, next_pos = _shared_prefix_prefill(model, ids, mask, prefix_len, cache_kw, kw)
+    else:
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        res = model(input_ids=ids, attention_mask=mask, position_ids=pos, **kw)
+        next_pos = mask.sum(-1, keepdim=True)
     stop_set = set(stops)
     for _ in range(max(1, max_new_tokens)):
-        cache = getattr(res, "cache", None)
-        if cache is None:
-            cache = res.past_key_values
+        cache = _cache_of(res)
         tokens = res.logits[:, -1].argmax(-1)
         for b, t in enumerate(tokens.tolist()):
             r = rows[b]
@@ -402,6 +426,56 @@ def _compact_greedy(
         res = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_pos, **kw)
         next_pos = next_pos + 1
     return out
+
+
+def _cache_of(res: object) -> Cache:
+    cache = getattr(res, "cache", None)
+    return res.past_key_values if cache is None else cache
+
+
+def _shared_prefix_prefill(
+    model: PreTrainedModel | PeftModel,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    prefix_len: int,
+    cache_kw: str,
+    kw: dict[str, object],
+) -> tuple[object, torch.Tensor, torch.Tensor]:
+    """Prefill of a left-padded batch whose prompts share their first `prefix_len` tokens: the
+    prefix once (batch of one), its cache repeated for every row, then each row's rest.
+    Returns (model output, attention mask [prefix | padding | rest], next position ids)."""
+    n, width = ids.shape
+    starts = width - mask.sum(-1)  # first real column of each row
+    first = int(starts[0])
+    prefix = ids[:1, first : first + prefix_len]
+    ones = mask.new_ones((1, prefix_len))
+    pos = torch.arange(prefix_len, device=ids.device)[None]
+    res = model(input_ids=prefix, attention_mask=ones, position_ids=pos, **kw)
+    cache = _cache_of(res)
+    cache.batch_repeat_interleave(n)
+    rest = [ids[r, int(starts[r]) + prefix_len :].tolist() for r in range(n)]
+    padded = ids[mask == 0]
+    pad = int(padded[0]) if len(padded) else 0  # the batch's pad id (masked wherever it sits)
+    rest_ids, rest_mask = _left_pad(rest, pad, ids.device)
+    full = torch.cat([ones.expand(n, -1), rest_mask], dim=-1)
+    pos = prefix_len + (rest_mask.cumsum(-1) - 1).clamp(min=0)
+    res = model(
+        input_ids=rest_ids, attention_mask=full, position_ids=pos, **{**kw, cache_kw: cache}
+    )
+    return res, full, prefix_len + rest_mask.sum(-1, keepdim=True)
+
+
+def shared_prefix_len(prompts: Sequence[Sequence[int]]) -> int:
+    """Tokens every prompt starts with, leaving each at least one token of its own (the last
+    prompt token's logits start the answer)."""
+    if len(prompts) < 2:
+        return 0
+    shortest = min(len(p) for p in prompts) - 1
+    k = 0
+    first = prompts[0]
+    while k < shortest and all(p[k] == first[k] for p in prompts):
+        k += 1
+    return k
 
 
 # ------------------------------------------------------------------ rank classification

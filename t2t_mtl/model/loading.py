@@ -24,6 +24,7 @@ import logging
 import os
 import socket
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
@@ -48,9 +49,12 @@ __all__ = [
     "detect_family",
     "embedded_copy",
     "embedded_gguf",
+    "embedded_positions",
+    "gguf_metadata",
     "load_for_inference",
     "load_gguf",
     "load_model_and_tokenizer",
+    "position_limit",
     "quiet_library_noise",
     "read_manifest",
     "remote_code_consent",
@@ -111,6 +115,74 @@ def embedded_gguf() -> Path:
             ]
         )
     return path
+
+
+def gguf_metadata(path: Path, wanted: Callable[[str], bool]) -> dict[str, Any]:
+    """The scalar metadata values of a GGUF file whose key `wanted` accepts, read from its header
+    only (no tensor is touched; the header is parsed up to the last wanted key or its end).
+
+    GGUF v2/v3: magic, version, tensor count, key count, then (key, type, value) entries.
+    """
+    import struct
+
+    scalar = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
+              10: "<Q", 11: "<q", 12: "<d"}  # fmt: skip
+    out: dict[str, Any] = {}
+    with open(path, "rb") as f:
+
+        def read(fmt: str) -> Any:
+            return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
+
+        def text() -> str:
+            return f.read(read("<Q")).decode("utf-8", errors="replace")
+
+        def value(kind: int) -> Any:
+            if kind in scalar:
+                return read(scalar[kind])
+            if kind == 8:
+                return text()
+            if kind == 9:  # an array: skipped item by item (token lists are long)
+                item, count = read("<I"), read("<Q")
+                if item in scalar:
+                    f.seek(struct.calcsize(scalar[item]) * count, 1)
+                else:
+                    for _ in range(count):
+                        value(item)
+                return None
+            raise ValueError(f"unknown GGUF value type {kind}")
+
+        if f.read(4) != b"GGUF" or read("<I") < 2:
+            raise ValueError(f"{path}: not a GGUF v2+ file")
+        read("<Q")  # tensor count
+        for _ in range(read("<Q")):
+            key, kind = text(), read("<I")
+            v = value(kind)
+            if wanted(key) and v is not None:
+                out[key] = v
+    return out
+
+
+def embedded_positions() -> int | None:
+    """The embedded model's position limit (its GGUF `<arch>.context_length`), read without
+    loading weights; None when the file does not say."""
+    meta = gguf_metadata(
+        embedded_gguf(), lambda k: k == "general.architecture" or k.endswith(".context_length")
+    )
+    arch = meta.get("general.architecture")
+    limit = meta.get(f"{arch}.context_length")
+    return int(limit) if isinstance(limit, int) else None
+
+
+def position_limit(hf_config: PretrainedConfig) -> int | None:
+    """The most tokens a model takes: `max_position_embeddings` / `n_positions` (absolute or
+    rotary positions). None for relative position schemes with no such limit: T5's relative
+    attention buckets take any length (quality past the trained length is the user's call)."""
+    if getattr(hf_config, "relative_attention_num_buckets", None) is not None:
+        return None
+    limit = getattr(hf_config, "max_position_embeddings", None) or getattr(
+        hf_config, "n_positions", None
+    )
+    return int(limit) if isinstance(limit, int) and limit > 0 else None
 
 
 def embedded_copy(*, rebuild: bool = False) -> Path:
@@ -352,13 +424,16 @@ def load_model_and_tokenizer(
     *,
     for_training: bool = True,
     gradient_checkpointing: bool = False,
+    reentrant_checkpointing: bool = False,
 ) -> tuple[PreTrainedModel | PeftModel, PreTrainedTokenizerBase, str]:
     """Load (model, tokenizer, family) for `model_cfg`.
 
     for_training=True: adapter per `adapter_cfg.method` (lora: peft LoRA, base frozen;
     qlora: 4-bit NF4 base, other base weights frozen in the compute dtype, + LoRA; full: every weight
     trainable), `config.use_cache=False` (needed for packed batches), optional gradient
-    checkpointing. for_training=False: the base model in eval mode (still 4-bit for qlora,
+    checkpointing (non-reentrant; reentrant with `reentrant_checkpointing`, which DeepSpeed ZeRO-3
+    needs: it gathers and releases parameters around each module, so a non-reentrant recompute sees
+    other tensors than the forward saved). for_training=False: the base model in eval mode (still 4-bit for qlora,
     so an adapter sees the numerics it was trained with). The tokenizer always has a pad
     token (EOS when it had none; padding is masked, so its value does not matter).
     """
@@ -416,7 +491,7 @@ def load_model_and_tokenizer(
         if adapter_cfg is not None and adapter_cfg.layers is not None:
             layers.freeze_outside(model, adapter_cfg.layers)
         if gradient_checkpointing:
-            _enable_checkpointing(model)
+            _enable_checkpointing(model, reentrant_checkpointing)
         model.train()
         return model, tokenizer, family
     from peft import LoraConfig, TaskType, get_peft_model
@@ -425,7 +500,7 @@ def load_model_and_tokenizer(
     if adapter_cfg.layers is not None:  # adapters only on the covered blocks
         targets = layers.lora_targets(model, targets, adapter_cfg.layers)
     if gradient_checkpointing:  # lora or qlora
-        _enable_checkpointing(model)
+        _enable_checkpointing(model, reentrant_checkpointing)
     lora = LoraConfig(
         r=adapter_cfg.r,
         lora_alpha=adapter_cfg.alpha,
@@ -438,14 +513,16 @@ def load_model_and_tokenizer(
     return model, tokenizer, family
 
 
-def _enable_checkpointing(model: PreTrainedModel) -> None:
+def _enable_checkpointing(model: PreTrainedModel, reentrant: bool = False) -> None:
     # transformers 5 renamed gradient_checkpointing_enable (now a deprecated alias).
     enable = (
         getattr(model, "activation_checkpointing_enable", None)
         or model.gradient_checkpointing_enable
     )
-    enable({"use_reentrant": False})
-    model.enable_input_require_grads()  # frozen embeddings + checkpointing still need input grads
+    enable({"use_reentrant": reentrant})
+    # Frozen embeddings + checkpointing still need input grads (reentrant checkpointing computes
+    # no gradient at all for a block whose inputs do not require one).
+    model.enable_input_require_grads()
 
 
 def _check_targets(model: PreTrainedModel, targets: str | list[str]) -> str | list[str]:
@@ -519,17 +596,21 @@ def save_adapter_bundle(
     tokenizer: PreTrainedTokenizerBase,
     out_dir: str | os.PathLike,
     manifest: dict[str, Any],
+    *,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write adapter weights (a peft model) or full weights, the tokenizer and
     `t2t_manifest.json` (see `bundle_manifest`) to `out_dir`, atomically: built in a
-    temporary sibling and renamed, so a crash never leaves a half-written bundle."""
+    temporary sibling and renamed, so a crash never leaves a half-written bundle.
+    `state_dict`: the model's full weights when its own parameters are shards (FSDP, ZeRO-3:
+    `Accelerator.get_state_dict`); the adapter (or full) weights are taken from it."""
     missing = [k for k in ("model", "family", "prompt_format") if k not in manifest]
     if missing:
         raise ValueError(f"bundle manifest misses {missing}; build it with bundle_manifest()")
     out = Path(out_dir)
     with temp_folder_beside(out) as tmp:
         is_peft = hasattr(model, "peft_config")
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, **({} if state_dict is None else {"state_dict": state_dict}))
         tokenizer.save_pretrained(tmp)
         data = {**manifest, "bundle": {"kind": "adapter" if is_peft else "full", "format": 1}}
         (tmp / MANIFEST).write_text(

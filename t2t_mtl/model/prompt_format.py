@@ -19,7 +19,7 @@ string search. Special tokens (BOS, template markers) are part of the prompt *te
 so causal prompts are tokenised with `add_special_tokens=False` (see
 `add_special_tokens`), the same rule `apply_chat_template(tokenize=True)` uses.
 
-Layer 1: no torch/transformers import; `for_tokenizer` only calls tokenizer methods.
+No torch/transformers import; `for_tokenizer` only calls tokenizer methods.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """The run folder: its layout, writing its fixed parts (training) and reading it back (evaluation, prediction, export).
 
-Layout (written by `training.train`, see docs/architecture.md): `config.yaml` (resolved config),
-`templates/` (copies of the template files the run used), `adapter/` (final bundle with
-`t2t_manifest.json`), `stages/<stage>/adapter/` (one bundle per finished stage), `eval/`
-(written here: evaluation results). Templates are taken from the run's copies, so a run keeps
-answering with the prompts it was trained on even after the shipped templates change.
+Layout (written by `training.trainer.train`; docs/architecture.md lists the whole folder):
+`config.yaml` (resolved config), `templates/` (copies of the template files the run used),
+`adapter/` (final bundle with `t2t_manifest.json`), `stages/<stage>/adapter/` (one bundle per
+finished stage), `eval/` (written here: evaluation results). Templates are taken from the run's
+copies, so a run keeps answering with the prompts it was trained on even after the shipped templates
+change.
 
 Writing: resolved config.yaml (local paths made absolute, so `load_config(RUN/config.yaml)` finds the
 same sources, template folders and local models from anywhere), template copies, mixture.json, task manifests.
@@ -54,7 +55,7 @@ logger = logging.getLogger(__name__)
 CONFIG_FILE = "config.yaml"
 MIXTURE_FILE = "mixture.json"
 TRACKERS_FILE = "trackers.json"  # experiment trackers' run ids, to continue them on resume
-MANIFEST = "t2t_manifest.json"  # same name as modeling.MANIFEST (kept here: this layer has no torch)
+MANIFEST = "t2t_manifest.json"  # = model.loading.MANIFEST (kept here: this layer has no torch)
 
 
 class Run:
@@ -70,12 +71,23 @@ class Run:
         """Open a run folder; anything that is not one is a ConfigError naming what is missing."""
         p = Path(path).expanduser()
         if not p.is_dir():
-            raise ConfigError(Problem(str(p), None, "run folder not found",
-                                      "pass the run's output_dir (the folder with config.yaml and adapter/)"))
+            raise ConfigError(
+                Problem(
+                    str(p),
+                    None,
+                    "run folder not found",
+                    "pass the run's output_dir (the folder with config.yaml and adapter/)",
+                )
+            )
         if not (p / CONFIG_FILE).is_file():
-            hint = "this looks like a model bundle; pass the run folder above it" if (p / MANIFEST).is_file() \
+            hint = (
+                "this looks like a model bundle; pass the run folder above it"
+                if (p / MANIFEST).is_file()
                 else "pass the run's output_dir (the folder with config.yaml and adapter/)"
-            raise ConfigError(Problem(str(p), None, f"not a t2t-mtl run folder (no {CONFIG_FILE})", hint))
+            )
+            raise ConfigError(
+                Problem(str(p), None, f"not a t2t-mtl run folder (no {CONFIG_FILE})", hint)
+            )
         return cls(p, load_config(p / CONFIG_FILE))
 
     @property
@@ -92,8 +104,14 @@ class Run:
         """The final model bundle `RUN/adapter`; a missing one is a ConfigError."""
         b = self.dir / "adapter"
         if not (b / MANIFEST).is_file():
-            raise ConfigError(Problem(str(b), None, "the run has no final model bundle (adapter/t2t_manifest.json)",
-                                      "has training finished? a checkpoint is not a bundle"))
+            raise ConfigError(
+                Problem(
+                    str(b),
+                    None,
+                    "the run has no final model bundle (adapter/t2t_manifest.json)",
+                    "has training finished? a checkpoint is not a bundle",
+                )
+            )
         return b
 
     def stage_bundles(self) -> list[tuple[str, Path]]:
@@ -116,13 +134,21 @@ class Run:
         for t in self.cfg.tasks:
             if (t.name or t.template) == name:
                 return t
-        raise ConfigError(Problem(str(self.dir / CONFIG_FILE), None, f"task '{name}' is not part of this run",
-                                  did_you_mean(name, self.task_names())))
+        raise ConfigError(
+            Problem(
+                str(self.dir / CONFIG_FILE),
+                None,
+                f"task '{name}' is not part of this run",
+                did_you_mean(name, self.task_names()),
+            )
+        )
 
     def template(self, name: str) -> Task:
         """Task `name`'s template as the run saved it (`RUN/templates/`), else from the catalogue."""
         if name not in self._templates:
-            self._templates[name] = task_for(self.cfg, self.task_config(name), self.dir / "templates")
+            self._templates[name] = task_for(
+                self.cfg, self.task_config(name), self.dir / "templates"
+            )
         return self._templates[name]
 
     def source(self, name: str) -> SourceConfig | None:
@@ -172,7 +198,9 @@ def resolved_config(cfg: RunConfig) -> dict:
             t.source = dataclasses.replace(t.source, path=_abs(cfg, t.source.path))
     c.template_dirs = [_abs(cfg, d) for d in cfg.template_dirs]
     name = cfg.model.name
-    if not name.startswith("embedded:") and (Path(name).expanduser().exists() or cfg.resolve_path(name).exists()):
+    if not name.startswith("embedded:") and (
+        Path(name).expanduser().exists() or cfg.resolve_path(name).exists()
+    ):
         c.model = dataclasses.replace(cfg.model, name=_abs(cfg, name))
     return config_to_dict(c)
 
@@ -180,7 +208,9 @@ def resolved_config(cfg: RunConfig) -> dict:
 def write_config(run_dir: Path, cfg: RunConfig) -> Path:
     """`run_dir/config.yaml`: the resolved config (loads back with `config.load_config`)."""
     path = Path(run_dir) / CONFIG_FILE
-    atomic_write_text(path, yaml.safe_dump(resolved_config(cfg), sort_keys=False, allow_unicode=True))
+    atomic_write_text(
+        path, yaml.safe_dump(resolved_config(cfg), sort_keys=False, allow_unicode=True)
+    )
     return path
 
 
@@ -229,13 +259,28 @@ def copy_templates(run_dir: Path, templates: dict[str, Task]) -> dict[str, str]:
 
 def mixture_entry(plan: StagePlan, cfg: RunConfig) -> dict:
     """One stage's table for mixture.json: per member size, target tokens, n_i and rate."""
-    return {"stage": plan.name, "index": plan.index, "temperature": plan.temperature, "cap": cfg.mixing.cap,
-            "unit": cfg.mixing.unit, "seed": plan.seed,
-            "members": [{"name": m.name, "source": m.info.get("source", "task"), "examples": m.size,
-                         "target_tokens": round(float(m.tokens), 1), "tokens_exact": m.tokens_exact,
-                         "skipped_rows": m.skipped, "n_i": plan.sizes[m.name], "rate": plan.rates[m.name],
-                         **({"tasks": m.info["tasks"]} if "tasks" in m.info else {})}
-                        for m in plan.members]}
+    return {
+        "stage": plan.name,
+        "index": plan.index,
+        "temperature": plan.temperature,
+        "cap": cfg.mixing.cap,
+        "unit": cfg.mixing.unit,
+        "seed": plan.seed,
+        "members": [
+            {
+                "name": m.name,
+                "source": m.info.get("source", "task"),
+                "examples": m.size,
+                "target_tokens": round(float(m.tokens), 1),
+                "tokens_exact": m.tokens_exact,
+                "skipped_rows": m.skipped,
+                "n_i": plan.sizes[m.name],
+                "rate": plan.rates[m.name],
+                **({"tasks": m.info["tasks"]} if "tasks" in m.info else {}),
+            }
+            for m in plan.members
+        ],
+    }
 
 
 def write_mixture(run_dir: Path, entry: dict) -> None:
@@ -247,17 +292,25 @@ def write_mixture(run_dir: Path, entry: dict) -> None:
     atomic_write_json(path, data, indent=1)
 
 
-def task_manifest(
-    cfg: RunConfig, templates: dict[str, Task], copies: dict[str, str]
-) -> list[dict]:
+def task_manifest(cfg: RunConfig, templates: dict[str, Task], copies: dict[str, str]) -> list[dict]:
     """Per task: template name/version/type, how outputs are parsed and scored, where the copy is."""
     out = []
     for name, tc in zip(cfg.task_names(), cfg.tasks):
         tpl = templates[name]
-        out.append({"name": name, "template": tpl.name, "version": tpl.version, "task_type": tpl.task_type,
-                    "parse": tpl.parse, "metric": list(tpl.metric), "answer_choices": list(tpl.answer_choices or []),
-                    "eval_mode": tc.eval_mode or tpl.eval_mode, "loss_weight": tc.loss_weight,
-                    "template_file": copies.get(name)})
+        out.append(
+            {
+                "name": name,
+                "template": tpl.name,
+                "version": tpl.version,
+                "task_type": tpl.task_type,
+                "parse": tpl.parse,
+                "metric": list(tpl.metric),
+                "answer_choices": list(tpl.answer_choices or []),
+                "eval_mode": tc.eval_mode or tpl.eval_mode,
+                "loss_weight": tc.loss_weight,
+                "template_file": copies.get(name),
+            }
+        )
     return out
 
 

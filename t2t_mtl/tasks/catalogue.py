@@ -2,41 +2,47 @@
 
 A user adds a task by dropping a YAML file into one of those folders: no code change. Files whose
 name starts with `_` are include-only snippets, never tasks. Template validation lives here (not in
-`templates.py`) because the trial render on bundled samples needs the data layer (`sources.py`).
+`tasks.task`) because the trial render on bundled samples needs the rows (`tasks.sources`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from t2t_mtl.core import yaml_lines
-from t2t_mtl.core.config import RunConfig
-from t2t_mtl.core.errors import Problem, T2TError, TemplateError, did_you_mean
+from t2t_mtl.core import shipped
+from t2t_mtl.core.config import RunConfig, SourceConfig, load_config
+from t2t_mtl.core.errors import ConfigError, Problem, T2TError, TemplateError, did_you_mean
 from t2t_mtl.core.records import Record
 from t2t_mtl.tasks import sources
 from t2t_mtl.tasks.parsing import OUTSIDE, tag_type, type_name_problem
-from t2t_mtl.tasks.task import PROJECT_ROOT, Task, load_task_file, read_task_file
+from t2t_mtl.tasks.task import Task, load_task_file, read_task_file
 
 __all__ = [
     "ENV_VAR",
     "SHIPPED_DIR",
+    "TrialSource",
     "all_bad_rows_problem",
     "catalogue_problems",
     "check_config",
     "check_file",
     "check_targets",
+    "config_cross_problems",
     "find_task_files",
+    "load_checked_config",
     "load_task",
     "sample_splits",
     "target_files",
     "task_records",
     "template_dirs",
     "trial_render",
+    "trial_sources",
 ]
 
-SHIPPED_DIR = PROJECT_ROOT / "task_templates"
+SHIPPED_DIR = shipped.TEMPLATES  # the checkout's task_templates/, or the installed copy
 ENV_VAR = "T2T_MTL_TEMPLATES"  # extra template folders, separated by os.pathsep
 TRIAL_ROWS = 200  # sample rows per split rendered by `validate`
 
@@ -149,6 +155,11 @@ def all_bad_rows_problem(
         return None
     first = rows.problems[0] if rows.problems else Problem(rows.desc, None, "unreadable rows")
     count = f"all {rows.skipped} rows of {rows.desc} are bad"
+    if rows.render_first is not None and rows.render_skipped == rows.skipped:
+        p = rows.render_first  # the template fails on every row: its line is what to fix
+        return Problem(
+            p.file, p.line, f"{p.message} (on all {rows.skipped} rows of {rows.desc})", p.hint
+        )
     at = source_at or (lambda key: tpl.where(("source", key)))
     if rows.label_skipped == rows.skipped:
         if rows.labels:
@@ -172,10 +183,67 @@ def all_bad_rows_problem(
     return Problem(file, line, f"{count}: {first.message}", first.hint)
 
 
-def trial_render(tpl: Task, limit: int = TRIAL_ROWS) -> list[Problem]:
-    """Render every variant on the bundled sample rows; report bad rows, failures, empty and off-label outputs.
+@dataclass
+class TrialSource:
+    """Rows `validate` trial-renders a template on: a source (None: the template's own bundled
+    samples or source) and its splits, with words saying which it is."""
 
-    Problems point at the variant's line in the template; the message names the sample row.
+    source: SourceConfig | None
+    splits: list[str]
+    what: str  # "bundled samples", "its source", "tasks[0].source of run.yaml"
+    kind: str  # "samples", "source" or "config": how the summary groups it
+
+
+def trial_sources(tpl: Task, cfg: RunConfig | None = None) -> list[TrialSource]:
+    """The real rows `validate` renders `tpl` on, the first of: its bundled samples (every split),
+    its own `source` (the splits it maps, else train), the sources a run config's tasks give it
+    (train and `eval.split`, those a source folder has). Empty when there are none."""
+    splits = sample_splits(tpl)
+    if splits:
+        return [TrialSource(None, splits, f"bundled samples {tpl.samples}", "samples")]
+    if tpl.source.get("path") or tpl.source.get("hub"):
+        where = tpl.source.get("path") or f"hub:{tpl.source['hub']}"
+        mapped = list(tpl.source.get("splits") or {}) or ["train"]
+        return [TrialSource(None, mapped, f"its source {where}", "source")]
+    out = []
+    for i, t in enumerate(cfg.tasks if cfg is not None else []):
+        if t.source is None or not _same_template(t.template, tpl, cfg):
+            continue
+        src = t.source
+        if src.path:
+            src = dataclasses.replace(src, path=str(cfg.resolve_path(src.path)))
+        wanted = list(dict.fromkeys(["train", cfg.eval.split]))
+        have = [s for s in wanted if _has_split(src, s)]
+        what = f"tasks[{i}].source of {cfg.config_path or 'the run config'}"
+        out.append(TrialSource(src, have or wanted[:1], what, "config"))
+    return out
+
+
+def _has_split(src: SourceConfig, split: str) -> bool:
+    """Whether a local source has a file for `split` (a hub source or a single file: assumed)."""
+    if not src.path or not Path(src.path).is_dir():
+        return True
+    stem = (src.splits or {}).get(split, split)
+    return any((Path(src.path) / f"{stem}.{ext}").is_file() for ext in sources.FORMATS)
+
+
+def _same_template(name: str, tpl: Task, cfg: RunConfig) -> bool:
+    extra = [cfg.resolve_path(d) for d in cfg.template_dirs]
+    if name.endswith((".yaml", ".yml")) or os.sep in name:
+        path = Path(name)
+    else:
+        path = find_task_files(extra).get(name)
+    return path is not None and Path(path).resolve() == Path(tpl.path).resolve()
+
+
+def trial_render(
+    tpl: Task, limit: int = TRIAL_ROWS, trials: Sequence[TrialSource] | None = None
+) -> list[Problem]:
+    """Render every variant on real rows (`trials`, default `trial_sources(tpl)`): report rows
+    that cannot be read or do not fit, render failures, empty and off-label outputs.
+
+    Template problems point at the variant's line, naming the row (`file:line`) they met first and
+    how many more rows show the same. Data that cannot be read is reported where it is.
     """
     problems: list[Problem] = []
     first: dict[
@@ -189,85 +257,115 @@ def trial_render(tpl: Task, limit: int = TRIAL_ROWS) -> list[Problem]:
             first[key] = [prob, 1]
 
     choices = set(tpl.answer_choices)
-    for split in sample_splits(tpl):
-        try:
-            rows = sources.load_rows(tpl, None, split, bad_rows="skip", limit=limit)
-        except T2TError as e:
-            problems.extend(e.problems)
-            continue
-        every = all_bad_rows_problem(tpl, rows)
-        problems.extend(([every] if every else []) + rows.problems)
-        for i in range(len(rows)):
-            row, (dfile, dline) = rows[i], rows.location(i)
-            where = f"{Path(dfile).name}:{dline}"
-            for v in tpl.variants:
-                try:
-                    rec = tpl.render(row, v, row_id=str(i), split=split)
-                except TemplateError as e:
-                    p = e.problems[0]
-                    note(
-                        (v.id, p.message),
-                        Problem(p.file, p.line, f"{p.message} (sample {where})", p.hint),
-                    )
-                    continue
-                for part in ("input", "output"):
-                    if not getattr(rec, part):
-                        f, ln = v.lines[part]
+    for trial in trial_sources(tpl) if trials is None else trials:
+        for split in trial.splits:
+            try:
+                # render=False: failing renders are reported below, at the template's lines
+                rows = sources.load_rows(
+                    tpl, trial.source, split, bad_rows="skip", limit=limit, render=False
+                )
+            except T2TError as e:
+                problems.extend(e.problems)
+                continue
+            every = all_bad_rows_problem(tpl, rows)
+            problems.extend(([every] if every else []) + rows.problems)
+            for i in range(len(rows)):
+                row, (dfile, dline) = rows[i], rows.location(i)
+                # "sample train.jsonl:3" for the bundled samples, else the row's whole path
+                sample = trial.kind == "samples"
+                where = f"sample {Path(dfile).name}:{dline}" if sample else f"row {dfile}:{dline}"
+                for v in tpl.variants:
+                    try:
+                        rec = tpl.render(row, v, row_id=str(i), split=split)
+                    except TemplateError as e:
+                        p = e.problems[0]
                         note(
-                            (v.id, part, "empty"),
+                            (v.id, p.message),
+                            Problem(p.file, p.line, f"{p.message} ({where})", p.hint),
+                        )
+                        continue
+                    for part in ("input", "output"):
+                        if not getattr(rec, part):
+                            f, ln = v.lines[part]
+                            note(
+                                (v.id, part, "empty"),
+                                Problem(
+                                    f,
+                                    ln,
+                                    f"variant '{v.id}' {part} renders empty text ({where})",
+                                ),
+                            )
+                    if tpl.is_label_task and choices and rec.output not in choices:
+                        f, ln = v.lines["output"]
+                        note(
+                            (v.id, "output", "choice"),
                             Problem(
                                 f,
                                 ln,
-                                f"variant '{v.id}' {part} renders empty text (sample {where})",
+                                f"variant '{v.id}' output {rec.output!r} is not one of "
+                                f"answer_choices ({where})",
+                                did_you_mean(rec.output, choices),
                             ),
                         )
-                if tpl.is_label_task and choices and rec.output not in choices:
-                    f, ln = v.lines["output"]
-                    note(
-                        (v.id, "output", "choice"),
-                        Problem(
-                            f,
-                            ln,
-                            f"variant '{v.id}' output {rec.output!r} is not one of answer_choices (sample {where})",
-                            did_you_mean(rec.output, choices),
-                        ),
-                    )
     for prob, count in first.values():
-        more = f" and {count - 1} more sample row(s)" if count > 1 else ""
+        more = f" and {count - 1} more {'sample ' if '(sample ' in prob.message else ''}row(s)"
+        more = more if count > 1 else ""
         problems.append(Problem(prob.file, prob.line, prob.message + more, prob.hint))
     return problems
 
 
 def check_file(path: str | Path, *, trial: bool = True) -> list[Problem]:
-    """Every problem of one template file: static checks, then trial renders on its bundled samples."""
-    return _check_one(Path(path), trial)[0]
+    """Every problem of one template file: static checks, then trial renders on its real rows
+    (`trial_sources`)."""
+    return _check_one(Path(path), trial, None)[0]
 
 
-def _check_one(path: Path, trial: bool) -> tuple[list[Problem], bool]:
-    """(problems, whether a trial render had sample rows to use)."""
+def _check_one(path: Path, trial: bool, cfg: RunConfig | None) -> tuple[list[Problem], list]:
+    """(problems, the TrialSources rendered) of one template file."""
     tpl, problems = read_task_file(path)
-    tried = tpl is None or not trial or bool(sample_splits(tpl))  # broken ones are reported anyway
-    if tpl is not None and trial:
-        problems += trial_render(tpl)
-    return problems, tried
+    if tpl is None or not trial:
+        return problems, []
+    trials = trial_sources(tpl, cfg)
+    if not trials:
+        return problems + [
+            Problem(
+                str(path),
+                1,
+                f"no rows to trial-render '{tpl.name}' on",
+                "give it bundled samples (samples: a folder of {split}.jsonl files) or a source "
+                "(source: {path: ...}), or validate it with --config RUN.yaml whose task gives "
+                "it a source; --no-trial skips the trial render",
+            )
+        ], []
+    return problems + trial_render(tpl, trials=trials), trials
 
 
 def check_targets(
-    targets: list[str], extra_dirs: Iterable[str | Path] = (), *, trial: bool = True
-) -> tuple[int, list[Problem], list[str]]:
+    targets: list[str],
+    extra_dirs: Iterable[str | Path] = (),
+    *,
+    trial: bool = True,
+    cfg: RunConfig | None = None,
+) -> tuple[int, list[Problem], dict[str, list[str]]]:
     """Validate files, folders or task names (default: the whole catalogue).
 
-    Returns (number of files checked, problems, names of templates without bundled samples, whose
-    variants could therefore not be trial-rendered).
+    Returns (number of files checked, problems, which rows the templates were trial-rendered on:
+    {"rendered on bundled samples" | "... own source" | "... run config sources": [names]}).
+    `cfg`: a run config whose tasks' sources serve templates without samples or a source.
     """
     files, problems = target_files(targets, extra_dirs)
-    untried = []
+    used: dict[str, list[str]] = {}
+    names = {
+        "samples": "rendered on bundled samples",
+        "source": "rendered on own source",
+        "config": "rendered on run config sources",
+    }
     for f in files:
-        found, tried = _check_one(f, trial)
+        found, trials = _check_one(f, trial, cfg)
         problems += found
-        if not tried:
-            untried.append(f.stem)
-    return len(files), problems, untried
+        for kind in dict.fromkeys(t.kind for t in trials):
+            used.setdefault(names[kind], []).append(f.stem)
+    return len(files), problems, used
 
 
 def target_files(
@@ -308,18 +406,37 @@ def target_files(
 # ------------------------------------------------------------------ run-config cross-checks
 
 
-def check_config(cfg: RunConfig) -> list[Problem]:
-    """Cross-check a run config against the catalogue: templates exist and load, sources exist and fit."""
-    file = cfg.config_path or "<config>"
-    loc = None
-    if cfg.config_path:
-        try:
-            loc = yaml_lines.load(cfg.config_path)
-        except T2TError:
-            loc = None
+def load_checked_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """A run config (`load_config`) checked against the catalogue (`check_config`): every problem
+    of both kinds is raised together in one ConfigError, each at its line or override."""
+    problems: list[Problem] = []
+    cfg = load_config(path, overrides, collect=problems)
+    problems += [p for p in config_cross_problems(cfg, bool(problems)) if p not in problems]
+    if problems:
+        raise ConfigError(problems)
+    return cfg
 
-    def bad(kp: tuple, msg: str, hint: str = "") -> Problem:
-        return loc.problem(kp, msg, hint) if loc is not None else Problem(file, None, msg, hint)
+
+def config_cross_problems(cfg: RunConfig, broken: bool) -> list[Problem]:
+    """`check_config(cfg)`; when the config itself has problems (`broken`: values may have wrong
+    types), a cross-check that trips over one of them is left out: it is reported already."""
+    try:
+        return check_config(cfg)
+    except T2TError as e:
+        return list(e.problems)
+    except Exception:  # noqa: BLE001 - only for a broken config, whose problems are reported
+        if not broken:
+            raise
+        return []
+
+
+def check_config(cfg: RunConfig) -> list[Problem]:
+    """Cross-check a run config against the catalogue: templates exist and load, sources exist and fit.
+
+    Each problem is at its key's line in the config file, or at the `key=value` override that set
+    it (`RunConfig.problem`).
+    """
+    bad = cfg.problem
 
     problems: list[Problem] = []
     extra = []
@@ -364,11 +481,15 @@ def check_config(cfg: RunConfig) -> list[Problem]:
         if src.path:
             rp = cfg.resolve_path(src.path)
             if not rp.exists():
+                tried = [Path(src.path).expanduser().resolve()]
+                if cfg.config_path and not Path(src.path).expanduser().is_absolute():
+                    tried.append((Path(cfg.config_path).parent / src.path).resolve())
                 problems.append(
                     bad(
                         ("tasks", i, "source", "path"),
                         f"tasks[{i}].source.path: not found: {src.path}",
-                        "relative paths resolve against the current folder, then the config's folder",
+                        "a relative path is looked for in the current folder, then the config's "
+                        "folder; tried: " + ", ".join(map(str, dict.fromkeys(tried))),
                     )
                 )
         for col, dst in (src.columns or {}).items():

@@ -1,28 +1,31 @@
 """The task template format: keys, enums and field types, the sandboxed Jinja environment, static checks.
 
-`templates.py` loads a file (+ includes) and builds a `Task`; this module judges the merged
+`tasks.task` loads a file (+ includes) and builds a `Task`; this module judges the merged
 data and compiles the variants, collecting *every* problem with the `file:line` inside the YAML file
 where it sits (included files keep their own lines), so `t2t-mtl validate` lists them all at once.
 
-Security: variants are compiled by `ImmutableSandboxedEnvironment` without a loader, so a template
-cannot reach Python internals (`__class__`, `__globals__` ...), other files or the network; the
-static check additionally refuses private names and include/import tags with their line.
+Security: variants are compiled in the sandbox of `sandbox.py` (no Python internals, files or
+network; text only; a render budget); the static check additionally refuses, with their line,
+private names, include/import tags and what would print a Python object instead of text: a method
+of a field not called (`{{ text.upper }}`) or a function not called (`{{ range }}`).
 """
 
 from __future__ import annotations
 
+import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import jinja2
 from jinja2 import meta, nodes
-from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
+from t2t_mtl.core import shipped
 from t2t_mtl.core.config import NAME_HINT, name_problem
 from t2t_mtl.core.errors import Problem, did_you_mean
-from t2t_mtl.tasks.parsing import OUTSIDE, ner_linearize, tag_type, type_name_problem
+from t2t_mtl.tasks.parsing import OUTSIDE, tag_type, type_name_problem
+from t2t_mtl.tasks.sandbox import make_env, prepare
 
 __all__ = [
     "ENV",
@@ -40,12 +43,14 @@ __all__ = [
     "check_data",
     "entity_types_of",
     "make_env",
+    "data_path_candidates",
     "resolve_data_path",
+    "tried",
 ]
 
-PROJECT_ROOT = (
-    Path(__file__).resolve().parents[2]
-)  # the checkout: `samples:` paths are relative to it
+# The shipped files' root (the checkout, or the installed package's data): `samples:` paths of the
+# shipped templates are relative to it (`core.shipped`).
+PROJECT_ROOT = shipped.ROOT
 TASK_TYPES = ("classification", "nli", "qa", "ner", "summarization", "generation")
 LABEL_TASK_TYPES = ("classification", "nli")
 METRICS = ("accuracy", "macro_f1", "squad", "span_f1", "rouge")
@@ -86,33 +91,6 @@ _FORBIDDEN = {
 _BLOCK_SCALAR = re.compile(r":\s*[|>][-+0-9]*\s*(#.*)?$")
 
 
-class _Env(ImmutableSandboxedEnvironment):
-    """The sandbox plus limits on `*` and `**`, which could otherwise build huge strings or numbers."""
-
-    intercepted_binops = frozenset(["*", "**"])
-
-    def call_binop(self, context, operator, left, right):
-        if operator == "**" and isinstance(right, (int, float)) and abs(right) > 64:
-            raise SecurityError("exponent too large in a template")
-        if operator == "*":
-            for seq, n in ((left, right), (right, left)):
-                if (
-                    isinstance(seq, (str, list, tuple))
-                    and isinstance(n, int)
-                    and len(seq) * n > 100_000
-                ):
-                    raise SecurityError("repetition too large in a template")
-        return super().call_binop(context, operator, left, right)
-
-
-def make_env() -> jinja2.Environment:
-    """The Jinja environment every variant is compiled with: sandboxed, strict, no loader."""
-    env = _Env(undefined=jinja2.StrictUndefined, autoescape=False)
-    env.filters["ner_linearize"] = ner_linearize  # {{ tokens | ner_linearize(ner_tags) }}
-    env.globals["ner_linearize"] = ner_linearize  # {{ ner_linearize(tokens, ner_tags) }}
-    return env
-
-
 ENV = make_env()
 
 
@@ -136,16 +114,32 @@ class Variant:
     heldout: bool = False
     compiled: dict | None = None  # part -> jinja2.Template
     lines: dict | None = None  # part -> (file, line of the part's first text line)
+    # part -> the problem of a render that ran out of time: later rows fail at once, not after
+    # another full budget each (a runaway template would otherwise take minutes per file).
+    over_time: dict = field(default_factory=dict)
+
+
+def data_path_candidates(p: str, template_path: Path) -> list[Path]:
+    """Where a template's relative `samples`/`source.path` entry is looked for, in order: the
+    template's folder, the shipped files' root (`PROJECT_ROOT`: the checkout, or the installed
+    package's data), the current folder. An absolute path is itself."""
+    path = Path(str(p)).expanduser()
+    if path.is_absolute():
+        return [path]
+    out = [template_path.parent / path, PROJECT_ROOT / path, Path.cwd() / path]
+    return list(dict.fromkeys(out))  # the same folder twice is tried once
 
 
 def resolve_data_path(p: str, template_path: Path) -> Path:
-    """Resolve a `samples`/`source.path` entry: absolute, else project root, else the template's folder."""
-    path = Path(str(p)).expanduser()
-    if path.is_absolute():
-        return path
-    if (PROJECT_ROOT / path).exists() or not (template_path.parent / path).exists():
-        return PROJECT_ROOT / path
-    return template_path.parent / path
+    """The first candidate of `data_path_candidates` that exists (the first one when none does)."""
+    cands = data_path_candidates(p, template_path)
+    return next((c for c in cands if c.exists()), cands[0])
+
+
+def tried(p: str, template_path: Path) -> str:
+    """The hint of a path not found: every candidate that was tried."""
+    cands = (os.path.normpath(c.absolute()) for c in data_path_candidates(p, template_path))
+    return "tried: " + ", ".join(dict.fromkeys(cands))
 
 
 # ------------------------------------------------------------------ static checks
@@ -366,8 +360,50 @@ def _check_entity_types(c: _Checker, d: dict) -> list[str] | None:
     return types
 
 
-def _compile_part(c: _Checker, kp: tuple, src: str, vid: str, part: str, names: set):
-    """Parse + compile one Jinja part; report syntax, forbidden constructs and undefined variables."""
+# Public methods of the values a field type holds: `{{ text.upper }}` (not called) prints a repr.
+_METHODS = {
+    "str": {m for m in dir(str) if not m.startswith("_")},
+    "list": {m for m in dir(list) if not m.startswith("_")},
+    "dict": {m for m in dir(dict) if not m.startswith("_")},
+}
+_METHODS.update({"label": _METHODS["str"], "list[str]": _METHODS["list"]})
+_METHODS["list[label]"] = _METHODS["list"]
+
+
+def _not_called(ast: nodes.Template, fields: dict) -> list[tuple[int, str, str]]:
+    """(line, message, hint) for each method of a declared field, and each global function, that
+    the template uses without calling it: the record would show a Python repr."""
+    called = {id(n.node) for n in ast.find_all(nodes.Call)}
+    # Reading a function's attribute (`loop.cycle(...)`, `cycler | attr(...)`) is no output of it.
+    looked_into = {id(n.node) for n in ast.find_all((nodes.Getattr, nodes.Getitem, nodes.Test))}
+    looked_into |= {id(n.node) for n in ast.find_all(nodes.Filter) if n.name == "attr"}
+    out = []
+    for node in ast.find_all(nodes.Getattr):
+        if id(node) in called or not isinstance(node.node, nodes.Name):
+            continue
+        spec = fields.get(node.node.name)
+        if spec is not None and node.attr in _METHODS.get(spec.type, ()):
+            name, attr = node.node.name, node.attr
+            hint = f"call it: {name}.{attr}(...)"
+            if spec.type == "dict":
+                hint += f", or for the key '{attr}' write {name}['{attr}']"
+            msg = f"'{name}.{attr}' is a method, not a value (the text would show a Python repr)"
+            out.append((node.lineno, msg, hint))
+    for node in ast.find_all(nodes.Name):
+        if (
+            node.ctx == "load"
+            and id(node) not in called | looked_into
+            and node.name not in fields
+            and callable(ENV.globals.get(node.name))
+        ):
+            msg = f"'{node.name}' is a function, not a value (the text would show a Python repr)"
+            out.append((node.lineno, msg, f"call it: {node.name}(...)"))
+    return out
+
+
+def _compile_part(c: _Checker, kp: tuple, src: str, vid: str, part: str, names: set, fields: dict):
+    """Parse + compile one Jinja part; report syntax, forbidden constructs, undefined variables and
+    uncalled methods and functions."""
     file, first = c.first_text_line(kp)
     where = f"variant '{vid}' {part}"
     before = len(c.problems)
@@ -412,7 +448,12 @@ def _compile_part(c: _Checker, kp: tuple, src: str, vid: str, part: str, names: 
         bad(
             e.lineno,
             f"Jinja error: {msg}",
-            did_you_mean(m.group(2), ENV.filters if m.group(1) == "filter" else ENV.tests)
+            did_you_mean(
+                m.group(2),
+                [f for f in ENV.filters if not f.startswith("t2t_")]
+                if m.group(1) == "filter"
+                else ENV.tests,
+            )
             if m
             else "",
         )
@@ -424,9 +465,11 @@ def _compile_part(c: _Checker, kp: tuple, src: str, vid: str, part: str, names: 
             f"undefined variable '{name}'",
             did_you_mean(name, sorted(names - set(ENV.globals))) or "declare it under fields:",
         )
+    for lineno, msg, hint in _not_called(ast, fields):
+        bad(lineno, msg, hint)
     if len(c.problems) > before:
         return None
-    return ENV.from_string(ast)
+    return ENV.from_string(prepare(ast))
 
 
 def _check_variants(c: _Checker, raw: Any, fields: dict) -> list[Variant]:
@@ -481,7 +524,7 @@ def _check_variants(c: _Checker, raw: Any, fields: dict) -> list[Variant]:
                 continue
             texts[part] = str(src)
             lines[part] = c.first_text_line(kp + (part,)) if part in v else c.at(kp)
-            compiled[part] = _compile_part(c, kp + (part,), str(src), vid, part, names)
+            compiled[part] = _compile_part(c, kp + (part,), str(src), vid, part, names, fields)
         out.append(
             Variant(
                 vid,
@@ -518,7 +561,7 @@ def check_data(
             c.add(
                 (),
                 f"missing required key '{k}'",
-                "see docs/architecture.md for the template format",
+                "see README.md, 'Task templates', for the template format",
             )
     name = data.get("name")
     if "name" in data and (
@@ -604,7 +647,8 @@ def check_data(
             c.add(
                 ("samples",),
                 f"samples folder not found: {data['samples']}",
-                "relative to the project root (or to this file); holds {split}.jsonl files",
+                "a folder of {split}.jsonl files, relative to this file's folder; "
+                + tried(data["samples"], path),
             )
     _check_source(c, data, fields)
     _check_entity_types(c, data)

@@ -24,6 +24,7 @@ import csv
 import difflib
 import json
 import logging
+import random
 import warnings
 from array import array
 from collections.abc import Iterator, Sequence
@@ -42,7 +43,15 @@ if TYPE_CHECKING:
     from t2t_mtl.tasks.schema import Variant
     from t2t_mtl.tasks.task import Task
 
-__all__ = ["FORMATS", "MAX_SHOWN", "Rows", "load_rows", "map_row", "render_row"]
+__all__ = [
+    "FORMATS",
+    "MAX_SHOWN",
+    "Rows",
+    "load_rows",
+    "map_row",
+    "render_row",
+    "row_render_problem",
+]
 
 FORMATS = {
     "jsonl": "json",
@@ -88,6 +97,9 @@ def resolve(template: Task, source: SourceConfig | None, split: str) -> Resolved
         # Bundled samples are stored per canonical split name, in the hub dataset's own schema.
         return Resolved(path=samples, split_name=split, columns=cols, labels=labels)
     splits = tsrc.get("splits") or {}
+    missing = getattr(template, "source_missing", None)
+    if tsrc.get("path") and missing is not None:
+        raise DataError(missing)  # at the template's source.path line, with the paths tried
     if tsrc.get("hub") or tsrc.get("path"):
         return Resolved(
             tsrc.get("hub"),
@@ -165,7 +177,9 @@ class _Backend:
             with open(self.file, "rb") as f:  # the reader skips blank lines: count the real ones
                 self._lines = [n for n, ln in enumerate(f, 1) if ln.strip()]
         elif self._lines is None and self.kind == "csv":
-            self._lines = array("q", (first for first, _, _ in _csv_records(self.file) if _))
+            self._lines = array(
+                "q", (first for first, rec, _ in _csv_records(self.file) if rec is not None)
+            )
         if self._lines is not None and i < len(self._lines):
             return self.desc, int(self._lines[i])
         return self.desc, i + 1
@@ -376,7 +390,7 @@ def _read_csv(file: Path, problems: list[tuple[str, int, str]], ds_mod: Any) -> 
         if not f.read(1 << 16).strip():
             raise _empty_file(file)
     starts, broken = array("q"), []
-    for first, rec, why in _csv_records(file):
+    for first, _rec, why in _csv_records(file):
         if why:
             broken.append((first, why))
         else:
@@ -471,7 +485,9 @@ def _open(res: Resolved, split: str, problems: list) -> _Backend:
             if file is None:
                 stems = sorted({p.stem for p in res.path.iterdir() if p.suffix[1:] in FORMATS})
                 hint = did_you_mean(res.split_name, stems) or (
-                    "files there: " + ", ".join(stems) if stems else "the folder holds no data files"
+                    "files there: " + ", ".join(stems)
+                    if stems
+                    else "the folder holds no data files"
                 )
                 raise DataError(
                     Problem(
@@ -501,9 +517,7 @@ def _open(res: Resolved, split: str, problems: list) -> _Backend:
             ) from None
     with _quiet() as ds_mod:
         try:
-            ds = ds_mod.load_dataset(
-                res.hub, res.name, split=res.split_name, revision=res.revision
-            )
+            ds = ds_mod.load_dataset(res.hub, res.name, split=res.split_name, revision=res.revision)
         except Exception as e:  # noqa: BLE001 - offline, unknown dataset, missing config: all
             # end the same way for the user
             what = f"hub dataset '{res.hub}'" + (f" (config '{res.name}')" if res.name else "")
@@ -676,7 +690,28 @@ def check_row(
         p = _type_problem(name, row[name], spec.type, spec.required, labels, tagging)
         if p:
             out.append((*p, name))
+    if tagging and not out:
+        out += _tag_count_problem(row, template)
     return out
+
+
+def _tag_count_problem(row: dict, template: Task) -> list[tuple[str, str, str]]:
+    """A tagging row needs one tag per token: the label field's list against the token list (the
+    `tokens` field, else the first other list[str] field), as `ner_linearize` and scoring pair them."""
+    tags = row.get(template.label_field) if template.label_field else None
+    names = ["tokens"] + [n for n, f in template.fields.items() if f.type == "list[str]"]
+    name = next(
+        (n for n in names if n != template.label_field and isinstance(row.get(n), list)), None
+    )
+    if not isinstance(tags, list) or name is None or len(row[name]) == len(tags):
+        return []
+    return [
+        (
+            f"'{name}' has {len(row[name])} items but '{template.label_field}' has {len(tags)}",
+            "a tagged row needs exactly one tag per token: fix the row",
+            template.label_field,
+        )
+    ]
 
 
 def label_maps(template: Task, labels: dict) -> tuple[dict, dict | None]:
@@ -691,8 +726,9 @@ class Rows(Sequence):
     """Mapped, validated rows of one task split (a lazy view: rows are mapped when indexed).
 
     `.skipped` counts bad rows left out, `.problems` holds the first MAX_SHOWN of them;
-    `.label_skipped` counts the bad rows with a label outside the task's label set.
-    `.all_bad` is true when rows were read but every one was bad.
+    `.label_skipped` counts the bad rows with a label outside the task's label set,
+    `.render_skipped` those the template cannot render (`.render_first`: the first such failure,
+    at the template's line). `.all_bad` is true when rows were read but every one was bad.
     """
 
     def __init__(
@@ -705,10 +741,13 @@ class Rows(Sequence):
         skipped: int,
         problems: list[Problem],
         label_skipped: int = 0,
+        render_skipped: int = 0,
+        render_first: Problem | None = None,
     ):
         self._b, self._keep, self._res, self._t = backend, keep, res, template
         self.split, self.skipped, self.problems = split, skipped, problems
         self.label_skipped = label_skipped
+        self.render_skipped, self.render_first = render_skipped, render_first
         self.task = template.name
         self.desc = backend.desc
         # The maps in effect (the source override's, else the template's).
@@ -753,27 +792,26 @@ def render_row(
     variant: str | Variant | None = None,
     **kw: Any,  # passed on to Task.render: row_id, split, epoch, with_output
 ) -> Record:
-    """`template.render(rows[i], variant, **kw)`; when the template fails on this row, the error also
-    names the row (`file:row`), so the user can tell a broken template from one odd row."""
+    """`template.render(rows[i], variant, **kw)`; when the template fails on this row, the error
+    names the row (`file:row`) and the template line, so the user can tell a broken template from
+    one odd row. (`load_rows` leaves rows out that fail, so this is rare: a render over budget.)"""
     try:
         return template.render(rows[i], variant, **kw)
     except T2TError as e:
         where = (
             rows.location(i)
             if hasattr(rows, "location")
-            else (f"{getattr(template, 'name', 'task')} rows", i)
+            else (f"{getattr(template, 'name', 'task')} rows", i + 1)
         )
-        raise type(e)(
-            list(e.problems)
-            + [
-                Problem(
-                    where[0],
-                    where[1],
-                    "this row fails to render with the template line above",
-                    "fix or drop the row, or guard the template against it (e.g. {% if answers.text %}...{% endif %})",
-                )
-            ]
-        ) from None
+        raise type(e)([row_render_problem(where[0], where[1], e)]) from None
+
+
+def row_render_problem(file: str, line: int | None, e: T2TError) -> Problem:
+    """The problem of a row the template cannot render: at the row (`file:line`), naming the
+    template's line and what failed there, with the template's hint for that cause."""
+    p = e.problems[0]
+    at = f"{p.file}:{p.line}" if p.line is not None else p.file
+    return Problem(file, line, f"this row fails to render: {p.message} [{at}]", p.hint)
 
 
 def load_rows(
@@ -783,44 +821,58 @@ def load_rows(
     *,
     bad_rows: str = "skip",
     limit: int | None = None,
+    seed: int | str | None = None,
+    render: bool = True,
 ) -> Rows:
     """Rows of `split` for `template`, mapped and checked against its fields.
 
     `source=None` uses the bundled samples when they have the split, else the template's own source.
-    `bad_rows="fail"` raises DataError listing the bad rows; "skip" leaves them out and counts them.
-    `limit` stops after that many good rows (preview, quick evals).
+    A bad row is one that cannot be read, does not fit the template's fields, or (`render`) that
+    some variant of the template cannot render; `bad_rows="fail"` raises DataError listing the bad
+    rows, "skip" leaves them out and counts them (each problem at the row's `file:line`).
+    `limit`: at most that many good rows; without `seed` the first ones (preview), with `seed` a
+    random subset drawn with `(seed, task name)`, the same on every run and machine, in file order
+    (training's `max_examples`, evaluation's `eval.limit`: data files are often sorted, by article
+    or by label, so the first rows are no sample). Kept rows keep their file's row numbers.
     """
     res = resolve(template, source, split)
     read_problems: list[tuple[str, int, str]] = []
     backend = _open(res, split, read_problems)
     problems = [Problem(f, n, msg) for f, n, msg in read_problems]
     bad = len(read_problems)
-    label_bad = 0
+    label_bad = render_bad = 0
+    render_first: Problem | None = None
     keep = array("q")
-    index = 0
     labels, renames = label_maps(template, res.labels)
-    for batch in backend.batches():
-        for raw in batch:
-            row, present = map_row(
-                raw, res.columns, labels, template.label_field, template.fields, renames
-            )
-            found = check_row(raw, row, present, template, res.columns)
-            if found:
-                bad += 1
+    for index, raw in _candidates(backend, template.name, limit, seed):
+        row, present = map_row(
+            raw, res.columns, labels, template.label_field, template.fields, renames
+        )
+        found = check_row(raw, row, present, template, res.columns)
+        failure = None
+        if not found and render:
+            failure = _render_failure(template, row, str(len(keep)), split)
+        if found or failure is not None:
+            bad += 1
+            file, line = backend.location(index)
+            if failure is not None:
+                render_bad += 1
+                render_first = render_first or failure.problems[0]
+                new = [row_render_problem(file, line, failure)]
+            else:
                 label_bad += any(
                     f in present and template.fields[f].type in ("label", "list[label]")
                     for _, _, f in found
                 )
-                if len(problems) < MAX_SHOWN or bad_rows == "fail":
-                    file, line = backend.location(index)
-                    problems.extend(Problem(file, line, msg, hint) for msg, hint, _ in found[:3])
-            else:
-                keep.append(index)
-            index += 1
+                new = [Problem(file, line, msg, hint) for msg, hint, _ in found[:3]]
+            if len(problems) < MAX_SHOWN or bad_rows == "fail":
+                problems.extend(new)
+        else:
+            keep.append(index)
             if limit is not None and len(keep) >= limit:
                 break
-        if limit is not None and len(keep) >= limit:
-            break
+    if seed is not None:
+        keep = array("q", sorted(keep))  # a sample keeps the file's order
     if bad and bad_rows == "fail":
         shown = problems[:MAX_SHOWN]
         more = len(problems) - len(shown)
@@ -834,4 +886,60 @@ def load_rows(
             )
         )
         raise DataError(shown)
-    return Rows(backend, keep, res, template, split, bad, problems[:MAX_SHOWN], label_bad)
+    return Rows(
+        backend,
+        keep,
+        res,
+        template,
+        split,
+        bad,
+        problems[:MAX_SHOWN],
+        label_bad,
+        render_bad,
+        render_first,
+    )
+
+
+def _candidates(
+    backend: _Backend, task: str, limit: int | None, seed: int | str | None
+) -> Iterator[tuple[int, dict]]:
+    """(row index, raw row) in the order `load_rows` examines them: file order, or with a `seed`
+    and a `limit` below the number of rows, a seeded random order (`random` seeded with a string
+    hashes it with SHA-512, so the order is the same in every process and on every machine)."""
+    n = len(backend)
+    index = 0
+    if seed is None or limit is None or limit >= n:
+        batches = backend.batches()
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except Exception as e:  # noqa: BLE001 - a value the reader cannot convert
+                raise DataError(
+                    Problem(backend.desc, index + 1, f"cannot read this row: {_first_line(e)}")
+                ) from None
+            for raw in batch:
+                yield index, raw
+                index += 1
+        return
+    order = list(range(n))
+    random.Random(f"{seed}|{task}").shuffle(order)
+    for index in order:
+        try:
+            raw = backend.get(index)
+        except Exception as e:  # noqa: BLE001
+            raise DataError(
+                Problem(*backend.location(index), f"cannot read this row: {_first_line(e)}")
+            ) from None
+        yield index, raw
+
+
+def _render_failure(template: Task, row: dict, row_id: str, split: str) -> T2TError | None:
+    """The error of the first variant that cannot render `row` (None when all of them can)."""
+    for v in template.variants:
+        try:
+            template.render(row, v, row_id=row_id, split=split)
+        except T2TError as e:
+            return e
+    return None

@@ -1,13 +1,15 @@
 """Task template files: YAML (+ include) -> a checked `Task` that renders rows into Records.
 
-The file format is specified in docs/architecture.md; its keys, the sandboxed Jinja environment and
-the static checks are in `template_schema.py`. Loading reports *every* problem with its `file:line`.
-Trial renders on the bundled samples need the data layer and therefore live in `tasks.py`.
+The file format is described in README.md ("Task templates"); its keys and static checks are in
+`tasks.schema`, the sandboxed Jinja environment in `tasks.sandbox`. Loading reports *every* problem
+with its `file:line`. Trial renders on the bundled samples need the sources and therefore live in
+`tasks.catalogue`.
 """
 
 from __future__ import annotations
 
 import random
+import re
 import zlib
 from pathlib import Path
 
@@ -18,6 +20,13 @@ from t2t_mtl.core import yaml_lines
 from t2t_mtl.core.errors import Problem, T2TError, TemplateError, did_you_mean
 from t2t_mtl.core.records import Record
 from t2t_mtl.tasks.parsing import OUTSIDE, Parsed, parse
+from t2t_mtl.tasks.sandbox import (
+    MAX_PART_CHARS,
+    MAX_RENDER_SECONDS,
+    BudgetError,
+    ObjectOutputError,
+    render_part,
+)
 from t2t_mtl.tasks.schema import (
     ENV,
     LABEL_TASK_TYPES,
@@ -28,6 +37,7 @@ from t2t_mtl.tasks.schema import (
     check_data,
     entity_types_of,
     resolve_data_path,
+    tried,
 )
 
 # ENV and PROJECT_ROOT are re-exported from schema: callers know them as tasks.task.*
@@ -35,7 +45,7 @@ __all__ = ["ENV", "PROJECT_ROOT", "Task", "load_task_file", "read_task_file"]
 
 
 class Task:
-    """A loaded, statically valid task template (see docs/architecture.md for the fields)."""
+    """A loaded, statically valid task template (README.md, "Task templates", describes the fields)."""
 
     def __init__(self, data: dict, origins: dict, path: Path, files: list[Path], fields, variants):
         self.data, self._origins, self.path, self.files = data, origins, path, files
@@ -62,8 +72,15 @@ class Task:
         ):  # YAML may give int keys (0: negative); rows are matched as text
             if isinstance(src.get(k), dict):
                 src[k] = {str(a): str(b) for a, b in src[k].items()}
+        # A `source.path` that is not there: the problem to raise when rows are read from it.
+        self.source_missing: Problem | None = None
         if src.get("path"):
-            src["path"] = str(resolve_data_path(src["path"], path))
+            raw_path, src["path"] = src["path"], str(resolve_data_path(src["path"], path))
+            if not Path(src["path"]).exists():
+                file, line = self.where(("source", "path"))
+                self.source_missing = Problem(
+                    file, line, f"source.path not found: {raw_path}", tried(raw_path, path)
+                )
         self.source: dict = src
         self.samples: Path | None = (
             resolve_data_path(data["samples"], path) if data.get("samples") else None
@@ -181,20 +198,20 @@ class Task:
 
     def _render_part(self, v: Variant, part: str, ctx: dict) -> str:
         file, line = v.lines[part]
+        if part in v.over_time:
+            raise TemplateError(v.over_time[part])
         try:
-            return v.compiled[part].render(ctx).strip()
+            return render_part(v.compiled[part], ctx).strip()
         except Exception as e:  # user template code: any failure is the template's, not ours
-            if isinstance(e, SecurityError):
-                msg, hint = (
-                    f"not allowed in a template: {e}",
-                    "templates may only use the row's fields and filters",
-                )
-            elif isinstance(e, jinja2.UndefinedError):
-                msg, hint = str(e), "fields: " + ", ".join(self.fields)
-            else:
-                msg, hint = f"render failed: {type(e).__name__}: {e}", ""
-            line += _template_lineno(e) - 1
-        raise TemplateError(Problem(file, line, f"variant '{v.id}' {part}: {msg}", hint))
+            at = _template_lineno(e)
+            lines = str(getattr(v, part)).splitlines()
+            msg, hint = _render_error(e, lines[at - 1] if 0 < at <= len(lines) else "", self)
+            line += at - 1
+            timed_out = isinstance(e, BudgetError) and e.timed_out
+        problem = Problem(file, line, f"variant '{v.id}' {part}: {msg}", hint)
+        if timed_out:
+            v.over_time[part] = Problem(file, line, problem.message + " (on an earlier row)", hint)
+        raise TemplateError(problem)
 
     def parse_output(self, text: str, *, tokens: list[str] | None = None) -> Parsed:
         """Generated text -> `parsing.Parsed` using this template's `parse` kind, answer choices
@@ -207,6 +224,62 @@ class Task:
             entity_types=self.entity_types,
             entity_aliases=self.entity_aliases,
         )
+
+
+# `x.y['z'][0]`: an expression indexed by a number (group 1) and the number (group 2).
+_INDEXED = re.compile(
+    r"([A-Za-z_]\w*(?:\.[A-Za-z_]\w*|\[\s*(?:'[^']*'|\"[^\"]*\")\s*\])*)\s*\[\s*(-?\d+)\s*\]"
+)
+
+
+def _render_error(e: BaseException, source_line: str, task: Task) -> tuple[str, str]:
+    """(message, hint) for a part that failed to render, the hint fitting the cause; `source_line`
+    is the template line where it failed."""
+    text = str(e)
+    if isinstance(e, BudgetError) or (isinstance(e, OverflowError) and "range" in text.lower()):
+        return f"over the render budget: {text}", (
+            f"a part may take {MAX_RENDER_SECONDS:g} s and {MAX_PART_CHARS:,} characters: look for "
+            "nested loops, a huge range, padding widths (center, indent, format) or repetition"
+        )
+    if isinstance(e, ObjectOutputError):
+        return text, "templates output text: call methods and functions; add | list or | join"
+    if isinstance(e, SecurityError):
+        return (
+            f"not allowed in a template: {e}",
+            "templates may only use the row's fields and filters",
+        )
+    if isinstance(e, jinja2.UndefinedError):
+        element = re.search(r"has no element (-?\d+)", text)
+        key = re.search(r"has no attribute '([^']*)'", text)
+        if element:
+            m = next((m for m in _INDEXED.finditer(source_line) if m[2] == element[1]), None)
+            what = f"'{m[1]}'" if m else "a list"
+            guard = m[1] if m else "..."
+            return text, (
+                f"{what} has no item {element[1]} in this row (it is shorter, or empty): fix the "
+                f"row, or guard the template: {{% if {guard} %}}...{{% endif %}}"
+            )
+        if key:
+            m = re.search(rf"([A-Za-z_][\w.]*)\.{re.escape(key[1])}\b", source_line)
+            ref = f"{m[1]}.{key[1]}" if m else key[1]
+            return text, (
+                f"this row has no key '{key[1]}': fix the row, or guard the template: "
+                f"{{% if {ref} is defined %}}...{{% endif %}}"
+            )
+        return text, "fields: " + ", ".join(task.fields)
+    msg = f"render failed: {type(e).__name__}: {text}"
+    if isinstance(e, ZeroDivisionError):
+        return msg, "a divisor is 0 in this row: guard it, e.g. {% if n %}...{% endif %}"
+    if isinstance(e, RecursionError):
+        return msg, "a macro calls itself without end"
+    if re.search(r"\d+ tokens but \d+ tags", text):
+        return msg, "a tagged row needs exactly one tag per token: fix the row"
+    if isinstance(e, (TypeError, ValueError, AttributeError, KeyError, IndexError)):
+        return msg, (
+            "a value in this row does not fit what the template does with it: check the row "
+            "against fields: (" + ", ".join(f"{n}: {f.type}" for n, f in task.fields.items()) + ")"
+        )
+    return msg, ""
 
 
 def _template_lineno(exc: BaseException) -> int:

@@ -11,6 +11,12 @@ The step (see `losses` for the objective):
    c_i already normalise over the whole window;
 4. all-reduce the per-task loss sums, stop on a non-finite loss or gradient norm *before* the
    optimiser step (the last checkpoint stays good), clip, step, update the balancer.
+
+Against interference and forgetting (`protection`): with `train.gradient_surgery: pcgrad` step 3 is
+one backward pass per task on the unwrapped model, the per-task gradients are all-reduced here and
+PCGrad's combination becomes the gradient; a stage's EWC penalty adds its gradient after step 3;
+parameters a freezing schedule has turned off keep no gradient. `make_optimizer` builds one group
+per layer-wise learning rate (`train.layer_lr_decay`), and `make_scheduler` scales them all.
 """
 
 from __future__ import annotations
@@ -362,9 +368,13 @@ def make_optimizer(
     learning_rate: float,
     weight_decay: float,
     layer_lr_decay: float = 1.0,
+    optim: str = "adamw",
 ) -> torch.optim.Optimizer:
     """AdamW over the run's trainable set (`layers.trainable_named`); no weight decay on biases and
-    norm weights (1-d tensors).
+    norm weights (1-d tensors). `optim` (TrainConfig.optim): "adamw" is torch's; "adamw_8bit",
+    "paged_adamw" and "paged_adamw_8bit" are bitsandbytes' AdamW8bit / PagedAdamW /
+    PagedAdamW8bit (same update rule and defaults; 8-bit state for tensors of >= 4096 elements,
+    bitsandbytes' threshold; `preflight.backend_problems` refuses what a machine cannot run).
 
     Layer-wise learning rates: with `layer_lr_decay` d < 1 a parameter in block l of L trains at
     lr · d^(L−1−l), the embeddings at lr · d^L (lowest), the parts above the top block (final norm,
@@ -391,7 +401,16 @@ def make_optimizer(
         }
         for (s, decay), ps in sorted(by_key.items(), key=lambda kv: (-kv[0][0], not kv[0][1]))
     ]
-    return torch.optim.AdamW(groups, lr=learning_rate)
+    if optim == "adamw":
+        return torch.optim.AdamW(groups, lr=learning_rate)
+    import bitsandbytes as bnb  # optional: checked by preflight
+
+    cls = {
+        "adamw_8bit": "AdamW8bit",
+        "paged_adamw": "PagedAdamW",
+        "paged_adamw_8bit": "PagedAdamW8bit",
+    }
+    return getattr(bnb.optim, cls[optim])(groups, lr=learning_rate)
 
 
 def make_scheduler(

@@ -8,15 +8,16 @@ accelerate backend (FSDP / ZeRO-3 limits, bf16/fp16 support) — and raises one 
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import logging
 import os
 from typing import TYPE_CHECKING
 
 import torch
 
-from t2t_mtl.core import yaml_lines
-from t2t_mtl.core.config import EMBEDDED_MODEL, RunConfig
-from t2t_mtl.core.errors import Problem, T2TError
+from t2t_mtl.core.config import EMBEDDED_MODEL, RunConfig, load_config
+from t2t_mtl.core.errors import ConfigError, Problem, T2TError
 from t2t_mtl.mixing import mixture
 from t2t_mtl.model import layers, loading
 from t2t_mtl.tasks import catalogue
@@ -29,9 +30,16 @@ __all__ = [
     "backend_problems",
     "check_run",
     "configure_deepspeed",
+    "configure_fsdp",
     "cpu_processes",
+    "deepspeed_launch_env",
+    "deepspeed_zero3",
+    "fsdp_on_cpu",
+    "generation_model",
     "layer_range_problems",
+    "load_run_config",
     "mixed_precision",
+    "sharded_model",
 ]
 
 logger = logging.getLogger(__name__)
@@ -49,23 +57,24 @@ def check_run(cfg: RunConfig) -> tuple[dict[str, mixture.Member], dict[str, Task
             members = mixture.build_members(cfg)
         except T2TError as e:
             problems += e.problems
-    empty = [n for n, m in members.items() if m.size == 0]
     problems += [
-        Problem.at(
-            "<config>",
+        cfg.problem(
+            ("tasks", i),
             f"task '{n}' has no training rows",
             "check its source and the bad-row report",
         )
-        for n in empty
+        for i, n in enumerate(cfg.task_names())
+        if n in members and members[n].size == 0
     ]
     try:
         loading.check_device_options(cfg.model, cfg.adapter)
     except T2TError as e:
         problems += e.problems
     name = cfg.model.name
+    limit = None
     try:
         if name == EMBEDDED_MODEL:
-            loading.embedded_gguf()
+            limit = loading.embedded_positions()  # its config without loading the weights
         else:
             local = cfg.resolve_path(name)
             _, _, hf_cfg = loading.resolve_model(
@@ -78,24 +87,25 @@ def check_run(cfg: RunConfig) -> tuple[dict[str, mixture.Member], dict[str, Task
             )
             if blocks:  # else the check waits for the loaded model
                 problems += layer_range_problems(cfg, blocks)
-            limit = getattr(hf_cfg, "max_position_embeddings", None) or getattr(
-                hf_cfg, "n_positions", None
+            limit = loading.position_limit(hf_cfg)  # None for T5's relative positions
+    except T2TError as e:  # "model.name: ..." problems: at the config's model.name line
+        problems += [
+            cfg.problem(("model", "name"), p.message, p.hint)
+            if p.file == "<config>" and p.message.startswith("model.name")
+            else p
+            for p in e.problems
+        ]
+    except (OSError, ValueError) as e:  # an unreadable model file
+        problems.append(cfg.problem(("model", "name"), f"model.name: cannot read {name}: {e}"))
+    if limit and isinstance(cfg.model.max_length, int) and cfg.model.max_length > limit:
+        problems.append(
+            cfg.problem(
+                ("model", "max_length"),
+                f"model.max_length: {cfg.model.max_length} is more than the model's "
+                f"{limit} positions",
+                f"use model.max_length <= {limit}",
             )
-            if (
-                limit
-                and not getattr(hf_cfg, "is_encoder_decoder", False)
-                and cfg.model.max_length > limit
-            ):
-                problems.append(
-                    Problem.at(
-                        "<config>",
-                        f"model.max_length: {cfg.model.max_length} is more than the model's "
-                        f"{limit} positions",
-                        f"use model.max_length <= {limit}",
-                    )
-                )
-    except T2TError as e:
-        problems += e.problems
+        )
     problems += backend_problems(cfg)
     if cfg.replay.enabled and len(cfg.stage_list()) < 2:
         logger.warning("note: replay.enabled has no effect with a single stage")
@@ -106,6 +116,24 @@ def check_run(cfg: RunConfig) -> tuple[dict[str, mixture.Member], dict[str, Task
         n: catalogue.load_task(t.template, extra) for n, t in zip(cfg.task_names(), cfg.tasks)
     }
     return members, templates
+
+
+def load_run_config(path: str, overrides: list[str] | None = None) -> RunConfig:
+    """The run config for training (`load_config`). When it has problems, they are raised
+    together with everything else `check_run` finds (unknown templates, sources, the model's
+    limits, the launch setup) in one ConfigError: the user fixes all of them in one go. A valid
+    config is returned unchecked: `trainer.train` runs `check_run` itself."""
+    problems: list[Problem] = []
+    cfg = load_config(path, overrides, collect=problems)
+    if problems:
+        try:
+            check_run(cfg)
+        except T2TError as e:
+            problems += [p for p in e.problems if p not in problems]
+        except Exception:  # noqa: BLE001 - a check tripping over a value reported above
+            pass
+        raise ConfigError(problems)
+    return cfg
 
 
 def backend_problems(cfg: RunConfig) -> list[Problem]:
@@ -121,13 +149,36 @@ def backend_problems(cfg: RunConfig) -> list[Problem]:
             )
         )
     if cfg.adapter.method == "qlora" and sharded:
+        # Sharding replaces each parameter by a flat or DTensor shard; a bitsandbytes 4-bit weight
+        # keeps its quantisation state on the parameter object, which that loses. The one known
+        # recipe (FSDP1, bnb_4bit_quant_storage = compute dtype, no LoRA on embeddings) is untested here.
         out.append(
             Problem.at(
                 "<config>",
-                "adapter.method: qlora is not supported with FSDP or DeepSpeed ZeRO-3 here",
+                "adapter.method: qlora is not supported with FSDP or DeepSpeed ZeRO-3 here (sharding "
+                "drops the 4-bit weights' quantisation state)",
                 "use launch/accelerate/ddp.yaml or deepspeed_zero2.yaml, or method: lora",
             )
         )
+    if _fsdp() and not torch.cuda.is_available():
+        if os.environ.get("FSDP_VERSION", "1") != "2":
+            out.append(
+                Problem.at(
+                    "<config>",
+                    "FSDP on CPU processes needs fsdp_version: 2 (FSDP1 needs a GPU)",
+                    "launch with launch/accelerate/cpu_fsdp.yaml",
+                )
+            )
+        if os.environ.get("FSDP_SYNC_MODULE_STATES", "false").lower() == "true":
+            out.append(
+                Problem.at(
+                    "<config>",
+                    "fsdp_sync_module_states: true needs a GPU (accelerate broadcasts from one)",
+                    "set fsdp_sync_module_states: false (every process loads the same weights), as "
+                    "launch/accelerate/cpu_fsdp.yaml does",
+                )
+            )
+    out += _optimizer_problems(cfg)
     mixed = mixed_precision(cfg)
     out += _protection_problems(cfg, sharded, mixed)
     cuda = torch.cuda.is_available()
@@ -155,19 +206,41 @@ def backend_problems(cfg: RunConfig) -> list[Problem]:
     return out
 
 
+def _optimizer_problems(cfg: RunConfig) -> list[Problem]:
+    """train.optim values this machine or launch cannot run (bitsandbytes optimisers)."""
+    optim = cfg.train.optim
+    if optim == "adamw":
+        return []
+    bad = _located(cfg)
+    kp = ("train", "optim")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return [bad(kp, f"train.optim: {optim} needs bitsandbytes", "pip install bitsandbytes")]
+    out = []
+    if optim.startswith("paged") and not torch.cuda.is_available():
+        # bitsandbytes falls back to an ordinary optimiser there (with a warning): nothing to page
+        out.append(
+            bad(
+                kp,
+                f"train.optim: {optim} needs a GPU (paging moves optimiser state out of GPU memory)",
+                "use adamw or adamw_8bit on a CPU",
+            )
+        )
+    if _sharded_backend() or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") == "true":
+        out.append(
+            bad(
+                kp,
+                f"train.optim: {optim} is not supported with FSDP or DeepSpeed here (they shard or "
+                "wrap the optimiser, and accept only optimisers they know)",
+                "use adamw, or one GPU / DDP (launch/accelerate/ddp.yaml)",
+            )
+        )
+    return out
+
+
 def _located(cfg: RunConfig):
-    """`bad(key_path, message, hint)`: a Problem at the key's line of the config file when known."""
-    loc = None
-    if cfg.config_path:
-        try:
-            loc = yaml_lines.load(cfg.config_path)
-        except T2TError:
-            loc = None
-
-    def bad(kp: tuple, msg: str, hint: str = "") -> Problem:
-        return loc.problem(kp, msg, hint) if loc is not None else Problem.at("<config>", msg, hint)
-
-    return bad
+    """`bad(key_path, message, hint)`: a Problem at the key's line of the config file, or at the
+    `key=value` override that set it (`RunConfig.problem`)."""
+    return cfg.problem
 
 
 def _protection_problems(cfg: RunConfig, sharded: bool, mixed: str) -> list[Problem]:
@@ -260,6 +333,24 @@ def _sharded_backend() -> bool:
     )
 
 
+def deepspeed_zero3() -> bool:
+    """Launched with DeepSpeed ZeRO-3 (launch/accelerate/deepspeed_zero3.yaml): gradient
+    checkpointing must then be reentrant (`loading.load_model_and_tokenizer`)."""
+    return (
+        os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+        and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "") == "3"
+    )
+
+
+def deepspeed_launch_env(cfg: RunConfig) -> None:
+    """Before the Accelerator exists: a DeepSpeed launch config with `gradient_accumulation_steps:
+    auto` (launch/accelerate/deepspeed_*.yaml) reaches the process as
+    ACCELERATE_GRADIENT_ACCUMULATION_STEPS=auto, which `Accelerator()` reads as an integer (and
+    fails on). "auto" means the run's own `train.grad_accum`, so that is what it becomes."""
+    if os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "").lower() == "auto":
+        os.environ["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"] = str(cfg.train.grad_accum)
+
+
 def configure_deepspeed(acc: Accelerator, cfg: RunConfig) -> None:
     """DeepSpeed sizes its batches at prepare time from a dataloader we do not use: give it the run's
     micro-batch size and clipping (its `auto` values) instead."""
@@ -271,3 +362,83 @@ def configure_deepspeed(acc: Accelerator, cfg: RunConfig) -> None:
         ds["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
     if ds.get("gradient_clipping", "auto") == "auto":
         ds["gradient_clipping"] = cfg.train.max_grad_norm
+
+
+def _fsdp() -> bool:
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def fsdp_on_cpu(acc: Accelerator) -> None:
+    """Run an FSDP launch config (launch/accelerate/cpu_fsdp.yaml) on CPU processes over gloo.
+
+    accelerate turns FSDP on only for accelerator backends and leaves CPU processes on plain data
+    parallelism; torch's FSDP2 (`fully_shard`) runs on CPU, so the state is switched to FSDP with
+    the launch config's plugin. Used to test sharded training without GPUs (FSDP2 only, see
+    `backend_problems`); a no-op anywhere else.
+    """
+    if not (cpu_processes() and _fsdp()):
+        return
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()
+    if acc.state.mixed_precision != "no":
+        plugin.set_mixed_precision(acc.state.mixed_precision)
+    acc.state.distributed_type = DistributedType.FSDP
+    acc.state.fsdp_plugin = plugin
+    # What AcceleratorState.__init__ does on GPUs: every later AcceleratorState() copies the
+    # process state back in, so it must say FSDP too.
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+def configure_fsdp(acc: Accelerator, model: torch.nn.Module) -> None:
+    """Before `accelerator.prepare` under FSDP1: wrap every LoRA layer as its own FSDP unit.
+
+    FSDP1 flattens the parameters of each wrapped unit into one tensor, which needs one dtype: a
+    LoRA model has float32 adapters beside a bf16 base, so the default transformer-block wrapping
+    fails at prepare ("Must flatten tensors with uniform dtype"). peft's `fsdp_auto_wrap_policy`
+    (what TRL uses) makes each adapter layer a unit of its own beside the transformer blocks, so
+    every flat parameter has one dtype and one requires_grad. FSDP2 shards parameter by parameter
+    and needs nothing; neither does a model without adapters.
+    """
+    plugin = getattr(acc.state, "fsdp_plugin", None)
+    if plugin is None or acc.is_fsdp2 or not hasattr(model, "peft_config"):
+        return
+    from peft.utils.other import fsdp_auto_wrap_policy
+
+    plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)
+
+
+def sharded_model(acc: Accelerator) -> bool:
+    """True when the prepared model's parameters are split over processes (FSDP, DeepSpeed ZeRO-3):
+    saving its weights then needs the gathered state dict (`Accelerator.get_state_dict`)."""
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type == DistributedType.FSDP:
+        return True
+    plugin = getattr(acc.state, "deepspeed_plugin", None)
+    return plugin is not None and plugin.zero_stage == 3
+
+
+def generation_model(
+    acc: Accelerator, model: torch.nn.Module
+) -> tuple[torch.nn.Module, contextlib.AbstractContextManager]:
+    """(model, context): what evaluation during training generates with, inside the context.
+
+    An unsharded model: the unwrapped one. A sharded model must run through its wrapper, whose
+    forward gathers the shards: FSDP2 (and DeepSpeed ZeRO-3) gather per module in the model's own
+    forward, so the prepared model itself serves; under FSDP1, `generate` reaches the inner module
+    past the root wrapper, so the root's own parameters (embeddings, final norm, head) are gathered
+    for the call (`summon_full_params(recurse=False)`; the blocks gather themselves). Every process
+    must generate the same sequence of forwards: the evaluation hook runs the whole evaluation on
+    every process (not split between them).
+    """
+    if not sharded_model(acc):
+        return acc.unwrap_model(model), contextlib.nullcontext()
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type == DistributedType.FSDP and not acc.is_fsdp2:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        return model, FSDP.summon_full_params(model, recurse=False, writeback=False)
+    return model, contextlib.nullcontext()

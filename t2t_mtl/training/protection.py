@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from t2t_mtl.core.config import RunConfig
-from t2t_mtl.core.errors import ConfigError, Problem
+from t2t_mtl.core.errors import ConfigError, Problem, T2TError
 from t2t_mtl.model import layers
 
 if TYPE_CHECKING:
@@ -157,8 +157,19 @@ def save_ewc(
 
 
 def load_ewc(path: Path, device: torch.device) -> tuple[dict, dict]:
-    """(fisher, anchor) of a file written by `save_ewc`, on `device`."""
-    state = load_file(str(path), device=str(device))
+    """(fisher, anchor) of a file written by `save_ewc`, on `device`. A missing file (a run resumed
+    after `ewc` was added to a later stage) is a T2TError."""
+    if not Path(path).is_file():
+        raise T2TError(
+            Problem.at(
+                str(path),
+                "the EWC Fisher of this stage is missing: it is estimated when the stage ends, and "
+                "the run was resumed after `ewc` was set on a later stage",
+                "start the run over (train.resume=never) to estimate it",
+            )
+        )
+    device = torch.device(device)
+    state = load_file(str(path), device="cpu" if device.type == "cpu" else str(device))  # not cpu:0
     fisher = {k[len("fisher.") :]: v for k, v in state.items() if k.startswith("fisher.")}
     anchor = {k[len("anchor.") :]: v for k, v in state.items() if k.startswith("anchor.")}
     return fisher, anchor
@@ -191,7 +202,9 @@ class EwcPenalty:
         factor when gradients are still scaled (fp16)."""
         diffs = torch._foreach_sub([p.float() for p in self.params], self.anchor)
         fd = torch._foreach_mul(diffs, self.fisher)
-        value = sum(float(torch.dot(f.flatten(), d.flatten())) for f, d in zip(fd, diffs))
+        value = float(
+            torch.stack([torch.dot(f.flatten(), d.flatten()) for f, d in zip(fd, diffs)]).sum()
+        )
         for p, g in zip(self.params, fd):
             if not p.requires_grad:
                 continue
@@ -268,6 +281,5 @@ class LayerSchedule:
             return False
         for (_, p), pos in zip(self.named, self.pos):
             p.requires_grad_(rng is None or layers.covers(pos, *rng, self.n))
-        changed = not self._applied or rng != self.current
         self.current, self._applied = rng, True
-        return changed
+        return True

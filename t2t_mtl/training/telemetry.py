@@ -47,8 +47,13 @@ __all__ = [
 ]
 
 PROJECT = "t2t-mtl"  # the tracker project (W&B / trackio / Comet project, MLflow experiment)
-_PACKAGES = {"wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio", "comet_ml": "comet-ml",
-             "tensorboard": "tensorboard"}
+_PACKAGES = {
+    "wandb": "wandb",
+    "mlflow": "mlflow",
+    "trackio": "trackio",
+    "comet_ml": "comet-ml",
+    "tensorboard": "tensorboard",
+}
 
 
 def tracker_names(report_to: str | list[str] | None) -> list[str]:
@@ -77,7 +82,11 @@ def tracker_setup(
                 f"(pip install {_PACKAGES.get(name, name)})"
             )
     run_dir = Path(run_dir)
-    return use, ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")), notes
+    return (
+        use,
+        ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+        notes,
+    )
 
 
 def flat_config(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -96,7 +105,11 @@ def flat_config(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def tracker_init_kwargs(
-    names: list[str], run_name: str, run_dir: Path, saved: Mapping[str, Any], resume_step: int | None
+    names: list[str],
+    run_name: str,
+    run_dir: Path,
+    saved: Mapping[str, Any],
+    resume_step: int | None,
 ) -> dict[str, dict[str, Any]]:
     """`init_kwargs` for `accelerator.init_trackers`: a fresh tracker run named after the run, or,
     when resuming (`resume_step` = the checkpoint's step) with ids saved in trackers.json, the

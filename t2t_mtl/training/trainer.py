@@ -11,7 +11,9 @@ both call `train`. Order of work:
    (`batching`) to `optimizer_step.StepRunner`, log (`telemetry`), checkpoint (`checkpointing`), call
    the evaluation hook every `eval.every_steps`; at the stage end save `stages/<name>/adapter`, offer
    the stage's records to the replay buffer (`mixture.offer_stage_records`, as `t2t-mtl mix`
-   previews it) and save it;
+   previews it) and save it; when a later stage sets `ewc`, estimate the stage's Fisher
+   (`protection`, RUN/ewc/); the freezing schedule (`protection.LayerSchedule`) sets which blocks
+   train before every step;
 5. save the final bundle `adapter/` (with `t2t_manifest.json`), `loss_curves.png`, `train_summary.json`.
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -86,7 +89,8 @@ class EvalContext:
     """What the evaluation hook gets every `eval.every_steps` (all processes call it)."""
 
     accelerator: Accelerator
-    model: torch.nn.Module  # unwrapped, in eval mode during the call
+    # unwrapped (sharded models: the wrapped one, `preflight.generation_model`), in eval mode
+    model: torch.nn.Module
     tokenizer: PreTrainedTokenizerBase
     prompt_format: PromptFormat
     family: str
@@ -114,6 +118,7 @@ def train(
     t0 = time.time()
     loading.quiet_library_noise()
     members, templates = preflight.check_run(cfg)
+    _log_bad_rows(members)
     if eval_fn == "auto":
         eval_fn = evaluator.training_eval_fn(cfg) if cfg.eval.every_steps else None
     trainer = _Trainer(cfg, members, templates, eval_fn, on_step, t0)
@@ -122,6 +127,17 @@ def train(
     finally:
         trainer.telemetry.close()
         _end_distributed()
+
+
+def _log_bad_rows(members: dict[str, Member]) -> None:
+    """Say how many bad rows each task's training data had (always, as `t2t-mtl mix` does), with the
+    first one of each task that had some (`file:row: message`). Once, from the first process."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    logger.info("bad rows skipped: " + ", ".join(f"{n} {m.skipped}" for n, m in members.items()))
+    for m in members.values():
+        if m.skipped and m.info.get("bad_rows"):
+            logger.info("  " + m.info["bad_rows"])
 
 
 def _end_distributed() -> None:
@@ -173,6 +189,7 @@ class _Trainer:
         log_with, project, self.tracker_notes = tracker_setup(
             self.tr.report_to, Path(self.cfg.output_dir).expanduser()
         )
+        preflight.deepspeed_launch_env(self.cfg)
         self.acc = Accelerator(
             gradient_accumulation_steps=self.tr.grad_accum,
             cpu=preflight.cpu_processes(),
@@ -181,6 +198,7 @@ class _Trainer:
             log_with=log_with or None,
             project_config=project,
         )
+        preflight.fsdp_on_cpu(self.acc)  # launch/accelerate/cpu_fsdp.yaml (FSDP2 over gloo)
         self.main = self.acc.is_main_process
 
     def _setup_run_folder(self) -> None:
@@ -214,6 +232,7 @@ class _Trainer:
                 cfg.adapter,
                 for_training=True,
                 gradient_checkpointing=self.tr.gradient_checkpointing,
+                reentrant_checkpointing=preflight.deepspeed_zero3(),
             )
         except torch.OutOfMemoryError:
             raise T2TError(
@@ -232,9 +251,14 @@ class _Trainer:
         """`model`, `optimizer`: built and passed through `accelerator.prepare`, with checkpoint
         hooks; then per-process seeds (dropout differs between processes)."""
         optimizer = make_optimizer(
-            model, self.tr.learning_rate, self.tr.weight_decay, self.tr.layer_lr_decay
+            model,
+            self.tr.learning_rate,
+            self.tr.weight_decay,
+            self.tr.layer_lr_decay,
+            optim=self.tr.optim,
         )
         preflight.configure_deepspeed(self.acc, self.cfg)
+        preflight.configure_fsdp(self.acc, model)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         checkpointing.install_hooks(self.acc)
         set_seed(self.cfg.seed, device_specific=True)
@@ -372,11 +396,10 @@ class _Trainer:
         for si in range(int(state.get("stage_index", 0)), len(stages)):
             self._stage(si, state if state and si == int(state["stage_index"]) else None)
         self._save_bundle(self.run_dir / "adapter", stages[-1].name)
-        sums = (
-            self.acc.gather(_weight_checksum(self.acc.unwrap_model(self.model)).to(self.acc.device))
-            .cpu()
-            .tolist()
-        )
+        sums = _weight_checksum(self.acc.unwrap_model(self.model)).to(self.acc.device)
+        if preflight.sharded_model(self.acc):  # each process holds shards: sum them
+            sums = self.acc.reduce(sums, "sum")
+        sums = self.acc.gather(sums).cpu().tolist()
         if self.main:
             png = plot_loss_curves(self.run_dir / "metrics.jsonl", self.run_dir / "loss_curves.png")
             _write_summary(
@@ -585,9 +608,10 @@ class _Trainer:
         self.acc.wait_for_everyone()
 
     def _eval(self, stage: str) -> None:
+        model, gathered = preflight.generation_model(self.acc, self.model)
         ctx = EvalContext(
             self.acc,
-            self.acc.unwrap_model(self.model),
+            model,
             self.tok,
             self.fmt,
             self.family,
@@ -598,7 +622,8 @@ class _Trainer:
         )
         self.model.eval()
         try:
-            result = self.eval_fn(ctx) or {}
+            with gathered:
+                result = self.eval_fn(ctx) or {}
         finally:
             self.model.train()
             restore_4bit_for_training(self.model)
@@ -628,6 +653,9 @@ class _Trainer:
         return float(json.loads(f.read_text())["combined"]) if f.is_file() else float("-inf")
 
     def _save_bundle(self, folder: Path, stage: str) -> None:
+        """Write a bundle (main process); all processes call it. A sharded model (FSDP, ZeRO-3) is
+        saved from its gathered state dict, which every process helps to build."""
+        state = self.acc.get_state_dict(self.model) if preflight.sharded_model(self.acc) else None
         if self.main:
             man = loading.bundle_manifest(
                 self.cfg.model,
@@ -638,7 +666,9 @@ class _Trainer:
                 stage=stage,
                 **self.manifest_extra,
             )
-            loading.save_adapter_bundle(self.acc.unwrap_model(self.model), self.tok, folder, man)
+            loading.save_adapter_bundle(
+                self.acc.unwrap_model(self.model), self.tok, folder, man, state_dict=state
+            )
         self.acc.wait_for_everyone()
 
 
@@ -679,8 +709,12 @@ def _ddp_kwargs(cfg: RunConfig) -> list:
 
 
 def _weight_checksum(model: torch.nn.Module) -> torch.Tensor:
-    """Σ|w| and Σw over trainable parameters (float64): equal on every process when they agree."""
-    ps = [p.detach().double() for _, p in layers.trainable_named(model)]
+    """Σ|w| and Σw over trainable parameters (float64): equal on every process when they agree.
+    Over this process's shards only for a sharded model (FSDP2 DTensors: their local part)."""
+    ps = [
+        (p.to_local() if hasattr(p, "to_local") else p).detach().double()
+        for _, p in layers.trainable_named(model)
+    ]
     return torch.tensor(
         [sum(float(p.abs().sum()) for p in ps), sum(float(p.sum()) for p in ps)],
         dtype=torch.float64,
