@@ -11,9 +11,10 @@ full `evaluator.evaluate` of one task (generation, parsing, scoring, intervals):
 
 - before: transformers' `generate` for every batch, one budget for all tasks (eval.max_new_tokens),
   rows run until their stop token or the budget (`task_budgets=False, line_stop=False,
-  compact=False`);
-- after: the defaults: per-task budgets, label/span rows end with their first line, ended rows
-  leave the batch (`evaluate`'s docstring);
+  compact=False, share_prefix=False`);
+- after: the defaults: per-task budgets (not for a base model, as in `t2t-mtl eval --base`),
+  label/span rows end with their first line, ended rows leave the batch, shared prompt prefixes
+  are prefilled once per batch (`evaluate`'s docstring);
 - with --ablate, also "after" minus one speed-up at a time.
 
 The machine may be shared, so the settings run interleaved: every round evaluates each task under
@@ -39,8 +40,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 import common  # noqa: E402
 
 SECTION = "## Evaluation speed"
-BEFORE = {"task_budgets": False, "line_stop": False, "compact": False}
-AFTER = {"task_budgets": True, "line_stop": True, "compact": True}
+BEFORE = {"task_budgets": False, "line_stop": False, "compact": False, "share_prefix": False}
+AFTER = {"task_budgets": True, "line_stop": True, "compact": True, "share_prefix": True}
 SCORE_KEYS = ("primary", "metrics", "invalid_rate", "per_example", "ci_low", "ci_high")
 
 
@@ -236,7 +237,8 @@ def markdown(out: dict) -> str:
             "`t2t-mtl eval --base`: they fit the answers fine-tuning taught), "
         )
         + "label and span rows stop at the end of their first line, ended rows leave the batch "
-        "(compact greedy decoding). Each cell is a whole `evaluate` of one task (generation, parsing, "
+        "(compact greedy decoding) and the prompt tokens a batch shares (chat header, system message, "
+        "instruction) are prefilled once per batch. Each cell is a whole `evaluate` of one task (generation, parsing, "
         f"scoring, 95 % intervals), the median over {out['rounds']} rounds; ex/CPU-s divides by the "
         "process's CPU time instead of the wall clock. The machine was shared with other jobs (load "
         "average 2-6 on its 2 cores), so the settings ran interleaved in one process (each task under "

@@ -11,7 +11,8 @@ takes the next window of the mixed stream and runs one optimiser step of it unde
 variants in a rotated order per round (interleaved, so a slow patch of a shared machine hits them all):
 - none: the plain step;
 - ewc: the same with a stage's EWC penalty on (Fisher estimated first from --fisher-samples records;
-  the penalty's cost does not depend on the Fisher's values);
+  the penalty's cost does not depend on the Fisher's values); each round also times the Fisher of one
+  more record (its cost per record, paid once per protected stage);
 - pcgrad: `train.gradient_surgery: pcgrad` (one backward pass per task present in the window);
 - freeze_half: only the top half of the blocks train (`stages[i].train_layers: [L/2, L-1]`).
 Timed: `StepRunner.run` (forward, backward, penalty or projection, clipping, AdamW step); rendering and
@@ -103,7 +104,7 @@ def measure(args) -> dict:
                 (tr.collate([tr.encode(next(stream))]) for _ in range(args.fisher_samples)),
                 seed=0,
             )
-            fisher_s = (time.perf_counter() - t) / args.fisher_samples
+            fisher_warmup_s = (time.perf_counter() - t) / args.fisher_samples
             fisher = {k: v / args.fisher_samples for k, v in sums.items()}
             anchor = {k: p.detach().clone() for k, p in named}
             penalty = protection.EwcPenalty(named, fisher, anchor, lam=1000.0)
@@ -120,6 +121,7 @@ def measure(args) -> dict:
 
             variants = [v for v in VARIANTS if v in args.variants]
             times: dict[str, list[float]] = {v: [] for v in variants}
+            fisher_times: list[float] = []
             load_before = os.getloadavg()
             for v in variants:  # warm-up: one untimed step each (allocations, first-call costs)
                 setup(v)
@@ -131,6 +133,11 @@ def measure(args) -> dict:
                     t = time.perf_counter()
                     tr.runner.run(windows[r + 1], step=r + 1)
                     times[v].append(time.perf_counter() - t)
+                setup("none")  # one Fisher record per round, interleaved with the steps
+                batch = [tr.collate([tr.encode(next(stream))])]
+                t = time.perf_counter()
+                protection.estimate_fisher(tr.runner, inner, named, batch, seed=r)
+                fisher_times.append(time.perf_counter() - t)
                 log(
                     f"round {r + 1}/{args.rounds}: "
                     + ", ".join(f"{v} {times[v][-1]:.2f} s" for v in variants)
@@ -180,7 +187,9 @@ def measure(args) -> dict:
             "share_of_plain_step": round(pen / base, 4) if base else None,
             "repeats": args.penalty_repeats,
         },
-        "fisher_s_per_record": round(fisher_s, 3),
+        "fisher_s_per_record": round(statistics.median(fisher_times), 3),
+        "fisher_s_per_record_all": [round(x, 3) for x in fisher_times],
+        "fisher_warmup_s_per_record": round(fisher_warmup_s, 3),
         "load_average": {
             "before": [round(x, 2) for x in load_before],
             "after": [round(x, 2) for x in load_after],
@@ -223,7 +232,8 @@ def section(res: dict) -> str:
             f"trainable parameter, median of {pen['repeats']}): {1000 * pen['median_s']:.1f} ms per "
             f"step. Target (< {100 * TARGET_EWC:.0f} % of the step time): {verdict}. "
             f"Fisher estimation, once at the end of a protected stage: {res['fisher_s_per_record']:.2f} s "
-            f"per record (one forward and backward pass each; {st['fisher_samples']} records timed), so "
+            f"per record (one forward and backward pass each; median of one record per round, timed "
+            "between the steps), so "
             "`ewc.samples: 100` adds about 100 × that per stage.",
             "PCGrad runs one backward pass per task present in the window (up to seven here), so its "
             "step costs roughly that many backward passes; freezing the lower half of the blocks "

@@ -79,16 +79,36 @@ def test_compact_greedy_equals_transformers_with_rows_ending_at_different_steps(
     assert ours == [r[: len(o)] for r, o in zip(free, ours)]  # and the same tokens as unstopped
 
 
+def test_shared_prefix_prefill_gives_the_same_tokens(causal):
+    model, tok, fmt = causal
+    pad = G.pad_id(tok)
+    prompts = G.encode_prompts(tok, fmt, RECS, None)
+    shared = G.shared_prefix_len(prompts)
+    assert shared >= G.MIN_SHARED_PREFIX  # chat header + system message + instruction
+    assert all(p[:shared] == prompts[0][:shared] for p in prompts)
+    assert len({p[shared] for p in prompts}) > 1 or min(map(len, prompts)) == shared + 1
+    ids, mask = G._left_pad(prompts, pad, "cpu")
+    with torch.no_grad():
+        free = G._compact_greedy(model, ids, mask, 12, [])
+        stops = {row[3 + k] for k, row in enumerate(free[:3])}  # rows end at different steps
+        for st in ([], stops):
+            plain = G._compact_greedy(model, ids, mask, 12, st)
+            assert G._compact_greedy(model, ids, mask, 12, st, prefix_len=shared) == plain
+        assert plain == _hf_greedy(model, ids, mask, 12, stops, pad)
+    assert G.shared_prefix_len([[1, 2, 3]]) == 0
+    assert G.shared_prefix_len([[1, 2, 3], [1, 2, 3]]) == 2  # each keeps a token of its own
+    assert G.shared_prefix_len([[1, 2, 3], [1, 5]]) == 1
+
+
 @pytest.mark.parametrize("batch_size,budget", [(16, 8), (4, 5), (1, 3)])
 def test_generate_texts_compact_equals_the_transformers_path(causal, batch_size, budget):
     model, tok, fmt = causal
-    compact = G.generate_texts(
-        model, tok, fmt, RECS, max_new_tokens=budget, batch_size=batch_size, compact=True
+    run = lambda **kw: G.generate_texts(  # noqa: E731
+        model, tok, fmt, RECS, max_new_tokens=budget, batch_size=batch_size, **kw
     )
-    plain = G.generate_texts(
-        model, tok, fmt, RECS, max_new_tokens=budget, batch_size=batch_size, compact=False
-    )
-    assert compact == plain and all(compact) and len(set(compact)) > 2
+    plain = run(compact=False)
+    assert run() == run(share_prefix=False) == plain
+    assert all(plain) and len(set(plain)) > 2
 
 
 def test_logits_processors_fall_back_to_transformers(causal, monkeypatch):
@@ -258,9 +278,8 @@ def test_evaluate_gives_the_same_scores_with_every_speedup_on_or_off(causal):
     model, tok, fmt = causal
     kw = dict(split="validation", limit=6, progress=False, max_new_tokens=20, batch_size=4)
     fast = evaluate(model, tok, fmt, _tasks(), **kw)
-    slow = evaluate(
-        model, tok, fmt, _tasks(), task_budgets=False, line_stop=False, compact=False, **kw
-    )
+    off = dict(task_budgets=False, line_stop=False, compact=False, share_prefix=False)
+    slow = evaluate(model, tok, fmt, _tasks(), **off, **kw)
     assert _strip(fast) == _strip(slow) and fast["combined"] == slow["combined"]
     assert fast["tasks"]["sentiment_sst2"]["budget_from"] == "train"
     assert fast["tasks"]["sentiment_sst2"]["max_new_tokens"] < 20  # a label needs few tokens
@@ -280,8 +299,8 @@ def test_embedded_smollm2_answers_are_unchanged_by_the_speedups():
         task = EvalTask(name, load_task(name))
         recs = [ex.record for ex in load_examples(task, "validation", 8)[0]]
         old = G.generate_texts(model, tok, fmt, recs, max_new_tokens=40, compact=False)
-        new = G.generate_texts(model, tok, fmt, recs, max_new_tokens=40, compact=True)
-        assert new == old, name
+        new = G.generate_texts(model, tok, fmt, recs, max_new_tokens=40)
+        assert new == old, name  # compact decoding, shared prefix prefilled once
         line = G.generate_texts(model, tok, fmt, recs, max_new_tokens=40, stop_after_line=True)
         tpl = task.template
         if tpl.parse in FIRST_LINE_KINDS:

@@ -13,6 +13,7 @@ from t2t_mtl.core.errors import DataError
 from t2t_mtl.core.records import Record
 from t2t_mtl.inference.predictor import Predictor
 from t2t_mtl.model import features
+from t2t_mtl.model.generation import _left_pad
 from t2t_mtl.model.prompt_format import PromptFormat
 from t2t_mtl.tasks import sources
 
@@ -44,8 +45,8 @@ def predictor(run_dir):
 def _capture_generate(model, seen: list):
     """Record the prompt tensors the model receives (the exact prompt ids it sees): the arguments
     of `generate`, or, for causal models decoded by `generation._compact_greedy`, of each batch's
-    first forward pass (the prompt; later passes feed one token each). Returns a function that
-    removes the spies."""
+    prefill (the prompts, or the prefix they share and then each one's rest; later passes feed
+    one token each). Returns a function that removes the spies."""
     orig_generate, orig_forward = model.generate, model.forward
     own = {k: model.__dict__[k] for k in ("generate", "forward") if k in model.__dict__}
     inside = []
@@ -60,8 +61,16 @@ def _capture_generate(model, seen: list):
 
     def spy_forward(*args, **kw):
         ids, mask = kw.get("input_ids"), kw.get("attention_mask")
-        if not inside and ids is not None and mask is not None and ids.shape == mask.shape:
-            seen.append((ids.clone(), mask.clone()))
+        if not inside and ids is not None and mask is not None:
+            if ids.shape == mask.shape:  # whole prompts, or a prefix the batch shares
+                seen.append((ids.clone(), mask.clone()))
+            elif ids.shape[1] > 1:  # each prompt's rest after the shared prefix just run
+                prefix = seen.pop()[0][0].tolist()
+                rest = mask[:, -ids.shape[1] :]
+                rows = [prefix + ids[r][rest[r].bool()].tolist() for r in range(ids.shape[0])]
+                full, full_mask = _left_pad(rows, 0, "cpu")
+                assert (rest[:, -1] == 1).all()  # the rests are left-padded too
+                seen.append((full, full_mask))
         return orig_forward(*args, **kw)
 
     model.generate, model.forward = spy_generate, spy_forward

@@ -825,7 +825,7 @@ def _fsdp1_units(model, policy) -> list[set]:
     return list(dtypes.values())
 
 
-def test_fsdp1_wraps_lora_layers_apart_so_every_unit_has_one_dtype(tiny_causal_dir, monkeypatch):
+def test_fsdp1_wraps_lora_layers_apart_so_every_unit_has_one_dtype(tiny_causal_dir):
     """FSDP1 needs one dtype per flattened unit; the default transformer-block wrapping mixes the
     bf16 base with float32 adapters ("Must flatten tensors with uniform dtype"), peft's policy
     (set by preflight.configure_fsdp for FSDP1 only) does not. FSDP1 needs a GPU to run."""
@@ -898,7 +898,8 @@ def test_mixed_precision_bf16_runs_under_autocast_on_cpu(tmp_path, tiny_causal_d
     seen = []
     real_run = optimizer_step.StepRunner.run
 
-    def spy(self, window, **kw):  # the accelerator the step runs under, and the dtype a linear layer computes in
+    # the accelerator the step runs under, and the dtype a linear layer computes in
+    def spy(self, window, **kw):
         lin = next(m for m in self.model.modules() if isinstance(m, torch.nn.Linear))
         dtypes = []
         hook = lin.register_forward_hook(lambda m, a, out: dtypes.append(out.dtype))
@@ -910,18 +911,24 @@ def test_mixed_precision_bf16_runs_under_autocast_on_cpu(tmp_path, tiny_causal_d
         return res
 
     monkeypatch.setattr(optimizer_step.StepRunner, "run", spy)
+    from accelerate.state import AcceleratorState
+
     run = tmp_path / "run"
-    rc = main(
-        [
-            "train",
-            "--config",
-            str(REPO / "launch/configs/tiny_cpu.yaml"),
-            f"model.name={tiny_causal_dir}",
-            f"output_dir={run}",
-            "train.steps=2",
-            "train.mixed_precision=bf16",
-        ]
-    )
+    AcceleratorState._reset_state()  # earlier in-process runs fixed mixed_precision at "no"
+    try:
+        rc = main(
+            [
+                "train",
+                "--config",
+                str(REPO / "launch/configs/tiny_cpu.yaml"),
+                f"model.name={tiny_causal_dir}",
+                f"output_dir={run}",
+                "train.steps=2",
+                "train.mixed_precision=bf16",
+            ]
+        )
+    finally:
+        AcceleratorState._reset_state()  # later runs expect the default (no autocast)
     assert rc == 0 and seen and all(m == "bf16" and d == {torch.bfloat16} for m, d in seen)
     assert all(r["loss"] > 0 for r in metrics(run))
 

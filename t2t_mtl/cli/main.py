@@ -18,7 +18,6 @@ from pathlib import Path
 # matplotlib and torch & co. are imported inside the verbs that use them.
 from t2t_mtl.cli.ecosystem_verbs import add_export_task, add_render, add_report
 from t2t_mtl.cli.model_verbs import add_compare, add_eval, add_export, add_predict, add_prompt
-from t2t_mtl.core import yaml_lines
 from t2t_mtl.core.config import SourceConfig, load_config
 from t2t_mtl.core.errors import ConfigError, DataError, Problem, T2TError, did_you_mean
 from t2t_mtl.core.records import write_jsonl
@@ -243,8 +242,8 @@ def _preview(args) -> int:
         raise T2TError(Problem("<cli>", None, "-n must be >= 0"))
     extra, src, bad_rows, template, task_name = [], None, "skip", args.task, None
     config_at: tuple | None = None  # (config file's lines, task index) when the source is its
-    if args.config:
-        cfg = load_config(args.config)
+    if args.config:  # its problems and cross-checks all at once
+        cfg = catalogue.load_checked_config(args.config)
         extra = [cfg.resolve_path(d) for d in cfg.template_dirs]
         bad_rows = cfg.train.bad_rows
         match = [t for t in cfg.tasks if args.task in (t.name, t.template)]
@@ -258,7 +257,7 @@ def _preview(args) -> int:
                 )
             )
         template, src, task_name = match[0].template, match[0].source, match[0].name
-        config_at = (yaml_lines.load(args.config), cfg.tasks.index(match[0]), src)
+        config_at = (cfg.located, cfg.tasks.index(match[0]), src)
         if src is not None and src.path:
             src = dataclasses.replace(src, path=str(cfg.resolve_path(src.path)))
     tpl = catalogue.load_task(template, extra)

@@ -465,9 +465,7 @@ def _build(
         return cls()
     hints = typing.get_type_hints(cls)
     fields = {
-        _key(f): f.name
-        for f in dataclasses.fields(cls)
-        if f.name not in ("config_path", "located")
+        _key(f): f.name for f in dataclasses.fields(cls) if f.name not in ("config_path", "located")
     }
     names = list(fields)
     kwargs = {}
@@ -502,7 +500,11 @@ def _check_values(cfg: RunConfig, loc: yaml_lines.Located, problems: list[Proble
         if value is None or not all(isinstance(v, int) for v in value):
             return  # unset, or already a type problem
         if len(value) != 2:
-            bad(path, f"expected [first, last], got {value}", "e.g. [8, 29], or [-4, -1] for the top four")
+            bad(
+                path,
+                f"expected [first, last], got {value}",
+                "e.g. [8, 29], or [-4, -1] for the top four",
+            )
         elif (value[0] < 0) == (value[1] < 0) and value[0] > value[1]:
             bad(path, f"first block {value[0]} is above last block {value[1]}", "use [first, last]")
 

@@ -105,11 +105,16 @@ def load(path: str | Path) -> Located:
     """Parse a YAML file (see `loads`); a missing file is a T2TError, not a traceback."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        raw = p.read_bytes()
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise T2TError([Problem(str(p), None, "file not found", "check the path")]) from None
     except UnicodeDecodeError as e:
-        raise T2TError([Problem(str(p), None, f"not UTF-8 text: {e}")]) from None
+        start = raw.rfind(b"\n", 0, e.start) + 1  # the line holding the bad byte
+        col = len(raw[start : e.start].decode("utf-8", errors="replace")) + 1
+        msg = f"not UTF-8 text: byte 0x{raw[e.start]:02x} at column {col}"
+        line = raw[: e.start].count(b"\n") + 1
+        raise T2TError([Problem(str(p), line, msg, "save the file as UTF-8")]) from None
     except OSError as e:  # a folder, no permission, ...
         raise T2TError([Problem(str(p), None, f"cannot read: {e.strerror or e}")]) from None
     return loads(text, str(p))

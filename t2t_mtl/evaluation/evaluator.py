@@ -420,6 +420,7 @@ def evaluate(
     task_budgets: bool = True,
     line_stop: bool = True,
     compact: bool = True,
+    share_prefix: bool = True,
 ) -> dict[str, Any]:
     """Evaluate `model` on every task; returns the results dict.
 
@@ -434,7 +435,8 @@ def evaluate(
     `task_budgets`: each generated task gets its own budget (`answer_budget`, recorded as
     `max_new_tokens` and `budget_from` in its entry), at most `max_new_tokens`; `line_stop`: rows
     of tasks whose parser reads only the first line (`parsing.FIRST_LINE_KINDS`) end with it;
-    `compact`: ended rows leave the batch (`generation.generate_texts`).
+    `compact`: ended rows leave the batch, and with `share_prefix` the prompt tokens a batch
+    shares are prefilled once (`generation.generate_texts`).
     """
     from t2t_mtl.model.generation import generate_texts, rank_choices  # torch: only to answer
 
@@ -494,6 +496,7 @@ def evaluate(
                     progress=upd,
                     stop_after_line=line_stop and t.template.parse in FIRST_LINE_KINDS,
                     compact=compact,
+                    share_prefix=share_prefix,
                 )
                 summary, preds = score_task(t.template, examples, texts)
                 summary.update(max_new_tokens=budget, budget_from=budget_from)

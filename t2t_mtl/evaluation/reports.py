@@ -339,7 +339,11 @@ def _diff_text(diff: float, test: Mapping[str, Any] | None) -> str:
     text = f"{diff:+.2f}"
     if test is None:
         return text
-    return (f"{TIE} " if test["tie"] else "") + text + (UNPAIRED if test["method"] == "overlap" else "")
+    return (
+        (f"{TIE} " if test["tie"] else "")
+        + text
+        + (UNPAIRED if test["method"] == "overlap" else "")
+    )
 
 
 def compare_table(sources: Sequence[tuple[str, dict[str, Any]]]) -> tuple[str, dict[str, Any]]:

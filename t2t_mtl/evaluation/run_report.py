@@ -68,7 +68,7 @@ h3{font-size:1em;margin:14px 0 6px}
 table{border-collapse:collapse;font-size:.88em;margin:6px 0 10px}
 th,td{border:1px solid #dde1e8;padding:4px 8px;text-align:left;vertical-align:top}
 th{background:#eef1f5}
-td.num{text-align:right;font-variant-numeric:tabular-nums}
+td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 td.pre{white-space:pre-wrap;font-family:ui-monospace,Menlo,Consolas,monospace;max-width:420px}
 .ok{color:#1a7f37;font-weight:600}.bad{color:#c62828;font-weight:600}
 .note{color:#5b6476;font-size:.88em}

@@ -430,13 +430,24 @@ class Predictor:
 
 
 def read_rows(path: str | Path) -> tuple[list[tuple[str, Any]], list[Problem]]:
-    """JSONL input rows as (`file:line`, object); lines that are not JSON become problems."""
+    """JSONL input rows as (`file:line`, object); lines that are not UTF-8 or not JSON become
+    problems; a file without any row is a DataError."""
     path = Path(path)
     if not path.is_file():
         raise DataError(Problem(str(path), None, "input file not found"))
     rows, problems = [], []
-    with path.open(encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8").lstrip("\ufeff" if n == 1 else "")
+            except UnicodeDecodeError as e:
+                col = len(raw[: e.start].decode("utf-8", errors="replace")) + 1
+                problems.append(
+                    Problem(
+                        str(path), n, f"not UTF-8 text: byte 0x{raw[e.start]:02x} at column {col}"
+                    )
+                )
+                continue
             if not line.strip():
                 continue
             try:
@@ -445,6 +456,10 @@ def read_rows(path: str | Path) -> tuple[list[tuple[str, Any]], list[Problem]]:
                 problems.append(
                     Problem(str(path), n, f"not valid JSON: {e.msg} (column {e.colno})")
                 )
+            except (ValueError, RecursionError) as e:
+                problems.append(Problem(str(path), n, f"not valid JSON: {e}"))
+    if not rows and not problems:
+        raise DataError(Problem(str(path), None, "the file is empty: no rows to predict"))
     return rows, problems
 
 

@@ -590,16 +590,26 @@ def build_members(
 ) -> dict[str, Member]:
     """Members for the run's tasks (all, or `names`): rows load lazily, records render on demand.
 
-    Source paths resolve like `RunConfig.resolve_path`. Problems of every task are raised together.
+    Source paths resolve like `RunConfig.resolve_path`. Problems of every task are raised together;
+    a task whose rows are all bad is one (at the map or field that makes them so).
     """
     extra = [cfg.resolve_path(d) for d in cfg.template_dirs]
     out: dict[str, Member] = {}
     problems: list[Problem] = []
-    for name, tc in zip(cfg.task_names(), cfg.tasks):
-        if names is not None and name not in names:
-            continue
+    for i, (name, tc) in enumerate(zip(cfg.task_names(), cfg.tasks)):
+        if names is not None and name not in names or not tc.template:
+            continue  # no template: the config's own check reports it
         try:
             tmpl = catalogue.load_task(tc.template, extra_dirs=extra)
+        except T2TError as e:  # an unknown name: at the config's template key
+            problems += [
+                cfg.problem(("tasks", i, "template"), f"tasks[{i}].template: {p.message}", p.hint)
+                if p.file == "<tasks>"
+                else p
+                for p in e.problems
+            ]
+            continue
+        try:
             src = tc.source
             if src is not None and src.path:
                 src = dataclasses.replace(src, path=str(cfg.resolve_path(src.path)))
@@ -611,8 +621,28 @@ def build_members(
                 limit=tc.max_examples,
                 seed=f"{cfg.seed}|{name}",
             )
-        except T2TError as e:
-            problems.extend(e.problems)
+        except T2TError as e:  # a source folder without the split's file: at the config's path
+            problems += [
+                cfg.problem(
+                    ("tasks", i, "source", "path"),
+                    f"tasks[{i}].source.path: {src.path}: {p.message}",
+                    p.hint,
+                )
+                if src is not None and src.path and p.file == src.path and p.line is None
+                else p
+                for p in e.problems
+            ]
+            continue
+        if rows.all_bad:
+
+            def source_at(key: str, i=i, tc=tc, tmpl=tmpl) -> tuple[str, int | None]:
+                if tc.source is not None and getattr(tc.source, key) is not None:
+                    p = cfg.problem(("tasks", i, "source", key), "")
+                    return p.file, p.line
+                return tmpl.where(("source", key))
+
+            problems += [catalogue.all_bad_rows_problem(tmpl, rows, source_at)]
+            problems += rows.problems[:3]
             continue
         get = _renderer(tmpl, rows, split, name)
         tokens, exact = measure_tokens(len(rows), get, count, token_sample)

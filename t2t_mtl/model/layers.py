@@ -109,9 +109,7 @@ def covers(pos: int, first: int, last: int, n_blocks: int) -> bool:
     return lo <= pos <= hi
 
 
-def lora_targets(
-    model: torch.nn.Module, targets: str | list[str], rng: list[int]
-) -> list[str]:
+def lora_targets(model: torch.nn.Module, targets: str | list[str], rng: list[int]) -> list[str]:
     """Full names of the modules that get LoRA adapters when only `rng` (adapter.layers) may train:
     the linear layers peft's `all-linear` would pick (every Linear / GPT-2 Conv1D but the output
     layer), or those whose last name part is in `targets`, covered by the range. peft does not take a
@@ -152,7 +150,9 @@ def freeze_outside(model: torch.nn.Module, rng: list[int]) -> None:
 
 def mark_trainable(model: torch.nn.Module) -> None:
     """Record the parameters that train now as the run's trainable set (call once after loading)."""
-    setattr(model, TRAINABLE_ATTR, frozenset(n for n, p in model.named_parameters() if p.requires_grad))
+    setattr(
+        model, TRAINABLE_ATTR, frozenset(n for n, p in model.named_parameters() if p.requires_grad)
+    )
 
 
 def trainable_named(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:

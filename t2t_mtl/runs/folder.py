@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from t2t_mtl.core import shipped
 from t2t_mtl.core.config import RunConfig, SourceConfig, TaskConfig, config_to_dict, load_config
 from t2t_mtl.core.errors import ConfigError, Problem, did_you_mean
 from t2t_mtl.core.files import atomic_write_json, atomic_write_text
@@ -163,7 +164,7 @@ def task_for(cfg: RunConfig, task: TaskConfig, copies: Path | None = None) -> Ta
     if copies is not None:
         for cand in (copies / f"{stem}.yaml", copies / f"{stem}.yml", copies / f"{task.name}.yaml"):
             if cand.is_file():
-                return load_task_file(cand)
+                return template_copy(cand)
     tpl = catalogue.load_task(task.template, [cfg.resolve_path(d) for d in cfg.template_dirs])
     if copies is not None and copies.is_dir():
         logger.warning("note: no copy of template '%s' in %s; using %s", stem, copies, tpl.path)
@@ -237,24 +238,53 @@ def config_changes(run_dir: Path, cfg: RunConfig) -> list[str]:
     return out
 
 
+ORIGINS_FILE = "origins.json"  # in RUN/templates/: copied template -> its original's folder
+
+
 def copy_templates(run_dir: Path, templates: dict[str, Task]) -> dict[str, str]:
     """Copy each used template file and its includes into `run_dir/templates/` (layout kept, so
-    includes still resolve); returns task -> copied file path relative to the run folder."""
+    includes still resolve); returns task -> copied file path relative to the run folder.
+
+    `templates/origins.json` records each copy's original folder: the copy's relative `samples`
+    and `source.path` keep resolving there (`template_copy`)."""
     dest_root = Path(run_dir) / "templates"
     out = {}
+    origins = {}
     for task, tpl in templates.items():
+        origins[Path(tpl.path).name] = str(Path(tpl.path).resolve().parent)
         base = Path(tpl.path).parent
         for f in tpl.files or [tpl.path]:
             f = Path(f)
             try:
                 rel = f.resolve().relative_to(base.resolve())
-            except ValueError:  # an include outside the template's folder: keep the name only
-                rel = Path("_external") / f.name
+            except ValueError:
+                try:  # a shipped part (`include: _shared/x.yaml` from another folder): the copy
+                    # keeps its path, so the copied include still finds it next to the template
+                    rel = f.resolve().relative_to(shipped.TEMPLATES.resolve())
+                except ValueError:  # any other include outside the template's folder: the name
+                    rel = Path("_external") / f.name
             target = dest_root / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(f, target)
         out[task] = str(Path("templates") / Path(tpl.path).name)
+    if origins:
+        atomic_write_json(dest_root / ORIGINS_FILE, origins, indent=1)
     return out
+
+
+def template_copy(path: Path) -> Task:
+    """Load a run folder's copy of a template, its relative data paths also looked up in the
+    original template's folder (`templates/origins.json`; run folders without it: as they are)."""
+    data_dirs = []
+    index = Path(path).parent / ORIGINS_FILE
+    if index.is_file():
+        try:
+            origin = json.loads(index.read_text(encoding="utf-8")).get(Path(path).name)
+        except (OSError, ValueError, AttributeError):
+            origin = None
+        if isinstance(origin, str):
+            data_dirs.append(Path(origin))
+    return load_task_file(path, data_dirs)
 
 
 def mixture_entry(plan: StagePlan, cfg: RunConfig) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,8 +149,10 @@ def all_bad_rows_problem(
     """When rows were read but every one was bad: one problem at the mapping that causes it.
 
     Bad labels point at the label map in effect (`source_at("labels")`, default the template's
-    `source.labels` line; the field's line when there is no map), anything else at the column map
-    (`source_at("columns")`) or the template's `fields`. None when some row was good.
+    `source.labels` line; the field's line when there is no map), values of another type at the
+    field's declaration, rows the template cannot render at the template line that fails, anything
+    else at the column map (`source_at("columns")`) or the template's `fields`. None when some row
+    was good.
     """
     if not rows.all_bad:
         return None
@@ -176,7 +179,10 @@ def all_bad_rows_problem(
                 + (f"; this task's tags: {', '.join(tags)}" if tags else "")
             )
         return Problem(file, line, f"{count} {what}: {first.message}", hint)
-    if rows.columns:
+    typed = re.match(r"field '([^']+)' should (be|hold)", first.message)
+    if typed and typed[1] in tpl.fields:  # a column of another type: at the field's declaration
+        file, line = tpl.where(("fields", typed[1]))
+    elif rows.columns:
         file, line = at("columns")
     else:
         file, line = tpl.where(("fields",))

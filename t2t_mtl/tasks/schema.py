@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,26 +120,29 @@ class Variant:
     over_time: dict = field(default_factory=dict)
 
 
-def data_path_candidates(p: str, template_path: Path) -> list[Path]:
+def data_path_candidates(p: str, template_path: Path, data_dirs: Sequence[Path] = ()) -> list[Path]:
     """Where a template's relative `samples`/`source.path` entry is looked for, in order: the
-    template's folder, the shipped files' root (`PROJECT_ROOT`: the checkout, or the installed
-    package's data), the current folder. An absolute path is itself."""
+    template's folder, `data_dirs` (for a run folder's copy of a template: the original's folder),
+    the shipped files' root (`PROJECT_ROOT`: the checkout, or the installed package's data), the
+    current folder. An absolute path is itself."""
     path = Path(str(p)).expanduser()
     if path.is_absolute():
         return [path]
-    out = [template_path.parent / path, PROJECT_ROOT / path, Path.cwd() / path]
+    out = [template_path.parent / path, *(Path(d) / path for d in data_dirs)]
+    out += [PROJECT_ROOT / path, Path.cwd() / path]
     return list(dict.fromkeys(out))  # the same folder twice is tried once
 
 
-def resolve_data_path(p: str, template_path: Path) -> Path:
+def resolve_data_path(p: str, template_path: Path, data_dirs: Sequence[Path] = ()) -> Path:
     """The first candidate of `data_path_candidates` that exists (the first one when none does)."""
-    cands = data_path_candidates(p, template_path)
+    cands = data_path_candidates(p, template_path, data_dirs)
     return next((c for c in cands if c.exists()), cands[0])
 
 
-def tried(p: str, template_path: Path) -> str:
+def tried(p: str, template_path: Path, data_dirs: Sequence[Path] = ()) -> str:
     """The hint of a path not found: every candidate that was tried."""
-    cands = (os.path.normpath(c.absolute()) for c in data_path_candidates(p, template_path))
+    cands = data_path_candidates(p, template_path, data_dirs)
+    cands = (os.path.normpath(c.absolute()) for c in cands)
     return "tried: " + ", ".join(dict.fromkeys(cands))
 
 
@@ -546,11 +550,18 @@ def _check_variants(c: _Checker, raw: Any, fields: dict) -> list[Variant]:
 
 
 def check_data(
-    path: Path, data: dict, origins: dict, problems: list[Problem], *, snippet: bool = False
+    path: Path,
+    data: dict,
+    origins: dict,
+    problems: list[Problem],
+    *,
+    snippet: bool = False,
+    data_dirs: Sequence[Path] = (),
 ) -> tuple[dict, list]:
     """Judge merged template data; appends every problem, returns (fields, compiled variants).
 
     `snippet`: an include-only file, incomplete on purpose, so only its key names are judged.
+    `data_dirs`: more folders relative data paths are looked up in (`data_path_candidates`).
     """
     c = _Checker(path, data, origins, problems)
     c.unknown_keys((), data, TOP_KEYS, "the template")
@@ -643,12 +654,12 @@ def check_data(
     if data.get("samples") is not None:
         if not isinstance(data["samples"], str):
             c.add(("samples",), "samples must be a folder path")
-        elif not resolve_data_path(data["samples"], path).is_dir():
+        elif not resolve_data_path(data["samples"], path, data_dirs).is_dir():
             c.add(
                 ("samples",),
                 f"samples folder not found: {data['samples']}",
                 "a folder of {split}.jsonl files, relative to this file's folder; "
-                + tried(data["samples"], path),
+                + tried(data["samples"], path, data_dirs),
             )
     _check_source(c, data, fields)
     _check_entity_types(c, data)

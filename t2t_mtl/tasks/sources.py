@@ -2,13 +2,18 @@
 
 Files are read with `datasets` (memory-mapped Arrow cache), so a big source is not held in Python
 memory: `Rows` keeps only the indices of the valid rows and maps each row on access. Every row is
-checked against the template's `fields` once, up front; bad rows are skipped and counted, or fail
-the run (`bad_rows="fail"`), each reported as `file:row` the user can find in their file
-(JSONL: 1-based line; CSV: line including the header; Parquet and hub: 0-based row index).
+checked once, up front, against the template's `fields` and by rendering it with every variant;
+bad rows are skipped and counted, or fail the run (`bad_rows="fail"`), each reported as
+`file:row` the user can find in their file. Rows are numbered as an editor shows them, from 1, in
+every format: JSONL by line; CSV by the first line of the record, the header being line 1;
+Parquet, JSON arrays and hub splits by position. What cannot be read is never a library's
+traceback or log line: a line that is not UTF-8 or not a JSON object, a CSV record with another
+number of fields than the header, is a bad row; an empty, truncated or corrupt file a DataError at
+the file (`_read_file`; `datasets`' logging and warnings are silenced while it reads).
 
 Of a `tasks.task.Task` this module reads only `name`, `fields` (name -> object with `.type`,
-`.required`), `label_field`, `label_set()`, `tagging`, `entity_types`, `source`, `samples` and
-`render` (type-only import).
+`.required`), `label_field`, `label_set()`, `tagging`, `entity_types`, `source`,
+`source_missing`, `samples`, `variants` and `render` (type-only import).
 
 Label maps (`labels`) turn raw values into label names; values they do not name pass through. For
 NER tag lists (`Task.tagging`) a map may name whole tags (`"1": B-person`) or rename entity types
@@ -74,6 +79,7 @@ class Resolved:
     labels: dict = field(default_factory=dict)
     format: str | None = None
     revision: str | None = None  # hub revision (script datasets: the "refs/convert/parquet" copy)
+    at: tuple[str, int | None] | None = None  # where the path is declared (a template's line)
 
 
 def resolve(template: Task, source: SourceConfig | None, split: str) -> Resolved:
@@ -110,6 +116,7 @@ def resolve(template: Task, source: SourceConfig | None, split: str) -> Resolved
             labels,
             tsrc.get("format"),
             tsrc.get("revision"),
+            template.where(("source", "path")) if tsrc.get("path") else None,
         )
     have = f" (bundled samples in {samples} have no '{split}' split)" if samples else ""
     raise DataError(
@@ -236,8 +243,9 @@ def _text_file_state(file: Path) -> tuple[bool, bool]:
 
 
 def _empty_file(file: Path, what: str = "rows") -> DataError:
+    """A file without rows: at its line 1, where the first row (or the header) should be."""
     return DataError(
-        Problem(str(file), None, f"the file is empty: no {what}", "is it the right file?")
+        Problem(str(file), 1, f"the file is empty: no {what}", "is it the right file?")
     )
 
 
@@ -385,7 +393,6 @@ def _read_csv(file: Path, problems: list[tuple[str, int, str]], ds_mod: Any) -> 
     """A CSV file: `datasets` reads it when every record is well-formed UTF-8 with as many fields as
     the header; otherwise the bad records are problems at their line and the rest is read here
     (column types inferred as the CSV loader does: int, else float, else text)."""
-    header: list[str] | None = None
     with open(file, "rb") as f:
         if not f.read(1 << 16).strip():
             raise _empty_file(file)
@@ -406,7 +413,10 @@ def _read_csv(file: Path, problems: list[tuple[str, int, str]], ds_mod: Any) -> 
             return _Backend(ds, str(file), "csv", file, starts if len(starts) == len(ds) else None)
     problems.extend((str(file), line, why) for line, why in broken)
     with open(file, newline="", encoding="utf-8", errors="replace") as f:
-        header = next((r for r in csv.reader(f) if r), [])
+        try:
+            header = next((r for r in csv.reader(f) if r), [])
+        except csv.Error:  # reported as a problem of its line by _csv_records
+            header = []
     header = [h.lstrip("\ufeff") for h in header]
     records = [(first, rec) for first, rec, why in _csv_records(file) if rec is not None]
     kinds = []
@@ -489,11 +499,13 @@ def _open(res: Resolved, split: str, problems: list) -> _Backend:
                     if stems
                     else "the folder holds no data files"
                 )
+                file, line = res.at or (str(res.path), None)
                 raise DataError(
                     Problem(
-                        str(res.path),
-                        None,
-                        f"no {res.split_name}.jsonl/.csv/.parquet for split '{split}'",
+                        file,
+                        line,
+                        (f"source.path {res.path}: " if res.at else "")
+                        + f"no {res.split_name}.jsonl/.csv/.parquet for split '{split}'",
                         (hint + "; " if hint else "")
                         + f"map it with splits: {{{split}: <file stem>}}",
                     )

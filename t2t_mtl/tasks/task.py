@@ -11,22 +11,18 @@ from __future__ import annotations
 import random
 import re
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import jinja2
 from jinja2.sandbox import SecurityError
 
-from t2t_mtl.core import yaml_lines
+from t2t_mtl.core import shipped, yaml_lines
 from t2t_mtl.core.errors import Problem, T2TError, TemplateError, did_you_mean
 from t2t_mtl.core.records import Record
+from t2t_mtl.tasks import sandbox
 from t2t_mtl.tasks.parsing import OUTSIDE, Parsed, parse
-from t2t_mtl.tasks.sandbox import (
-    MAX_PART_CHARS,
-    MAX_RENDER_SECONDS,
-    BudgetError,
-    ObjectOutputError,
-    render_part,
-)
+from t2t_mtl.tasks.sandbox import BudgetError, ObjectOutputError, render_part
 from t2t_mtl.tasks.schema import (
     ENV,
     LABEL_TASK_TYPES,
@@ -41,13 +37,22 @@ from t2t_mtl.tasks.schema import (
 )
 
 # ENV and PROJECT_ROOT are re-exported from schema: callers know them as tasks.task.*
-__all__ = ["ENV", "PROJECT_ROOT", "Task", "load_task_file", "read_task_file"]
+__all__ = ["ENV", "PROJECT_ROOT", "Task", "include_target", "load_task_file", "read_task_file"]
 
 
 class Task:
     """A loaded, statically valid task template (README.md, "Task templates", describes the fields)."""
 
-    def __init__(self, data: dict, origins: dict, path: Path, files: list[Path], fields, variants):
+    def __init__(
+        self,
+        data: dict,
+        origins: dict,
+        path: Path,
+        files: list[Path],
+        fields,
+        variants,
+        data_dirs: Sequence[Path] = (),
+    ):
         self.data, self._origins, self.path, self.files = data, origins, path, files
         self.name: str = data["name"]
         self.task_type: str = data["task_type"]
@@ -56,7 +61,11 @@ class Task:
         self.fields: dict[str, FieldSpec] = fields
         self.variants: list[Variant] = variants
         self.answer_choices: list[str] = list(data.get("answer_choices") or [])
-        self.label_field = data.get("label_field") or ("label" if "label" in fields else None)
+        # Default: the field named `label`, else the only field typed label / list[label].
+        labelled = [n for n, f in fields.items() if f.type in ("label", "list[label]")]
+        self.label_field = data.get("label_field") or (
+            "label" if "label" in fields else labelled[0] if len(labelled) == 1 else None
+        )
         self.variant_policy: str = data.get("variant_policy") or "round_robin"
         m = data["metric"]
         self.metric: list[str] = [m] if isinstance(m, str) else list(m)
@@ -75,15 +84,19 @@ class Task:
         # A `source.path` that is not there: the problem to raise when rows are read from it.
         self.source_missing: Problem | None = None
         if src.get("path"):
-            raw_path, src["path"] = src["path"], str(resolve_data_path(src["path"], path))
+            raw_path = src["path"]
+            src["path"] = str(resolve_data_path(raw_path, path, data_dirs))
             if not Path(src["path"]).exists():
                 file, line = self.where(("source", "path"))
                 self.source_missing = Problem(
-                    file, line, f"source.path not found: {raw_path}", tried(raw_path, path)
+                    file,
+                    line,
+                    f"source.path not found: {raw_path}",
+                    tried(raw_path, path, data_dirs),
                 )
         self.source: dict = src
         self.samples: Path | None = (
-            resolve_data_path(data["samples"], path) if data.get("samples") else None
+            resolve_data_path(data["samples"], path, data_dirs) if data.get("samples") else None
         )
         # NER: the entity types (None: any type name) and other spellings parsing accepts.
         self.entity_types: list[str] | None = None
@@ -209,8 +222,8 @@ class Task:
             line += at - 1
             timed_out = isinstance(e, BudgetError) and e.timed_out
         problem = Problem(file, line, f"variant '{v.id}' {part}: {msg}", hint)
-        if timed_out:
-            v.over_time[part] = Problem(file, line, problem.message + " (on an earlier row)", hint)
+        if timed_out:  # later rows fail with the same problem at once
+            v.over_time[part] = problem
         raise TemplateError(problem)
 
     def parse_output(self, text: str, *, tokens: list[str] | None = None) -> Parsed:
@@ -236,17 +249,21 @@ def _render_error(e: BaseException, source_line: str, task: Task) -> tuple[str, 
     """(message, hint) for a part that failed to render, the hint fitting the cause; `source_line`
     is the template line where it failed."""
     text = str(e)
+    too_big = isinstance(e, SecurityError) and "too large" in text  # `*` and `**` limits
     if isinstance(e, BudgetError) or (isinstance(e, OverflowError) and "range" in text.lower()):
         return f"over the render budget: {text}", (
-            f"a part may take {MAX_RENDER_SECONDS:g} s and {MAX_PART_CHARS:,} characters: look for "
-            "nested loops, a huge range, padding widths (center, indent, format) or repetition"
+            f"a part may take {sandbox.MAX_RENDER_SECONDS:g} s and {sandbox.MAX_PART_CHARS:,} "
+            "characters: look for nested loops, a huge range, padding widths (center, indent, "
+            "format) or repetition"
         )
     if isinstance(e, ObjectOutputError):
         return text, "templates output text: call methods and functions; add | list or | join"
     if isinstance(e, SecurityError):
         return (
             f"not allowed in a template: {e}",
-            "templates may only use the row's fields and filters",
+            "a part may not build text or numbers that large"
+            if too_big
+            else "templates may only use the row's fields and filters",
         )
     if isinstance(e, jinja2.UndefinedError):
         element = re.search(r"has no element (-?\d+)", text)
@@ -317,6 +334,18 @@ def _merge(base: dict, bo: dict, over: dict, oo: dict) -> tuple[dict, dict]:
     return merged, origins
 
 
+def include_target(path: Path, rel: str) -> Path:
+    """The file `include: rel` in template `path` names: `rel` relative to the template's folder,
+    else (when there is no such file) relative to the shipped `task_templates/` folder, so a template
+    in any folder can include the shipped parts as `include: _shared/label_task.yaml`."""
+    target = (path.parent / rel).resolve()
+    if not target.is_file() and not Path(rel).is_absolute():
+        shipped_part = (shipped.TEMPLATES / rel).resolve()
+        if shipped_part.is_file():
+            return shipped_part
+    return target
+
+
 def _load_merged(
     path: Path, stack: tuple, problems: list[Problem]
 ) -> tuple[dict, dict, list[Path]]:
@@ -341,7 +370,7 @@ def _load_merged(
     bo: dict = {}
     for i, rel in enumerate(incs):
         kp = ("include", i) if isinstance(inc, list) else ("include",)
-        target = (path.parent / rel).resolve()
+        target = include_target(path, rel)
         if target in stack or target == path.resolve():
             chain = " -> ".join(p.name for p in stack + (path.resolve(), target))
             problems.append(
@@ -354,7 +383,9 @@ def _load_merged(
                 loc.problem(
                     kp,
                     f"include file not found: {rel}",
-                    did_you_mean(Path(rel).name, near) or "paths are relative to this file",
+                    did_you_mean(Path(rel).name, near)
+                    or f"tried {target} and {(shipped.TEMPLATES / rel).resolve()}: a path is "
+                    "relative to this file, else to the shipped task_templates/ folder",
                 )
             )
             continue
@@ -374,11 +405,14 @@ def is_snippet(path: Path) -> bool:
     return path.name.startswith("_") or path.parent.name.startswith("_")
 
 
-def read_task_file(path: str | Path) -> tuple[Task | None, list[Problem]]:
+def read_task_file(
+    path: str | Path, data_dirs: Sequence[Path] = ()
+) -> tuple[Task | None, list[Problem]]:
     """Load and statically check a template file; returns (template or None, every problem found).
 
     Include-only snippets (see `is_snippet`) are incomplete on purpose: only their YAML,
-    includes and key names are checked, and no template is returned.
+    includes and key names are checked, and no template is returned. `data_dirs`: more folders its
+    relative `samples`/`source.path` are looked up in (a run folder's copy: the original's folder).
     """
     path = Path(path)
     problems: list[Problem] = []
@@ -387,15 +421,17 @@ def read_task_file(path: str | Path) -> tuple[Task | None, list[Problem]]:
     except T2TError as e:
         return None, list(e.problems)
     snippet = is_snippet(path)
-    fields, variants = check_data(path, data, origins, problems, snippet=snippet)
+    fields, variants = check_data(
+        path, data, origins, problems, snippet=snippet, data_dirs=data_dirs
+    )
     if problems or snippet:
         return None, problems
-    return Task(data, origins, path, files, fields, variants), problems
+    return Task(data, origins, path, files, fields, variants, data_dirs), problems
 
 
-def load_task_file(path: str | Path) -> Task:
-    """Load a template file; raises TemplateError listing every static problem."""
-    tpl, problems = read_task_file(path)
+def load_task_file(path: str | Path, data_dirs: Sequence[Path] = ()) -> Task:
+    """Load a template file (`read_task_file`); raises TemplateError listing every static problem."""
+    tpl, problems = read_task_file(path, data_dirs)
     if problems or tpl is None:
         raise TemplateError(problems)
     return tpl

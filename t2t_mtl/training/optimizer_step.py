@@ -63,7 +63,9 @@ class StepResult:
     grad_norm: float | None
     finite: bool
     bad_tasks: list[str]
-    ewc_penalty: float | None = None  # (λ/2) Σ F (θ − θ*)² before this step's update, when EWC is on
+    ewc_penalty: float | None = (
+        None  # (λ/2) Σ F (θ − θ*)² before this step's update, when EWC is on
+    )
 
 
 def logits_mode(model: PreTrainedModel | PeftModel) -> str:

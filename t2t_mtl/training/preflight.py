@@ -128,8 +128,8 @@ def load_run_config(path: str, overrides: list[str] | None = None) -> RunConfig:
     if problems:
         try:
             check_run(cfg)
-        except T2TError as e:
-            problems += [p for p in e.problems if p not in problems]
+        except T2TError as e:  # ("<tasks>": a task without a template, reported above already)
+            problems += [p for p in e.problems if p not in problems and p.file != "<tasks>"]
         except Exception:  # noqa: BLE001 - a check tripping over a value reported above
             pass
         raise ConfigError(problems)
