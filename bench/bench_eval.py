@@ -28,6 +28,7 @@ identical to "before". Writes --out and replaces the "Evaluation speed" section 
 from __future__ import annotations
 
 import argparse
+import shlex
 import statistics
 import sys
 import time
@@ -109,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks.md")
     ap.add_argument("--no-doc", action="store_true")
     ap.add_argument("--section", default=SECTION, help="the `## ...` section of --doc to replace")
+    ap.add_argument("--note", help="a line for the doc section (e.g. how the run was trained)")
     args = ap.parse_args(argv)
     if args.base and not args.run:
         return common.report_errors(["error: --base needs --run (without --run the base is used)"])
@@ -195,8 +197,13 @@ def main(argv: list[str] | None = None) -> int:
     out = {
         "machine": common.machine(torch_threads=torch.get_num_threads()),
         "model": what,
-        "command": "python bench/bench_eval.py "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": shlex.join(
+            ["python", "bench/bench_eval.py", *(argv if argv is not None else sys.argv[1:])]
+        ),
+        "results": str(args.out.resolve().relative_to(ROOT))
+        if args.out.resolve().is_relative_to(ROOT)
+        else str(args.out),
+        "note": args.note,
         "rounds": args.rounds,
         "limit": args.limit,
         "split": ev.split,
@@ -219,11 +226,13 @@ def main(argv: list[str] | None = None) -> int:
 def markdown(out: dict) -> str:
     names = list(out["settings"])
     m = out["machine"]
+    cpu_total = sum(sum(v["cpu_seconds"]) for r in out["tasks"] for v in r["settings"].values())
     lines = [
-        f"Command (repository root): `.venv/bin/{out['command']}`. Results: `bench/results/eval_speed.json`.",
+        f"Command (repository root): `.venv/bin/{out['command']}`. Results: `{out['results']}`.",
         "",
-        common.machine_line(m) + f" {m.get('torch_threads')} torch threads.",
+        common.machine_line(m) + f" Torch threads: {m.get('torch_threads')}.",
         "",
+        *([out["note"], ""] if out.get("note") else []),
         f"Model: {out['model']}; split `{out['split']}`"
         + (f", first {out['limit']} rows per task" if out["limit"] else ", every row")
         + f"; batch size {out['batch_size']}, eval.max_new_tokens {out['max_new_tokens']}. *before*: "
@@ -241,7 +250,7 @@ def markdown(out: dict) -> str:
         "instruction) are prefilled once per batch. Each cell is a whole `evaluate` of one task (generation, parsing, "
         f"scoring, 95 % intervals), the median over {out['rounds']} rounds; ex/CPU-s divides by the "
         "process's CPU time instead of the wall clock. The machine was shared with other jobs (load "
-        "average 2-6 on its 2 cores), so the settings ran interleaved in one process (each task under "
+        "averages of 4 to 11 on its 2 cores during these runs), so the settings ran interleaved in one process (each task under "
         "every setting back to back, the order rotating per task and round) and on one torch thread "
         "(two threads spin-wait when another process holds a core): load from elsewhere falls on both "
         "alike, but absolute rates vary between runs and CPU-time rates are the steadier measure.",
@@ -272,7 +281,8 @@ def markdown(out: dict) -> str:
     )
     lines += [
         "",
-        f"Whole benchmark: {out['wall_seconds']:.0f} s. *scores identical*: primary score, every "
+        f"Whole benchmark: {out['wall_seconds']:.0f} s wall clock on the loaded machine, "
+        f"{cpu_total:.0f} s of CPU time. *scores identical*: primary score, every "
         "metric, invalid rate and the per-example statistics of every round under every setting equal "
         "those of *before* (round 1); *predictions identical*: the same parsed prediction and "
         "validity for every row (the raw text of a label or span row may end earlier: after its "
