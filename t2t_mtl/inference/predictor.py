@@ -463,6 +463,22 @@ def read_rows(path: str | Path) -> tuple[list[tuple[str, Any]], list[Problem]]:
     return rows, problems
 
 
+def _stop_on_bad_rows(problems: list[Problem], bad_rows: str, input_path: str | Path) -> None:
+    """Under `bad_rows: fail`, any bad row stops the command before anything is written."""
+    if problems and bad_rows == "fail":
+        raise DataError(
+            problems
+            + [
+                Problem(
+                    str(input_path),
+                    None,
+                    f"{len(problems)} bad row(s); nothing written",
+                    "fix them, or pass --bad-rows skip",
+                )
+            ]
+        )
+
+
 def predict_file(
     pred: Predictor,
     task: str,
@@ -479,18 +495,7 @@ def predict_file(
     rows, problems = read_rows(input_path)
     recs, bad = pred.render_rows(task, rows, variant)
     problems = sorted(problems + bad, key=lambda p: p.line or 0)
-    if problems and bad_rows == "fail":
-        raise DataError(
-            problems
-            + [
-                Problem(
-                    str(input_path),
-                    None,
-                    f"{len(problems)} bad row(s); nothing written",
-                    "fix them, or pass --bad-rows skip",
-                )
-            ]
-        )
+    _stop_on_bad_rows(problems, bad_rows, input_path)
     good = [(w, r, rec) for (w, r), rec in zip(rows, recs) if rec is not None]
     out = (
         pred._answer(task, [(w, r) for w, r, _ in good], [rec for _, _, rec in good], progress)
@@ -538,18 +543,7 @@ def render_file(
             item["id"] = row["id"]
         out.append({**item, **served})
     problems = sorted(problems, key=lambda p: p.line or 0)
-    if problems and bad_rows == "fail":
-        raise DataError(
-            problems
-            + [
-                Problem(
-                    str(input_path),
-                    None,
-                    f"{len(problems)} bad row(s); nothing written",
-                    "fix them, or pass --bad-rows skip",
-                )
-            ]
-        )
+    _stop_on_bad_rows(problems, bad_rows, input_path)
     return out, problems
 
 

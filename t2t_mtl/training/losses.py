@@ -116,6 +116,18 @@ class Balancer:
     def _present(tokens: torch.Tensor) -> torch.Tensor:
         return tokens > 0
 
+    def _task_means(
+        self, sums: torch.Tensor, tokens: torch.Tensor, like: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(present tasks, per-task token-mean loss shaped and placed like the balancer's own state
+        `like`, 0 where absent); None when no task of the window has target tokens."""
+        present = self._present(tokens)
+        if not bool(present.any()):
+            return present, None
+        mean = torch.zeros_like(like)
+        mean[present] = sums.double()[present] / tokens[present].double()
+        return present, mean
+
 
 class EqualBalancer(Balancer):
     """`equal`: the mean over present tasks of each task's token-mean loss."""
@@ -165,11 +177,9 @@ class UncertaintyBalancer(Balancer):
     def observe(
         self, sums: torch.Tensor, tokens: torch.Tensor, task_grads: torch.Tensor | None = None
     ) -> None:
-        present = self._present(tokens)
-        if not bool(present.any()):
+        present, mean = self._task_means(sums, tokens, self.s)
+        if mean is None:
             return
-        mean = torch.zeros_like(self.s)
-        mean[present] = sums.double()[present] / tokens[present].double()
         # d/ds_i [exp(-s_i) w_i L_i + s_i] = 1 - exp(-s_i) w_i L_i (the common 1/P only rescales; Adam ignores it)
         grad = 1.0 - torch.exp(-self.s) * self.w * mean
         b1, b2 = _ADAM_BETAS
@@ -236,11 +246,9 @@ class GradNormBalancer(Balancer):
     def observe(
         self, sums: torch.Tensor, tokens: torch.Tensor, task_grads: torch.Tensor | None = None
     ) -> None:
-        present = self._present(tokens)
-        if not bool(present.any()):
+        present, loss = self._task_means(sums, tokens, self.g)
+        if loss is None:
             return
-        loss = torch.zeros_like(self.g)
-        loss[present] = sums.double()[present] / tokens[present].double()
         first = present & torch.isnan(self.initial)
         self.initial[first] = loss[first]
         self.ema[first] = loss[first]
