@@ -286,8 +286,6 @@ def trl_data(cfg, tok, fmt, hand: bool) -> list[dict]:
     features code and decoded back to text (prompt = up to the first target token), in stream order.
     """
     from t2t_mtl.evaluation import evaluator
-    from t2t_mtl.mixing import mixture
-    from t2t_mtl.model import features
     from t2t_mtl.tasks import sources
 
     n = cfg.train.steps * cfg.train.batch_size
@@ -305,17 +303,10 @@ def trl_data(cfg, tok, fmt, hand: bool) -> list[dict]:
                 )
         rng.shuffle(data)
         return data
-    stream = mixture.plan_stage(cfg, 0, mixture.build_members(cfg)).stream()
-    out = []
-    for rec in stream.take(n):
-        f = features.encode(rec, tok, fmt, cfg.model.max_length, cfg.model.max_target_length)
-        cut = sum(1 for x in f["labels"] if x == features.IGNORE_INDEX)
-        ids = f["input_ids"]
-        prompt, completion = (
-            tok.decode(part, clean_up_tokenization_spaces=False) for part in (ids[:cut], ids[cut:])
-        )
-        out.append({"prompt": prompt, "completion": completion})
-    return out
+    return [
+        {"prompt": e["prompt"], "completion": e["completion"]}
+        for e in common.stream_examples(cfg, tok, fmt, n)
+    ]
 
 
 def train_trl(cfg, out_dir: Path, hand: bool) -> float:
@@ -328,8 +319,7 @@ def train_trl(cfg, out_dir: Path, hand: bool) -> float:
     if summary.is_file():
         return float(json.loads(summary.read_text(encoding="utf-8"))["seconds"])
     from datasets import Dataset
-    from peft import LoraConfig
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     from t2t_mtl.model import loading
     from t2t_mtl.model.prompt_format import PromptFormat
@@ -337,37 +327,15 @@ def train_trl(cfg, out_dir: Path, hand: bool) -> float:
     model, tok, family = loading.load_model_and_tokenizer(cfg.model, None, for_training=True)
     fmt = PromptFormat.for_tokenizer(tok, family, cfg.model.prompt_format, cfg.model.truncation)
     data = trl_data(cfg, tok, fmt, hand)
-    tr, ad = cfg.train, cfg.adapter
-    targs = SFTConfig(
-        output_dir=str(out_dir / "trainer"),
-        max_steps=tr.steps,
-        per_device_train_batch_size=tr.batch_size,
-        learning_rate=tr.learning_rate,
-        weight_decay=tr.weight_decay,
-        warmup_steps=tr.warmup_steps,
-        lr_scheduler_type=tr.scheduler,
-        max_grad_norm=tr.max_grad_norm,
-        max_length=cfg.model.max_length,
-        packing=False,
-        completion_only_loss=True,
-        bf16=getattr(tr, "mixed_precision", "no") == "bf16",
-        fp16=False,
+    targs, lora = common.trl_configs(
+        cfg,
+        str(out_dir / "trainer"),
+        cfg.train.steps,
         logging_steps=10,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        seed=cfg.seed,
-        dataloader_num_workers=0,
         # ours: the stream's order is the point of the comparison; hand: the list is already shuffled
         train_sampling_strategy="sequential",
     )
-    lora = LoraConfig(
-        r=ad.r,
-        lora_alpha=ad.alpha,
-        lora_dropout=ad.dropout,
-        target_modules=ad.target_modules,
-        task_type="CAUSAL_LM",
-    )
+    tr = cfg.train
     log(f"training {out_dir.parent.name}/{out_dir.name} (TRL, {tr.steps} steps x {tr.batch_size})")
     t0 = time.time()
     trainer = SFTTrainer(

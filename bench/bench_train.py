@@ -204,40 +204,12 @@ def child_ours(spec: dict, packing: str) -> dict:
     return res
 
 
-def stream_examples(cfg, tok, fmt, n: int) -> list[dict]:
-    """Our encoding of the first `n` records of the stage-0 stream (what `ours` trains on, in order)."""
-    from t2t_mtl.mixing import mixture
-    from t2t_mtl.model import features
-
-    members = mixture.build_members(cfg)
-    index = {name: i for i, name in enumerate(cfg.task_names())}
-    stream = mixture.plan_stage(cfg, 0, members).stream()
-    out = []
-    for rec in stream.take(n):
-        f = features.encode(
-            rec,
-            tok,
-            fmt,
-            cfg.model.max_length,
-            cfg.model.max_target_length,
-            task_index=index[rec.task],
-        )
-        cut = sum(1 for x in f["labels"] if x == features.IGNORE_INDEX)
-        ids = f["input_ids"]
-        text = [
-            tok.decode(part, clean_up_tokenization_spaces=False) for part in (ids[:cut], ids[cut:])
-        ]
-        out.append({"ids": ids, "labels": f["labels"], "prompt": text[0], "completion": text[1]})
-    return out
-
-
 def child_trl(spec: dict, packing: bool) -> dict:
     """Plain `trl.SFTTrainer` on the same texts, model, LoRA settings, batch size, max length and dtype."""
     import torch
     from datasets import Dataset
-    from peft import LoraConfig
     from transformers import TrainerCallback
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     from t2t_mtl.model import loading
     from t2t_mtl.model.prompt_format import PromptFormat
@@ -246,48 +218,23 @@ def child_trl(spec: dict, packing: bool) -> dict:
     total = spec["warmup"] + spec["steps"] + spec["profile_steps"]
     with tempfile.TemporaryDirectory(prefix="bench-train-trl-") as tmp:
         cfg = run_config(Path(spec["data_dir"]), Path(tmp) / "run", total)
-        tr, ad = cfg.train, cfg.adapter
         model, tok, family = loading.load_model_and_tokenizer(cfg.model, None, for_training=True)
         fmt = PromptFormat.for_tokenizer(tok, family, cfg.model.prompt_format)
-        examples = stream_examples(cfg, tok, fmt, spec["pool"])
+        examples = common.stream_examples(cfg, tok, fmt, spec["pool"])
         data = Dataset.from_dict(
             {
                 "prompt": [e["prompt"] for e in examples],
                 "completion": [e["completion"] for e in examples],
             }
         )
-        args = SFTConfig(
-            output_dir=tmp,
-            max_steps=total,
-            per_device_train_batch_size=tr.batch_size,
-            gradient_accumulation_steps=tr.grad_accum,
-            learning_rate=tr.learning_rate,
-            weight_decay=tr.weight_decay,
-            warmup_steps=tr.warmup_steps,
-            lr_scheduler_type=tr.scheduler,
-            max_grad_norm=tr.max_grad_norm,
-            max_length=cfg.model.max_length,
+        args, lora = common.trl_configs(
+            cfg,
+            tmp,
+            total,
             packing=packing,
-            completion_only_loss=True,
-            bf16=False,
-            fp16=False,
-            gradient_checkpointing=tr.gradient_checkpointing,  # same dtype/setting as ours
             # sequential: step k sees exactly ours' step-k examples; packed bins come sorted by length, so
             # they keep TRL's default random order (a sequential walk would start with the longest bins)
             train_sampling_strategy="random" if packing else "sequential",
-            logging_steps=tr.logging_steps,
-            save_strategy="no",
-            report_to="none",
-            disable_tqdm=True,
-            seed=cfg.seed,
-            dataloader_num_workers=0,
-        )
-        lora = LoraConfig(
-            r=ad.r,
-            lora_alpha=ad.alpha,
-            lora_dropout=ad.dropout,
-            target_modules=ad.target_modules,
-            task_type="CAUSAL_LM",
         )
         t0 = time.perf_counter()
 

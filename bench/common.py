@@ -164,3 +164,80 @@ def update_doc(doc: Path, section: str, body: str) -> None:
 def fmt_score(x: Any, digits: int = 1) -> str:
     """A score in points (the evaluation's primary metrics are 0–100), e.g. 87.3; '–' when missing."""
     return "–" if x is None else f"{x:.{digits}f}"
+
+
+# ------------------------------------------------------------------ the TRL baseline's recipe
+
+
+def stream_examples(cfg, tok, fmt, n: int) -> list[dict]:
+    """Our encoding of the first `n` records of the stage-0 stream (what our trainer trains on, in
+    order): ids, labels, and the prompt / completion texts decoded from them (prompt = up to the first
+    target token), so a TRL run can train on exactly our records."""
+    from t2t_mtl.mixing import mixture
+    from t2t_mtl.model import features
+
+    members = mixture.build_members(cfg)
+    index = {name: i for i, name in enumerate(cfg.task_names())}
+    stream = mixture.plan_stage(cfg, 0, members).stream()
+    out = []
+    for rec in stream.take(n):
+        f = features.encode(
+            rec,
+            tok,
+            fmt,
+            cfg.model.max_length,
+            cfg.model.max_target_length,
+            task_index=index[rec.task],
+        )
+        cut = sum(1 for x in f["labels"] if x == features.IGNORE_INDEX)
+        ids = f["input_ids"]
+        text = [
+            tok.decode(part, clean_up_tokenization_spaces=False) for part in (ids[:cut], ids[cut:])
+        ]
+        out.append({"ids": ids, "labels": f["labels"], "prompt": text[0], "completion": text[1]})
+    return out
+
+
+def trl_configs(cfg, output_dir: str, max_steps: int, **overrides: Any):
+    """(SFTConfig, LoraConfig) of a plain TRL SFTTrainer run with `cfg`'s recipe: batch size,
+    accumulation, learning rate, warm-up, schedule, clipping, max length, checkpointing, LoRA
+    settings and seed; completion-only loss, no packing, float32 unless `cfg` trains in bf16, no
+    saving or reporting. `overrides` replace SFTConfig fields (packing, sampling order, logging)."""
+    from peft import LoraConfig
+    from trl import SFTConfig
+
+    from t2t_mtl.training import preflight
+
+    tr, ad = cfg.train, cfg.adapter
+    args: dict[str, Any] = {
+        "output_dir": output_dir,
+        "max_steps": max_steps,
+        "per_device_train_batch_size": tr.batch_size,
+        "gradient_accumulation_steps": tr.grad_accum,
+        "learning_rate": tr.learning_rate,
+        "weight_decay": tr.weight_decay,
+        "warmup_steps": tr.warmup_steps,
+        "lr_scheduler_type": tr.scheduler,
+        "max_grad_norm": tr.max_grad_norm,
+        "max_length": cfg.model.max_length,
+        "packing": False,
+        "completion_only_loss": True,
+        "bf16": preflight.mixed_precision(cfg) == "bf16",
+        "fp16": False,
+        "gradient_checkpointing": tr.gradient_checkpointing,
+        "logging_steps": tr.logging_steps,
+        "save_strategy": "no",
+        "report_to": "none",
+        "disable_tqdm": True,
+        "seed": cfg.seed,
+        "dataloader_num_workers": 0,
+    }
+    args.update(overrides)
+    lora = LoraConfig(
+        r=ad.r,
+        lora_alpha=ad.alpha,
+        lora_dropout=ad.dropout,
+        target_modules=ad.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return SFTConfig(**args), lora

@@ -24,8 +24,8 @@ import numpy as np
 from t2t_mtl.evaluation import confidence
 from t2t_mtl.evaluation.confidence import RowStats
 
-RESAMPLES = 1000
-SEED = 0
+RESAMPLES = confidence.RESAMPLES  # the same settings as `t2t-mtl eval`'s intervals
+SEED = confidence.SEED
 
 
 def _cached_stats(results: dict, system: str) -> dict[str, dict[str, RowStats]]:
@@ -111,7 +111,7 @@ def bootstrap(
             }
     if "mean" in boot.get("multi_equal", {}) and "mean" in boot.get("single", {}):
         vals = 100.0 * boot["multi_equal"]["mean"] / boot["single"]["mean"]
-        lo, hi = np.percentile(vals, [2.5, 97.5])
+        lo, hi = confidence.interval(vals)
         out["ratios"]["multi_equal / single"] = {
             "ratio": round(100.0 * point["multi_equal"]["mean"] / point["single"]["mean"], 2),
             "low": round(float(lo), 2),
@@ -136,7 +136,7 @@ def default_pairs(names: list[str]) -> list[tuple[str, str]]:
 
 
 def _summary(mean: float, per_seed: list[float], vals: np.ndarray) -> dict[str, Any]:
-    lo, hi = np.percentile(vals, [2.5, 97.5])
+    lo, hi = confidence.interval(vals)
     return {
         "mean": round(mean, 2),
         "low": round(float(lo), 2),
@@ -146,7 +146,7 @@ def _summary(mean: float, per_seed: list[float], vals: np.ndarray) -> dict[str, 
 
 
 def _diff(delta: float, vals: np.ndarray) -> dict[str, Any]:
-    lo, hi = np.percentile(vals, [2.5, 97.5])
+    lo, hi = confidence.interval(vals)
     return {
         "diff": round(float(delta), 2),
         "low": round(float(lo), 2),

@@ -273,34 +273,15 @@ def test_push_errors_are_reported_without_a_traceback(run_dir, tmp_path, monkeyp
 def _training_prompts(run_dir, task: str, n: int, *, as_eval: bool = False):
     """(rows without answers, the prompt token ids the training collator builds for them);
     `as_eval`: the rows an eval `--limit n` draws (a seeded random subset), else the first n."""
+    from tiny_runs import training_prompt_ids
+
     from t2t_mtl.inference.predictor import Predictor
 
     pred = Predictor.for_prompts(run_dir)
-    tpl, tok, fmt = pred.template(task), pred.tokenizer, pred.fmt
+    tpl = pred.template(task)
     seed = f"{pred.run.cfg.seed}|{task}" if as_eval else None
     rows = sources.load_rows(tpl, None, "validation", limit=n, seed=seed)
-    vid = tpl.train_variants()[0].id
-    mc = pred.run.cfg.model
-    feats = [
-        features.encode(
-            tpl.render(rows[i], vid, row_id=str(i), split="train"),
-            tok,
-            fmt,
-            mc.max_length,
-            mc.max_target_length,
-        )
-        for i in range(len(rows))
-    ]
-    # rows training did not shorten: training's prompt budget also keeps room for the answer,
-    # which a server prompt does not have (render cuts, like predict, at model.max_length)
-    assert not any(f["truncated"] for f in feats)
-    batch = features.CausalCollator(tok.pad_token_id)(feats)
-    ids = [
-        batch["input_ids"][r][
-            (batch["labels"][r] == -100) & (batch["attention_mask"][r] == 1)
-        ].tolist()
-        for r in range(len(rows))
-    ]
+    ids = training_prompt_ids(pred, tpl, rows)
     plain = [{k: v for k, v in rows[i].items() if k != tpl.label_field} for i in range(len(rows))]
     return pred, plain, ids
 

@@ -96,32 +96,13 @@ def _unpadded(seen) -> list[list[int]]:
 def test_inference_prompt_ids_are_the_training_prompt_ids(predictor, run_dir, task):
     tpl = predictor.template(task)
     rows = sources.load_rows(tpl, None, "validation", limit=3)
-    vid = tpl.train_variants()[0].id
-    tok, fmt = predictor.tokenizer, predictor.fmt
-    assert fmt == PromptFormat.from_dict(
+    assert predictor.fmt == PromptFormat.from_dict(
         json.loads((run_dir / "adapter" / "t2t_manifest.json").read_text())["prompt_format"]
     )
     # training path: render with the answer, encode, collate; the prompt is where labels are -100
-    mc = predictor.run.cfg.model
-    feats = [
-        features.encode(
-            tpl.render(rows[i], vid, row_id=str(i), split="train"),
-            tok,
-            fmt,
-            mc.max_length,
-            mc.max_target_length,
-        )
-        for i in range(len(rows))
-    ]
-    # Parity is exact for every record training did not have to shorten (this data fits max_length).
-    assert not any(f["truncated"] for f in feats)
-    batch = features.CausalCollator(tok.pad_token_id)(feats)
-    train_prompts = [
-        batch["input_ids"][r][
-            (batch["labels"][r] == -100) & (batch["attention_mask"][r] == 1)
-        ].tolist()
-        for r in range(len(rows))
-    ]
+    from tiny_runs import training_prompt_ids
+
+    train_prompts = training_prompt_ids(predictor, tpl, rows)
     # inference path: the same rows without their answers, through the Predictor
     label_field = tpl.label_field
     plain = [{k: v for k, v in rows[i].items() if k != label_field} for i in range(len(rows))]
@@ -136,7 +117,7 @@ def test_inference_prompt_ids_are_the_training_prompt_ids(predictor, run_dir, ta
     assert all(seen[0][1][:, -1] == 1)  # left padding: every row's last column is a real token
     rec = predictor.render(task, plain[0])
     assert predictor.prompt_ids(rec) == train_prompts[0]
-    assert tok.decode(train_prompts[0]).startswith(
+    assert predictor.tokenizer.decode(train_prompts[0]).startswith(
         "<|im_start|>system\n"
     )  # the chat layout, system message kept
 

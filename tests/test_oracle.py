@@ -15,6 +15,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from test_templates_engine import REAL  # shipped task -> (real data folder, split with gold labels)
 
 from t2t_mtl.cli.main import main
 from t2t_mtl.core.config import SourceConfig, load_config
@@ -25,16 +26,6 @@ from t2t_mtl.tasks.task import load_task_file
 
 ROOT = Path(__file__).resolve().parents[1]
 ORACLE_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "oracle"
-# shipped task -> (real data folder, split with gold labels)
-REAL = {
-    "sentiment_sst2": ("sentiment_sst2", "validation"),
-    "topic_ag_news": ("topic_ag_news", "test"),
-    "nli_3way": ("nli_sick", "validation"),
-    "nli_2way": ("nli_rte", "validation"),
-    "qa_squad": ("qa_squad", "validation"),
-    "ner_conll2003": ("ner_conll2003", "validation"),
-    "summarization": ("summarization_scitldr", "validation"),
-}
 
 
 @pytest.fixture(autouse=True)

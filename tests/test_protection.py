@@ -11,13 +11,11 @@ config and backend errors at file:line; two CPU processes (gloo) against one.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launching import TWO_CPU_PROCESSES, accelerate_launch
 from safetensors import safe_open
 from safetensors.torch import load_file
 from test_training import REPO, TASKS, _runner, assert_close, make_cfg, metrics, trainable
@@ -527,31 +525,10 @@ def test_ddp_two_cpu_processes_match_one_with_ewc_and_unfreezing(
         "train.unfreeze_every=1",
     ]
     run = tmp_path / "ddp"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            str(REPO / "launch" / "train.py"),
-            "--config",
-            str(REPO / "launch/configs/tiny_cpu.yaml"),
-            *over,
-            f"output_dir={run}",
-        ],
-        cwd=tmp_path,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = accelerate_launch(
+        TWO_CPU_PROCESSES,
+        ["--config", str(REPO / "launch/configs/tiny_cpu.yaml"), *over, f"output_dir={run}"],
+        tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = json.loads((run / "train_summary.json").read_text())["weight_checksums"]

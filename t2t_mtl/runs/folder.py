@@ -56,7 +56,7 @@ logger = logging.getLogger(__name__)
 CONFIG_FILE = "config.yaml"
 MIXTURE_FILE = "mixture.json"
 TRACKERS_FILE = "trackers.json"  # experiment trackers' run ids, to continue them on resume
-MANIFEST = "t2t_manifest.json"  # = model.loading.MANIFEST (kept here: this layer has no torch)
+MANIFEST = "t2t_manifest.json"  # a model bundle's manifest (written by model.loading)
 
 
 class Run:
