@@ -18,8 +18,10 @@ Two evaluation splits, so that defaults are never chosen on the rows they are re
 The same rows are scored for every system and seed, so differences are paired.
 
 Every run is a run folder under WORK/<split>/<system>/s<seed> (our trainer, `resume: auto`) or a TRL output
-folder, and every evaluation is cached next to it (`eval-<split>-<rows>.json`: each row's generated text), so
-an interrupted invocation continues where it stopped and a finished one only recomputes the statistics. The
+folder. Every evaluation is kept in the repository, bench/results/quality/<split>-<rows>/<system>-s<seed>.json
+(each row's generated text and per-row statistics, a few hundred KB), so an interrupted invocation continues
+where it stopped, a machine that lost WORK only trains what has no evaluation yet, and a finished study only
+recomputes the statistics. The
 statistics (bench/quality_stats.py): per task and for the mean over tasks, the mean over seeds with a 95 %
 bootstrap interval over examples and seeds, and paired differences with their intervals.
 """
@@ -357,9 +359,16 @@ def train_trl(cfg, out_dir: Path, hand: bool) -> float:
 # ------------------------------------------------------------------------- evaluation
 
 
-def evaluate_system(args, system: System, cfg, out_dir: Path, ecfg) -> dict:
-    """Each evaluated row's generated text, per task (cached in out_dir/eval-<split>-<rows>.json)."""
-    path = out_dir / f"eval-{args.split}-{args.rows}.json"
+EVALS = ROOT / "bench" / "results" / "quality"
+
+
+def eval_path(split: str, rows: int, system: str, seed: int | str) -> Path:
+    """Where a system's evaluation at one seed is kept (in the repository, see the module docstring)."""
+    return EVALS / f"{split}-{rows}" / f"{system}-s{seed}.json"
+
+
+def evaluate_system(args, system: System, cfg, out_dir: Path, ecfg, path: Path) -> dict:
+    """Each evaluated row's generated text and statistics, per task (cached in `path`)."""
     if path.is_file():
         return json.loads(path.read_text(encoding="utf-8"))
     from t2t_mtl.evaluation import evaluator
@@ -447,13 +456,28 @@ def run_one(args, system: System, seed: int, dirs: tuple[dict, dict], ecfg) -> d
         Path(args.work) / args.split / system.name / (f"s{seed}" if system.kind != "base" else "s0")
     )
     cfg = run_config(args, system, seed, train_dirs, out_dir)
+    path = eval_path(args.split, args.rows, system.name, out_dir.name[1:])
+    if path.is_file():  # evaluated before (perhaps on another machine): nothing to train
+        res = json.loads(path.read_text(encoding="utf-8"))
+        return {
+            "train_seconds": res.get("train_seconds", 0.0),
+            "eval_seconds": res.get("seconds"),
+            "eval": str(path.relative_to(ROOT)),
+        }
     seconds = 0.0
     if system.kind == "ours":
         seconds = train_ours(cfg)
     elif system.kind.startswith("trl"):
         seconds = train_trl(cfg, out_dir, hand=system.kind == "trl_hand")
-    res = evaluate_system(args, system, cfg, out_dir, ecfg)
-    return {"train_seconds": seconds, "eval_seconds": res.get("seconds"), "dir": str(out_dir)}
+    res = evaluate_system(args, system, cfg, out_dir, ecfg, path)
+    if res.get("train_seconds") != seconds:
+        res["train_seconds"] = seconds
+        common.write_json(path, res)
+    return {
+        "train_seconds": seconds,
+        "eval_seconds": res.get("seconds"),
+        "eval": str(path.relative_to(ROOT)),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

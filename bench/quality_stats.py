@@ -24,16 +24,16 @@ import numpy as np
 from t2t_mtl.evaluation import confidence
 from t2t_mtl.evaluation.confidence import RowStats
 
+ROOT = Path(__file__).resolve().parents[1]
 RESAMPLES = confidence.RESAMPLES  # the same settings as `t2t-mtl eval`'s intervals
 SEED = confidence.SEED
 
 
 def _cached_stats(results: dict, system: str) -> dict[str, dict[str, RowStats]]:
     """{seed: {task: RowStats}} of a system, from its cached evaluations."""
-    st = results["settings"]
     out = {}
     for seed, info in results["runs"].get(system, {}).items():
-        path = Path(info["dir"]) / f"eval-{st['split']}-{st['rows']}.json"
+        path = ROOT / info["eval"]
         if path.is_file():
             ev = json.loads(path.read_text(encoding="utf-8"))
             out[seed] = {t: RowStats.from_json(e["per_example"]) for t, e in ev["tasks"].items()}
