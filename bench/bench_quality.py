@@ -64,6 +64,10 @@ class System:
     overrides: tuple[tuple[str, Any], ...] = ()  # dotted run-config keys, as on the command line
     one_variant: bool = False  # each template reduced to the variant every system is evaluated on
     once_each: bool = False  # each task capped at its share of the budget: every example seen once
+    eval_of: str | None = None  # evaluates that system's trained runs (an evaluation setting only)
+    constrained: bool = (
+        False  # eval_mode constrained for every task that has a form (label/span/NER)
+    )
 
 
 SYSTEMS: tuple[System, ...] = (
@@ -109,6 +113,14 @@ SYSTEMS: tuple[System, ...] = (
         overrides=(("train.loss_balancing", "equal"),),
     ),
     System("bf16", "ours", "multi, bf16 autocast", overrides=(("train.mixed_precision", "bf16"),)),
+    # Evaluation settings of trained runs (no training of their own).
+    System(
+        "multi_constrained",
+        "ours",
+        "multi's runs, constrained decoding (eval_mode: constrained)",
+        eval_of="multi",
+        constrained=True,
+    ),
 )
 BY_NAME = {s.name: s for s in SYSTEMS}
 DEFAULT_SYSTEMS = {
@@ -402,6 +414,9 @@ def evaluate_system(args, system: System, cfg, out_dir: Path, ecfg, path: Path) 
         else:
             from t2t_mtl.model.generation import generate_texts
 
+            rules = None
+            if system.constrained and t.template.parse != "text":
+                rules = evaluator.answer_constraints(t.template, examples)
             texts = generate_texts(
                 model,
                 tok,
@@ -410,6 +425,7 @@ def evaluate_system(args, system: System, cfg, out_dir: Path, ecfg, path: Path) 
                 max_new_tokens=cfg.eval.max_new_tokens,
                 batch_size=cfg.eval.batch_size,
                 max_prompt_tokens=cfg.model.max_length,
+                constraints=rules,
             )
         summary, _ = evaluator.score_task(t.template, examples, texts)
         out["tasks"][t.name] = {
@@ -452,10 +468,14 @@ def greedy(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int)
 def run_one(args, system: System, seed: int, dirs: tuple[dict, dict], ecfg) -> dict:
     """Train (once) and evaluate (once) one system at one seed; its cached evaluation and times."""
     train_dirs, _ = dirs
+    trained = BY_NAME[system.eval_of] if system.eval_of else system
     out_dir = (
-        Path(args.work) / args.split / system.name / (f"s{seed}" if system.kind != "base" else "s0")
+        Path(args.work)
+        / args.split
+        / trained.name
+        / (f"s{seed}" if system.kind != "base" else "s0")
     )
-    cfg = run_config(args, system, seed, train_dirs, out_dir)
+    cfg = run_config(args, trained, seed, train_dirs, out_dir)
     path = eval_path(args.split, args.rows, system.name, out_dir.name[1:])
     if path.is_file():  # evaluated before (perhaps on another machine): nothing to train
         res = json.loads(path.read_text(encoding="utf-8"))

@@ -126,6 +126,12 @@ TEMPLATE_MISTAKES = {
     "metric_empty": (lambda g: g.replace("[accuracy]", "[]"), 17, "at least one metric"),
     "metric_mapping": (lambda g: g.replace("[accuracy]", "{a: 1}"), 17, "metric: invalid"),
     "eval_mode_typo": (lambda g: g + "eval_mode: rankk\n", 19, "did you mean 'rank'?"),
+    "constrained_free_text": (
+        lambda g: g.replace("parse: label", "parse: text").replace("[accuracy]", "[rouge]")
+        + "eval_mode: constrained\n",
+        19,
+        "constrained needs an answer of fixed form",
+    ),
     "policy_typo": (lambda g: g + "variant_policy: roundrobin\n", 19, "round_robin"),
     "max_new_tokens_zero": (lambda g: g + "max_new_tokens: 0\n", 19, "positive integer"),
     "max_new_tokens_text": (lambda g: g + "max_new_tokens: many\n", 19, "positive integer"),

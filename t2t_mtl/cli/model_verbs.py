@@ -18,6 +18,7 @@ import yaml
 from t2t_mtl.core.config import NAME_HINT, name_problem
 from t2t_mtl.core.errors import ConfigError, Problem, T2TError, did_you_mean
 from t2t_mtl.core.records import Record
+from t2t_mtl.tasks.schema import EVAL_MODES
 
 if TYPE_CHECKING:
     from t2t_mtl.inference.predictor import Predictor
@@ -72,7 +73,10 @@ def add_eval(sub) -> None:
         "--base", action="store_true", help="evaluate the untuned base model with the same prompts"
     )
     p.add_argument(
-        "--mode", choices=["generate", "rank"], help="label tasks: override each task's eval mode"
+        "--mode",
+        choices=list(EVAL_MODES),
+        help="override each task's eval mode (rank: label tasks; constrained: label, span and "
+        "entity tasks; others generate)",
     )
     p.add_argument(
         "--variant", help="prompt variant id, or 'heldout' for each task's first heldout variant"

@@ -115,7 +115,8 @@ class TaskConfig:
     ceiling: float | None = None  # maximum share in the mixture (0..1)
     loss_weight: float = 1.0
     max_examples: int | None = None  # cap on training rows read from the source
-    eval_mode: Literal["generate", "rank"] | None = None  # label tasks; default from template
+    # default from the template; rank: label tasks; constrained: label, span and entity tasks
+    eval_mode: Literal["generate", "rank", "constrained"] | None = None
 
 
 @dataclass

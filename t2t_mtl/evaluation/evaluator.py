@@ -1,9 +1,11 @@
 """Per-task evaluation: render a split with a task's template, answer, parse, score.
 
-Two modes for label tasks (TaskConfig.eval_mode, default the template's `eval_mode`):
-`generate` (greedy answer, parsed by the template's parser; unparseable answers count as wrong
-and as invalid) and `rank` (rank classification over the answer choices, see
-`generation.rank_choices`; never invalid). Other tasks always generate.
+Three modes (TaskConfig.eval_mode, default the template's `eval_mode`): `generate` (greedy
+answer, parsed by the template's parser; unparseable answers count as wrong and as invalid),
+`rank` (label tasks: rank classification over the answer choices, see
+`generation.rank_choices`; never invalid) and `constrained` (label, span and entity tasks: greedy
+decoding restricted to answers of the form the template declares, `tasks.constraints`). A mode
+that does not apply to a task (`--mode rank` on QA, `constrained` on summaries) generates.
 
 Gold values per parse kind: `label` -> the rendered output (a choice); `span` -> the rendered
 output plus every alternative in the row's `answers` field (SQuAD's `{text: [...]}` or a list);
@@ -44,8 +46,9 @@ from t2t_mtl.core.records import Record
 from t2t_mtl.evaluation import confidence, metrics
 from t2t_mtl.model.prompt_format import PromptFormat
 from t2t_mtl.runs.folder import resolved_source, task_for
-from t2t_mtl.tasks import sources
+from t2t_mtl.tasks import constraints, sources
 from t2t_mtl.tasks.parsing import FIRST_LINE_KINDS, ner_linearize
+from t2t_mtl.tasks.schema import EVAL_MODES
 from t2t_mtl.tasks.task import Task
 
 if TYPE_CHECKING:
@@ -55,6 +58,7 @@ if TYPE_CHECKING:
     from t2t_mtl.model.generation import Ranked
 
 __all__ = [
+    "answer_constraints",
     "EvalHook",
     "EvalTask",
     "Example",
@@ -67,7 +71,7 @@ __all__ = [
     "training_eval_fn",
 ]
 
-MODES = ("generate", "rank")
+MODES = EVAL_MODES
 
 
 @dataclass
@@ -169,6 +173,8 @@ def eval_tasks(
                     )
                 )
             m = "generate"  # --mode rank on a run with QA/NER tasks: those still generate
+        if m == "constrained" and tpl.parse == "text":
+            m = "generate"  # --mode constrained: summaries have no form to constrain
         vid, prob = pick_variant(tpl, variant)
         if prob:
             problems.append(prob)
@@ -394,6 +400,22 @@ def score_task(
     return summary, rows
 
 
+def answer_constraints(tpl: Task, examples: Sequence[Example]) -> list:
+    """Each example's `constraints.AnswerConstraint` (None: free) under its template's declarations:
+    the answer choices, the rendered input to copy spans from, the sentence's tokens and the
+    entity types."""
+    return [
+        constraints.for_task(
+            tpl.parse,
+            answer_choices=tpl.answer_choices,
+            source=ex.record.input,
+            tokens=ex.tokens,
+            entity_types=tpl.entity_types,
+        )
+        for ex in examples
+    ]
+
+
 def _bar(total: int, enabled: bool, desc: str) -> tqdm | None:
     if not enabled:
         return None
@@ -497,6 +519,9 @@ def evaluate(
                     stop_after_line=line_stop and t.template.parse in FIRST_LINE_KINDS,
                     compact=compact,
                     share_prefix=share_prefix,
+                    constraints=answer_constraints(t.template, examples)
+                    if t.mode == "constrained"
+                    else None,
                 )
                 summary, preds = score_task(t.template, examples, texts)
                 summary.update(max_new_tokens=budget, budget_from=budget_from)

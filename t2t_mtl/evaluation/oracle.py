@@ -1,7 +1,9 @@
 """The oracle check: can a task's template express its own data? (torch-free; no model)
 
 Each row's own gold output, given back as the model's answer, must score 100 on the task's primary
-metric with 0 % invalid answers. Less means the template (its output, `parse` kind, answer choices
+metric with 0 % invalid answers; a task evaluated in `constrained` mode must also admit it
+(`constraints.admits`: constrained decoding can write it; an extractive answer that is not in the
+input, say, could never be generated). Less means the template (its output, `parse` kind, answer choices
 or entity types) cannot express some rows, so no model trained on it can reach 100, and the user
 should learn it before training. `oracle_check` renders rows with every variant exactly as
 evaluation does (`evaluator.examples_from_rows`) and scores the rendered outputs through
@@ -25,8 +27,14 @@ from t2t_mtl.core import yaml_lines
 from t2t_mtl.core.config import RunConfig
 from t2t_mtl.core.errors import Problem, T2TError
 from t2t_mtl.evaluation import metrics
-from t2t_mtl.evaluation.evaluator import Example, eval_tasks, examples_from_rows, score_task
-from t2t_mtl.tasks import catalogue, sources
+from t2t_mtl.evaluation.evaluator import (
+    Example,
+    answer_constraints,
+    eval_tasks,
+    examples_from_rows,
+    score_task,
+)
+from t2t_mtl.tasks import catalogue, constraints, sources
 from t2t_mtl.tasks.task import Task, read_task_file
 
 __all__ = [
@@ -198,14 +206,18 @@ def oracle_check(
     task: str | None = None,
     variants: Sequence[str] | None = None,
     max_failures: int = MAX_FAILURES,
+    mode: str | None = None,
 ) -> list[OracleResult]:
     """Give each row's own gold output back as the answer and score it: one result per variant.
 
     `rows`: mapped rows of one split (`sources.load_rows`); `task`: the name to report (default the
-    template's); `variants`: ids to check (default every variant, heldout ones included). `rows`
-    is not changed (rows that fail to render are counted as failures of their variant).
+    template's); `variants`: ids to check (default every variant, heldout ones included); `mode`:
+    the task's eval mode (default the template's): `constrained` also needs every gold answer
+    admitted by its constraint. `rows` is not changed (rows that fail to render are counted as
+    failures of their variant).
     """
     name = task or tpl.name
+    constrained = (mode or tpl.eval_mode) == "constrained"
     out = []
     for vid in variants if variants is not None else [v.id for v in tpl.variants]:
         view = copy.copy(rows)  # examples_from_rows counts unrenderable rows on the Rows it gets
@@ -218,15 +230,24 @@ def oracle_check(
         failed = len(failures)
         summary, scored = score_task(tpl, examples, [ex.record.output for ex in examples])
         primary = summary["primary_metric"]
-        for ex, r in zip(examples, scored):
+        rules = answer_constraints(tpl, examples) if constrained else [None] * len(examples)
+        for ex, r, rule in zip(examples, scored, rules):
             pred = r["prediction"] if tpl.parse != "entities" else _tags(r, ex, tpl)
-            if r["valid"] and _row_ok(primary, pred, ex):
+            refused = rule is not None and not constraints.admits(rule, ex.record.output)
+            if r["valid"] and _row_ok(primary, pred, ex) and not refused:
                 continue
             failed += 1
             if len(failures) < max_failures:
                 file, line = rows.location(int(ex.record.meta["row_id"]))
                 note = ""
-                if tpl.parse == "entities" and r["prediction"] == r["gold"]:
+                if refused:
+                    note = (
+                        ", but eval_mode: constrained cannot generate it (it is not of the form "
+                        "the template declares: "
+                        + constraints.FORM[tpl.parse]
+                        + "); use eval_mode: generate for this task"
+                    )
+                elif tpl.parse == "entities" and r["prediction"] == r["gold"]:
                     note = (
                         f", but aligned to other tokens: tags {pred} for gold {ex.gold} (an "
                         "entity whose words also occur untagged earlier in the sentence is "
@@ -266,14 +287,19 @@ def _tags(row: dict, ex: Example, tpl: Task) -> list[str]:
 
 
 def _check_split(
-    tpl: Task, rows: sources.Rows, report: TaskOracle, source_at=None, task: str | None = None
+    tpl: Task,
+    rows: sources.Rows,
+    report: TaskOracle,
+    source_at=None,
+    task: str | None = None,
+    mode: str | None = None,
 ) -> None:
     report.skipped_rows += rows.skipped
     every = catalogue.all_bad_rows_problem(tpl, rows, source_at)
     if every is not None:
         report.problems.append(every)
         report.problems += rows.problems[:3]
-    report.results += oracle_check(tpl, rows, task=task)
+    report.results += oracle_check(tpl, rows, task=task, mode=mode)
 
 
 def oracle_templates(
@@ -341,5 +367,5 @@ def oracle_config(
         except T2TError as e:
             report.problems += e.problems
             continue
-        _check_split(et.template, rows, report, source_at, et.name)
+        _check_split(et.template, rows, report, source_at, et.name, et.mode)
     return reports

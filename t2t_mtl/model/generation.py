@@ -7,7 +7,9 @@ functions training uses, so the model is asked exactly what it was taught:
   last column; transformers derives position ids from the attention mask), seq2seq
   sources right-padded as in training. Greedy decoding; generation stops at the EOS
   token or at the prompt format's end-of-turn token; the reply frame the chat template
-  writes before an answer (`PromptFormat.answer_prefix`) is removed from the text.
+  writes before an answer (`PromptFormat.answer_prefix`) is removed from the text. With
+  `constraints` (one `tasks.constraints.AnswerConstraint` or None per record) each step takes
+  the most likely token that keeps the row's answer viable (constrained decoding, `_Constrainer`).
 - `rank_choices`: for each answer choice, the summed log-probability of the choice's
   training target tokens (`PromptFormat.target`: answer prefix + choice + end-of-turn for
   causal models, choice + `</s>` for T5) given the prompt; the highest sum wins. Summed,
@@ -31,6 +33,7 @@ import torch
 from t2t_mtl.core.records import Record
 from t2t_mtl.model.features import prompt_ids, stop_token_ids, target_ids
 from t2t_mtl.model.prompt_format import PromptFormat
+from t2t_mtl.tasks.constraints import AnswerConstraint
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -167,6 +170,7 @@ def generate_texts(
     stop_after_line: bool = False,
     compact: bool = True,
     share_prefix: bool = True,
+    constraints: Sequence[AnswerConstraint | None] | None = None,
 ) -> list[str]:
     """Greedy answers (decoded text, stripped) for `records`, in input order.
 
@@ -180,7 +184,8 @@ def generate_texts(
     penalty or other logits processors, `compact=False`) transformers' `generate` runs, with the
     line stop as a per-row stopping criterion. With `compact` and `share_prefix`, the tokens all
     prompts of a batch start with (chat header, system message, instruction) are prefilled once
-    for the batch instead of once per row.
+    for the batch instead of once per row. `constraints[i]` (None: free) constrains record i's
+    answer (`_Constrainer`), on either decoding path.
     """
     if not records:
         return []
@@ -200,6 +205,13 @@ def generate_texts(
     drop_first = start if seq2seq else None
     line_done = _FirstLineDone(tokenizer, stops, prefix, drop_first) if stop_after_line else None
     use_compact = compact and not seq2seq and _plain_greedy(gc)
+    if constraints is not None and len(constraints) != len(records):
+        raise ValueError(f"{len(constraints)} constraints for {len(records)} records")
+    picker = (
+        _Constrainer(tokenizer, stops, prefix, drop_first)
+        if constraints is not None and any(c is not None for c in constraints)
+        else None
+    )
     prompts = encode_prompts(tokenizer, fmt, records, max_prompt_tokens)
     order = _length_order([len(p) for p in prompts])
     out: list[str] = [""] * len(records)
@@ -208,6 +220,9 @@ def generate_texts(
             idx = order[s : s + batch_size]
             rows = [prompts[i] for i in idx]
             ids, mask = (_right_pad if seq2seq else _left_pad)(rows, pad, device)
+            pick = None
+            if picker is not None:
+                pick = picker.for_rows([constraints[i] for i in idx])  # type: ignore[index]
             if use_compact:
                 shared = shared_prefix_len(rows) if share_prefix else 0
                 new = _compact_greedy(
@@ -218,12 +233,17 @@ def generate_texts(
                     stops,
                     line_done,
                     prefix_len=shared if shared >= MIN_SHARED_PREFIX else 0,
+                    pick=pick,
                 )
             else:
-                kw: dict[str, StoppingCriteriaList] = {}
+                kw: dict[str, object] = {}
                 if line_done is not None:
                     kw["stopping_criteria"] = _line_criteria(
                         line_done, 0 if seq2seq else ids.shape[1]
+                    )
+                if pick is not None:
+                    kw["logits_processor"] = _pick_processor(
+                        pick, 0 if seq2seq else ids.shape[1], stops
                     )
                 gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=gc, **kw)
                 new = (gen if seq2seq else gen[:, ids.shape[1] :]).tolist()
@@ -368,6 +388,7 @@ def _compact_greedy(
     stops: Sequence[int],
     line_done: Callable[[list[int]], bool] | None = None,
     prefix_len: int = 0,
+    pick: Callable[[int, list[int], torch.Tensor], int | None] | None = None,
 ) -> list[list[int]]:
     """Greedy decoding of a left-padded causal batch in which ended rows leave the batch.
 
@@ -382,6 +403,9 @@ def _compact_greedy(
     keys/values copied to every row; each row's rest is then prefilled after them, left-padded
     in between (masked, with position ids counted from the mask as before). The attention sums
     the same terms, so the tokens are the same up to floating-point rounding.
+
+    `pick(row, ids so far, logits)`: a token other than the argmax for a row (constrained
+    decoding), or None for the argmax.
     """
     n = ids.shape[0]
     out: list[list[int]] = [[] for _ in range(n)]
@@ -401,6 +425,13 @@ def _compact_greedy(
     for _ in range(max(1, max_new_tokens)):
         cache = _cache_of(res)
         tokens = res.logits[:, -1].argmax(-1)
+        if pick is not None:
+            chosen = tokens.tolist()
+            for b, r in enumerate(rows):
+                if r not in ended:
+                    t = pick(r, out[r], res.logits[b, -1])
+                    chosen[b] = chosen[b] if t is None else t
+            tokens = torch.tensor(chosen, dtype=tokens.dtype, device=tokens.device)
         for b, t in enumerate(tokens.tolist()):
             r = rows[b]
             if r in ended:
@@ -426,6 +457,99 @@ def _compact_greedy(
         res = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_pos, **kw)
         next_pos = next_pos + 1
     return out
+
+
+class _Constrainer:
+    """Constrained decoding: each row's next token is the most likely token that keeps its answer
+    viable under its `AnswerConstraint` (a stop token only where the answer may end).
+
+    The answer text is decoded from the generated ids as `_decode_answer` does, so the rules see
+    exactly the text the parser will; tokens of the reply frame (`prefix`) pass unchecked. The
+    `TOP_K` most likely tokens are tried first (a tuned model's choice is nearly always among
+    them); only when none is allowed is the rest of the vocabulary tried, in order of likelihood.
+    When no token at all is allowed the row stops if its answer is complete, else it takes the
+    argmax (the rules admit no continuation: free decoding for that step).
+    """
+
+    TOP_K = 64
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        stops: Sequence[int],
+        prefix: list[int],
+        drop_first: int | None,
+    ):
+        self.tokenizer, self.stops, self.stop_set = tokenizer, list(stops), set(stops)
+        self.prefix, self.drop_first = prefix, drop_first
+        # special tokens other than the stops decode to nothing: taking one would write no text
+        self.silent = set(getattr(tokenizer, "all_special_ids", None) or ()) - self.stop_set
+
+    def _text(self, ids: list[int]) -> str:
+        answer = _answer_ids(ids, self.stops, self.prefix, self.drop_first)
+        return self.tokenizer.decode(answer, skip_special_tokens=True)
+
+    def choose(self, c: AnswerConstraint, ids: list[int], logits: torch.Tensor) -> int | None:
+        """The token to take after `ids` under `c` (None: the argmax)."""
+        p = self.prefix
+        if p and len(ids) < len(p) and ids == p[: len(ids)]:
+            return None  # inside the reply frame the chat template writes
+        text = self._text(ids)
+        may_end = c.complete(text)
+        scores = logits.float()
+        k = min(self.TOP_K, scores.shape[-1])
+        first = torch.topk(scores, k).indices.tolist()
+        for cands in (first, None):
+            if cands is None:  # the rest of the vocabulary, most likely first
+                seen = set(first)
+                cands = [
+                    t for t in torch.argsort(scores, descending=True).tolist() if t not in seen
+                ]
+            for t in cands:
+                if t in self.stop_set:
+                    if may_end:
+                        return t
+                elif t not in self.silent and c.viable(self._text([*ids, t])):
+                    return t
+        return self.stops[0] if self.stops and may_end else None
+
+    def for_rows(
+        self, constraints: Sequence[AnswerConstraint | None]
+    ) -> Callable[[int, list[int], torch.Tensor], int | None]:
+        """`pick(row, ids, logits)` for one batch whose row i has `constraints[i]`."""
+
+        def pick(row: int, ids: list[int], logits: torch.Tensor) -> int | None:
+            c = constraints[row]
+            return None if c is None else self.choose(c, ids, logits)
+
+        return pick
+
+
+def _pick_processor(
+    pick: Callable[[int, list[int], torch.Tensor], int | None], skip: int, stops: Sequence[int]
+):
+    """`pick` as a transformers logits processor (the `generate` path): the picked token keeps
+    its score, every other token of that row gets -inf. `skip`: prompt columns of `input_ids`."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    stop_set = set(stops)
+
+    class _Pick(LogitsProcessor):
+        def __call__(
+            self, input_ids: torch.LongTensor, scores: torch.FloatTensor
+        ) -> torch.FloatTensor:
+            for b, row in enumerate(input_ids.tolist()):
+                gen = row[skip:]
+                if any(t in stop_set for t in gen):
+                    continue  # the row has ended; generate pads it
+                t = pick(b, gen, scores[b])
+                if t is not None:
+                    keep = scores[b, t].clone()
+                    scores[b] = float("-inf")
+                    scores[b, t] = keep
+            return scores
+
+    return LogitsProcessorList([_Pick()])
 
 
 def _cache_of(res: object) -> Cache:

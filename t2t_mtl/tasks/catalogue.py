@@ -473,6 +473,14 @@ def check_config(cfg: RunConfig) -> list[Problem]:
                     f"template '{tpl.name}' has none; use generate",
                 )
             )
+        if t.eval_mode == "constrained" and tpl.parse == "text":
+            problems.append(
+                bad(
+                    ("tasks", i, "eval_mode"),
+                    f"tasks[{i}].eval_mode: constrained needs an answer of fixed form",
+                    f"template '{tpl.name}' parses free text; use generate",
+                )
+            )
         src = t.source
         if src is None:
             if tpl.samples is None and not (tpl.source.get("hub") or tpl.source.get("path")):

@@ -56,7 +56,7 @@ TASK_TYPES = ("classification", "nli", "qa", "ner", "summarization", "generation
 LABEL_TASK_TYPES = ("classification", "nli")
 METRICS = ("accuracy", "macro_f1", "squad", "span_f1", "rouge")
 PARSE_KINDS = ("label", "span", "entities", "text")
-EVAL_MODES = ("generate", "rank")
+EVAL_MODES = ("generate", "rank", "constrained")  # see evaluation/evaluator.py
 POLICIES = ("round_robin", "random")
 FIELD_TYPES = ("str", "int", "float", "bool", "label", "list[str]", "list[label]", "list", "dict")
 TOP_KEYS = (
@@ -598,6 +598,12 @@ def check_data(
     if "parse" in data:
         c.enum(("parse",), data["parse"], PARSE_KINDS, "parse")
     c.enum(("eval_mode",), data.get("eval_mode", "generate"), EVAL_MODES, "eval_mode")
+    if data.get("eval_mode") == "constrained" and data.get("parse") == "text":
+        c.add(
+            ("eval_mode",),
+            "eval_mode: constrained needs an answer of fixed form (parse: label, span or entities)",
+            "free text has nothing to constrain; use eval_mode: generate",
+        )
     mnt = data.get("max_new_tokens")
     if mnt is not None and (isinstance(mnt, bool) or not isinstance(mnt, int) or mnt <= 0):
         c.add(
