@@ -127,8 +127,10 @@ TEMPLATE_MISTAKES = {
     "metric_mapping": (lambda g: g.replace("[accuracy]", "{a: 1}"), 17, "metric: invalid"),
     "eval_mode_typo": (lambda g: g + "eval_mode: rankk\n", 19, "did you mean 'rank'?"),
     "constrained_free_text": (
-        lambda g: g.replace("parse: label", "parse: text").replace("[accuracy]", "[rouge]")
-        + "eval_mode: constrained\n",
+        lambda g: (
+            g.replace("parse: label", "parse: text").replace("[accuracy]", "[rouge]")
+            + "eval_mode: constrained\n"
+        ),
         19,
         "constrained needs an answer of fixed form",
     ),
