@@ -20,6 +20,10 @@ templates, mixed at T=2, lazily rendered and tokenised, collated with or without
 child process so its CUDA peak memory is its own: --warmup steps, then --steps timed steps (CUDA
 synchronised at each step end, so the data pipeline's time is inside the measurement). Counted per
 timed step: real input tokens (padding excluded), padded slots, target tokens, and model FLOPs.
+CUDA memory by phase (`PhaseMemory`, null without CUDA): allocated after / peak during the model
+load (the trainer's `_setup_model`) and accelerate's prepare (`_setup_optimizer`), the peak within
+each optimiser step (counters reset at its start; step 1 also allocates AdamW's state), and the
+whole run's peaks. bench/gpu_check.sh runs the issue-#17 variants on a lent GPU in one call.
 
 MFU = model FLOPs per second / the GPU's dense bf16 peak (989.4 TFLOP/s for an H100 SXM; --peak to
 override). Model FLOPs are the work the LoRA step needs, per example of length s: 4·N_body·s for the
@@ -37,6 +41,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -356,19 +361,24 @@ def child_run(spec: dict) -> dict:
 
         optimizer_step.StepRunner.__init__ = init
 
-    def counted(self, window):
+    def counted(self, window, *args, **kw):
         if cuda:
             torch.cuda.synchronize()
+        # fold the time since the last mark into the run's peaks; before step 1 that is the
+        # packing check and data set-up after prepare
+        mem.mark(None if steps else "before_steps")
         t0 = time.perf_counter()
-        res = orig_run(self, window)
+        res = orig_run(self, window, *args, **kw)
         if cuda:
             torch.cuda.synchronize()
+        compute_s = time.perf_counter() - t0
+        step_peak = mem.mark(None)[1]  # this step's peak (forward, backward, optimiser step)
         micro = [lengths.pop(0) for _ in window.micro]
         ex = [e for m in micro for e in m]
         causal = not fm["enc_dec"]
         steps.append(
             {
-                "compute_s": time.perf_counter() - t0,
+                "compute_s": compute_s,
                 "input_tokens": sum(s for s, _, _ in ex)
                 if causal
                 else sum(s + t for s, t, _ in ex),
@@ -383,6 +393,7 @@ def child_run(spec: dict) -> dict:
                 * fm["params"]
                 * (sum(s for s, _, _ in ex) if causal else sum(s + t for s, t, _ in ex)),
                 "loss": res.objective,
+                "peak_gib": step_peak,
             }
         )
         return res
@@ -412,8 +423,20 @@ def child_run(spec: dict) -> dict:
         spec["warmup"] + spec["steps"] + spec.get("profile_steps", 0) + 1
     )  # last step: final save, untimed
     optimizer_step.StepRunner.run = counted
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
+    mem = PhaseMemory(cuda)
+    orig_model, orig_opt = trainer._Trainer._setup_model, trainer._Trainer._setup_optimizer
+
+    def setup_model(self):  # load: the product's loader (QLoRA quantises onto the GPU here)
+        model = orig_model(self)
+        mem.mark("load")
+        return model
+
+    def setup_optimizer(self, model):  # prepare: accelerate moves the model and wraps the optimiser
+        orig_opt(self, model)
+        mem.mark("prepare")
+
+    trainer._Trainer._setup_model = setup_model
+    trainer._Trainer._setup_optimizer = setup_optimizer
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
         cfg = run_config(
             Path(spec["data_dir"]),
@@ -456,12 +479,62 @@ def child_run(spec: dict) -> dict:
         "params": fm["params"],
         "profile": prof.get("rows"),
     }
-    if cuda:
-        res.update(
-            peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
-            peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2),
-        )
+    mem.mark(None)  # the last step's checkpoint save, into the whole-run peaks
+    res.update(mem.fields([s["peak_gib"] for s in steps], w, spec["steps"]))
     return res
+
+
+class PhaseMemory:
+    """CUDA memory by phase of one run (GiB): `mark(phase)` reads the memory allocated now and the
+    peak since the previous mark, keeps them under `phase`, and resets the peak counters; the
+    whole-run peaks are the maxima over all marks. Without CUDA every reading is None."""
+
+    def __init__(self, cuda: bool):
+        self.cuda, self.phases, self.peak, self.reserved = cuda, {}, None, None
+        if cuda:
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+
+    def mark(self, phase: str | None) -> tuple[float | None, float | None]:
+        if not self.cuda:
+            out = (None, None)
+        else:
+            import torch
+
+            torch.cuda.synchronize()
+            gib = 2**30
+            out = (
+                round(torch.cuda.memory_allocated() / gib, 2),
+                round(torch.cuda.max_memory_allocated() / gib, 2),
+            )
+            reserved = round(torch.cuda.max_memory_reserved() / gib, 2)
+            self.peak = max(self.peak or 0.0, out[1])
+            self.reserved = max(self.reserved or 0.0, reserved)
+            torch.cuda.reset_peak_memory_stats()
+        if phase:
+            self.phases[phase] = out
+        return out
+
+    def fields(self, step_peaks: list, warmup: int, timed: int) -> dict:
+        """The result's memory keys (None without CUDA); step peaks: first = step 1 (it allocates
+        the optimiser state), median and max over the timed steps."""
+        ph = {k: self.phases.get(k, (None, None)) for k in ("load", "prepare", "before_steps")}
+        t = [x for x in step_peaks[warmup : warmup + timed] if x is not None]
+        return {
+            "mem_load_gib": ph["load"][0],
+            "mem_load_peak_gib": ph["load"][1],
+            "mem_prepare_gib": ph["prepare"][0],
+            "mem_prepare_peak_gib": ph["prepare"][1],
+            "mem_before_steps_peak_gib": ph["before_steps"][1],
+            "step_peak_first_gib": step_peaks[0] if step_peaks else None,
+            "step_peak_median_gib": round(statistics.median(t), 2) if t else None,
+            "step_peak_max_gib": max(t) if t else None,
+            "step_peaks_gib": step_peaks if self.cuda else None,
+            "peak_alloc_gib": self.peak,
+            "peak_reserved_gib": self.reserved,
+            "mem_phases": sorted(self.phases),  # the hooks that fired (with or without CUDA)
+        }
 
 
 def profile_rows(p, steps: int, wall: float, top: int = 14) -> dict:
@@ -555,18 +628,37 @@ def run_child(kind: str, spec: dict) -> dict:
 # ------------------------------------------------------------------ report
 
 
+def _gib(x) -> str:
+    """A memory reading in GiB; '–' when not measured (no CUDA)."""
+    return "–" if x is None else f"{x:.2f}"
+
+
+def memory_cells(r: dict) -> str:
+    """The phase columns of `table`: load and prepare (allocated after / peak during), the step
+    peaks (first / median / max) and the whole run's peaks."""
+    load = f"{_gib(r.get('mem_load_gib'))} / {_gib(r.get('mem_load_peak_gib'))}"
+    prep = f"{_gib(r.get('mem_prepare_gib'))} / {_gib(r.get('mem_prepare_peak_gib'))}"
+    step = " / ".join(_gib(r.get(f"step_peak_{k}_gib")) for k in ("first", "median", "max"))
+    return (
+        f"{load} | {prep} | {step} | {_gib(r.get('peak_alloc_gib'))} | "
+        f"{_gib(r.get('peak_reserved_gib'))} |"
+    )
+
+
 def table(results: dict) -> str:
     rows = [
         "| variant | model | method | seq | packing | records/step | tokens/step | padding eff. | step s | "
-        "tokens/s | TFLOP/s | MFU | MFU (6N) | outside step | peak alloc GiB | peak reserved GiB |",
-        "|---|---|---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "tokens/s | TFLOP/s | MFU | MFU (6N) | outside step | load GiB (after / peak) | "
+        "prepare GiB (after / peak) | step peak GiB (first / median / max) | peak alloc GiB | "
+        "peak reserved GiB |",
+        "|---|---|---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for name, r in results.items():
         v = r["variant"]
         if "error" in r:
             rows.append(
                 f"| {name} | {v['shape']} | {v['method']} | {v['seq']} | {v['packing']} | {v['batch']} | "
-                f"{r['error'].splitlines()[-1][:80]} |" + " |" * 10
+                f"{r['error'].splitlines()[-1][:80]} |" + " |" * 12
             )
             continue
         pk = (
@@ -579,9 +671,42 @@ def table(results: dict) -> str:
             f"{r['tokens_per_step']:,.0f} | {r['padding_efficiency']:.2f} | {r['step_s']:.3f} | "
             f"{r['tokens_per_s']:,.0f} | {r['tflops']:.1f} | {100 * r['mfu']:.1f} % | "
             f"{100 * r['mfu_6n']:.1f} % | {100 * r['outside_step_share']:.0f} % | "
-            f"{r.get('peak_alloc_gib', '–')} | {r.get('peak_reserved_gib', '–')} |"
+            + memory_cells(r)
         )
     return "\n".join(rows)
+
+
+# Issue #17's targets, against the H100 run of 2026-11-24 (docs/benchmarks.md): QLoRA-7B 2,000
+# tokens/s at 24.5 GiB, LoRA-1.5B packed 6.2 % MFU, t5-base 6,637 tokens/s. (variant, what, test)
+TARGETS = (
+    (
+        "qlora-7b-s1024-packed",
+        "peak alloc ≤ 10 GiB",
+        lambda r: (r.get("peak_alloc_gib") or 1e9) <= 10,
+    ),
+    ("qlora-7b-s1024-packed", "≥ 2× 2,000 tokens/s", lambda r: r["tokens_per_s"] >= 4000),
+    ("lora-1.5b-s1024-packed", "MFU ≥ 25 %", lambda r: r["mfu"] >= 0.25),
+    ("t5base-lora-s1024", "≥ 3× 6,637 tokens/s", lambda r: r["tokens_per_s"] >= 3 * 6637),
+)
+
+
+def targets(results: dict) -> list[str]:
+    """One line per issue-#17 target whose variant is in `results`: met, not met, or failed."""
+    out = []
+    for name, what, ok in TARGETS:
+        r = results.get(name)
+        if r is None:
+            continue
+        if "error" in r:
+            verdict = f"run failed ({r['error'].splitlines()[-1][:60]})"
+        else:
+            verdict = "met" if ok(r) else "not met"
+            verdict += (
+                f" ({r['tokens_per_s']:,.0f} tokens/s, MFU {100 * r['mfu']:.1f} %, "
+                f"peak {_gib(r.get('peak_alloc_gib'))} GiB)"
+            )
+        out.append(f"{name}: {what}: {verdict}")
+    return out
 
 
 def ratios(results: dict) -> list[str]:
@@ -600,7 +725,7 @@ def ratios(results: dict) -> list[str]:
             out.append(
                 f"{name[: -len('-packed')]}: packed/padded tokens/s = "
                 f"{r['tokens_per_s'] / other['tokens_per_s']:.2f}×, peak memory "
-                f"{r.get('peak_alloc_gib', 0)} vs {other.get('peak_alloc_gib', 0)} GiB"
+                f"{_gib(r.get('peak_alloc_gib'))} vs {_gib(other.get('peak_alloc_gib'))} GiB"
             )
     return out
 
@@ -616,7 +741,12 @@ def section_body(meta: dict, results: dict) -> str:
         f"GPU: {m.get('cuda') or 'none'}; torch {m.get('torch')}, transformers {m.get('transformers')}, "
         f"peft {m.get('peft')}, bitsandbytes {meta.get('bitsandbytes')}; {meta['steps']} timed steps after "
         f"{meta['warmup']} warm-up steps per variant; measured {m.get('date')}. Measured bf16 matmul rate "
-        f"(8192³): {f'{peak:.0f} TFLOP/s' if peak else '–'}.",
+        f"(8192³): {f'{peak:.0f} TFLOP/s' if peak else '–'}."
+        + (
+            f" Run with `--mixed-precision {meta['mixed_precision']}` (autocast as accelerate launch sets it)."
+            if meta.get("mixed_precision")
+            else ""
+        ),
         "",
         "Models have the published shapes with random weights (no download; see the script's doc); the tokenizer "
         "is the embedded SmolLM2's. Every run is the product's `trainer.train`: the five real slices through "
@@ -627,6 +757,16 @@ def section_body(meta: dict, results: dict) -> str:
         f"{meta['peak_flops'] / 1e12:.1f} TFLOP/s (dense bf16 datasheet peak); *MFU (6N)* uses the common "
         "6·N·tokens count instead; *outside step* = share of wall time spent between optimiser steps (data "
         "pipeline: render, tokenise, collate).",
+        "",
+        "Memory (CUDA allocator, GiB) by phase of the run: *load* = after the product's loader returns, "
+        "before accelerate's prepare (QLoRA's NF4 weights are quantised straight onto the GPU here; a "
+        "LoRA model is still on the CPU, so ≈0), allocated after / peak during; *prepare* = after "
+        "`accelerator.prepare` (model on the GPU, optimiser wrapped; AdamW's state does not exist yet), "
+        "allocated after / peak during; *step peak* = the peak allocated within one optimiser step "
+        "(forward, backward, optimiser update; counters reset at each step's start): step 1 (a warm-up "
+        "step, which also allocates AdamW's state), then the median and the max over the timed steps; "
+        "*peak alloc / reserved* = the whole run's peaks, including the packing check between prepare "
+        "and step 1 (`mem_before_steps_peak_gib` in the JSON) and the final checkpoint save.",
         "",
         table(results),
         "",
@@ -796,6 +936,8 @@ def main(argv: list[str] | None = None) -> int:
             out, {"meta": meta, "results": results}
         )  # after every variant: a cut run keeps them
     print(table({n: results[n] for n in results}))
+    for line in targets(results):
+        print("target " + line)
     for name in names:
         pr = results[name].get("profile")
         if pr:

@@ -349,3 +349,142 @@ def test_gpu_table_and_packing_ratios_say_when_the_probe_refused():
     assert any(r.startswith("qlora-7b-s1024: no comparison") for r in rat)
     tbl = bench_gpu.table(results)
     assert "off (probe refused)" in tbl and "| 2,500 |" in tbl and "out of memory" in tbl
+
+
+def _gpu_meta() -> dict:
+    return {
+        "machine": {"cuda": "NVIDIA H200", "torch": "2.11", "date": "2026-12-02"},
+        "bitsandbytes": "0.50.2",
+        "steps": 5,
+        "warmup": 2,
+        "peak_flops": bench_gpu.H100_BF16_DENSE,
+        "mixed_precision": "bf16",
+    }
+
+
+def test_gpu_table_and_section_show_memory_by_phase_and_dashes_without_cuda():
+    v = dict(bench_gpu.VARIANTS)
+    measured = {
+        **_gpu_result(2500.0, True),
+        "mem_load_gib": 5.1,
+        "mem_load_peak_gib": 6.2,
+        "mem_prepare_gib": 6.0,
+        "mem_prepare_peak_gib": 6.5,
+        "step_peak_first_gib": 9.25,
+        "step_peak_median_gib": 8.0,
+        "step_peak_max_gib": 8.4,
+        "peak_alloc_gib": 9.5,
+        "peak_reserved_gib": 11.0,
+    }
+    cpu = {**_gpu_result(300.0, False), "padding_efficiency": 0.41}
+    cpu.update(dict.fromkeys(bench_gpu.PhaseMemory(False).fields([None, None], 1, 1)))
+    results = {
+        "qlora-7b-s1024-packed": {"variant": v["qlora-7b-s1024-packed"], **measured},
+        "t5base-lora-s1024": {"variant": v["t5base-lora-s1024"], **cpu},
+    }
+    tbl = bench_gpu.table(results)
+    head = tbl.splitlines()[0]
+    assert "load GiB (after / peak)" in head and "step peak GiB (first / median / max)" in head
+    assert "| padding eff. |" in head
+    assert tbl.splitlines()[1].count("|") == head.count("|")
+    assert "| 5.10 / 6.20 | 6.00 / 6.50 | 9.25 / 8.00 / 8.40 | 9.50 | 11.00 |" in tbl
+    assert "| 0.41 |" in tbl and "| – / – | – / – | – / – / – | – | – |" in tbl
+    body = bench_gpu.section_body(_gpu_meta(), results)
+    assert tbl in body and "`--mixed-precision bf16`" in body
+    assert "*load* = after the product's loader returns" in body and "*step peak*" in body
+
+
+def test_gpu_phase_memory_keeps_each_phase_and_the_run_peak(monkeypatch):
+    import torch
+
+    gib = 2**30
+    state = {"now": 0, "peak": 0, "reserved": 0, "resets": 0}
+
+    def alloc(n):  # allocate n GiB and free it again: the peak rises, the current level stays
+        state["peak"] = max(state["peak"], state["now"] + n)
+        state["reserved"] = max(state["reserved"], state["now"] + n + 1)
+
+    def hold(n):  # n GiB stay allocated
+        state["now"] = n
+        alloc(0)
+
+    def reset():
+        state.update(peak=state["now"], reserved=state["now"], resets=state["resets"] + 1)
+
+    for name, fn in {
+        "synchronize": lambda: None,
+        "memory_allocated": lambda: state["now"] * gib,
+        "max_memory_allocated": lambda: state["peak"] * gib,
+        "max_memory_reserved": lambda: state["reserved"] * gib,
+        "reset_peak_memory_stats": reset,
+    }.items():
+        monkeypatch.setattr(torch.cuda, name, fn)
+    mem = bench_gpu.PhaseMemory(True)
+    hold(4)
+    alloc(3)  # the loader's transient (e.g. quantising a layer)
+    assert mem.mark("load") == (4.0, 7.0)
+    hold(5)
+    assert mem.mark("prepare") == (5.0, 5.0)
+    alloc(1)  # the packing check
+    mem.mark("before_steps")
+    peaks = []
+    for extra in (6, 2, 3, 2):  # step 1 (optimiser state), then the timed ones (warmup 1, timed 3)
+        alloc(extra)
+        peaks.append(mem.mark(None)[1])
+    out = mem.fields(peaks, 1, 3)
+    assert out["mem_load_gib"] == 4.0 and out["mem_load_peak_gib"] == 7.0
+    assert out["mem_prepare_gib"] == 5.0 and out["mem_before_steps_peak_gib"] == 6.0
+    assert (out["step_peak_first_gib"], out["step_peak_median_gib"], out["step_peak_max_gib"]) == (
+        11.0,
+        7.0,
+        8.0,
+    )
+    assert out["peak_alloc_gib"] == 11.0 and out["peak_reserved_gib"] == 12.0
+    assert out["step_peaks_gib"] == [11.0, 7.0, 8.0, 7.0]
+    assert out["mem_phases"] == ["before_steps", "load", "prepare"] and state["resets"] == 8
+
+
+def test_gpu_targets_say_met_not_met_or_failed():
+    v = dict(bench_gpu.VARIANTS)
+    fast = {**_gpu_result(4100.0, True), "peak_alloc_gib": 9.0, "mfu": 0.3}
+    results = {
+        "qlora-7b-s1024-packed": {"variant": v["qlora-7b-s1024-packed"], **fast},
+        "lora-1.5b-s1024-packed": {"variant": v["lora-1.5b-s1024-packed"], **_gpu_result(1, True)},
+        "t5base-lora-s1024": {"variant": v["t5base-lora-s1024"], "error": "out of memory"},
+    }
+    lines = bench_gpu.targets(results)
+    assert lines[0].startswith("qlora-7b-s1024-packed: peak alloc ≤ 10 GiB: met")
+    assert lines[1].startswith("qlora-7b-s1024-packed: ≥ 2× 2,000 tokens/s: met")
+    assert lines[2].startswith("lora-1.5b-s1024-packed: MFU ≥ 25 %: not met")
+    assert lines[3] == "t5base-lora-s1024: ≥ 3× 6,637 tokens/s: run failed (out of memory)"
+
+
+def test_gpu_child_run_on_cpu_counts_padding_and_leaves_memory_null(tiny_causal_dir, real_data_dir):
+    """The child process of one variant at toy size: every hook fires, memory fields are null."""
+    spec = {
+        "variant": {
+            "shape": "qwen2.5-1.5b",
+            "method": "lora",
+            "seq": 256,
+            "packing": "on",
+            "batch": 4,
+        },
+        "folder": str(tiny_causal_dir),
+        "data_dir": str(real_data_dir),
+        "warmup": 1,
+        "steps": 1,
+        "tiny": True,
+        "peak_flops": 1e12,
+    }
+    r = bench_gpu.run_child("run", spec)
+    assert "error" not in r, r.get("error")
+    assert r["steps"] == 1 and r["tokens_per_s"] > 0 and 0 < r["padding_efficiency"] <= 1
+    assert r["mem_phases"] == ["before_steps", "load", "prepare"]
+    keys = [k for k in r if k.endswith("_gib")]
+    assert {
+        "mem_load_gib",
+        "mem_prepare_peak_gib",
+        "step_peak_median_gib",
+        "peak_alloc_gib",
+    } <= set(keys)
+    assert all(r[k] is None for k in keys)
