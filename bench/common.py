@@ -224,7 +224,7 @@ def trl_configs(cfg, output_dir: str, max_steps: int, **overrides: Any):
         "completion_only_loss": True,
         "bf16": preflight.mixed_precision(cfg) == "bf16",
         "fp16": False,
-        "gradient_checkpointing": tr.gradient_checkpointing,
+        "gradient_checkpointing": bool(tr.gradient_checkpointing),  # TRL: all blocks or none
         "logging_steps": tr.logging_steps,
         "save_strategy": "no",
         "report_to": "none",

@@ -16,6 +16,7 @@ from t2t_mtl.model.features import (
     CausalCollator,
     Seq2SeqCollator,
     encode,
+    fitted_prompt,
     length_grouped_batches,
     model_inputs,
     pack_bins,
@@ -160,6 +161,57 @@ def test_seq2seq_middle_truncation(t5):
     ids, cut = prompt_ids(tok, fmt, r, 60)
     assert cut and len(ids) <= 60 and ids[-1] == tok.eos_token_id
     assert tok.decode(ids, skip_special_tokens=True).rstrip().endswith("is it funny?")
+
+
+class _CountingTokenizer:
+    """A tokenizer that records the texts it is called on."""
+
+    def __init__(self, tok):
+        self.tok, self.texts = tok, []
+
+    def __call__(self, text, **kw):
+        self.texts.append(text)
+        return self.tok(text, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+
+def test_a_record_is_tokenised_once_and_a_cut_prompt_once_more(causal):
+    """Training's per-record cost: the answer and the prompt once each; an over-long prompt takes
+    its cut points from that call's offsets and is tokenised again only after the cut (once, or
+    twice when the first cut is a token or two over); the input is never tokenised alone, the
+    whole prompt never twice."""
+    _, tok, fmt = causal
+    short = rec(1)
+    long = Record("t", INSTR, "Passage: " + "the cast was large. " * 40 + "Question: who?", "Ann")
+    for r, max_length, cut in ((short, 512, False), (long, 200, True)):
+        counting = _CountingTokenizer(tok)
+        f = encode(r, counting, fmt, max_length, 64)
+        assert f == encode(r, tok, fmt, max_length, 64) and f["truncated"] is cut
+        assert counting.texts[:2] == [fmt.target(r), fmt.prompt(r)]
+        extra = counting.texts[2:]
+        assert len(extra) in (1, 2) if cut else not extra
+        assert all(MIDDLE_MARK in t and r.input not in t for t in extra)
+
+
+@pytest.mark.parametrize("budget", range(150, 156))
+def test_a_cut_keeps_the_inputs_own_characters(causal, t5, budget):
+    """The cut is made in the input's text at token boundaries, not by decoding token ids: a
+    character split over several tokens (CJK in byte-level BPE) is never halved into U+FFFD,
+    and T5's decode (which writes unknown characters as "<unk>" and newlines as spaces) does
+    not leak into the prompt. The kept text is exactly what the prompt is tokenised from."""
+    r = Record("t", INSTR, "二十人七十人 qīshí rén " * 30 + "\nWhy was Northgate founded?", "x")
+    for _, tok, fmt in (causal, t5):
+        for truncation in ("middle", "end"):
+            f = dataclasses.replace(fmt, truncation=truncation)
+            ids, used = fitted_prompt(tok, f, r, budget)
+            assert used is not r and len(ids) <= budget
+            assert tok(f.prompt(used), add_special_tokens=f.add_special_tokens)["input_ids"] == ids
+            head, *tail = used.input.split(MIDDLE_MARK)
+            assert r.input.startswith(head) and "\ufffd" not in used.input
+            if truncation == "middle":
+                assert tail and r.input.endswith(tail[0]) and tail[0].endswith("founded?")
 
 
 def test_overlong_target_is_cut_but_fits(causal):
@@ -399,6 +451,28 @@ def test_seq2seq_collator_and_loss(t5):
         sum(x != IGNORE_INDEX for f in feats if f["task"] == t for x in f["labels"]) for t in (0, 1)
     ]
     assert float(sums.sum() / counts.sum()) == pytest.approx(float(out.loss.detach()), abs=1e-5)
+
+
+def test_seq2seq_collator_buckets_widths_up_to_the_caps(t5):
+    _, tok, fmt = t5
+    recs = [
+        Record("t", "Summarize the text.", "The movie was good " * n, "Good " * n) for n in (2, 9)
+    ]
+    feats = [encode(r, tok, fmt, 40, 12) for r in recs]  # the longer is cut to 40 and 12
+    longest = [max(len(f[k]) for f in feats) for k in ("input_ids", "labels")]
+    assert longest[0] == 40 and longest[1] == 12
+    bucketed = Seq2SeqCollator(
+        tok.pad_token_id, 64, label_pad_to_multiple_of=8, max_length=40, max_target_length=12
+    )
+    b = bucketed(feats)
+    assert b["input_ids"].shape[1] == 40 and b["labels"].shape[1] == 12  # the caps, not 64 / 16
+    b = bucketed(feats[:1])
+    short = [len(feats[0][k]) for k in ("input_ids", "labels")]
+    assert short[0] < 40 and b["input_ids"].shape[1] == 40  # 64 would pass the cap
+    assert 8 < short[1] < 12 and b["labels"].shape[1] == 12  # 16 would pass the cap
+    b = Seq2SeqCollator(tok.pad_token_id, 64, label_pad_to_multiple_of=8)(feats)
+    assert b["input_ids"].shape[1] == 64 and b["labels"].shape[1] == 16  # no caps given
+    assert b["attention_mask"].sum().item() == sum(len(f["input_ids"]) for f in feats)
 
 
 def test_length_grouped_batches():

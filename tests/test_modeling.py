@@ -197,6 +197,91 @@ def test_lora_with_gradient_checkpointing_backpropagates(tiny_causal_dir):
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
+def _counted(forward, calls: list[int], i: int):
+    # (a forward hook would not do: it did not fire on the backward recompute here)
+    def counted(*a, **kw):
+        calls.append(i)
+        return forward(*a, **kw)
+
+    return counted
+
+
+def test_gradient_checkpointing_every_nth_block(tiny_causal_dir):
+    """train.gradient_checkpointing: off, on (every block) or N (blocks 0, N, 2N, ...). A
+    checkpointed block runs its forward again during backward; loss and gradients are those of
+    the run without checkpointing."""
+    calls: list[int] = []
+    runs = {}
+    for setting in (False, True, 2):
+        model, _, _ = load_model_and_tokenizer(
+            ModelConfig(name=str(tiny_causal_dir)),
+            AdapterConfig(method="full"),
+            gradient_checkpointing=setting,
+        )
+        blocks = list(model.model.layers)
+        for i, b in enumerate(blocks):  # a block's MLP runs again when the block is recomputed
+            b.mlp.forward = _counted(b.mlp.forward, calls, i)
+        loss = model(input_ids=IDS, labels=IDS).loss
+        calls.clear()
+        loss.backward()
+        recomputed = sorted(calls)
+        flags = [b.gradient_checkpointing for b in blocks]
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        runs[setting] = (loss.item(), recomputed, flags, grads)
+    assert [runs[s][1:3] for s in runs] == [
+        ([], [False, False]),
+        ([0, 1], [True, True]),
+        ([0], [True, False]),  # the tiny model has 2 blocks: every 2nd is block 0
+    ]
+    for s in (True, 2):
+        assert runs[s][0] == runs[False][0]
+        assert runs[s][3].keys() == runs[False][3].keys()
+        assert all(torch.equal(runs[s][3][n], g) for n, g in runs[False][3].items())
+
+
+@pytest.mark.parametrize("value", ["on", "off", "true", "3"])
+def test_gradient_checkpointing_setting_is_checked(value):
+    from t2t_mtl.core.config import load_config
+
+    cfg = load_config(
+        data={"tasks": [{"template": "a"}]}, overrides=[f"train.gradient_checkpointing={value}"]
+    )
+    assert cfg.train.gradient_checkpointing == {"on": True, "off": False, "true": True}.get(
+        value, 3
+    )
+
+
+def test_bad_gradient_checkpointing_settings_are_reported_together():
+    from t2t_mtl.core.config import load_config
+
+    for value in ("0", "every_2", "1.5", "[1, 2]"):
+        with pytest.raises(ConfigError) as e:
+            load_config(
+                data={"tasks": [{"template": "a"}]},
+                overrides=[f"train.gradient_checkpointing={value}", "train.steps=0"],
+            )
+        text = str(e.value)
+        assert "train.gradient_checkpointing: invalid value" in text, value
+        assert "every N-th block" in text and "train.steps: must be > 0" in text
+
+
+@pytest.mark.parametrize("setting", [None, "sdpa"])
+def test_t5_loads_with_eager_attention_unless_the_config_says(tiny_t5_dir, setting):
+    """Eager is the T5 default (its position bias made SDPA slower on a GPU), for training and
+    inference alike; an explicit model.attn_implementation wins."""
+    mc = ModelConfig(name=str(tiny_t5_dir), attn_implementation=setting)
+    model, _, family = load_model_and_tokenizer(mc, AdapterConfig(r=4))
+    assert family == "seq2seq"
+    assert model.config._attn_implementation == (setting or "eager")
+    base, _, _ = load_model_and_tokenizer(mc, None, for_training=False)
+    assert base.config._attn_implementation == (setting or "eager")
+
+
+def test_causal_models_keep_the_default_attention(tiny_causal_dir):
+    model, _, _ = load_model_and_tokenizer(ModelConfig(name=str(tiny_causal_dir)), None)
+    assert model.config._attn_implementation == "sdpa"
+
+
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_checkpointing_reentrant_only_when_asked(tiny_causal_dir, reentrant):
     """Non-reentrant by default; reentrant (what DeepSpeed ZeRO-3 needs) still trains every adapter."""

@@ -22,7 +22,7 @@ from t2t_mtl.cli.main import main
 from t2t_mtl.core.config import load_config
 from t2t_mtl.core.errors import T2TError
 from t2t_mtl.mixing import mixture
-from t2t_mtl.model import loading
+from t2t_mtl.model import features, loading
 from t2t_mtl.training import losses, preflight, trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,9 +132,25 @@ def test_cli_train_writes_run_folder_and_only_lora_moves(tmp_path, tiny_causal_d
     assert all(torch.equal(base[k], orig[k]) for k in orig)
 
 
-def test_t5_lora_trains(tmp_path, tiny_t5_dir):
+def test_t5_lora_trains(tmp_path, tiny_t5_dir, monkeypatch):
+    """T5 trains, in batches whose widths come in buckets: sources of 64 tokens, targets of 8,
+    capped at max_length and max_target_length (the cap: tests/test_features.py)."""
+    widths = []
+    collate = features.Seq2SeqCollator.__call__
+
+    def recorded(self, feats):
+        b = collate(self, feats)
+        assert (self.max_length, self.max_target_length) == (96, 32)
+        longest = [max(len(f[k]) for f in feats) for k in ("input_ids", "labels")]
+        widths.append((*longest, b["input_ids"].shape[1], b["labels"].shape[1]))
+        return b
+
+    monkeypatch.setattr(features.Seq2SeqCollator, "__call__", recorded)
     cfg = make_cfg(tmp_path / "t5", tiny_t5_dir, "train.steps=3")
     run = trainer.train(cfg)
+    assert widths
+    for src, tgt, ws, wt in widths:  # (the toy sources are shorter than 64: the cap is not hit)
+        assert ws == -(-src // 64) * 64 and wt == -(-tgt // 8) * 8
     assert_lora_trained(trainable(run, 3))
     man = json.loads((run / "adapter" / "t2t_manifest.json").read_text())
     assert man["family"] == "seq2seq" and man["prompt_format"]["kind"] == "seq2seq"

@@ -184,7 +184,8 @@ class ModelConfig:
     name: str = EMBEDDED_MODEL
     family: Literal["auto", "causal", "seq2seq"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    attn_implementation: str | None = None  # e.g. "sdpa", "eager", "flash_attention_2" (CUDA only)
+    # e.g. "sdpa", "eager", "flash_attention_2" (CUDA only); unset: eager for T5, else sdpa
+    attn_implementation: str | None = None
     prompt_format: Literal["auto", "chat", "plain"] = (
         "auto"  # causal only; auto = chat template if the tokenizer has one
     )
@@ -235,7 +236,9 @@ class TrainConfig:
     group_by_length: bool = True  # seq2seq batches
     loss_balancing: Literal["none", "equal", "uncertainty", "gradnorm"] = "none"
     gradnorm_alpha: float = 1.5
-    gradient_checkpointing: bool = False
+    # off (false), on (true: every transformer block) or N: every N-th block (0, N, 2N, ...;
+    # encoder then decoder blocks for T5), trading memory back for speed
+    gradient_checkpointing: bool | int = False
     logging_steps: int = 10
     save_steps: int = 100
     save_total_limit: int = 2
@@ -613,6 +616,13 @@ def _check_values(cfg: RunConfig, loc: yaml_lines.Located, problems: list[Proble
         )
     if tr.unfreeze_every < 0:
         bad(("train", "unfreeze_every"), "must be >= 0", "0 = every block trains from the start")
+    gc = tr.gradient_checkpointing
+    if not isinstance(gc, bool) and (not isinstance(gc, int) or gc < 1):
+        bad(
+            ("train", "gradient_checkpointing"),
+            f"invalid value {gc!r}",
+            "off, on, or a whole number N >= 1 to checkpoint every N-th block",
+        )
     if tr.gradient_surgery == "pcgrad" and tr.loss_balancing == "gradnorm":
         bad(
             ("train", "gradient_surgery"),

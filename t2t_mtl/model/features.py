@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, TypedDict
@@ -70,17 +70,67 @@ def _ids(tokenizer: PreTrainedTokenizerBase, text: str, add_special_tokens: bool
 
 
 MIDDLE_MARK = " … "  # joins the kept head and tail of a middle-truncated input
+# Stands in for the input in one extra render of an over-long prompt, to find where the input lies
+# in the prompt text (NUL characters; a record that holds it anyway fails `_input_slicer`'s checks).
+_INPUT_PROBE = "\x00t2t-mtl-input\x00"
+
+# (h, t) -> (the input's text up to its token h, its text from its t-th last token on)
+_Slicer = Callable[[int, int], tuple[str, str]]
 
 
-def _shortened(tokenizer: PreTrainedTokenizerBase, inp: list[int], keep: int, side: str) -> str:
+def _with_input(record: PromptFields, text: str) -> SimpleNamespace:
+    return SimpleNamespace(
+        instruction=record.instruction, input=text, output=getattr(record, "output", "")
+    )
+
+
+def _input_slicer(
+    tokenizer: PreTrainedTokenizerBase,
+    fmt: PromptFormat,
+    record: PromptFields,
+    text: str,
+    offsets: Sequence[tuple[int, int]] | None,
+) -> tuple[int, _Slicer]:
+    """(number of tokens of `record.input`, a slicer of its text at token boundaries), for the
+    over-long prompt `text` = `fmt.prompt(record)`.
+
+    From the prompt's own token offsets when the tokenizer gave them and the input appears
+    verbatim in the prompt (found by rendering the prompt once with a probe in its place): no
+    further tokenizer call, the prompt is tokenised once. Tokens that straddle the input's edge
+    belong to the layout and are not counted. Otherwise (a tokenizer without offsets, a chat
+    template that rewrites the content) from the input tokenised alone, cut by decoding."""
+    inp = record.input
+    if offsets is not None:
+        probe = fmt.prompt(_with_input(record, _INPUT_PROBE))
+        a = probe.find(_INPUT_PROBE)
+        b = a + len(inp)
+        if (
+            a >= 0
+            and len(probe) - len(_INPUT_PROBE) + len(inp) == len(text)
+            and text[:a] == probe[:a]
+            and text[a:b] == inp
+            and text[b:] == probe[a + len(_INPUT_PROBE) :]
+        ):
+            starts = [s - a for s, e in offsets if e > s and s >= a and e <= b]
+            n = len(starts)
+            return n, lambda h, t: (
+                inp[: starts[h]] if h < n else inp,
+                inp[starts[n - t] :] if 0 < t <= n else "",
+            )
+    ids = _ids(tokenizer, inp, False)
+    dec = lambda x: tokenizer.decode(x, clean_up_tokenization_spaces=False)  # noqa: E731
+    return len(ids), lambda h, t: (dec(ids[:h]), dec(ids[-t:]) if t > 0 else "")
+
+
+def _shortened(cut: _Slicer, keep: int, side: str) -> str:
     """The input's text cut to about `keep` tokens: its start ("end") or start + end ("middle")."""
     if keep <= 0:
         return ""
-    dec = lambda ids: tokenizer.decode(ids, clean_up_tokenization_spaces=False)  # noqa: E731
     tail = keep // 2 if side == "middle" else 0
+    head, end = cut(keep - tail, tail)
     if tail == 0:
-        return dec(inp[:keep])
-    return dec(inp[: keep - tail]).rstrip() + MIDDLE_MARK + dec(inp[-tail:]).lstrip()
+        return head
+    return head.rstrip() + MIDDLE_MARK + end.lstrip()
 
 
 def prompt_ids(
@@ -113,19 +163,27 @@ def fitted_prompt(
     """`prompt_ids`' ids together with the fields they were built from: `record` itself when it
     fits, a copy with the shortened input when it was cut, None when even an empty input did not
     fit and the ids were cut instead (no text layout gives them). `fmt.prompt` of the fields is
-    the exact prompt text (for `t2t-mtl render`)."""
+    the exact prompt text (for `t2t-mtl render`): a cut prompt's ids are its shortened text
+    tokenised, never ids spliced together, so a server sent that text sees the same tokens.
+
+    Cost: one tokenizer call when the prompt fits; an over-long one takes its cut points from
+    that call's token offsets (see `_input_slicer`) and is tokenised again after the cut: once,
+    or twice when the first cut is over (usual for a middle cut: the mark's own tokens). The
+    cut points are the ones the input tokenised alone and decoded gave (the same prompts for
+    runs trained before: tests/test_old_run_folders.py), except where decoding did not give the
+    input's own text back (a character split between tokens, T5's "<unk>")."""
     add = fmt.add_special_tokens
-    ids = _ids(tokenizer, fmt.prompt(record), add)
+    text = fmt.prompt(record)
+    offsets = max_tokens is not None and bool(getattr(tokenizer, "is_fast", False))
+    enc = tokenizer(text, add_special_tokens=add, return_offsets_mapping=offsets)
+    ids = list(enc["input_ids"])
     if max_tokens is None or len(ids) <= max_tokens:
         return ids, record
-    inp = _ids(tokenizer, record.input, False)
-    keep = len(inp) - (len(ids) - max_tokens)
+    n, cut = _input_slicer(tokenizer, fmt, record, text, enc.get("offset_mapping"))
+    keep = n - (len(ids) - max_tokens)
     for _ in range(6):  # re-tokenising at the cut can shift a token or two; converge
         keep = max(keep, 0)
-        text = _shortened(tokenizer, inp, keep, fmt.truncation)
-        short = SimpleNamespace(
-            instruction=record.instruction, input=text, output=getattr(record, "output", "")
-        )
+        short = _with_input(record, _shortened(cut, keep, fmt.truncation))
         ids = _ids(tokenizer, fmt.prompt(short), add)
         if len(ids) <= max_tokens or keep == 0:
             break
@@ -188,28 +246,31 @@ def encode(
     """
     if fmt.kind == "seq2seq":
         src, cut = prompt_ids(tokenizer, fmt, record, max_length)
-        tgt = list(
-            tokenizer(fmt.target(record), truncation=True, max_length=max_target_length)[
-                "input_ids"
-            ]
-        )
-        full = _ids(tokenizer, fmt.target(record), True)
+        tgt = target_ids(tokenizer, fmt, record)
+        tgt_cut = len(tgt) > max_target_length
+        if tgt_cut:  # the tokenizer's own truncation keeps the closing </s>
+            tgt = list(
+                tokenizer(fmt.target(record), truncation=True, max_length=max_target_length)[
+                    "input_ids"
+                ]
+            )
         return {
             "input_ids": src,
             "labels": tgt,
             "task": task_index,
             "truncated": cut,
-            "target_truncated": len(full) > len(tgt),
+            "target_truncated": tgt_cut,
         }
     tgt = target_ids(tokenizer, fmt, record)
-    p, cut = prompt_ids(tokenizer, fmt, record)
     tgt_cut = False
-    if len(p) + len(tgt) > max_length:
-        empty = SimpleNamespace(instruction=record.instruction, input="", output="")
+    # Only a target longer than half of max_length can need cutting (the room next to the
+    # shortest prompt is at least that), so only then is the shortest prompt tokenised.
+    if len(tgt) > max_length - max_length // 2:
+        empty = _with_input(record, "")
         room = max_length - min(len(_ids(tokenizer, fmt.prompt(empty), False)), max_length // 2)
         if len(tgt) > room:
             tgt, tgt_cut = tgt[:room], True
-        p, cut = prompt_ids(tokenizer, fmt, record, max_length - len(tgt))
+    p, cut = prompt_ids(tokenizer, fmt, record, max_length - len(tgt))
     return {
         "input_ids": p + tgt,
         "labels": [IGNORE_INDEX] * len(p) + tgt,
@@ -247,6 +308,13 @@ def _task_ids(labels: list[int], task: int) -> list[int]:
     return [task if lab != IGNORE_INDEX else -1 for lab in labels]
 
 
+def _width(n: int, multiple: int | None, cap: int | None) -> int:
+    """A batch's width for a longest row of `n`: rounded up to `multiple`, but not past `cap`
+    when the row fits it (a flat packed row, longer than `cap`, is only rounded)."""
+    w = n if not multiple else -(-n // multiple) * multiple
+    return min(w, cap) if cap and n <= cap else w
+
+
 @dataclass
 class CausalCollator:
     """Batch causal features: input_ids, labels, position_ids, task_ids (+ attention_mask unpacked).
@@ -259,7 +327,8 @@ class CausalCollator:
     `packing_layout`). Positions restart at 0 per example, the first label of each example is
     -100 (never predicted from the previous example) and there is deliberately no
     `attention_mask` (see module doc). Pass the batch through `model_inputs` before calling the
-    model.
+    model. `pad_to_multiple_of` rounds the batch width up, but not past `max_length` (a flat
+    row longer than that is only rounded).
     """
 
     pad_token_id: int
@@ -271,10 +340,6 @@ class CausalCollator:
     def __post_init__(self) -> None:
         if self.layout not in PACKING_LAYOUTS:
             raise ValueError(f"layout must be one of {PACKING_LAYOUTS}, not {self.layout!r}")
-
-    def _width(self, n: int) -> int:
-        m = self.pad_to_multiple_of
-        return n if not m else -(-n // m) * m
 
     def __call__(self, features: list[Features]) -> dict[str, torch.Tensor]:
         if self.packing:
@@ -308,7 +373,7 @@ class CausalCollator:
                 )
                 for f in features
             ]
-        width = self._width(max(len(r[0]) for r in rows))
+        width = _width(max(len(r[0]) for r in rows), self.pad_to_multiple_of, self.max_length)
         out = {
             k: torch.full((len(rows), width), v, dtype=torch.long)
             for k, v in (
@@ -337,20 +402,27 @@ class CausalCollator:
 @dataclass
 class Seq2SeqCollator:
     """Batch seq2seq features: input_ids, attention_mask, labels (-100 padded), task_ids
-    (per label token). T5 builds decoder inputs from labels itself."""
+    (per label token). T5 builds decoder inputs from labels itself.
+
+    Widths: the longest source rounded up to `pad_to_multiple_of`, the longest target to
+    `label_pad_to_multiple_of`, capped at `max_length` / `max_target_length` (the longest
+    `encode` makes). Padding is masked (sources) or -100 (labels), so it changes no loss; it
+    bounds the number of distinct batch shapes (why: `trainer._setup_data`)."""
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
+    label_pad_to_multiple_of: int | None = None
+    max_length: int | None = None
+    max_target_length: int | None = None
 
     def __call__(self, features: list[Features]) -> dict[str, torch.Tensor]:
-        m = self.pad_to_multiple_of
-
-        def width(n: int) -> int:
-            return n if not m else -(-n // m) * m
-
-        ws, wt = (
-            width(max(len(f["input_ids"]) for f in features)),
-            width(max(len(f["labels"]) for f in features)),
+        ws = _width(
+            max(len(f["input_ids"]) for f in features), self.pad_to_multiple_of, self.max_length
+        )
+        wt = _width(
+            max(len(f["labels"]) for f in features),
+            self.label_pad_to_multiple_of,
+            self.max_target_length,
         )
         b = len(features)
         out = {

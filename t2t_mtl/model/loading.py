@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MANIFEST",
+    "attn_implementation",
     "bundle_manifest",
     "check_device_options",
     "detect_family",
@@ -183,6 +185,19 @@ def position_limit(hf_config: PretrainedConfig) -> int | None:
         hf_config, "n_positions", None
     )
     return int(limit) if isinstance(limit, int) and limit > 0 else None
+
+
+def attn_implementation(model_cfg: ModelConfig, hf_config: PretrainedConfig) -> str | None:
+    """The attention implementation to load with: `model.attn_implementation` when the config
+    sets one; else "eager" for T5-style models (relative attention buckets: their position bias
+    reaches SDPA as a float mask, so no flash kernel), which with SDPA trained 1.6–2.4x slower
+    on a GPU (t5-base, docs/benchmarks.md, GPU section); else None (transformers' default,
+    sdpa). Training and inference load through it alike."""
+    if model_cfg.attn_implementation:
+        return model_cfg.attn_implementation
+    if getattr(hf_config, "relative_attention_num_buckets", None) is not None:
+        return "eager"
+    return None
 
 
 def embedded_copy(*, rebuild: bool = False) -> Path:
@@ -423,7 +438,7 @@ def load_model_and_tokenizer(
     adapter_cfg: AdapterConfig | None = None,
     *,
     for_training: bool = True,
-    gradient_checkpointing: bool = False,
+    gradient_checkpointing: bool | int = False,
     reentrant_checkpointing: bool = False,
 ) -> tuple[PreTrainedModel | PeftModel, PreTrainedTokenizerBase, str]:
     """Load (model, tokenizer, family) for `model_cfg`.
@@ -431,7 +446,8 @@ def load_model_and_tokenizer(
     for_training=True: adapter per `adapter_cfg.method` (lora: peft LoRA, base frozen;
     qlora: 4-bit NF4 base, other base weights frozen in the compute dtype, + LoRA; full: every weight
     trainable), `config.use_cache=False` (needed for packed batches), optional gradient
-    checkpointing (non-reentrant; reentrant with `reentrant_checkpointing`, which DeepSpeed ZeRO-3
+    checkpointing (`train.gradient_checkpointing`: False, True = every transformer block, N =
+    every N-th block; non-reentrant; reentrant with `reentrant_checkpointing`, which DeepSpeed ZeRO-3
     needs: it gathers and releases parameters around each module, so a non-reentrant recompute sees
     other tensors than the forward saved). for_training=False: the base model in eval mode (still 4-bit for qlora,
     so an adapter sees the numerics it was trained with). The tokenizer always has a pad
@@ -445,8 +461,9 @@ def load_model_and_tokenizer(
     family = detect_family(hf_config, model_cfg.family, model_cfg.name)
     method = adapter_cfg.method if adapter_cfg else "full"
     kwargs: dict[str, Any] = {"trust_remote_code": model_cfg.trust_remote_code, **where}
-    if model_cfg.attn_implementation:
-        kwargs["attn_implementation"] = model_cfg.attn_implementation
+    attn = attn_implementation(model_cfg, hf_config)
+    if attn:
+        kwargs["attn_implementation"] = attn
     dtype = _DTYPES.get(model_cfg.dtype, "auto")
     if method == "qlora":
         from transformers import BitsAndBytesConfig
@@ -491,7 +508,7 @@ def load_model_and_tokenizer(
         if adapter_cfg is not None and adapter_cfg.layers is not None:
             layers.freeze_outside(model, adapter_cfg.layers)
         if gradient_checkpointing:
-            _enable_checkpointing(model, reentrant_checkpointing)
+            _enable_checkpointing(model, reentrant_checkpointing, gradient_checkpointing)
         model.train()
         return model, tokenizer, family
     from peft import LoraConfig, TaskType, get_peft_model
@@ -500,7 +517,7 @@ def load_model_and_tokenizer(
     if adapter_cfg.layers is not None:  # adapters only on the covered blocks
         targets = layers.lora_targets(model, targets, adapter_cfg.layers)
     if gradient_checkpointing:  # lora or qlora
-        _enable_checkpointing(model, reentrant_checkpointing)
+        _enable_checkpointing(model, reentrant_checkpointing, gradient_checkpointing)
     lora = LoraConfig(
         r=adapter_cfg.r,
         lora_alpha=adapter_cfg.alpha,
@@ -513,13 +530,30 @@ def load_model_and_tokenizer(
     return model, tokenizer, family
 
 
-def _enable_checkpointing(model: PreTrainedModel, reentrant: bool = False) -> None:
+def _enable_checkpointing(
+    model: PreTrainedModel, reentrant: bool = False, every: bool | int = True
+) -> None:
+    """Checkpoint every transformer block (`every` True or 1) or every N-th (`every` = N: blocks
+    0, N, 2N, ... in module order), through transformers' `every_n_layers`."""
     # transformers 5 renamed gradient_checkpointing_enable (now a deprecated alias).
     enable = (
         getattr(model, "activation_checkpointing_enable", None)
         or model.gradient_checkpointing_enable
     )
-    enable({"use_reentrant": reentrant})
+    n = 1 if every is True else int(every)
+    if n == 1:
+        enable({"use_reentrant": reentrant})
+    elif "every_n_layers" in inspect.signature(enable).parameters:
+        enable({"use_reentrant": reentrant}, every_n_layers=n)
+    else:
+        raise ConfigError(
+            Problem.at(
+                "<config>",
+                f"train.gradient_checkpointing: {n} (every {n}-th block) needs a transformers "
+                "with activation_checkpointing_enable(every_n_layers=...)",
+                "upgrade transformers, or use on",
+            )
+        )
     # Frozen embeddings + checkpointing still need input grads (reentrant checkpointing computes
     # no gradient at all for a block whose inputs do not require one).
     model.enable_input_require_grads()
@@ -713,11 +747,8 @@ def _load_plain(model_cfg: ModelConfig) -> tuple[PreTrainedModel, None, str]:
     )
     family = detect_family(hf_config, model_cfg.family, model_cfg.name)
     cls = AutoModelForSeq2SeqLM if family == "seq2seq" else AutoModelForCausalLM
-    kwargs = (
-        {"attn_implementation": model_cfg.attn_implementation}
-        if model_cfg.attn_implementation
-        else {}
-    )
+    attn = attn_implementation(model_cfg, hf_config)
+    kwargs = {"attn_implementation": attn} if attn else {}
     model = cls.from_pretrained(
         model_cfg.name,
         dtype=_DTYPES.get(model_cfg.dtype, "auto"),

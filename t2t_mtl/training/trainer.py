@@ -353,8 +353,20 @@ class _Trainer:
     def _setup_data(self) -> None:
         """`collate` (the family's collator, packing or not) and `buf` (the replay buffer, or None)."""
         cfg, pad = self.cfg, self.tok.pad_token_id
+        # Seq2seq widths in buckets (sources of 64 tokens, targets of 8, capped at the model's
+        # lengths): length-grouped T5 batches changed shape at every step, and on the GPU each
+        # new shape likely cost cuDNN a new attention plan (6 ms of CPU per call; docs/benchmarks.md,
+        # GPU section); a few shapes are planned, allocated and cached once. Targets get a finer
+        # step: label answers are a few tokens, and a decoder padded to 64 would do ten times
+        # their work.
         self.collate = (
-            features.Seq2SeqCollator(pad)
+            features.Seq2SeqCollator(
+                pad,
+                pad_to_multiple_of=64,
+                label_pad_to_multiple_of=8,
+                max_length=cfg.model.max_length,
+                max_target_length=cfg.model.max_target_length,
+            )
             if self.family == "seq2seq"
             else features.CausalCollator(
                 pad,
