@@ -483,6 +483,7 @@ def run_one(args, system: System, seed: int, dirs: tuple[dict, dict], ecfg) -> d
             "train_seconds": res.get("train_seconds", 0.0),
             "eval_seconds": res.get("seconds"),
             "eval": str(path.relative_to(ROOT)),
+            **({"eval_of": system.eval_of} if system.eval_of else {}),
         }
     seconds = 0.0
     if system.kind == "ours":
@@ -497,6 +498,7 @@ def run_one(args, system: System, seed: int, dirs: tuple[dict, dict], ecfg) -> d
         "train_seconds": seconds,
         "eval_seconds": res.get("seconds"),
         "eval": str(path.relative_to(ROOT)),
+        **({"eval_of": system.eval_of} if system.eval_of else {}),
     }
 
 

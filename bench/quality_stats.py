@@ -44,8 +44,10 @@ def study_stats(results: dict, pairs: list[tuple[str, str]] | None = None) -> di
     """The study's statistics from its cached evaluations: `bootstrap` over every system with results
     (plus "single": the five single-task runs as one column, each task scored by its own specialist)."""
     systems: dict[str, dict[str, list[RowStats]]] = {}
+    seeds_of: dict[str, list[str]] = {}
     for name in results["runs"]:
         by_seed = _cached_stats(results, name)
+        seeds_of[name] = sorted(by_seed)
         per_task: dict[str, list[RowStats]] = {}
         for seed in sorted(by_seed):
             for task, st in by_seed[seed].items():
@@ -56,7 +58,14 @@ def study_stats(results: dict, pairs: list[tuple[str, str]] | None = None) -> di
     single = {t: systems[f"single_{t}"][t] for t in tasks if t in systems.get(f"single_{t}", {})}
     if single:
         systems["single"] = single
-    return bootstrap(systems, pairs or default_pairs(list(systems)))
+    # An evaluation setting of another system's runs (`eval_of`) scores the same trained models:
+    # its seeds are drawn together with theirs when both have the same seeds.
+    linked = {}
+    for name, runs in results["runs"].items():
+        src = next((i.get("eval_of") for i in runs.values() if i.get("eval_of")), None)
+        if src in systems and name in systems and seeds_of.get(src) == seeds_of.get(name):
+            linked[name] = src
+    return bootstrap(systems, pairs or default_pairs(list(systems)), linked=linked)
 
 
 def bootstrap(
@@ -64,32 +73,42 @@ def bootstrap(
     pairs: list[tuple[str, str]],
     resamples: int = RESAMPLES,
     seed: int = SEED,
+    linked: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Means over seeds with 95 % intervals per system and task (and the mean over all tasks, for systems
     that have every task), paired differences for `pairs`, and the equal-exposure ratio when present.
 
     `systems[name][task]` holds one RowStats per seed, all on the same rows of that task.
+    `linked[a] = b`: a's seed j is b's seed j (another evaluation of the same trained models), so a's
+    seeds are resampled with b's draws (paired over seeds as well as rows) instead of independently.
     """
+    linked = linked or {}
     rng = np.random.default_rng(seed)
     task_names = sorted({t for per_task in systems.values() for t in per_task})
     boot: dict[str, dict[str, np.ndarray]] = {n: {} for n in systems}
     point: dict[str, dict[str, float]] = {n: {} for n in systems}
     per_seed: dict[str, dict[str, list[float]]] = {n: {} for n in systems}
     for task in task_names:
+        draws: dict[str, np.ndarray] = {}  # per system: which of its seeds each resample averages
         # every run of every system on this task, resampled with the same example draws (paired)
         owners = [(n, j) for n, pt in systems.items() if task in pt for j in range(len(pt[task]))]
         runs = [systems[n][task][j] for n, j in owners]
         scores = confidence.bootstrap(
             runs, resamples=resamples, seed=confidence.task_seed(seed, task)
         )
-        for name in systems:
+        # systems linked to another come after it, so that its draws exist
+        for name in sorted(systems, key=lambda n: n in linked):
             rows = [i for i, (n, _) in enumerate(owners) if n == name]
             if not rows:
                 continue
             per_seed[name][task] = [runs[i].point() for i in rows]
             point[name][task] = float(np.mean(per_seed[name][task]))
             # resample the seeds too: each bootstrap draw averages k seeds drawn with replacement
-            pick = np.array(rows)[rng.integers(0, len(rows), size=(resamples, len(rows)))]
+            src = draws.get(linked.get(name, ""))
+            if src is None or src.shape[1] != len(rows):
+                src = rng.integers(0, len(rows), size=(resamples, len(rows)))
+            draws[name] = src
+            pick = np.array(rows)[src]
             boot[name][task] = scores[pick, np.arange(resamples)[:, None]].mean(axis=1)
     for name in systems:
         if all(t in boot[name] for t in task_names):

@@ -175,8 +175,9 @@ def write(results: dict, doc: Path) -> None:
     runs = results.get("runs", {})
     n_seeds = {k: len(v) for k, v in runs.items()}
     body = [
-        f"Command: `{COMMAND} --split {split}` (one command; resumable: run folders and evaluations are "
-        f"cached under `runs/bench_quality/{split}/`). Results: `bench/results/quality_{split}.json`.",
+        f"Command: `{COMMAND} --split {split}` (one command; resumable: run folders under "
+        f"`runs/bench_quality/{split}/`, every evaluation kept in `bench/results/quality/{split}-<rows>/`). "
+        f"Results: `bench/results/quality_{split}.json`.",
         common.machine_line(m) if m else "",
         f"Setting: embedded SmolLM2-135M-Instruct, LoRA r16/α32 on all linear layers, the default recipe "
         f"(launch/configs/default.yaml), {st.get('examples', 0):,} training examples per run "

@@ -62,6 +62,28 @@ def test_bootstrap_intervals_and_ties():
     assert d["high"] - d["low"] > a["high"] - a["low"] and len(d["seeds"]) == 3
 
 
+def test_linked_systems_resample_seeds_together():
+    """An evaluation setting of the same trained runs (`eval_of`) is paired over seeds too: with seeds
+    that differ widely, the linked difference is narrower than the unlinked one."""
+    np = pytest.importorskip("numpy")
+    rng = np.random.default_rng(2)
+    n = 300
+    base = [100.0 * (rng.random(n) < p) for p in (0.5, 0.7, 0.9)]
+    runs = [quality_stats.RowStats("mean", x) for x in base]
+    # the same models, one more row right per seed
+    plus = [
+        quality_stats.RowStats("mean", np.where(np.arange(n) == k, 100.0, x))
+        for k, x in enumerate(base)
+    ]
+    systems = {"multi": {"t": runs}, "multi_c": {"t": plus}}
+    pairs = [("multi_c", "multi")]
+    free = quality_stats.bootstrap(systems, pairs, resamples=400)["pairs"]["multi_c - multi"]["t"]
+    tied = quality_stats.bootstrap(systems, pairs, resamples=400, linked={"multi_c": "multi"})
+    link = tied["pairs"]["multi_c - multi"]["t"]
+    assert link["high"] - link["low"] < 0.5 * (free["high"] - free["low"])
+    assert link["diff"] == free["diff"]
+
+
 def _summary(m: float, w: float = 2.0, seeds=(1.0, 2.0, 3.0)) -> dict:
     return {"mean": m, "low": m - w, "high": m + w, "seeds": list(seeds)}
 
