@@ -322,3 +322,69 @@ def test_a_run_config_asking_constrained_decoding_of_summaries_is_refused():
     problems = catalogue.check_config(cfg)
     msgs = [p.message for p in problems]
     assert msgs == ["tasks[0].eval_mode: constrained needs an answer of fixed form"], msgs
+
+
+class _PieceTokenizer:
+    """A tokenizer whose ids are text pieces (id 0 = end of answer), to drive the picker by hand."""
+
+    def __init__(self, pieces):
+        self.pieces = ["</s>", *pieces]
+        self.all_special_ids = [0]
+
+    def id(self, piece):
+        return self.pieces.index(piece)
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(self.pieces[i] for i in ids if i != 0)
+
+
+def _run_picker(tok, rule, wanted):
+    """Feed the picker, step by step, logits whose argmax is the next piece of `wanted` (then the end);
+    returns the decoded answer after cuts, as generate_texts would."""
+    import torch
+
+    from t2t_mtl.model.generation import _Constrainer
+
+    picker = _Constrainer(tok, [0], [], None).for_rows([rule])
+    ids: list[int] = []
+    for piece in [*wanted, "</s>"]:
+        logits = torch.zeros(len(tok.pieces))
+        logits[tok.id(piece)] = 5.0
+        logits[0] = 1.0  # the end is the second choice everywhere
+        t = picker(0, ids, logits)
+        ids.append(tok.id(piece) if t is None else t)
+        if ids[-1] == 0:
+            break
+    (row,) = picker.apply([ids])
+    return tok.decode([i for i in row if i != 0])
+
+
+def test_where_the_model_leaves_the_form_the_answer_ends_at_its_last_complete_point():
+    pieces = [
+        "LOC",
+        "ORG",
+        "PER",
+        ":",
+        " ",
+        " |",
+        "Leicestershire",
+        "Somerset",
+        "Opel",
+        "50",
+        "Pa",
+        "ris",
+        ".",
+    ]
+    tok = _PieceTokenizer(pieces)
+    rule = EntityConstraint(SENT, list(ENTITY_TYPES))
+    # a repeated entity: the unfinished item is dropped, not replaced by a made-up one
+    wanted = ["LOC", ":", " ", "Leicestershire", " |", " ", "ORG", ":", " ", "Leicestershire"]
+    assert _run_picker(tok, rule, wanted) == "LOC: Leicestershire"
+    # a span that runs on beyond the input ends where it left it
+    span = CopyConstraint("The capital is Paris, of course")
+    assert _run_picker(tok, span, ["Pa", "ris", "."]) == "Paris"
+    # no complete answer yet: the most likely allowed token is taken instead of the model's
+    assert _run_picker(tok, rule, ["PER", ":", " ", "50"]) in (
+        "PER: Somerset",
+        "PER: Leicestershire",
+    )
