@@ -2,15 +2,19 @@
 
 Covers: real optimisation steps (causal LoRA, T5 LoRA, causal QLoRA) with LoRA weights moving and
 base weights fixed; the run folder; per-token loss = the model's loss; gradient-accumulation
-equivalence; exact kill-and-resume; two stages with replay; loss balancing; NaN and validation
-errors; DDP with two CPU processes.
+equivalence; exact kill-and-resume; windows prefetched in a background thread (same run, exact
+resume, errors as before); host-device syncs per step; two stages with replay; loss balancing; NaN
+and validation errors; DDP with two CPU processes.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -398,6 +402,61 @@ def json_roundtrip(d):
     return json.loads(json.dumps(d))
 
 
+@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize("depth", [0, 1, 3])
+def test_prefetcher_hands_out_the_batchers_windows_with_the_state_after_each(grouped, depth):
+    from t2t_mtl.training.batching import Prefetcher
+
+    kw = dict(batch_size=2, grad_accum=1, group_by_length=grouped, group_steps=3, seq2seq=grouped)
+    ref = _batcher(total_steps=7, **kw)
+    want = []
+    for _ in range(7):
+        w = ref.next_window()
+        want.append((w.keys, json_roundtrip(ref.state())))
+    feed = Prefetcher(_batcher(total_steps=7, **kw), 7, depth)
+    got = []
+    for _ in range(7):
+        w, state = feed.get()
+        got.append((w.keys, json_roundtrip(state)))
+    feed.close()
+    assert got == want
+    assert not any(t.name == "t2t-mtl-prefetch" for t in threading.enumerate())
+    with pytest.raises(RuntimeError, match="all 7 window"):
+        feed.get()
+
+
+def test_prefetcher_builds_no_window_past_count_and_raises_a_builders_error_as_it_is():
+    from t2t_mtl.core.errors import DataError, Problem
+    from t2t_mtl.training.batching import Prefetcher
+
+    b = _batcher(batch_size=2, grad_accum=1)
+    real, calls = b.next_window, []
+
+    def next_window():
+        calls.append(1)
+        if len(calls) == 3:
+            raise DataError(Problem("data/toy.jsonl", 3, "this row fails to render"))
+        return real()
+
+    b.next_window = next_window
+    feed = Prefetcher(b, 5, depth=4)
+    feed.get(), feed.get()
+    with pytest.raises(DataError) as e:
+        feed.get()
+    assert e.value.problems[0].format().startswith("data/toy.jsonl:3: this row fails to render")
+    with pytest.raises(DataError):  # again, not a hang
+        feed.get()
+    feed.close()
+    assert len(calls) == 3  # the thread stopped at the error
+    short = _batcher(batch_size=2, grad_accum=1)
+    n = []
+    short.next_window = lambda: n.append(1) or real()
+    feed = Prefetcher(short, 2, depth=4)
+    feed.get(), feed.get()
+    feed.close()
+    assert len(n) == 2  # depth 4, but the stage has 2 steps: a third window is never built
+
+
 # ------------------------------------------------------------------ evaluation hook
 
 
@@ -544,7 +603,187 @@ def test_optimizer_setting_is_validated(tmp_path, tiny_causal_dir, capsys):
     assert not (tmp_path / "run").exists()
 
 
-# ------------------------------------------------------------------ stages and replay
+# ------------------------------------------------------------------ prefetching and syncs
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_prefetched_windows_give_the_same_run_and_resume_exactly(tmp_path, tiny_causal_dir):
+    """train.prefetch builds windows in a background thread: the losses, weights and checkpointed
+    stream positions are those of prefetch 0, and a run killed at step 3 (window 4 already built
+    ahead) resumes from step 2's checkpoint with the same records and weights."""
+    over = ("train.steps=5", "train.save_steps=2", "train.save_total_limit=3")
+    over += ("train.logging_steps=1", "train.grad_accum=2")
+    runs, seen = {}, {}
+    for depth in (0, 1, 3):
+        seen[depth] = {}
+        runs[depth] = trainer.train(
+            make_cfg(tmp_path / f"p{depth}", tiny_causal_dir, *over, f"train.prefetch={depth}"),
+            on_step=lambda s, info, d=depth: seen[d].__setitem__(s, info["records"]),
+        )
+    for depth in (1, 3):
+        assert seen[depth] == seen[0]
+        assert [r["loss"] for r in metrics(runs[depth])] == [r["loss"] for r in metrics(runs[0])]
+        for step in (2, 4, 5):
+            a, b = trainable(runs[0], step), trainable(runs[depth], step)
+            assert all(torch.equal(a[k], b[k]) for k in a)
+            state = f"checkpoints/step-{step}/trainer_state.json"
+            assert (
+                json.loads((runs[depth] / state).read_text())["batcher"]
+                == json.loads((runs[0] / state).read_text())["batcher"]
+            )
+
+    def killer(step, info):
+        if step == 3:
+            raise KeyboardInterrupt  # as Ctrl-C at a step's end: the thread must not linger
+
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(make_cfg(cut, tiny_causal_dir, *over, "train.prefetch=1"), on_step=killer)
+    assert not any(t.name == "t2t-mtl-prefetch" for t in threading.enumerate())
+    assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == ["step-2"]
+    again: dict = {}
+    trainer.train(
+        make_cfg(cut, tiny_causal_dir, *over, "train.prefetch=1"),
+        on_step=lambda s, info: again.__setitem__(s, info["records"]),
+    )
+    assert again == {s: seen[0][s] for s in (3, 4, 5)}
+    a, b = trainable(runs[0], 5), trainable(cut, 5)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("prefetch", [0, 1])
+def test_a_data_error_while_building_a_window_reaches_the_user_as_before(
+    tmp_path, tiny_causal_dir, monkeypatch, capsys, prefetch
+):
+    """A record that fails to render during training (here: the first of step 3's window) stops
+    the run with exit code 2 and the problem, after step 2's checkpoint, prefetched or not."""
+    from t2t_mtl.core.errors import DataError, Problem
+    from t2t_mtl.training.batching import Batcher
+
+    real, calls = Batcher._render, {"n": 0}
+
+    def render(self, i, row, epoch):
+        calls["n"] += 1
+        if calls["n"] == 9:  # batch 4: windows 1 and 2 rendered 8 records
+            raise DataError(Problem("data/toy.jsonl", 7, "this row fails to render: boom"))
+        return real(self, i, row, epoch)
+
+    monkeypatch.setattr(Batcher, "_render", render)
+    run = tmp_path / "run"
+    base = ["train", "--config", str(REPO / "launch/configs/tiny_cpu.yaml")]
+    over = [f"model.name={tiny_causal_dir}", f"output_dir={run}", f"train.prefetch={prefetch}"]
+    over += ["train.steps=4", "train.save_steps=2", "train.batch_size=4", "train.grad_accum=1"]
+    assert main([*base, *over]) == 2
+    err = capsys.readouterr().err
+    assert "data/toy.jsonl:7: this row fails to render: boom" in err and "Traceback" not in err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2"]
+    assert calls["n"] == 9  # no window past the failing one was rendered
+    assert not any(t.name == "t2t-mtl-prefetch" for t in threading.enumerate())
+
+
+def test_prefetch_setting_is_validated(tmp_path, tiny_causal_dir):
+    with pytest.raises(T2TError) as e:
+        make_cfg(tmp_path / "run", tiny_causal_dir, "train.prefetch=-1")
+    msg = "\n".join(p.format() for p in e.value.problems)
+    assert "train.prefetch" in msg and "must be >= 0" in msg
+
+
+class _SyncCounter(torch.overrides.TorchFunctionMode):
+    """Where code run under it would make the host wait for the device, with the CPU standing in
+    for the device. Device tensors: parameters, the model's buffers (`mark`), what `.to(device)`
+    returns and anything computed from them. Kinds: `to_host` (a device tensor becomes Python
+    values or host memory: item, tolist, bool, float, int, cpu, numpy, printing), `mask` (a boolean
+    index or nonzero on a device tensor: its size must reach the host), `h2d` (a blocking copy to
+    the device: `.to(device)` without non_blocking=True waits for the device's queue). Each is
+    counted as ours (t2t_mtl) or the libraries' (transformers' own checks)."""
+
+    T = torch.Tensor
+    TO_HOST = {T.item, T.tolist, T.__bool__, T.__float__, T.__int__, T.__index__, T.cpu, T.numpy}
+    TO_HOST |= {T.__format__, T.__repr__, T.__array__}
+    MASK = {T.nonzero, torch.nonzero, T.masked_select, torch.masked_select, T.unique, torch.unique}
+
+    def __init__(self):
+        super().__init__()
+        from torch.utils.weak import WeakIdKeyDictionary
+
+        self.dev = WeakIdKeyDictionary()
+        self.counts: collections.Counter = collections.Counter()
+
+    def mark(self, tensors) -> None:
+        for t in tensors:
+            self.dev[t] = True
+
+    def _on_device(self, t) -> bool:
+        return isinstance(t, torch.nn.Parameter) or t in self.dev
+
+    def _note(self, kind: str) -> None:
+        f = sys._getframe(2)
+        while f is not None and (
+            f"{os.sep}torch{os.sep}" in f.f_code.co_filename or f.f_code.co_name == "_note"
+        ):
+            f = f.f_back
+        where = f.f_code.co_filename if f is not None else ""
+        self.counts[kind, "ours" if f"{os.sep}t2t_mtl{os.sep}" in where else "library"] += 1
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        from torch.utils._pytree import tree_flatten
+
+        kwargs = kwargs or {}
+        flat = [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)]
+        dev = any(self._on_device(t) for t in flat)
+        if dev and func in self.TO_HOST:
+            self._note("to_host")
+            out = func(*args, **kwargs)  # on the CPU the same object: a copy is the host's
+            return out.clone() if isinstance(out, torch.Tensor) else out
+        if dev and func in self.MASK:
+            self._note("mask")
+        if dev and func is self.T.__getitem__:
+            idx = args[1] if isinstance(args[1], tuple) else (args[1],)
+            if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in idx):
+                self._note("mask")
+        moves = func is self.T.to and (
+            "device" in kwargs
+            or any(isinstance(a, (torch.device, str, torch.Tensor)) for a in args[1:])
+        )
+        if moves and not dev:  # host to device
+            if not kwargs.get("non_blocking", False):
+                self._note("h2d")
+            out = func(*args, **kwargs)
+            out = out.clone() if out is args[0] else out
+            self.mark([out])
+            return out
+        out = func(*args, **kwargs)
+        if dev or kwargs.get("device") is not None:
+            self.mark(x for x in tree_flatten(out)[0] if isinstance(x, torch.Tensor))
+        return out
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_training_step_waits_for_the_device_once(tmp_path, tiny_causal_dir, monkeypatch):
+    """The default step (one process, balancing none, clipping on, packed causal batches, two
+    micro-batches) waits for the device once in our code: the per-task loss sums, kept on the
+    device through the window, come back with the gradient norm in one transfer, which the
+    non-finite check reads too. Before this the step had 3 + grad_accum transfers, 5 boolean
+    masks per micro-batch and a blocking copy per batch tensor. What transformers does itself
+    (its packed-sequence check, the boolean `logits_to_keep` slice: one each per micro-batch) is
+    counted apart and not held to this."""
+    per_step = []
+    real = trainer._Trainer._step
+
+    def counted(self, si, s, feed, sched):
+        c = _SyncCounter()
+        c.mark(self.model.buffers())
+        with c:
+            real(self, si, s, feed, sched)
+        per_step.append(c.counts)
+
+    monkeypatch.setattr(trainer._Trainer, "_step", counted)
+    over = ("train.steps=4", "train.save_steps=100", "train.logging_steps=1", "train.grad_accum=2")
+    trainer.train(make_cfg(tmp_path / "run", tiny_causal_dir, *over))
+    for counts in per_step[:-1]:  # the last step also writes the checkpoint
+        ours = {k: v for (k, who), v in counts.items() if who == "ours"}
+        assert ours == {"to_host": 1}, dict(counts)
 
 
 def test_two_stages_with_replay(tmp_path, tiny_causal_dir):
@@ -664,14 +903,14 @@ def test_balancing_strategies_train(tmp_path, tiny_causal_dir, strategy):
 
 def test_nan_loss_stops_with_step_and_tasks(tmp_path, tiny_causal_dir, monkeypatch):
     calls = {"n": 0}
-    real = losses.token_losses
+    real = losses.target_losses
 
     def poisoned(*a, **k):
         calls["n"] += 1
         out, tasks = real(*a, **k)
         return (out * float("nan"), tasks) if calls["n"] == 3 else (out, tasks)
 
-    monkeypatch.setattr(losses, "token_losses", poisoned)
+    monkeypatch.setattr(losses, "target_losses", poisoned)
     run = tmp_path / "nan"
     with pytest.raises(T2TError) as e:
         trainer.train(make_cfg(run, tiny_causal_dir))

@@ -249,6 +249,9 @@ class TrainConfig:
     # else none (float32). bf16 also runs on CPUs (fastest on ones with AMX / AVX512-BF16).
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     bad_rows: Literal["skip", "fail"] = "skip"
+    # windows (render, tokenise, collate) built ahead in a background thread while a step runs;
+    # 0 = each window is built when its step starts
+    prefetch: int = 1
     # Against interference and forgetting (docs/training.md): PCGrad projects conflicting per-task
     # gradients apart; layer l's learning rate is lr · layer_lr_decay^(L−1−l); every
     # `unfreeze_every` steps of a stage one more block below the top starts training (0 = all at once).
@@ -616,6 +619,12 @@ def _check_values(cfg: RunConfig, loc: yaml_lines.Located, problems: list[Proble
         )
     if tr.unfreeze_every < 0:
         bad(("train", "unfreeze_every"), "must be >= 0", "0 = every block trains from the start")
+    if tr.prefetch < 0:
+        bad(
+            ("train", "prefetch"),
+            "must be >= 0",
+            "windows built ahead in a background thread; 0 = build each when its step starts",
+        )
     gc = tr.gradient_checkpointing
     if not isinstance(gc, bool) and (not isinstance(gc, int) or gc < 1):
         bad(

@@ -12,12 +12,20 @@ the whole chunk, `features.length_grouped_batches` sorts it into micro-batches o
 (seeded by stage seed and chunk number), and micro-batch j of the chunk goes to step
 `j // (world × accum)` and process `j % world`. The resumable state is the stream position at the
 start of the current chunk plus the number of windows already used from it.
+
+`Prefetcher` builds the next window(s) in a background thread while the current step runs
+(`train.prefetch`); each window comes with the batcher state right after it, which is what a
+checkpoint taken after training on it saves, so resuming stays exact.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
-from collections.abc import Callable
+import queue
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +36,7 @@ from t2t_mtl.model import features
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Batcher", "Window"]
+__all__ = ["Batcher", "Prefetcher", "Window"]
 
 
 @dataclass
@@ -204,3 +212,97 @@ class Batcher:
         if int(state.get("offset", 0)):
             self.next_window()  # rebuild the chunk from its start ...
             self._offset = int(state["offset"])  # ... and skip the windows already trained on
+
+
+class Prefetcher:
+    """Hands out a batcher's next `count` windows, building up to `depth` of them ahead in a
+    background thread while the main thread trains on the current one (`depth` 0: each window is
+    built in `get`, as the loop did before).
+
+    `get()` returns (window, state): `state` is `batcher.state()` right after that window was built,
+    the position a checkpoint taken after training on it must save (the windows built ahead are not
+    in it, so a resumed run builds them again). Never more than `count` windows are built (the
+    stage's remaining steps), so a row the run would not train on is never rendered. An exception
+    raised while building a window is raised by `get()` for that window, as the very object (same
+    type, message and problems): at the step where building it in the loop would have raised it.
+    `prepare(window)` runs in the thread too (pinning host memory for the copy to the GPU).
+    `paused()` is a block during which no window is being built: the tokenizer and the templates
+    are not for two threads at once (evaluation, user hooks). `close()` stops the thread after the
+    window in progress; it is a daemon thread, so it never keeps the process alive (Ctrl-C, exit).
+    """
+
+    JOIN_SECONDS = 2.0  # how long `close` waits for a window in progress
+
+    def __init__(
+        self,
+        batcher: Batcher,
+        count: int,
+        depth: int = 1,
+        prepare: Callable[[Window], Window] | None = None,
+    ):
+        self.batcher, self.count, self.depth = batcher, max(0, count), max(0, depth)
+        self.prepare = prepare
+        self._given = 0
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()  # held while a window is built
+        self._slots = threading.Semaphore(self.depth)
+        self._ready: queue.SimpleQueue = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if self.depth and self.count:
+            self._thread = threading.Thread(target=self._work, name="t2t-mtl-prefetch", daemon=True)
+            self._thread.start()
+
+    def _build(self) -> tuple[Window, dict]:
+        w = self.batcher.next_window()
+        state = copy.deepcopy(self.batcher.state())
+        if self.prepare is not None:
+            w = self.prepare(w)
+        return w, state
+
+    def _work(self) -> None:
+        for _ in range(self.count):
+            self._slots.acquire()
+            if self._stop.is_set():
+                return
+            try:
+                with self._lock:
+                    if self._stop.is_set():
+                        return
+                    item = self._build()
+            except BaseException as e:  # handed to the main thread, raised there
+                self._ready.put((None, None, e))
+                return
+            self._ready.put((*item, None))
+
+    def get(self) -> tuple[Window, dict]:
+        """The next window and the batcher state right after it."""
+        if self._error is not None:
+            raise self._error
+        if self._given >= self.count:
+            raise RuntimeError(f"all {self.count} window(s) were handed out")
+        self._given += 1
+        if self._thread is None:
+            return self._build()
+        w, state, err = self._ready.get()
+        if err is not None:
+            self._error = err
+            raise err
+        self._slots.release()
+        return w, state
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """A block during which no window is being built (the one in progress is finished first)."""
+        with self._lock:
+            yield
+
+    def close(self) -> None:
+        """Stop building windows; waits briefly for the window in progress. Idempotent."""
+        self._stop.set()
+        t, self._thread = self._thread, None
+        if t is None:
+            return
+        self._slots.release()  # wakes a thread waiting for a free slot
+        if t is not threading.current_thread():
+            t.join(self.JOIN_SECONDS)

@@ -43,6 +43,7 @@ __all__ = [
     "UncertaintyBalancer",
     "make_balancer",
     "shared_parameters",
+    "target_losses",
     "task_counts",
     "task_sums",
     "token_losses",
@@ -64,8 +65,16 @@ def token_losses(
     inputs). Returns (losses [n], tasks [n]) over the n target positions.
     """
     mask = labels != -100
-    lg = logits[mask].float()
-    return F.cross_entropy(lg, labels[mask], reduction="none"), task_ids[mask].long()
+    return target_losses(logits[mask], labels[mask], task_ids[mask])
+
+
+def target_losses(
+    logits: torch.Tensor, labels: torch.Tensor, task_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`token_losses` for targets the caller has already picked: `logits` [n, V], `labels` and
+    `task_ids` [n], every one a target (no -100). The training step picks them with positions it
+    computed on the host, so no boolean mask has to ask the device how many targets there are."""
+    return F.cross_entropy(logits.float(), labels, reduction="none"), task_ids.long()
 
 
 def task_sums(losses: torch.Tensor, tasks: torch.Tensor, n_tasks: int) -> torch.Tensor:

@@ -9,8 +9,15 @@ The step (see `losses` for the objective):
 3. backward through `accelerator.accumulate` (no gradient sync until the last micro-batch). The loss
    is multiplied by processes × accumulation steps because accelerate/DDP divide by both, while our
    c_i already normalise over the whole window;
-4. all-reduce the per-task loss sums, stop on a non-finite loss or gradient norm *before* the
-   optimiser step (the last checkpoint stays good), clip, step, update the balancer.
+4. all-reduce the per-task loss sums, clip, stop on a non-finite loss or gradient norm *before*
+   the optimiser step (the last checkpoint stays good), step, update the balancer.
+
+Host syncs: the host waits for the device once per step on the default path, when the per-task
+loss sums (kept on the device through the window), the gradient norm and the EWC penalty come
+back in one transfer (the non-finite check reads them there); with several processes the token
+counts of step 1 are a second. Targets are picked with positions computed on the host from the
+collated batch (no boolean mask on the device), and batches go to the device with
+`non_blocking=True` (from pinned memory on a GPU: `trainer` pins them while prefetching).
 
 Against interference and forgetting (`protection`): with `train.gradient_surgery: pcgrad` step 3 is
 one backward pass per task on the unwrapped model, the per-task gradients are all-reduced here and
@@ -164,30 +171,40 @@ class StepRunner:
         """Per-target-token cross-entropy and task index for one micro-batch (on the model's device).
         `model`: another forward than the prepared model's (the unwrapped one: no DDP hooks)."""
         model = self.model if model is None else model
-        batch = {k: v.to(self.acc.device) for k, v in batch.items()}
+        dev = self.acc.device
+
+        def to_dev(t: torch.Tensor) -> torch.Tensor:
+            return t.to(dev, non_blocking=True)  # host to device: safe without waiting
+
+        # Which positions are targets is read where the batch was collated (the host), so the
+        # device never has to report how many there are (a boolean index would wait for it).
         labels, tasks = self._targets(batch)
-        inputs = features.model_inputs({k: v for k, v in batch.items() if k != "task_ids"})
-        if self.causal:
-            inputs.pop(
-                "labels"
-            )  # the loss is ours (per token); the model's own would be wasted work
-            used = labels != features.IGNORE_INDEX
+        used = labels != features.IGNORE_INDEX
+        inputs = {k: to_dev(v) for k, v in batch.items() if k not in ("task_ids", "labels")}
+        inputs = features.model_inputs(inputs)
+        rows = None  # target positions in the logits' flattened leading dimensions
+        if self.causal:  # the loss is ours (per token): the model gets no labels
             if self.logits_mode == "mask":
                 # With packed rows nearly every column holds some target, so a per-column selection
                 # would still send most positions through the head; the mask sends only targets.
                 keep = torch.zeros_like(batch["labels"], dtype=torch.bool)
                 keep[:, :-1] = used  # hidden state t predicts label t + 1
-                logits = model(**inputs, logits_to_keep=keep).logits  # [targets, vocab]
-                labels, tasks = labels[used], tasks[used]
+                logits = model(**inputs, logits_to_keep=to_dev(keep)).logits  # [targets, vocab]
             elif self.logits_mode == "columns":
                 keep = used.any(0).nonzero().flatten()
-                logits = model(**inputs, logits_to_keep=keep).logits
-                labels, tasks = labels[:, keep], tasks[:, keep]
+                logits = model(**inputs, logits_to_keep=to_dev(keep)).logits  # [B, columns, V]
+                labels, tasks, used = labels[:, keep], tasks[:, keep], used[:, keep]
+                rows = used.flatten().nonzero().flatten()
             else:
-                logits = model(**inputs).logits[:, :-1]
-        else:
-            logits = model(**inputs).logits  # T5 builds decoder inputs from the labels
-        return losses.token_losses(logits, labels, tasks)
+                logits = model(**inputs).logits  # [B, T, V]: position t predicts label t + 1
+                at = used.nonzero()
+                rows = at[:, 0] * logits.shape[1] + at[:, 1]
+        else:  # T5 builds decoder inputs from the labels
+            logits = model(**inputs, labels=to_dev(batch["labels"])).logits
+            rows = used.flatten().nonzero().flatten()
+        if rows is not None:
+            logits = logits.reshape(-1, logits.shape[-1]).index_select(0, to_dev(rows))
+        return losses.target_losses(logits, to_dev(labels[used]), to_dev(tasks[used]))
 
     # -------------------------------------------------------------- step
 
@@ -202,15 +219,16 @@ class StepRunner:
         """
         dev = self.acc.device
         local = torch.zeros(self.k + 1, dtype=torch.float64)
-        for m in window.micro:
+        for m in window.micro:  # on the host: the batches are still there
             local[: self.k] += self.count(m)
         local[self.k] = float(window.input_tokens)
-        glob = self.acc.reduce(local.to(dev), "sum").cpu()
-        tokens, input_tokens = glob[: self.k], float(glob[self.k])
+        if self.acc.num_processes > 1:  # the whole window's counts: one round trip
+            local = self.acc.reduce(local.to(dev), "sum").cpu()
+        tokens, input_tokens = local[: self.k], float(local[self.k])
         coef = self.balancer.coefficients(tokens)
-        coef_dev = coef.to(dev, torch.float32)
+        coef_dev = coef.to(dev, torch.float32, non_blocking=True)
         scale = self.acc.num_processes * self.acc.gradient_accumulation_steps
-        sums = torch.zeros(self.k, dtype=torch.float64)
+        sums = torch.zeros(self.k, dtype=torch.float64, device=dev)  # stays there until the end
         tgrads = (
             torch.zeros(
                 self.k, sum(p.numel() for p in self.shared), dtype=torch.float32, device=dev
@@ -239,36 +257,39 @@ class StepRunner:
                             self._task_grads(tok_loss, tok_task, tokens, tgrads)
                         objective = (coef_dev[tok_task] * tok_loss).sum()
                         self.acc.backward(objective * scale)
-                sums += losses.task_sums(tok_loss.detach().double(), tok_task, self.k).cpu()
+                sums += losses.task_sums(tok_loss.detach().double(), tok_task, self.k)
         if task_flat is not None:
             task_flat = self.acc.reduce(task_flat, "sum")
             self._write_surgery(task_flat, tokens > 0, live, step)
-        ewc_value = None
+        ewc_sum = None
         if self.ewc is not None:
             scaler = getattr(self.acc, "scaler", None)  # fp16: gradients are still scaled here
-            ewc_value = self.ewc.value_and_grad(scaler.get_scale() if scaler is not None else 1.0)
+            ewc_sum = self.ewc.sum_and_grad(scaler.get_scale() if scaler is not None else 1.0)
         for p in self.params:
             if not p.requires_grad:
                 p.grad = None  # DDP may have written zeros; AdamW must skip a frozen parameter
-        sums = self.acc.reduce(sums.to(dev), "sum").cpu()
+        sums = self.acc.reduce(sums, "sum")
         if tgrads is not None:
             tgrads = self.acc.reduce(tgrads, "sum").cpu()
+        gn = None
+        if self.max_grad_norm and self.max_grad_norm > 0:
+            # Clipped before the checks below: a non-finite step is abandoned (its gradients
+            # dropped), so clipping it first changes nothing, and the norm joins the transfer.
+            gn = self.acc.clip_grad_norm_(self.params, self.max_grad_norm)
+        sums, grad_norm, ewc_sum = self._to_host(sums, gn, ewc_sum)
+        ewc_value = self.ewc.value(ewc_sum) if self.ewc is not None else None
         present = tokens > 0
         bad = [t for t, ok in zip(self.tasks, torch.isfinite(sums).tolist()) if not ok]
         if bad:
             return self._abort(sums, tokens, input_tokens, None, bad)
-        grad_norm = None
-        if self.max_grad_norm and self.max_grad_norm > 0:
-            gn = self.acc.clip_grad_norm_(self.params, self.max_grad_norm)
-            grad_norm = float(gn) if gn is not None else None
-            if grad_norm is not None and not math.isfinite(grad_norm):
-                return self._abort(
-                    sums,
-                    tokens,
-                    input_tokens,
-                    grad_norm,
-                    [t for t, p in zip(self.tasks, present.tolist()) if p],
-                )
+        if grad_norm is not None and not math.isfinite(grad_norm):
+            return self._abort(
+                sums,
+                tokens,
+                input_tokens,
+                grad_norm,
+                [t for t, p in zip(self.tasks, present.tolist()) if p],
+            )
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         value = float((coef * sums).sum())
@@ -276,6 +297,27 @@ class StepRunner:
             value += self.balancer.objective_extra(tokens)
         self.balancer.observe(sums, tokens, tgrads)
         return StepResult(value, sums, tokens, input_tokens, grad_norm, True, [], ewc_value)
+
+    @staticmethod
+    def _to_host(
+        sums: torch.Tensor, grad_norm: torch.Tensor | float | None, ewc: torch.Tensor | None
+    ) -> tuple[torch.Tensor, float | None, float | None]:
+        """The step's statistics on the host in one transfer (the step's one wait for the device):
+        per-task loss sums ([K] float64), gradient norm and EWC sum (when they are tensors there)."""
+        extra = [x for x in (grad_norm, ewc) if torch.is_tensor(x)]
+        if extra:
+            parts = [sums] + [x.detach().reshape(1).to(sums.device, sums.dtype) for x in extra]
+            host = torch.cat(parts).cpu()
+        else:
+            host = sums.cpu()
+        k, out = sums.numel(), []
+        for x in (grad_norm, ewc):
+            if torch.is_tensor(x):
+                out.append(float(host[k]))
+                k += 1
+            else:
+                out.append(None if x is None else float(x))
+        return host[: sums.numel()], out[0], out[1]
 
     def _abort(self, sums, tokens, input_tokens, grad_norm, bad) -> StepResult:
         self.optimizer.zero_grad(set_to_none=True)

@@ -195,16 +195,24 @@ class EwcPenalty:
         self.fisher = [fisher[n].to(p.device, torch.float32) for n, p in named]
         self.anchor = [anchor[n].to(p.device, torch.float32) for n, p in named]
 
-    @torch.no_grad()
     def value_and_grad(self, scale: float = 1.0) -> float:
         """Add λ F (θ − θ*) · `scale` to every trainable parameter's .grad (None: created); returns
         the penalty (over every parameter, frozen ones included). `scale` is a gradient scaler's
         factor when gradients are still scaled (fp16)."""
+        return self.value(self.sum_and_grad(scale))
+
+    def value(self, total: torch.Tensor | float) -> float:
+        """The penalty (λ/2) · Σ F (θ − θ*)² from the sum `sum_and_grad` returned."""
+        return 0.5 * self.lam * float(total)
+
+    @torch.no_grad()
+    def sum_and_grad(self, scale: float = 1.0) -> torch.Tensor:
+        """`value_and_grad` without waiting for the device: adds the gradient and returns
+        Σ F (θ − θ*)² as a 0-d tensor where the parameters are (the training step reads it with
+        the step's other statistics, in one transfer)."""
         diffs = torch._foreach_sub([p.float() for p in self.params], self.anchor)
         fd = torch._foreach_mul(diffs, self.fisher)
-        value = float(
-            torch.stack([torch.dot(f.flatten(), d.flatten()) for f, d in zip(fd, diffs)]).sum()
-        )
+        total = torch.stack([torch.dot(f.flatten(), d.flatten()) for f, d in zip(fd, diffs)]).sum()
         for p, g in zip(self.params, fd):
             if not p.requires_grad:
                 continue
@@ -213,7 +221,7 @@ class EwcPenalty:
                 p.grad = add
             else:
                 p.grad.add_(add)
-        return 0.5 * self.lam * value
+        return total
 
 
 # ------------------------------------------------------------------ freezing

@@ -8,7 +8,8 @@ both call `train`. Order of work:
    DeepSpeed come from the accelerate config), step runner, telemetry, collator and replay buffer;
 3. resume from the last complete checkpoint (`train.resume: auto`), including the stream position;
 4. per stage: plan the mixture (with the replay member after the first stage), feed windows
-   (`batching`) to `optimizer_step.StepRunner`, log (`telemetry`), checkpoint (`checkpointing`), call
+   (`batching`; the next ones built in a background thread, `train.prefetch`) to
+   `optimizer_step.StepRunner`, log (`telemetry`), checkpoint (`checkpointing`), call
    the evaluation hook every `eval.every_steps`; at the stage end save `stages/<name>/adapter`, offer
    the stage's records to the replay buffer (`mixture.offer_stage_records`, as `t2t-mtl mix`
    previews it) and save it; when a later stage sets `ewc`, estimate the stage's Fisher
@@ -55,7 +56,7 @@ from t2t_mtl.runs.folder import (
 )
 from t2t_mtl.tasks.task import Task
 from t2t_mtl.training import checkpointing, losses, preflight, protection
-from t2t_mtl.training.batching import Batcher, Window
+from t2t_mtl.training.batching import Batcher, Prefetcher, Window
 from t2t_mtl.training.optimizer_step import (
     StepResult,
     StepRunner,
@@ -458,9 +459,15 @@ class _Trainer:
         self.telemetry.progress(
             st.steps, first, f"stage {st.name}" if len(cfg.stage_list()) > 1 else "train"
         )
+        # Window s + 1 is rendered, tokenised and collated while step s runs; each comes with
+        # the batcher state after it, which is what a checkpoint after that step saves.
+        feed = Prefetcher(batcher, st.steps - first, tr.prefetch, self._prepare_window())
         self.window.started = time.time()
-        for s in range(first, st.steps):
-            self._step(si, s, batcher, sched)
+        try:
+            for s in range(first, st.steps):
+                self._step(si, s, feed, sched)
+        finally:
+            feed.close()
         self.telemetry.close_bar()
         self._save_bundle(self.run_dir / "stages" / st.name / "adapter", st.name)
         if protection.fisher_needed(cfg, si):
@@ -474,10 +481,22 @@ class _Trainer:
                 f"replay: kept {kept} new record(s) from stage {st.name}; buffer {self.buf.counts()}"
             )
 
-    def _step(self, si: int, s: int, batcher: Batcher, sched: LRScheduler) -> None:
+    def _prepare_window(self) -> Callable[[Window], Window] | None:
+        """What the prefetcher does to a window after building it: on a GPU, its tensors go to
+        pinned host memory, so the step copies them to the device without waiting."""
+        if self.acc.device.type != "cuda":
+            return None
+
+        def pin(w: Window) -> Window:
+            w.micro = [{k: v.pin_memory() for k, v in m.items()} for m in w.micro]
+            return w
+
+        return pin
+
+    def _step(self, si: int, s: int, feed: Prefetcher, sched: LRScheduler) -> None:
         tr, st = self.tr, self.cfg.stage_list()[si]
         t = time.time()
-        window = batcher.next_window()
+        window, position = feed.get()  # position: the batcher's state after this window
         if self.layer_schedule.apply(si, s) and protection.dynamic_freezing(self.cfg):
             rng = self.layer_schedule.current
             self.telemetry.write(
@@ -527,7 +546,8 @@ class _Trainer:
             and self.cfg.eval.every_steps
             and step % self.cfg.eval.every_steps == 0
         ):
-            self._eval(st.name)
+            with feed.paused():  # the tokenizer is not for two threads at once
+                self._eval(st.name)
         if step % tr.save_steps == 0 or last:  # a stage always ends with a checkpoint
             checkpointing.save(
                 self.acc,
@@ -538,7 +558,7 @@ class _Trainer:
                     "stage_index": si,
                     "stage": st.name,
                     "stage_step": s + 1,
-                    "batcher": batcher.state(),
+                    "batcher": position,
                     "scheduler": scheduler_state(sched),
                     "balancer": self.balancer.state_dict(),
                     "window": self.window.state_dict(),
@@ -547,15 +567,16 @@ class _Trainer:
                 tr.save_total_limit,
             )
         if self.on_step is not None:
-            self.on_step(
-                step,
-                {
-                    "stage": st.name,
-                    "stage_step": s + 1,
-                    "records": window.keys,
-                    "objective": res.objective,
-                },
-            )
+            with feed.paused():
+                self.on_step(
+                    step,
+                    {
+                        "stage": st.name,
+                        "stage_step": s + 1,
+                        "records": window.keys,
+                        "objective": res.objective,
+                    },
+                )
 
     def _ewc_penalty(self, si: int) -> protection.EwcPenalty | None:
         """Stage `si`'s EWC penalty, read from `RUN/ewc/after-<previous stage>` (None without
