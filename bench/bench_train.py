@@ -169,10 +169,8 @@ def child_ours(spec: dict, packing: str) -> dict:
     clock = StepClock(spec["warmup"], spec["steps"], spec["profile_steps"])
     original = optimizer_step.StepRunner.run
 
-    def counted(
-        self, window
-    ):  # instrumentation only: the counts come from the window and StepResult
-        res = original(self, window)
+    def counted(self, window, *args, **kw):  # instrumentation only: counts from window, result
+        res = original(self, window, *args, **kw)
         clock.add_tokens(
             window.input_tokens,
             float(res.tokens.sum()),

@@ -510,3 +510,21 @@ def test_gpu_child_run_on_cpu_counts_padding_and_leaves_memory_null(tiny_causal_
         "peak_alloc_gib",
     } <= set(keys)
     assert all(r[k] is None for k in keys)
+
+
+def test_train_bench_child_runs_our_trainer(tiny_causal_dir, real_data_dir, monkeypatch):
+    """bench_train's `ours` child at toy size: its StepRunner wrapper keeps up with the trainer's
+    calls (a wrapper that dropped `step=` made every run of the benchmark fail)."""
+    import bench_train
+
+    original = bench_train.run_config
+
+    def tiny(data_dir, out_dir, total_steps, packing="auto"):
+        cfg = original(data_dir, out_dir, total_steps, packing)
+        cfg.model.name, cfg.model.max_length, cfg.train.batch_size = str(tiny_causal_dir), 128, 2
+        return cfg
+
+    monkeypatch.setattr(bench_train, "run_config", tiny)
+    spec = {"data_dir": str(real_data_dir), "warmup": 1, "steps": 2, "profile_steps": 0}
+    r = bench_train.child_ours(spec, "auto")
+    assert r["input_tokens_per_s"] > 0 and r["timed_steps"] == 2, r
