@@ -8,8 +8,9 @@ constrained`) generates greedily but takes, at each step, the most likely token 
 - `label`: the answer is one of `answer_choices`, spelled exactly as there (the spelling training
   taught; free decoding's tolerant parser would also read other cases, but spending steps on them
   gains nothing).
-- `span`: the answer is copied from the record's input (a substring of it, whitespace runs counted
-  as one space).
+- `span`: the answer is copied from the record's input (a substring of it; case ignored and
+  whitespace runs counted as one space, as the span metrics read answers) and ends where a word of
+  the input ends (`H` of `Hesburgh` is no answer; the model goes on to copy the word).
 - `entities`: the canonical linearisation (`parsing.ner_linearize`): `none`, or `TYPE: words` items
   joined by ` | `, each TYPE one of the task's entity types as spelled there (any well-formed name
   when the task declares none), each `words` a run of whole tokens of the sentence, and no run
@@ -42,7 +43,7 @@ __all__ = [
 # What each kind's constraint allows, in words (for messages).
 FORM = {
     "label": "one of answer_choices",
-    "span": "text copied from the input",
+    "span": "text copied from the input, ending at a word end",
     "entities": "`TYPE: words` items of the task's types, words from the sentence, none repeated",
     "text": "free text",
 }
@@ -117,20 +118,32 @@ class ChoiceConstraint(AnswerConstraint):
 
 @dataclass
 class CopyConstraint(AnswerConstraint):
-    """`span`: a non-empty substring of `source` (its whitespace runs read as single spaces)."""
+    """`span`: a non-empty substring of `source` (case ignored, whitespace runs read as single
+    spaces) that ends at the end of a word of `source` (or with a non-alphanumeric character)."""
 
     source: str
     _norm: str = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self._norm = _one_space(self.source)
-        self._set_material(self._norm)
+        self._norm = _one_space(self.source).casefold()
+        self._set_material(_one_space(self.source))
 
     def _viable(self, a: str) -> bool:
-        return a in self._norm
+        return a.casefold() in self._norm
 
     def _complete(self, a: str) -> bool:
-        return bool(a) and a in self._norm
+        a, src = a.casefold(), self._norm
+        if not a:
+            return False
+        if not a[-1].isalnum():
+            return a in src
+        k = src.find(a)
+        while k >= 0:
+            end = k + len(a)
+            if end == len(src) or not src[end].isalnum():
+                return True
+            k = src.find(a, k + 1)
+        return False
 
 
 @dataclass
