@@ -532,3 +532,31 @@ def test_compare_table_merges_labels_and_shows_differences(tmp_path, capsys):
     assert "| a | accuracy | 10.00 | 30.00 (+20.00) |" in capsys.readouterr().out
     assert main(["compare", str(tmp_path / "missing")]) == 2
     assert "no such run folder or results file" in capsys.readouterr().err
+
+
+def test_eval_cli_constrained_mode_on_a_trained_run(run_dir, capsys):
+    """`t2t-mtl eval --mode constrained`: every label answer is a choice, every QA answer is copied
+    from its input, every entity answer has the declared form; the mode is shown per task.
+    Its results are written as `validation-constrained`, beside the default mode's."""
+    from t2t_mtl.tasks import catalogue, sources
+
+    args = ["eval", "--run", str(run_dir), "--limit", "4", "--no-progress", "--mode", "constrained"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    res = json.loads((run_dir / "eval" / "validation-constrained.json").read_text())
+    lines = (run_dir / "eval" / "validation-constrained.predictions.jsonl").read_text().splitlines()
+    preds = [json.loads(x) for x in lines]
+    for name in ("sentiment_sst2", "ner_conll2003", "qa_squad"):
+        assert res["tasks"][name]["mode"] == "constrained"
+        assert f"| {name} | constrained |" in printed
+    assert res["tasks"]["sentiment_sst2"]["invalid_rate"] == 0.0
+    assert all(p["raw"] in ("negative", "positive") for p in preds if p["task"] == "sentiment_sst2")
+    ner = [p["raw"] for p in preds if p["task"] == "ner_conll2003"]
+    assert ner and all(x == "none" or ": " in x for x in ner)
+    tpl = catalogue.load_task("qa_squad")
+    rows = sources.load_rows(tpl, None, "validation", bad_rows="skip", render=False)
+    qa = [p for p in preds if p["task"] == "qa_squad"]
+    assert qa
+    for p in qa:
+        context = " ".join(rows[int(p["row_id"])]["context"].split()).casefold()
+        assert p["raw"].casefold() in context, p["raw"]

@@ -97,7 +97,7 @@ def evaluate_run(
     """Evaluate a run's final bundle (or, `base=True`, its untuned base model with the same prompts)
     and write `RUN/eval/<name>.json` + `.md` + `.predictions.jsonl`; returns (results, json path).
 
-    Default name: `<split>` plus `-base`, `-rank`/`-generate` (mode override) and `-<variant>` when set.
+    Default name: `<split>` plus `-base`, `-<mode>` (mode override: rank, generate, constrained) and `-<variant>` when set.
     """
     run = Run.load(run_dir)
     split = split or run.cfg.eval.split
