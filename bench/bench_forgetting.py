@@ -21,7 +21,8 @@ runs once, keyed as before. Every stage's adapter is scored on all
 five tasks (first --limit validation rows, primary metric) by `t2t-mtl eval --forgetting`'s code, giving
 the forgetting matrix, average forgetting (mean over stage-1 tasks of best earlier score − final score)
 and backward transfer (final − just-learned). Run folders and evaluations are cached under --work, so
-an interrupted invocation continues. Writes --out and the "Forgetting" section of --doc (heatmaps in
+an interrupted invocation continues; a setting whose report is already in --out with the same settings
+is not run again, so a study continues on a machine that lost --work. Writes --out and the "Forgetting" section of --doc (heatmaps in
 docs/img/).
 """
 
@@ -377,7 +378,10 @@ def main(argv: list[str] | None = None) -> int:
     for seed in seeds:
         for share, name in runs:
             key = setting_key(share, args.stage2_lr, name, seed)
+            if res.get(key, {}).get("bench_settings") == results["settings"]:
+                continue  # measured before with these settings (perhaps on another machine)
             res[key] = one_setting(args, data, share, name, seed)
+            res[key]["bench_settings"] = dict(results["settings"])
             results["machine"] = common.machine(
                 command="python bench/bench_forgetting.py " + " ".join(argv or sys.argv[1:])
             )

@@ -528,3 +528,21 @@ def test_train_bench_child_runs_our_trainer(tiny_causal_dir, real_data_dir, monk
     spec = {"data_dir": str(real_data_dir), "warmup": 1, "steps": 2, "profile_steps": 0}
     r = bench_train.child_ours(spec, "auto")
     assert r["input_tokens_per_s"] > 0 and r["timed_steps"] == 2, r
+
+
+def test_forgetting_study_reuses_reports_measured_with_the_same_settings(
+    real_data_dir, tmp_path, monkeypatch
+):
+    """A machine that lost the work folder does not retrain what --out already holds."""
+    calls = []
+
+    def fake(args, data, share, setting=None, seed=None):
+        calls.append((share, setting, seed))
+        return {"average_forgetting": 1.0}
+
+    monkeypatch.setattr(bench_forgetting, "one_setting", fake)
+    argv = [str(real_data_dir), "--replay", "0", "--settings", "ewc", "--seeds", "1,2"]
+    argv += ["--out", str(tmp_path / "f.json"), "--work", str(tmp_path / "w"), "--no-doc"]
+    assert bench_forgetting.main(argv) == 0 and len(calls) == 4
+    assert bench_forgetting.main(argv) == 0 and len(calls) == 4  # all reused
+    assert bench_forgetting.main([*argv, "--limit", "50"]) == 0 and len(calls) == 8  # new settings
