@@ -340,19 +340,22 @@ class _PieceTokenizer:
         return "".join(self.pieces[i] for i in ids if i != 0)
 
 
-def _run_picker(tok, rule, wanted):
-    """Feed the picker, step by step, logits whose argmax is the next piece of `wanted` (then the end);
-    returns the decoded answer after cuts, as generate_texts would."""
+def _run_picker(tok, rule, wanted, runner_up=None):
+    """Feed the picker, step by step, logits whose argmax is the next piece of `wanted` (then the end;
+    `runner_up[i]`: the second most likely piece at step i); returns the decoded answer after cuts,
+    as generate_texts would."""
     import torch
 
     from t2t_mtl.model.generation import _Constrainer
 
     picker = _Constrainer(tok, [0], [], None).for_rows([rule])
     ids: list[int] = []
-    for piece in [*wanted, "</s>"]:
+    for i, piece in enumerate([*wanted, "</s>"]):
         logits = torch.zeros(len(tok.pieces))
         logits[tok.id(piece)] = 5.0
-        logits[0] = 1.0  # the end is the second choice everywhere
+        logits[0] = 1.0  # the end is the next choice everywhere
+        if runner_up and i in runner_up:
+            logits[tok.id(runner_up[i])] = 3.0
         t = picker(0, ids, logits)
         ids.append(tok.id(piece) if t is None else t)
         if ids[-1] == 0:
@@ -376,6 +379,12 @@ def test_where_the_model_leaves_the_form_the_answer_ends_at_its_last_complete_po
         "Pa",
         "ris",
         ".",
+        "H",
+        "ess",
+        "es",
+        "burgh",
+        " Library",
+        " the",
     ]
     tok = _PieceTokenizer(pieces)
     rule = EntityConstraint(SENT, list(ENTITY_TYPES))
@@ -385,6 +394,11 @@ def test_where_the_model_leaves_the_form_the_answer_ends_at_its_last_complete_po
     # a span that runs on beyond the input ends where it left it
     span = CopyConstraint("The capital is Paris, of course")
     assert _run_picker(tok, span, ["Pa", "ris", "."]) == "Paris"
+    # a misspelt copy is mended inside the word (even where its start is a word of the input,
+    # like the H of "H 2"); the answer ends where the model adds a word the input lacks there
+    hes = CopyConstraint("the Theodore M. Hesburgh Library of H 2")
+    assert _run_picker(tok, hes, ["H", "ess", "burgh", " Library"], {1: "es"}) == "Hesburgh Library"
+    assert _run_picker(tok, CopyConstraint("Paris is big"), ["Pa", "ris", " the"]) == "Paris"
     # no complete answer yet: the most likely allowed token is taken instead of the model's
     assert _run_picker(tok, rule, ["PER", ":", " ", "50"]) in (
         "PER: Somerset",

@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import itertools
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -466,15 +467,19 @@ class _Constrainer:
     the row's `AnswerConstraint`; where it does not, the row ends at its last complete answer.
 
     Each step, for a row with a rule: the argmax is taken when it is allowed (a stop token only
-    where the answer may end). When the model's own choice breaks the rule, the row ends: now if
-    its answer is complete (a span the model wanted to run on beyond the input, a label it wanted
-    to extend), else cut back to the last point where its answer was complete (`NER: ... |
-    ORG: Leicestershire` with Leicestershire already listed drops the unfinished item). Forcing a
-    continuation there instead was measured to write items the model never meant (`PER: 50 |
-    LOC: 1,305`; docs/benchmarks.md). Only when there is no complete answer yet (the first item,
-    a label half written) is the most likely allowed token taken: the `TOP_K` best first, then
-    the rest of the vocabulary in order of likelihood. When no token is allowed at all the row
-    takes the argmax (free decoding for that step).
+    where the answer may end). When the model's own choice breaks the rule:
+    - inside a word (the answer ends in a letter or digit and the rejected token goes on with
+      one), the most likely allowed token is taken: a misspelt copy (`Hessburgh`) is mended
+      into the input's word (`Hesburgh`) instead of being cut to `H`;
+    - otherwise the row ends: now if its answer is complete (a span the model wanted to run on
+      beyond the input), else cut back to the last point where its answer was complete
+      (`LOC: Leicestershire | ORG: Leicestershire` with Leicestershire named once drops the
+      unfinished item). Forcing a continuation there instead wrote items the model never meant
+      (`PER: 50 | LOC: 1,305`; measured, docs/benchmarks.md).
+    When there is no complete answer yet (the first item, a label half written) the most likely
+    allowed token is taken as well: the `TOP_K` best first, then the rest of the vocabulary in
+    order of likelihood. When no token is allowed at all the row takes the argmax (free decoding
+    for that step).
 
     The answer text is decoded from the generated ids as `_decode_answer` does, so the rules see
     exactly the text the parser will; tokens of the reply frame (`prefix`) pass unchecked.
@@ -503,6 +508,14 @@ class _Constrainer:
             return may_end
         return t not in self.silent and c.viable(self._text([*ids, t]))
 
+    def _inside_word(self, text: str, ids: list[int], t: int) -> bool:
+        """Would token `t` go on with the word `text` ends in?"""
+        if t in self.stop_set or not text[-1:].isalnum():
+            return False
+        nxt = self._text([*ids, t])
+        inc = nxt[len(text) :] if nxt.startswith(text) else nxt
+        return inc[:1].isalnum()
+
     def choose(
         self, c: AnswerConstraint, ids: list[int], logits: torch.Tensor, last_complete: int | None
     ) -> tuple[int | None, int | None, bool]:
@@ -511,22 +524,28 @@ class _Constrainer:
         p = self.prefix
         if p and len(ids) < len(p) and ids == p[: len(ids)]:
             return None, None, False  # inside the reply frame the chat template writes
-        may_end = c.complete(self._text(ids))
+        text = self._text(ids)
+        may_end = c.complete(text)
         scores = logits.float()
         best = int(scores.argmax())
         if self._allowed(c, ids, best, may_end):
             return None, None, may_end
-        if self.stops and may_end:
-            return self.stops[0], None, True
-        if self.stops and last_complete is not None:
-            return self.stops[0], last_complete, False
+        inside = self._inside_word(text, ids, best)
+        if not inside:
+            if self.stops and may_end:
+                return self.stops[0], None, True
+            if self.stops and last_complete is not None:
+                return self.stops[0], last_complete, False
         k = min(self.TOP_K, scores.shape[-1])
         first = torch.topk(scores, k).indices.tolist()
         seen = set(first)
         rest = (t for t in torch.argsort(scores, descending=True).tolist() if t not in seen)
-        for t in (*first, *rest):
-            if t != best and self._allowed(c, ids, t, may_end):
+        # inside a word the model meant to go on, the end is no choice
+        for t in itertools.chain(first, rest):
+            if t != best and self._allowed(c, ids, t, may_end and not inside):
                 return t, None, may_end
+        if self.stops and may_end:
+            return self.stops[0], None, True
         return None, None, may_end
 
     def for_rows(self, constraints: Sequence[AnswerConstraint | None]) -> _RowPicker:
