@@ -68,6 +68,8 @@ def test_entity_rule_types_words_separators_and_no_entity_listed_twice():
     assert not c.viable("PERSON: Somerset")  # types as the task spells them
     assert not c.viable("PER:Somerset") and not c.viable("PER: Somerset  |")
     assert not c.viable("PER: Somer set") and not c.viable("PER: Bath")
+    assert admits(c, "ORG: somerset | LOC: TAUNTON")  # case ignored, as the parser aligns words
+    assert not c.viable("ORG: Somerset | ORG: SOMERSET")  # ... and still listed once
     assert not c.complete("PER: Somer")  # whole tokens only
     assert not c.complete("none | PER: Somerset") and not c.viable("nonex")
     # the repeated entity of the issue: Leicestershire occurs once, so it is listed once

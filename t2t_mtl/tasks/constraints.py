@@ -13,9 +13,9 @@ constrained`) generates greedily but takes, at each step, the most likely token 
   the input ends (`H` of `Hesburgh` is no answer; the model goes on to copy the word).
 - `entities`: the canonical linearisation (`parsing.ner_linearize`): `none`, or `TYPE: words` items
   joined by ` | `, each TYPE one of the task's entity types as spelled there (any well-formed name
-  when the task declares none), each `words` a run of whole tokens of the sentence, and no run
-  listed more often than it occurs in the sentence (`LOC: Leicestershire | ORG: Leicestershire` is
-  refused when the sentence names Leicestershire once).
+  when the task declares none), each `words` a run of whole tokens of the sentence (case ignored),
+  and no run listed more often than it occurs in the sentence (`LOC: Leicestershire |
+  ORG: Leicestershire` is refused when the sentence names Leicestershire once).
 - `text`: free; `for_task` returns None and the task generates as in mode `generate`.
 
 `viable(text)`: can `text` (the raw answer decoded so far) still be completed into an allowed answer?
@@ -148,7 +148,9 @@ class CopyConstraint(AnswerConstraint):
 
 @dataclass
 class EntityConstraint(AnswerConstraint):
-    """`entities`: the canonical linearisation over `tokens` with types `types` (None: any name).
+    """`entities`: the canonical linearisation over `tokens` with types `types` (None: any name);
+    words are compared ignoring case (the parser aligns `three-year-old` to `Three-year-old` and
+    scores it; refusing it ended answers before entities that scored).
 
     Items are aligned to the sentence as `parsing.ner_parse` aligns them (the first free occurrence
     after the previous item, else the first free one anywhere; exact case), so each item takes
@@ -159,8 +161,9 @@ class EntityConstraint(AnswerConstraint):
     _toks: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self._toks = [str(t) for t in self.tokens]
-        self._set_material(*self._toks, *(self.types or ()))
+        # words compared ignoring case, as `parsing.ner_parse` aligns them when no exact match exists
+        self._toks = [str(t).casefold() for t in self.tokens]
+        self._set_material(*(str(t) for t in self.tokens), *(self.types or ()))
 
     def _type_ok(self, name: str, partial: bool) -> bool:
         if self.types is None:
@@ -169,7 +172,7 @@ class EntityConstraint(AnswerConstraint):
 
     def _place(self, words: str, taken: set[int], cursor: int) -> int:
         """Start of the first free whole-token occurrence of `words` (after `cursor` first); -1."""
-        ws = words.split(" ")
+        ws = words.casefold().split(" ")
         n, toks = len(ws), self._toks
         for start in (cursor, 0):
             for k in range(start, len(toks) - n + 1):
@@ -195,7 +198,7 @@ class EntityConstraint(AnswerConstraint):
 
     def _surface_viable(self, words: str, taken: set[int]) -> bool:
         """Can `words` still grow into a run of free whole tokens?"""
-        toks = self._toks
+        toks, words = self._toks, words.casefold()
         for i in range(len(toks)):
             run = ""
             for j in range(i, len(toks)):
