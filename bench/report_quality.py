@@ -193,6 +193,16 @@ def write(results: dict, doc: Path) -> None:
         + " Cells: mean over seeds [95 % bootstrap interval over rows and seeds], in points. Differences "
         "are paired over rows; ≈ marks a tie (the interval contains 0), ▲/▼ a clear win/loss.",
     ]
+    single = sorted(k for k, v in n_seeds.items() if v < 2)
+    if single:
+        body.append(
+            f"**Partial study: {', '.join(single)} "
+            f"{'has' if len(single) == 1 else 'have'} one seed so far.** Its interval covers the "
+            "sampling of rows only, and a difference between two systems trained apart also holds the "
+            "seed-to-seed spread one seed cannot show: read ▲/▼ between separately trained systems as "
+            "provisional until every system has its seeds (an evaluation setting of the same runs, "
+            "`eval_of`, is paired over rows and seeds and needs no such caution)."
+        )
     if split == "validation":
         body += [systems_table(stats, COLUMNS)]
         if plot(

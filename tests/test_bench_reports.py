@@ -136,6 +136,10 @@ def test_quality_report_tables_plot_and_targets(tmp_path):
     assert "**met** (mean difference +6.0 [+2.0, +10.0])" in text
     assert "≥ 97 % of the single-task mean: **missed** (98.3 % [96.0, 100.5]" in text
     assert (doc.parent / "img" / "quality_seeds.png").stat().st_size > 1000
+    assert "Partial study" not in text
+    results["runs"]["bf16"] = {"1": {}}  # one seed so far: the report says the intervals lack it
+    report_quality.write(results, doc)
+    assert "**Partial study: bf16 has one seed so far.**" in doc.read_text(encoding="utf-8")
 
 
 class _WordTokenizer:
