@@ -212,7 +212,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"the bound, is {'met' if pipe / per >= 0.67 else 'not met'}. Mixing and rendering alone take "
                 f"{render_s / pipe_s:.0%} of the pipeline's time and lie outside the bound, which caps the ratio "
                 f"at {per_s / (per_s + render_s):.0%}; the rest of the gap is tokenising the longer uncut "
-                "prompts (to find the cut), the second call on cut prompts, and the chat template's render. "
+                "prompts (to find the cut), the second call on cut prompts, and the per-record Python work of "
+                "`features.encode` (the chat template is no longer rendered per record: a one-turn prompt is "
+                "its frame around the content, `PromptFormat._user_frame`, 45 % → 49 % of the bound on "
+                "2026-12-02). "
                 "Batched tokenisation is faster still, but the training loop encodes examples "
                 f"lazily as the stream yields them; at ~{pipe:,.0f} records/s the pipeline is far from limiting "
                 "training, which consumes ~1–2 records/s on this CPU (see the training benchmark).",

@@ -222,3 +222,18 @@ def test_truncation_is_stored_and_old_manifests_keep_cutting_the_end():
 def test_module_does_not_import_torch():
     code = "import sys, t2t_mtl.model.prompt_format; sys.exit(int('torch' in sys.modules or 'transformers' in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+ODD = ("  lead and trail \n", "a\n\nb", "<tool_response>x</tool_response>", "{{ x }} {% y %}", "")
+
+
+@pytest.mark.parametrize("template", [LLAMA3, GEMMA, QWEN3_LIKE])
+def test_prompts_equal_the_rendered_template_for_any_content(template):
+    """A one-turn prompt may be put together from a frame around the content (no Jinja per record),
+    but only where that gives exactly the template's rendering: Llama 3's `| trim` keeps rendering."""
+    fmt = PromptFormat.for_tokenizer(fake_tokenizer(template, eos="<eos>", bos="<bos>"), "causal")
+    assert (fmt._user_frame() is None) == (template == LLAMA3)
+    for text in ODD:
+        rec = Record("t", "Say it.", text, "")
+        want = fmt.render_chat([{"role": "user", "content": fmt.user_message(rec)}], True)
+        assert fmt.prompt(rec) == want

@@ -120,6 +120,8 @@ class PromptFormat:
                 f"unknown truncation {self.truncation!r}; expected one of {TRUNCATIONS}"
             )
         self._compiled: jinja2.Template | None = None
+        self._frame: tuple[str, str] | None = None  # `_user_frame`, for the template `_frame_of`
+        self._frame_of: object = None
 
     # ------------------------------------------------------------------ layout
 
@@ -140,10 +142,39 @@ class PromptFormat:
             **self.template_vars,
         )
 
+    def _user_frame(self) -> tuple[str, str] | None:
+        """(text before, text after) a user message's content in a one-turn chat prompt, when the
+        template writes the content verbatim whatever it is; else None.
+
+        Rendering the chat template (Jinja) is a sizeable share of preparing a training example,
+        and a one-turn prompt is the same frame around every content. The frame is trusted only if
+        contents of different shapes (whitespace at either end, line breaks, markup) all come out
+        verbatim between the same two texts, so a template that trims, escapes or branches on them
+        keeps being rendered for every record."""
+        if self._compiled is None or self._frame_of is not self._compiled:
+            probes = (
+                "\x00t2t\x00",
+                "  \x00lead and trail\x00 \n",
+                "\n\x00<tool_response>\x00</tool_response>\n\n\x00",
+                "\x00{{ x }} {% y %} <|im_end|>\x00",
+            )
+            texts = [self.render_chat([{"role": "user", "content": p}], True) for p in probes]
+            at = texts[0].find(probes[0])
+            frame = (texts[0][:at], texts[0][at + len(probes[0]) :]) if at >= 0 else None
+            ok = frame is not None and all(
+                t == frame[0] + p + frame[1] for p, t in zip(probes, texts)
+            )
+            self._frame, self._frame_of = (frame if ok else None), self._compiled
+        return self._frame
+
     def prompt(self, record: PromptFields) -> str:
         """The text the model sees before its answer (special tokens included as text)."""
         if self.kind == "chat":
-            return self.render_chat([{"role": "user", "content": self.user_message(record)}], True)
+            content = self.user_message(record)
+            frame = self._user_frame()
+            if frame is not None:
+                return frame[0] + content + frame[1]
+            return self.render_chat([{"role": "user", "content": content}], True)
         if self.kind == "plain":
             parts = [f"### Instruction:\n{record.instruction}"]
             if record.input:
