@@ -59,6 +59,26 @@ def tiny_t5_dir(tiny_models_root) -> Path:
 
 
 @pytest.fixture(scope="module")
+def causal(tiny_causal_dir):
+    """(model, tokenizer, chat PromptFormat) of the tiny causal model with larger random weights
+    (its random init answers "\n\n..." everywhere; these give varied text), one per test module."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from t2t_mtl.model.prompt_format import PromptFormat
+
+    tok = AutoTokenizer.from_pretrained(tiny_causal_dir)
+    tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(tiny_causal_dir).eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return model, tok, PromptFormat.for_tokenizer(tok, "causal")
+
+
+@pytest.fixture(scope="module")
 def one_thread():
     """Tiny models run fastest on one thread; several threads spin-wait badly when the CPU is shared.
     Modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""

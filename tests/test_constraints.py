@@ -193,24 +193,6 @@ def test_oracle_reports_gold_answers_a_constrained_task_cannot_generate(tmp_path
 # ------------------------------------------------------------------ decoding on tiny models
 
 
-@pytest.fixture(scope="module")
-def causal(tiny_causal_dir):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from t2t_mtl.model.prompt_format import PromptFormat
-
-    tok = AutoTokenizer.from_pretrained(tiny_causal_dir)
-    tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(tiny_causal_dir).eval()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # random init answers "\n\n..."; larger weights give varied text
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    return model, tok, PromptFormat.for_tokenizer(tok, "causal")
-
-
 INPUTS = (
     "Somerset beat Leicestershire at Taunton .",
     "the movie was good and Paris is nice",
@@ -286,27 +268,19 @@ def test_evaluation_in_constrained_mode_has_no_invalid_label_answers(causal):
 
     model, tok, fmt = causal
     tpl = catalogue.load_task("sentiment_sst2")
-    free = evaluate(
-        model,
-        tok,
-        fmt,
-        [EvalTask("s", tpl, None, "generate")],
-        split="train",
-        limit=6,
-        progress=False,
-        ci_resamples=0,
-        max_new_tokens=24,
-    )
-    con = evaluate(
-        model,
-        tok,
-        fmt,
-        [EvalTask("s", tpl, None, "constrained")],
-        split="train",
-        limit=6,
-        progress=False,
-        ci_resamples=0,
-        max_new_tokens=24,
+    free, con = (
+        evaluate(
+            model,
+            tok,
+            fmt,
+            [EvalTask("s", tpl, None, mode)],
+            split="train",
+            limit=6,
+            progress=False,
+            ci_resamples=0,
+            max_new_tokens=24,
+        )
+        for mode in ("generate", "constrained")
     )
     assert free["tasks"]["s"]["invalid_rate"] > 0  # a random model does not name a choice
     assert con["tasks"]["s"]["invalid_rate"] == 0.0 and con["tasks"]["s"]["mode"] == "constrained"

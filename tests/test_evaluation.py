@@ -49,23 +49,6 @@ RECS = [
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on one torch thread
 
 
-@pytest.fixture(scope="module")
-def causal(tiny_causal_dir):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_causal_dir)
-    tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(tiny_causal_dir).eval()
-    gen = torch.Generator().manual_seed(0)
-    with (
-        torch.no_grad()
-    ):  # random init makes every answer "\n\n..."; larger weights give varied text
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    return model, tok, PromptFormat.for_tokenizer(tok, "causal")
-
-
 class Bigram(torch.nn.Module):
     """A 'language model' whose next-token logits are a fixed table row of the current token."""
 

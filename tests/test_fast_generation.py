@@ -29,21 +29,6 @@ TEXTS = (
 RECS = [Record("s", "Is the sentiment positive or negative?", t, "") for t in TEXTS]
 
 
-@pytest.fixture(scope="module")
-def causal(tiny_causal_dir):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_causal_dir)
-    tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(tiny_causal_dir).eval()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # random init answers "\n\n..."; larger weights give varied text
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    return model, tok, PromptFormat.for_tokenizer(tok, "causal")
-
-
 def _hf_greedy(model, ids, mask, n, stops, pad):
     out = model.generate(
         input_ids=ids,
