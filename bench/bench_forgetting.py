@@ -20,7 +20,9 @@ keyed `<setting>_s<seed>`, and the doc gets a mean-over-seeds table); without it
 runs once, keyed as before. Every stage's adapter is scored on all
 five tasks (first --limit validation rows, primary metric) by `t2t-mtl eval --forgetting`'s code, giving
 the forgetting matrix, average forgetting (mean over stage-1 tasks of best earlier score − final score)
-and backward transfer (final − just-learned). Run folders and evaluations are cached under --work, so
+and backward transfer (final − just-learned). Each report keeps the per-example statistics of every
+stage's evaluation (`rows`), so settings run with --seeds get 95 % intervals bootstrapped over examples
+and seeds (`forgetting_stats`) and the new tasks' scores as a percentage of the "none" setting's. Run folders and evaluations are cached under --work, so
 an interrupted invocation continues; a setting whose report is already in --out with the same settings
 is not run again, so a study continues on a machine that lost --work. Writes --out and the "Forgetting" section of --doc (heatmaps in
 docs/img/).
@@ -155,7 +157,7 @@ def one_setting(
         trainer.train(cfg, eval_fn=None)
     rep_path = run_dir / "eval" / f"forgetting-{args.limit}.json"
     if rep_path.is_file():
-        return json.loads(rep_path.read_text(encoding="utf-8"))
+        return attach_rows(json.loads(rep_path.read_text(encoding="utf-8")))
     log(f"scoring every stage of {cfg.run_name}")
     rep, path = forgetting_run(run_dir, split="validation", limit=args.limit, progress=False)
     for ext in (
@@ -166,8 +168,100 @@ def one_setting(
         shutil.copyfile(path.with_suffix(ext), rep_path.with_suffix(ext))
     summary = json.loads((run_dir / "train_summary.json").read_text(encoding="utf-8"))
     rep["train_seconds"] = summary.get("seconds")
+    attach_rows(rep)
     common.write_json(rep_path, rep)
     return rep
+
+
+def attach_rows(rep: dict) -> dict:
+    """Add `rows`: {stage: {task: per-example statistics}} from the run folder's stage results (what
+    the intervals resample), unless present or the folder is gone; returns `rep`."""
+    if rep.get("rows") or not rep.get("run"):
+        return rep
+    rows = {}
+    for stage in rep["stages"]:
+        path = Path(rep["run"]) / "eval" / f"stage-{stage}-{rep.get('split', 'validation')}.json"
+        if not path.is_file():
+            return rep
+        res = json.loads(path.read_text(encoding="utf-8"))
+        rows[stage] = {t: e["per_example"] for t, e in res["tasks"].items() if "per_example" in e}
+    rep["rows"] = rows
+    return rep
+
+
+def forgetting_stats(reports: dict, resamples: int | None = None) -> dict:
+    """Per setting with seeds (keys '<setting>_s<seed>' whose reports hold `rows`): the mean over
+    seeds and a 95 % interval, bootstrapped over examples and seeds as in the quality study
+    (quality_stats.py: per task, every run is resampled on the same row draws; per setting, its
+    seeds are drawn with replacement), of average forgetting, losses only, BWT, the final mean and
+    each last-stage task's final score; and, against the "none" setting, each last-stage task's
+    final score as a percentage of none's (its interval from the same resamples)."""
+    import numpy as np
+
+    from t2t_mtl.evaluation import confidence
+
+    resamples = resamples or confidence.RESAMPLES
+    groups: dict[str, dict[str, dict]] = {}
+    for key, rep in reports.items():
+        base, lr, seed = split_key(key)
+        if seed and rep.get("rows"):
+            groups.setdefault(base + (f"_lr{lr}" if lr else ""), {})[seed] = rep
+    if not groups:
+        return {}
+    first = next(iter(next(iter(groups.values())).values()))
+    stages, tasks = first["stages"], first["tasks"]
+    last = len(stages) - 1
+    learned = {t: stages.index(s) for t, s in first["learned_at"].items()}
+    old = [t for t in tasks if learned.get(t, last) < last]
+    new = [t for t in tasks if learned.get(t) == last]
+    owners = [(g, seed) for g, by in groups.items() for seed in sorted(by, key=int)]
+    boot: dict[str, np.ndarray] = {}  # task -> (runs, stages, resamples)
+    point: dict[str, np.ndarray] = {}  # task -> (runs, stages)
+    for t in tasks:
+        flat = [
+            confidence.RowStats.from_json(groups[g][seed]["rows"][st][t])
+            for g, seed in owners
+            for st in stages
+        ]
+        b = confidence.bootstrap(flat, resamples=resamples, seed=confidence.task_seed(0, t))
+        boot[t] = b.reshape(len(owners), len(stages), resamples)
+        point[t] = np.array([x.point() for x in flat]).reshape(len(owners), len(stages))
+
+    def measures(score):  # score[t]: (runs, stages, ...) -> name -> (runs, ...)
+        fin = {t: score[t][:, last] for t in tasks}
+        forg = {t: score[t][:, learned[t] : last].max(axis=1) - fin[t] for t in old}
+        out = {
+            "avg_forgetting": np.mean([forg[t] for t in old], axis=0),
+            "losses_only": np.mean([np.maximum(forg[t], 0.0) for t in old], axis=0),
+            "bwt": np.mean([fin[t] - score[t][:, learned[t]] for t in old], axis=0),
+            "final_mean": np.mean([fin[t] for t in tasks], axis=0),
+        }
+        out.update({f"final:{t}": fin[t] for t in new})
+        return out
+
+    m_boot, m_point = measures(boot), measures(point)
+    rng = np.random.default_rng(confidence.SEED)
+    res: dict = {}
+    draws: dict[str, dict[str, np.ndarray]] = {}
+    for g in groups:
+        runs = np.array([i for i, (o, _) in enumerate(owners) if o == g])
+        pick = runs[rng.integers(0, len(runs), size=(resamples, len(runs)))]
+        draws[g] = {
+            k: v[pick, np.arange(resamples)[:, None]].mean(axis=1) for k, v in m_boot.items()
+        }
+        res[g] = {"seeds": len(runs)}
+        for k, v in m_point.items():
+            lo, hi = confidence.interval(draws[g][k])
+            res[g][k] = {"mean": float(v[runs].mean()), "low": lo, "high": hi}
+    if "none" in groups:
+        for g in groups:
+            for t in new:
+                k = f"final:{t}"
+                ratio = 100.0 * draws[g][k] / np.maximum(draws["none"][k], 1e-9)
+                lo, hi = confidence.interval(ratio)
+                mean = 100.0 * res[g][k]["mean"] / max(res["none"][k]["mean"], 1e-9)
+                res[g][f"vs_none:{t}"] = {"mean": mean, "low": lo, "high": hi}
+    return {"resamples": resamples, "old_tasks": old, "new_tasks": new, "settings": res}
 
 
 def losses_only(rep: dict) -> float | None:
@@ -216,7 +310,7 @@ def section(results: dict, doc: Path) -> str:
             f"`ewc: {{lambda: {st['ewc_lambda']:g}, samples: {st.get('ewc_samples')}}}`; *frozen lower "
             f"blocks*: stage 2 trains only blocks {st.get('freeze_layers')} (`train_layers`).",
         )
-    seeds_table = seed_means(results["settings_results"])
+    seeds_table = ci_table(results["settings_results"]) or seed_means(results["settings_results"])
     if seeds_table:
         out.append(seeds_table)
     for key, rep in results["settings_results"].items():
@@ -241,6 +335,76 @@ def section(results: dict, doc: Path) -> str:
             lines.append(f"\n![forgetting, {heading(key).lower()}](img/{img.name})")
         out.append("\n".join(lines))
     return "\n\n".join(out)
+
+
+def ci_table(reports: dict) -> str:
+    """The settings with seeds: means over seeds with 95 % intervals (`forgetting_stats`), the new
+    tasks against no protection, the target check and the training time against none; "" when no
+    report has per-example rows."""
+    from report_quality import LABEL
+
+    st = forgetting_stats(reports)
+    if not st:
+        return ""
+    res, new = st["settings"], st["new_tasks"]
+
+    def ci(x: dict | None, unit: str = "") -> str:
+        if not x:
+            return "–"
+        return f"{x['mean']:.1f}{unit} [{x['low']:.1f}, {x['high']:.1f}]"
+
+    def short(t: str) -> str:
+        return LABEL.get(t, t).split(" (")[0]
+
+    times: dict[str, list[float]] = {}
+    for key, rep in reports.items():
+        base, lr, seed = split_key(key)
+        none = reports.get(setting_key(0.0, float(lr) if lr else None, "none", int(seed or 0)))
+        if seed and none and rep.get("train_seconds") and none.get("train_seconds"):
+            g = base + (f"_lr{lr}" if lr else "")
+            times.setdefault(g, []).append(rep["train_seconds"] / none["train_seconds"])
+    lines = [
+        f"Means over seeds with 95 % intervals (bootstrap over the {st['resamples']} resamples of "
+        "examples and seeds, as in the quality study), points; the new tasks' final scores as a "
+        "percentage of the no-protection run's:",
+        "",
+        "| setting | seeds | avg forgetting | losses only | BWT | final mean | "
+        + " | ".join(f"{short(t)} vs none" for t in new)
+        + " | target: losses only ≤ 2 (interval included), new tasks ≥ 95 % | train time vs none |",
+        "|---|---:|---:|---:|---:|---:|" + "---:|" * len(new) + "---|---:|",
+    ]
+    for g, r in res.items():
+        keeps = all(r.get(f"vs_none:{t}", {}).get("mean", 0) >= 95 for t in new)
+        if g.startswith("none"):
+            verdict = "–"
+        elif r["losses_only"]["high"] <= TARGET and keeps:
+            verdict = "met"
+        else:
+            verdict = (
+                "not met ("
+                + ", ".join(
+                    x
+                    for x, bad in (
+                        ("forgetting", r["losses_only"]["high"] > TARGET),
+                        ("new tasks", not keeps),
+                    )
+                    if bad
+                )
+                + ")"
+            )
+        tm = times.get(g)
+        lines.append(
+            f"| {setting_label(g)} | {r['seeds']} | {ci(r['avg_forgetting'])} | "
+            f"{ci(r['losses_only'])} | {ci(r['bwt'])} | {ci(r['final_mean'])} | "
+            + " | ".join(ci(r.get(f"vs_none:{t}"), " %") for t in new)
+            + f" | {verdict} | {f'{statistics.mean(tm):.2f}×' if tm else '–'} |"
+        )
+    lines.append(
+        "\n*Train time vs none*: the whole two-stage run's wall time over the same seed's no-protection "
+        "run, on a machine shared with other work (noisy); the controlled per-step cost of each method "
+        'is in "Cost of protection against forgetting" below.'
+    )
+    return "\n".join(lines)
 
 
 def seed_means(reports: dict) -> str:
@@ -324,6 +488,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.doc_only:
         results = json.loads(Path(args.out).read_text(encoding="utf-8"))
+        for rep in results.get("settings_results", {}).values():
+            attach_rows(rep)  # rows of reports written before they were kept
+        common.write_json(Path(args.out), results)
         common.update_doc(Path(args.doc), SECTION, section(results, Path(args.doc)))
         log(f"updated {args.doc}")
         return 0
@@ -373,6 +540,8 @@ def main(argv: list[str] | None = None) -> int:
             freeze_layers=args.freeze_layers,
         )
     res = results.setdefault("settings_results", {})
+    for rep in res.values():
+        attach_rows(rep)  # rows of reports written before they were kept
     # Seed-major: after the first pass every setting has one seed, so a partial study is usable.
     runs = [(share, None) for share in shares] + [(0.0, name) for name in settings]
     for seed in seeds:

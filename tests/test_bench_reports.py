@@ -550,3 +550,69 @@ def test_forgetting_study_reuses_reports_measured_with_the_same_settings(
     assert bench_forgetting.main(argv) == 0 and len(calls) == 4
     assert bench_forgetting.main(argv) == 0 and len(calls) == 4  # all reused
     assert bench_forgetting.main([*argv, "--limit", "50"]) == 0 and len(calls) == 8  # new settings
+
+
+def test_forgetting_intervals_over_examples_and_seeds(tmp_path):
+    """With per-example rows (attached from the run folder's stage results), the seeded settings get
+    means over seeds with bootstrap intervals; the means are the reports' own numbers, the new tasks
+    are compared with no protection, and the target needs the interval's upper end ≤ 2."""
+    import json
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+
+    def rows(p):  # 60 examples right with probability p, as accuracy per row (0 or 100)
+        return {"kind": "mean", "values": list(100.0 * (rng.random(60) < p))}
+
+    def rep(name, drop, new):  # stage-1 tasks lose `drop`; the new tasks reach `new`
+        run = tmp_path / name
+        (run / "eval").mkdir(parents=True)
+        scores = {"stage1": [0.8, 0.6, 0.5, 0.0, 0.1], "stage2": [0.8 - drop, 0.6, 0.5, new, new]}
+        matrix = []
+        for st, ps in scores.items():
+            res = {t: {"per_example": rows(p)} for t, p in zip(TASKS, ps)}
+            (run / "eval" / f"stage-{st}-validation.json").write_text(json.dumps({"tasks": res}))
+            matrix.append([float(np.mean(res[t]["per_example"]["values"])) for t in TASKS])
+        forg = {t: matrix[0][i] - matrix[1][i] for i, t in enumerate(TASKS[:3])}
+        return bench_forgetting.attach_rows(
+            {
+                "tasks": list(TASKS),
+                "stages": ["stage1", "stage2"],
+                "learned_at": {t: "stage1" if i < 3 else "stage2" for i, t in enumerate(TASKS)},
+                "matrix": matrix,
+                "forgetting": forg,
+                "average_forgetting": float(np.mean(list(forg.values()))),
+                "backward_transfer": -float(np.mean(list(forg.values()))),
+                "final_average": float(np.mean(matrix[1])),
+                "run": str(run),
+                "split": "validation",
+                "train_seconds": 100.0 if name.startswith("none") else 110.0,
+            }
+        )
+
+    reports = {
+        **{f"none_s{s}": rep(f"none_s{s}", 0.4, 0.7) for s in (1, 2, 3)},
+        **{f"replay_s{s}": rep(f"replay_s{s}", 0.0, 0.7) for s in (1, 2, 3)},
+        **{f"ewc_s{s}": rep(f"ewc_s{s}", 0.0, 0.3) for s in (1, 2)},
+    }
+    assert set(reports["none_s1"]["rows"]) == {"stage1", "stage2"}
+    st = bench_forgetting.forgetting_stats(reports, resamples=200)
+    assert st["old_tasks"] == list(TASKS[:3]) and st["new_tasks"] == list(TASKS[3:])
+    none, replay, ewc = (st["settings"][g] for g in ("none", "replay", "ewc"))
+    assert (none["seeds"], ewc["seeds"]) == (3, 2)
+    want = np.mean([reports[f"none_s{s}"]["average_forgetting"] for s in (1, 2, 3)])
+    assert none["avg_forgetting"]["mean"] == pytest.approx(want)
+    for r in (none, replay, ewc):
+        for k in ("avg_forgetting", "losses_only", "bwt", "final_mean"):
+            assert r[k]["low"] <= r[k]["mean"] <= r[k]["high"]
+    assert none["avg_forgetting"]["low"] > 5 and none["bwt"]["high"] < 0  # 0.4 of SST-2 lost
+    assert none[f"vs_none:{TASKS[3]}"] == {"mean": 100.0, "low": 100.0, "high": 100.0}
+    assert ewc[f"vs_none:{TASKS[3]}"]["high"] < 95  # EWC starves the new tasks here
+    text = bench_forgetting.ci_table(reports)
+    assert "| EWC | 2 |" in text and "new tasks) | 1.10× |" in text
+    assert "| none | 3 |" in text and "| 100.0 % [100.0, 100.0] |" in text
+    assert "| none | 3 |" in text
+    # without rows (a report from before, or a lost run folder) the plain mean ± sd table is kept
+    bare = {k: {kk: v for kk, v in r.items() if kk != "rows"} for k, r in reports.items()}
+    assert bench_forgetting.ci_table(bare) == ""
