@@ -113,6 +113,25 @@ SYSTEMS: tuple[System, ...] = (
         overrides=(("train.loss_balancing", "equal"),),
     ),
     System("bf16", "ours", "multi, bf16 autocast", overrides=(("train.mixed_precision", "bf16"),)),
+    # Against interference in joint training (issue 16's joint table: none = multi).
+    System(
+        "uncertainty",
+        "ours",
+        "multi, uncertainty loss weighting (Kendall et al.)",
+        overrides=(("train.loss_balancing", "uncertainty"),),
+    ),
+    System(
+        "gradnorm",
+        "ours",
+        "multi, GradNorm loss weighting",
+        overrides=(("train.loss_balancing", "gradnorm"),),
+    ),
+    System(
+        "pcgrad",
+        "ours",
+        "multi, PCGrad gradient surgery",
+        overrides=(("train.gradient_surgery", "pcgrad"),),
+    ),
     # Evaluation settings of trained runs (no training of their own).
     System(
         "multi_constrained",
