@@ -276,3 +276,13 @@ def test_eval_skips_rows_the_template_cannot_render(tmp_path):
     assert [ex.record.meta["row_id"] for ex in examples] == ["0"] and rows.skipped == 1
     assert rows.problems[-1].format().startswith(f"{f}:2: this row fails to render")
     assert rows.location(0) == (str(f), 1)  # kept rows keep their file's row numbers
+    # and the predictions name them: a row after a skipped one keeps its own line
+    first = f.read_text(encoding="utf-8").splitlines()[0]
+    f.write_text(f.read_text(encoding="utf-8") + "\n" + first.replace('"1"', '"3"') + "\n")
+    task = EvalTask(
+        "qa_squad",
+        catalogue.load_task("qa_squad"),
+        SourceConfig(path=str(f), splits={"validation": "squad"}),
+    )
+    examples, _ = load_examples(task, "validation", None, bad_rows="skip")
+    assert [ex.source for ex in examples] == [f"{f}:1", f"{f}:4"]

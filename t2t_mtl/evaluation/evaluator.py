@@ -100,6 +100,7 @@ class Example:
     gold: str | list[str] | None  # label: the choice; span/text: alternatives; entities: tags
     tokens: list[str] | None = None
     key: str | None = None  # fingerprint of the source row (`confidence.row_key`)
+    source: str | None = None  # where the row is: "file:line" (JSONL/CSV) or "file-or-hub-id:row"
 
 
 def pick_variant(tpl: Task, variant: str | None) -> tuple[str | None, Problem | None]:
@@ -259,7 +260,8 @@ def examples_from_rows(
 
     A row the template cannot render is a bad row: with `bad_rows="skip"` it is counted in
     `rows.skipped` and its problem appended to `rows.problems`. A record's `row_id` is its row's
-    index in `rows`, so `rows.location(int(row_id))` names the row in the user's file.
+    index in `rows`; the Example's `source` names the row in the user's file (`rows.location`), and
+    travels into the predictions file next to `row_id`.
     """
     out = []
     for i in range(len(rows)):
@@ -273,7 +275,12 @@ def examples_from_rows(
             rows.problems.append(e.problems[-1])
             continue
         toks = _tokens(tpl, row) if tpl.parse == "entities" else None
-        out.append(Example(rec, gold_for(tpl, row, rec, toks), toks, confidence.row_key(row)))
+        file, line = rows.location(i) if hasattr(rows, "location") else (tpl.name, i + 1)
+        out.append(
+            Example(
+                rec, gold_for(tpl, row, rec, toks), toks, confidence.row_key(row), f"{file}:{line}"
+            )
+        )
     return out
 
 
@@ -368,6 +375,7 @@ def score_task(
         rows.append(
             {
                 "row_id": ex.record.meta.get("row_id"),
+                "source": ex.source,
                 "raw": raw,
                 "prediction": pred
                 if tpl.parse != "entities"
