@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_forgetting.py [DATA_DIR] [--replay 0,0.1,0.3]
         [--settings none,replay,replay_balanced,ewc,replay_ewc,freeze] [--seeds 1,2,3]
         [--share 0.1] [--ewc-lambda 1000] [--ewc-samples 100] [--freeze-layers=-15,-1]
-        [--stage-steps 100] [--batch-size 8] [--per-task 200] [--stage2-lr LR] [--limit 100]
+        [--stage-steps 100] [--batch-size 8] [--per-task 200] [--stage2-lr LR] [--limit 300]
         [--work runs/bench_forgetting] [--out bench/results/forgetting.json] [--doc docs/benchmarks.md]
         [--no-doc]
 
@@ -159,7 +159,9 @@ def one_setting(
     if rep_path.is_file():
         return attach_rows(json.loads(rep_path.read_text(encoding="utf-8")))
     log(f"scoring every stage of {cfg.run_name}")
-    rep, path = forgetting_run(run_dir, split="validation", limit=args.limit, progress=False)
+    rep, path = forgetting_run(
+        run_dir, split="validation", limit=args.limit, progress=False, learned_only=True
+    )
     for ext in (
         ".json",
         ".md",
@@ -215,25 +217,28 @@ def forgetting_stats(reports: dict, resamples: int | None = None) -> dict:
     old = [t for t in tasks if learned.get(t, last) < last]
     new = [t for t in tasks if learned.get(t) == last]
     owners = [(g, seed) for g, by in groups.items() for seed in sorted(by, key=int)]
-    boot: dict[str, np.ndarray] = {}  # task -> (runs, stages, resamples)
-    point: dict[str, np.ndarray] = {}  # task -> (runs, stages)
+    # Per task, the stages from the one that trained it on (what forgetting and BWT read; the
+    # cells before it may be empty: `forgetting_run(learned_only=True)`).
+    boot: dict[str, np.ndarray] = {}  # task -> (runs, its stages, resamples)
+    point: dict[str, np.ndarray] = {}  # task -> (runs, its stages)
     for t in tasks:
+        own = stages[learned.get(t, last) :]
         flat = [
             confidence.RowStats.from_json(groups[g][seed]["rows"][st][t])
             for g, seed in owners
-            for st in stages
+            for st in own
         ]
         b = confidence.bootstrap(flat, resamples=resamples, seed=confidence.task_seed(0, t))
-        boot[t] = b.reshape(len(owners), len(stages), resamples)
-        point[t] = np.array([x.point() for x in flat]).reshape(len(owners), len(stages))
+        boot[t] = b.reshape(len(owners), len(own), resamples)
+        point[t] = np.array([x.point() for x in flat]).reshape(len(owners), len(own))
 
-    def measures(score):  # score[t]: (runs, stages, ...) -> name -> (runs, ...)
-        fin = {t: score[t][:, last] for t in tasks}
-        forg = {t: score[t][:, learned[t] : last].max(axis=1) - fin[t] for t in old}
+    def measures(score):  # score[t]: (runs, its stages, ...) -> name -> (runs, ...)
+        fin = {t: score[t][:, -1] for t in tasks}
+        forg = {t: score[t][:, :-1].max(axis=1) - fin[t] for t in old}
         out = {
             "avg_forgetting": np.mean([forg[t] for t in old], axis=0),
             "losses_only": np.mean([np.maximum(forg[t], 0.0) for t in old], axis=0),
-            "bwt": np.mean([fin[t] - score[t][:, learned[t]] for t in old], axis=0),
+            "bwt": np.mean([fin[t] - score[t][:, 0] for t in old], axis=0),
             "final_mean": np.mean([fin[t] for t in tasks], axis=0),
         }
         out.update({f"final:{t}": fin[t] for t in new})
@@ -282,14 +287,15 @@ def section(results: dict, doc: Path) -> str:
         f"Stage 1: SST-2, SICK, SQuAD; stage 2: CoNLL-2003, SciTLDR; {st['stage_steps']} steps × "
         f"{st['batch_size']} examples per stage, default recipe (embedded SmolLM2-135M-Instruct, LoRA r16). "
         f"Replay: a reservoir of {st['per_task']} stage-1 records per task makes up the given share of "
-        "stage 2's examples (same budget). Scores: primary metric on the first "
-        f"{st['limit']} validation rows, points. *Average forgetting* = mean over stage-1 tasks of (best "
+        "stage 2's examples (same budget). Scores: primary metric on the first validation rows of "
+        "each task (as many as the table says; the settings with seeds skip the tasks a stage has not "
+        "trained yet, which forgetting and BWT never read), points. *Average forgetting* = mean over stage-1 tasks of (best "
         "score before the last stage − final score); *BWT* = mean of (final − score right after learning).",
         "*Losses only* counts a stage-1 task that improved during stage 2 as 0 instead of as negative "
         "forgetting, so one task's gain cannot hide another's loss.",
-        "| setting (replay share or name) | avg forgetting (stage-1 tasks) | losses only | BWT "
-        "| final mean (5 tasks) "
-        "| target ≤ 2 pts (avg / losses only) |\n|---:|---:|---:|---:|---:|---|",
+        "| setting (replay share or name) | rows per task | avg forgetting (stage-1 tasks) | losses only "
+        "| BWT | final mean (5 tasks) "
+        "| target ≤ 2 pts (avg / losses only) |\n|---:|---:|---:|---:|---:|---:|---|",
     ]
     for key, rep in results["settings_results"].items():
         f, lo = rep.get("average_forgetting"), losses_only(rep)
@@ -299,7 +305,8 @@ def section(results: dict, doc: Path) -> str:
 
         ok = "–" if split_key(key)[0] in ("0", "none") else f"{verdict(f)} / {verdict(lo)}"
         out[-1] += (
-            f"\n| {setting_label(key)} | {common.fmt_score(f)} | {common.fmt_score(lo)} | "
+            f"\n| {setting_label(key)} | {rep.get('limit', '–')} | {common.fmt_score(f)} | "
+            f"{common.fmt_score(lo)} | "
             f"{common.fmt_score(rep.get('backward_transfer'))} | "
             f"{common.fmt_score(rep.get('final_average'))} | {ok} |"
         )
@@ -477,7 +484,9 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="peak learning rate of stage 2 (default: the recipe's train.learning_rate)",
     )
-    ap.add_argument("--limit", type=int, default=100)
+    ap.add_argument(
+        "--limit", type=int, default=300, help="validation rows scored per task (issue 14: >= 300)"
+    )
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench_forgetting"))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "forgetting.json"))
     ap.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks.md"))

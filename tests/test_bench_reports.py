@@ -178,6 +178,7 @@ def test_forgetting_section_reports_target_per_setting(tmp_path):
             "backward_transfer": -f / 3,
             "final_average": 50.0,
             "run": str(tmp_path),
+            "limit": 100,
         }
 
     results = {
@@ -191,10 +192,10 @@ def test_forgetting_section_reports_target_per_setting(tmp_path):
         },
     }
     text = bench_forgetting.section(results, tmp_path / "benchmarks.md")
-    assert "| 0 % | 10.0 | 10.0 | -10.0 | 50.0 | – |" in text
-    assert "| 10 % | 1.0 | 1.0 | -1.0 | 50.0 | met / met |" in text
-    assert "| 30 % | 3.0 | 3.0 | -3.0 | 50.0 | **not met** / **not met** |" in text
-    assert "| 10 %, stage-2 LR 0.0001 | 0.5 | 0.5 | -0.5 | 50.0 | met / met |" in text
+    assert "| 0 % | 100 | 10.0 | 10.0 | -10.0 | 50.0 | – |" in text
+    assert "| 10 % | 100 | 1.0 | 1.0 | -1.0 | 50.0 | met / met |" in text
+    assert "| 30 % | 100 | 3.0 | 3.0 | -3.0 | 50.0 | **not met** / **not met** |" in text
+    assert "| 10 %, stage-2 LR 0.0001 | 100 | 0.5 | 0.5 | -0.5 | 50.0 | met / met |" in text
     assert (
         bench_forgetting.setting_key(0.1, 1e-4) == "10_lr0.0001"
         and bench_forgetting.setting_key(0.3, None) == "30"
@@ -283,8 +284,8 @@ def test_forgetting_named_settings_and_seeds(tmp_path):
     text = bench_forgetting.section(results, tmp_path / "benchmarks.md")
     assert "| EWC | 2 | 2.0 ± 1.4 | 2.0 ± 1.4 | -1.5 ± 0.7 | 50.0 ± 0.0 |" in text
     assert "| none | 1 | 9.0 ± 0.0 |" in text
-    assert "| EWC, seed 2 | 3.0 | 3.0 | -2.0 | 50.0 | **not met** / **not met** |" in text
-    assert "| none, seed 1 | 9.0 | 9.0 | 0.0 | 50.0 | – |" in text
+    assert "| EWC, seed 2 | – | 3.0 | 3.0 | -2.0 | 50.0 | **not met** / **not met** |" in text
+    assert "| none, seed 1 | – | 9.0 | 9.0 | 0.0 | 50.0 | – |" in text
     assert "`ewc: {lambda: 1000, samples: 100}`" in text
     assert "**Setting: EWC, seed 1** — scores after each stage:" in text
 
@@ -571,9 +572,19 @@ def test_forgetting_intervals_over_examples_and_seeds(tmp_path):
         scores = {"stage1": [0.8, 0.6, 0.5, 0.0, 0.1], "stage2": [0.8 - drop, 0.6, 0.5, new, new]}
         matrix = []
         for st, ps in scores.items():
-            res = {t: {"per_example": rows(p)} for t, p in zip(TASKS, ps)}
+            # stage 1 scores only what it trained (`learned_only`), stage 2 every task
+            res = {
+                t: {"per_example": rows(p)}
+                for t, p in zip(TASKS, ps)
+                if st == "stage2" or t in TASKS[:3]
+            }
             (run / "eval" / f"stage-{st}-validation.json").write_text(json.dumps({"tasks": res}))
-            matrix.append([float(np.mean(res[t]["per_example"]["values"])) for t in TASKS])
+            matrix.append(
+                [
+                    float(np.mean(res[t]["per_example"]["values"])) if t in res else None
+                    for t in TASKS
+                ]
+            )
         forg = {t: matrix[0][i] - matrix[1][i] for i, t in enumerate(TASKS[:3])}
         return bench_forgetting.attach_rows(
             {

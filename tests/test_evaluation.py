@@ -453,6 +453,16 @@ def test_forgetting_cli_on_a_staged_run(run_dir, capsys):
     )
     assert (run_dir / "eval" / "forgetting-rank.png").read_bytes()[:4] == b"\x89PNG"
     assert "average forgetting" in capsys.readouterr().out
+    # learned_only: a stage's bundle skips the tasks not trained yet; forgetting and BWT unchanged
+    from t2t_mtl.evaluation.run_eval import forgetting_run
+
+    short, _ = forgetting_run(run_dir, limit=2, mode="rank", progress=False, learned_only=True)
+    first = [t for t in rep["tasks"] if rep["learned_at"].get(t) == "first"]
+    later = [t for t in rep["tasks"] if t not in first]
+    assert later and all(short["matrix"][0][rep["tasks"].index(t)] is None for t in later)
+    assert short["matrix"][1] == rep["matrix"][1]
+    assert short["forgetting"] == rep["forgetting"]
+    assert short["backward_transfer"] == rep["backward_transfer"]
 
 
 # ------------------------------------------------------------------ forgetting math and reports

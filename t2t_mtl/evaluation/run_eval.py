@@ -168,11 +168,16 @@ def forgetting_run(
     variant: str | None = None,
     progress: bool = True,
     trust_remote_code: bool = False,
+    learned_only: bool = False,
 ) -> tuple[dict, Path]:
     """Forgetting report of a staged run: evaluate every `stages/<stage>/adapter` bundle on every task
     (and, `with_base`, the base model for forward transfer); write `RUN/eval/forgetting.{json,md,png}`
     and each stage's results as `RUN/eval/stage-<stage>-<split>.json` (`-<mode>`/`-<variant>` appended
     to both names when given). Returns (report, json path).
+
+    `learned_only`: a stage's bundle skips the tasks no stage up to it has trained (their cells stay
+    empty): forgetting and backward transfer never read them, so a study that needs only those saves
+    their evaluations; forward transfer (which does read them) is then not reported.
     """
     run = Run.load(run_dir)
     split = split or run.cfg.eval.split
@@ -202,11 +207,11 @@ def forgetting_run(
         for t in stage_tasks.get(s, []):
             learned.setdefault(t, i)
     matrix, metric_names = [], {}
-    for s, bundle in bundles:
+    for i, (s, bundle) in enumerate(bundles):
         res = evaluate_bundle(
             run,
             bundle,
-            ets,
+            [t for t in ets if not learned_only or learned.get(t.name, 0) <= i],
             split=split,
             limit=limit,
             progress=progress,
@@ -214,7 +219,7 @@ def forgetting_run(
         )
         res["title"] = f"{run.name}: after stage {s} ({split})"
         write_results(res, run.eval_dir, f"stage-{s}-{split}{suffix}")
-        matrix.append([res["tasks"][n].get("primary") for n in names])
+        matrix.append([res["tasks"].get(n, {}).get("primary") for n in names])
         metric_names.update(
             {
                 n: metrics.MAIN_KEY[e["primary_metric"]]
@@ -223,7 +228,7 @@ def forgetting_run(
             }
         )
     base = None
-    if with_base:
+    if with_base and not learned_only:
         res = evaluate_bundle(
             run,
             bundles[0][1],
