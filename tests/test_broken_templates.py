@@ -117,7 +117,10 @@ def test_bad_rows_skip_counts_them_on_stderr(capsys):
     recs = [json.loads(ln) for ln in out.splitlines()]
     assert [r["input"] for r in recs] == ["fine film", "good again"]  # the only two good rows
     data = BROKEN / "data" / "rows_task" / "train.jsonl"
-    assert f"rows_task/train: 7 bad rows skipped (first: {data}:5: not valid JSON" in err
+    assert (
+        f"rows_task/train: 7 bad rows skipped (first: {data}:2: label 'neutral' not in answer_choices"
+        in err
+    )
 
 
 def test_bad_rows_blank_lines_keep_line_numbers(capsys):
@@ -151,7 +154,7 @@ def test_bad_csv_rows_count_the_header(tmp_path, capsys):
     _, err = capsys.readouterr()
     assert rc == 2
     assert f"{f}:3: label 'neutral' not in answer_choices" in err
-    assert f"{f}:4: missing field 'text'" in err  # empty CSV cell reads as null
+    assert f"{f}:4: field 'text' is empty in this row (column 'txt')" in err  # an empty CSV cell
 
 
 def test_bad_csv_rows_after_multiline_fields_name_the_right_line(tmp_path, capsys):
@@ -286,3 +289,83 @@ def test_eval_skips_rows_the_template_cannot_render(tmp_path):
     )
     examples, _ = load_examples(task, "validation", None, bad_rows="skip")
     assert [ex.source for ex in examples] == [f"{f}:1", f"{f}:4"]
+
+
+def test_list_and_int_fields_from_formats_that_cannot_store_them(tmp_path):
+    """A CSV cell is text: a list field's cell holding a JSON array is read as that list, and any
+    other text gets a hint saying how to write one; a whole-number float (pandas' nullable int
+    column) is read as an int; a null in a column the row has is "empty", not "missing"."""
+    import csv
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from t2t_mtl.core.config import SourceConfig
+    from t2t_mtl.tasks import catalogue, sources
+
+    f = tmp_path / "train.csv"
+    with open(f, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["tokens", "ner_tags"])
+        w.writerow([json.dumps(["EU", "rejects", "German"]), json.dumps(["B-ORG", "O", "B-MISC"])])
+        w.writerow(["EU rejects", "B-ORG O"])
+    tpl = catalogue.load_task("ner_conll2003")
+    rows = sources.load_rows(tpl, SourceConfig(path=str(f)), "train", bad_rows="skip")
+    assert len(rows) == 1 and rows[0]["tokens"] == ["EU", "rejects", "German"]
+    assert rows[0]["ner_tags"] == ["B-ORG", "O", "B-MISC"]
+    first = rows.problems[0].format()
+    assert first.startswith(f"{f}:3: field 'tokens' should be a list, got str 'EU rejects'")
+    assert "write it as a JSON array" in first
+
+    from t2t_mtl.tasks.task import load_task_file
+
+    (tmp_path / "stars.yaml").write_text(INT_TEMPLATE, encoding="utf-8")
+    tpl = load_task_file(tmp_path / "stars.yaml")
+    p = tmp_path / "train.parquet"
+    pq.write_table(pa.table({"text": ["a", "b", None], "stars": [2.0, None, 1.0]}), p)
+    rows = sources.load_rows(tpl, SourceConfig(path=str(p)), "train", bad_rows="skip")
+    assert [r["stars"] for r in rows] == [2] and isinstance(rows[0]["stars"], int)
+    assert [x.format().split(" (")[0] for x in rows.problems] == [
+        f"{p}:2: field 'stars' is empty in this row",
+        f"{p}:3: field 'text' is empty in this row",
+    ]
+
+
+INT_TEMPLATE = """\
+name: stars
+task_type: generation
+version: 1
+fields: {text: str, stars: int}
+variants:
+  - id: v
+    instruction: "How many stars?"
+    input: "{{ text }}"
+    output: "{{ stars }}"
+metric: [rouge]
+parse: text
+"""
+
+
+def test_a_field_from_an_include_that_the_rows_lack_names_the_include(tmp_path):
+    """A label task that includes the shared label snippet and names its own label field still has
+    the snippet's `label` field: the missing-field message says where that field comes from and
+    which column to map onto it."""
+    from t2t_mtl.tasks import sources
+    from t2t_mtl.tasks.task import load_task_file
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text(
+        '{"review": "great food", "mood": "good"}\n', encoding="utf-8"
+    )
+    (tmp_path / "mood.yaml").write_text(
+        "name: mood\ntask_type: classification\nversion: 1\ninclude: _shared/label_task.yaml\n"
+        "source: {path: data}\nfields: {review: str, mood: label}\nlabel_field: mood\n"
+        "answer_choices: [good, bad]\nvariants:\n"
+        '  - {id: v, instruction: "Mood?", input: "{{ review }}", output: "{{ mood }}"}\n',
+        encoding="utf-8",
+    )
+    tpl = load_task_file(tmp_path / "mood.yaml")
+    rows = sources.load_rows(tpl, None, "train", bad_rows="skip")
+    msg = rows.problems[0].format()
+    assert "missing field 'label'" in msg and "declared in label_task.yaml" in msg
+    assert "columns: {mood: label}" in msg

@@ -314,11 +314,12 @@ def test_render_shortens_an_overlong_input_as_training_does(run_dir, tmp_path, c
     pred, _, _ = _training_prompts(run_dir, "sentiment_sst2", 1)
     long = " ".join(["a truly remarkable and moving film"] * 200)
     rows = tmp_path / "rows.jsonl"
-    rows.write_text(json.dumps({"text": long, "id": 7}) + "\n" + '{"txt": "x"}\n')
+    rows.write_text(json.dumps({"text": long, "id": 7}) + "\n" + '{"txt": "x"}\n{"text": "  "}\n')
     argv = ["render", "--run", str(run_dir), "--task", "sentiment_sst2", "--input", str(rows)]
     assert main([*argv, "--format", "text"]) == 2  # a bad row: nothing written (default fail)
     err = capsys.readouterr().err
     assert f"{rows}:2: missing field 'text'" in err
+    assert f"{rows}:3: empty text in field 'text'" in err  # as training rejects it
     assert main([*argv, "--format", "text", "--bad-rows", "skip"]) == 0
     (text,) = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     rec = pred.render("sentiment_sst2", {"text": long})

@@ -414,6 +414,8 @@ def test_user_template_picked_up_via_env_var(tmp_path, monkeypatch, capsys):
         "my_tsk: no such template file, folder or task name (did you mean 'my_task'?)"
         in capsys.readouterr().err
     )
+    assert main(["validate", "my_task", "train.steps=3"]) == 2  # an override is not a template
+    assert "validate takes templates, not key=value overrides" in capsys.readouterr().err
 
 
 def test_name_clash_between_folders(tmp_path, monkeypatch, capsys):

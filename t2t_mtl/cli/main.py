@@ -52,7 +52,7 @@ def add_validate(sub) -> None:
         "printed on stderr as `file:line: message (hint)`, then a summary line (also stderr); "
         "stdout stays empty. Exit 0 when everything is valid, 2 otherwise. --oracle also gives "
         "every row's own gold output back as the answer, through evaluation's parse and metric: "
-        "a task that cannot score 100 with 0 %% invalid on its own data is a problem (exit 2), "
+        "a task that cannot score 100 with 0 % invalid on its own data is a problem (exit 2), "
         "listed with the rows that fail (file:row, gold output, what it parsed as).",
     )
     p.add_argument(

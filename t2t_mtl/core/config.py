@@ -699,6 +699,10 @@ class _OverrideLocated(yaml_lines.Located):
             ov = self.overridden.get(path[:n])
             if ov is not None:
                 return Problem("<override>", None, f"{ov}: {message}", hint)
+        if path and path not in self.lines:  # a key no file holds: an override created it
+            for key, ov in self.overridden.items():  # (`trian.steps=3` made `trian`)
+                if key[: len(path)] == path:
+                    return Problem("<override>", None, f"{ov}: {message}", hint)
         return super().problem(path, message, hint)
 
 

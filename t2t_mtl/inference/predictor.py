@@ -281,6 +281,14 @@ class Predictor:
                     and not isinstance(row[f], _TYPES.get(spec.type, object))
                 ):
                     bad.append(f"field '{f}' should be {spec.type}, got {type(row[f]).__name__}")
+                elif (  # as training's rows: a required text may not be empty
+                    spec is not None
+                    and spec.type == "str"
+                    and spec.required
+                    and isinstance(row.get(f), str)
+                    and not row[f].strip()
+                ):
+                    bad.append(f"empty text in field '{f}'")
             if tpl.parse == "entities" and not bad and not isinstance(row.get("tokens"), list):
                 bad.append(
                     "missing field 'tokens' (the sentence's tokens, needed to align entities)"

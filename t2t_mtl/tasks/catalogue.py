@@ -343,7 +343,10 @@ def _check_one(path: Path, trial: bool, cfg: RunConfig | None) -> tuple[list[Pro
                 "it a source; --no-trial skips the trial render",
             )
         ], []
-    return problems + trial_render(tpl, trials=trials), trials
+    found = trial_render(tpl, trials=trials)
+    if tpl.source_missing is not None:  # nothing was rendered on a source that is not there
+        trials = [t for t in trials if t.kind != "source"]
+    return problems + found, trials
 
 
 def check_targets(
@@ -403,7 +406,10 @@ def target_files(
                         t,
                         None,
                         "no such template file, folder or task name",
-                        did_you_mean(t, find_task_files(extra_dirs)),
+                        "validate takes templates, not key=value overrides (train and mix take "
+                        "those)"
+                        if "=" in t
+                        else did_you_mean(t, find_task_files(extra_dirs)),
                     )
                 )
     return files, problems

@@ -12,6 +12,7 @@ of a field not called (`{{ text.upper }}`) or a function not called (`{{ range }
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from collections.abc import Sequence
@@ -141,9 +142,17 @@ def resolve_data_path(p: str, template_path: Path, data_dirs: Sequence[Path] = (
 
 def tried(p: str, template_path: Path, data_dirs: Sequence[Path] = ()) -> str:
     """The hint of a path not found: every candidate that was tried."""
-    cands = data_path_candidates(p, template_path, data_dirs)
-    cands = (os.path.normpath(c.absolute()) for c in cands)
-    return "tried: " + ", ".join(dict.fromkeys(cands))
+    found = data_path_candidates(p, template_path, data_dirs)
+    cands = (os.path.normpath(c.absolute()) for c in found)
+    out = "tried: " + ", ".join(dict.fromkeys(cands))
+    near = []  # a near miss next to any candidate (`dose_spam` for `dose_spans`)
+    for c in found:
+        if c.parent.is_dir():
+            names = [x.name for x in c.parent.iterdir()]
+            near += difflib.get_close_matches(c.name, names, n=1, cutoff=0.75)
+    if near:
+        out += f"; did you mean '{Path(p).parent / near[0]}'?"
+    return out
 
 
 # ------------------------------------------------------------------ static checks

@@ -264,10 +264,18 @@ def _scan_jsonl(file: Path, problems: list[tuple[str, int, str]]) -> _Backend:
                 ln = ln.lstrip("\ufeff")  # a byte-order mark written by some editors
             if not ln.strip():
                 continue
+            text = ln.rstrip(
+                "\r\n"
+            )  # else an unclosed object is "wrong" at the next line's column 1
             try:
-                obj = json.loads(ln)
+                obj = json.loads(text)
             except json.JSONDecodeError as e:
-                problems.append((str(file), n, f"not valid JSON: {e.msg} (column {e.colno})"))
+                where = (
+                    'at the end of the line: a closing } or " is missing'
+                    if e.pos >= len(text.rstrip())
+                    else f"column {e.colno}"
+                )
+                problems.append((str(file), n, f"not valid JSON: {e.msg} ({where})"))
                 continue
             except (ValueError, RecursionError) as e:  # numbers too long, nesting too deep
                 problems.append((str(file), n, f"not valid JSON: {e}"))
@@ -375,10 +383,17 @@ def _csv_records(file: Path | None) -> Iterator[tuple[int, list[str] | None, str
                 yield first, None, f"header: {why}"
             continue
         if not why and len(rec) != len(header):
+            unclosed = len(rec) < len(header) and any("," in x or "\n" in x for x in rec)
             why = (
                 f"has {len(rec)} field{'s' if len(rec) != 1 else ''}, but the header has "
                 f"{len(header)}"
                 + (": quote a field that holds a comma" if len(rec) > len(header) else "")
+                + (
+                    ': a quote (") opened in this record is not closed, so the field runs on '
+                    + (f"to line {prev}" if prev > first else "over the commas after it")
+                    if unclosed
+                    else ""
+                )
             )
         yield first, (None if why else rec), why
 
@@ -577,6 +592,9 @@ def map_row(
     for k, dst in columns.items():
         if k in raw:  # an explicitly renamed column wins over a same-named one
             row[dst] = raw[k]
+    for name, spec in fields.items():
+        if name in row:
+            row[name] = _coerced(row[name], spec.type)
     if (labels or renames) and label_field in row:
         v = row[label_field]
         if isinstance(v, list) and renames:
@@ -589,6 +607,22 @@ def map_row(
             row[label_field] = labels.get(_label_key(v), v)
     present = {k for k in fields if k in row and row[k] is not None}
     return {k: row.get(k) for k in fields}, present
+
+
+def _coerced(v: Any, ftype: str) -> Any:
+    """`v` read as `ftype` where a file format cannot store that type: a list field's text that
+    holds a JSON array (CSV cells are text: `["EU", "rejects"]`), an int field's whole-number
+    float (pandas writes a nullable int column as float: 2.0). Anything else is left for the type
+    check to report."""
+    if ftype.startswith("list") and isinstance(v, str) and v.lstrip().startswith("["):
+        try:
+            parsed = json.loads(v)
+        except ValueError:
+            return v
+        return parsed if isinstance(parsed, list) else v
+    if ftype == "int" and isinstance(v, float) and v.is_integer():
+        return int(v)
+    return v
 
 
 def _tag_problem(name: str, x: Any, tags: list[str] | None) -> tuple[str, str] | None:
@@ -654,7 +688,11 @@ def _type_problem(
         return bad_label(v)
     if ftype in ("list[str]", "list[label]", "list"):
         if not isinstance(v, list):
-            return f"field '{name}' should be a list, got {type(v).__name__}", ""
+            return f"field '{name}' should be a list, got {type(v).__name__} {v!r:.40}", (
+                'write it as a JSON array, e.g. ["EU", "rejects"] (in a CSV cell too)'
+                if isinstance(v, str)
+                else ""
+            )
         for x in v:
             if ftype == "list[str]" and not isinstance(x, str):
                 return f"field '{name}' should hold texts, got {type(x).__name__} {x!r:.40}", ""
@@ -686,7 +724,17 @@ def check_row(
     tagging = bool(getattr(template, "tagging", False))
     for name, spec in template.fields.items():
         if name not in present:
-            if spec.required:
+            src = next((k for k, d in columns.items() if d == name and k in raw), name)
+            if spec.required and src in raw:  # the column is there, this row's value is not
+                out.append(
+                    (
+                        f"field '{name}' is empty in this row"
+                        + (f" (column '{src}')" if src != name else ""),
+                        "fill it in, or leave the row out (--bad-rows skip skips it)",
+                        name,
+                    )
+                )
+            elif spec.required:
                 unmapped = [str(k) for k in raw if k not in columns and k not in template.fields]
                 hint = (
                     "columns in the row: "
@@ -697,6 +745,22 @@ def check_row(
                         else ""
                     )
                 )
+                where = getattr(template, "where", None)
+                origin = where(("fields", name))[0] if where else str(template.path)
+                if origin != str(template.path):  # a field the template did not write itself
+                    hint += (
+                        f"; '{name}' is declared in {Path(origin).name}, which the template "
+                        "includes"
+                    )
+                    free = [str(k) for k in raw if k not in columns]
+                    alike = [  # a column that is a field of the same type (mood: label)
+                        k
+                        for k in free
+                        if k in template.fields and template.fields[k].type == spec.type
+                    ]
+                    if free and not unmapped:  # every column is a field of the template's own
+                        pick = alike[0] if alike else _closest(name, free)
+                        hint += f": map a column to it with columns: {{{pick}: {name}}}"
                 out.append((f"missing field '{name}'", hint, name))
             continue
         p = _type_problem(name, row[name], spec.type, spec.required, labels, tagging)
@@ -885,6 +949,8 @@ def load_rows(
                 break
     if seed is not None:
         keep = array("q", sorted(keep))  # a sample keeps the file's order
+    # In the file's order: lines that cannot be read are found before the rows are checked.
+    problems.sort(key=lambda p: (p.file != backend.desc, p.line or 0))
     if bad and bad_rows == "fail":
         shown = problems[:MAX_SHOWN]
         more = len(problems) - len(shown)
