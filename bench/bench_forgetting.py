@@ -339,6 +339,7 @@ def section(results: dict, doc: Path) -> str:
         if src.is_file():
             img.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, img)
+        if img.is_file():  # copied now, or on the machine that ran it (its run folder is gone)
             lines.append(f"\n![forgetting, {heading(key).lower()}](img/{img.name})")
         out.append("\n".join(lines))
     return "\n\n".join(out)

@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         m = res["machine"]
         body = "\n\n".join(
             [
-                f"Command (repository root): `.venv/bin/{m['command'].strip()}`. Results: `bench/results/precision.json`.",
+                "Command (repository root): `.venv/bin/python bench/bench_precision.py`. Results: "
+                "`bench/results/precision.json`.",
                 common.machine_line(m)
                 + f" CPU flags: {', '.join(res['cpu_flags']) or 'none'}; {res['torch_threads']} torch threads.",
                 f"One forward + backward of the whole embedded SmolLM2-135M-Instruct (all weights, not "
@@ -102,8 +103,9 @@ def main(argv: list[str] | None = None) -> int:
                     for k in times
                 ),
                 f"bf16 autocast is **{res['speedup_bf16']:.2f}x** faster per step here. Speed only: "
-                "whether it changes quality is the `bf16` system of the quality study (not yet run), "
-                "so `train.mixed_precision: auto` keeps float32 on CPUs.",
+                'whether it changes quality is the `bf16` system of the quality study ("Quality '
+                'ablations (dev split)"); until its seeds are in, `train.mixed_precision: auto` keeps '
+                "float32 on CPUs.",
             ]
         )
         common.update_doc(Path(args.doc), SECTION, body)

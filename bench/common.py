@@ -132,11 +132,14 @@ def machine(**extra: Any) -> dict:
 
 
 def machine_line(m: dict) -> str:
-    """One markdown line describing the machine and versions of a results file."""
+    """One markdown line describing the machine and versions of a results file, and the command
+    line the results came from as it was typed (the section's "Command:" is the general form)."""
     dev = f", GPU {m['cuda']}" if m.get("cuda") else ", no GPU"
+    ran = f" Run as: `{m['command'].strip()}`." if m.get("command") else ""
     return (
         f"Machine: {m.get('cpu')}, {m.get('nproc')} cores, {m.get('mem_gib')} GiB{dev}; torch {m.get('torch')}, "
         f"transformers {m.get('transformers')}, peft {m.get('peft')}, trl {m.get('trl')}; measured {m.get('date')}."
+        + ran
     )
 
 
