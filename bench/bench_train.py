@@ -62,7 +62,14 @@ def run_config(data_dir: Path, out_dir: Path, total_steps: int, packing: str = "
     data["tasks"] = common.slice_tasks(data_dir)
     data["output_dir"] = str(out_dir)
     data["train"].update(
-        {"steps": total_steps, "save_steps": 10**6, "resume": "never", "packing": packing}
+        {
+            "steps": total_steps,
+            "save_steps": 10**6,
+            "resume": "never",
+            "packing": packing,
+            # float32 like TRL's side (bf16=False): `auto` would pick bf16 on a CPU with AMX
+            "mixed_precision": "no",
+        }
     )
     return load_config(data=data)
 

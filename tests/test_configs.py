@@ -67,3 +67,20 @@ def test_all_accelerate_setups_are_shipped():
         "cpu_ddp",
         "cpu_fsdp",
     }
+
+
+def test_the_documented_words_work_unquoted_in_a_file_and_as_overrides(tmp_path):
+    """YAML 1.1 reads on/off/yes/no as booleans: `packing: off` in a file or `train.mixed_precision=no`
+    on the command line must still mean the documented choice, not fail as "invalid value False"."""
+    from t2t_mtl.core.config import load_config
+
+    base = REPO / "launch" / "configs" / "tiny_cpu.yaml"
+    cfg = load_config(base, ["train.packing=off", "train.mixed_precision=no"])
+    assert (cfg.train.packing, cfg.train.mixed_precision) == ("off", "no")
+    assert load_config(base, ["train.packing=on"]).train.packing == "on"
+    text = base.read_text(encoding="utf-8").replace(
+        "train:\n", "train:\n  packing: off\n  mixed_precision: no\n", 1
+    )
+    (tmp_path / "c.yaml").write_text(text, encoding="utf-8")
+    cfg = load_config(tmp_path / "c.yaml")
+    assert (cfg.train.packing, cfg.train.mixed_precision) == ("off", "no")

@@ -1206,6 +1206,22 @@ def test_packing_is_checked_on_the_prepared_model_and_falls_back_to_padding(
     assert batches and all("attention_mask" in b for b in batches)
 
 
+def test_runs_of_another_precision_train_one_after_another_in_one_process(
+    tmp_path, tiny_causal_dir
+):
+    """accelerate's process-wide state fixes the mixed precision at the first Accelerator: a float32
+    run, then a bf16 one, then float32 again in one process (a notebook, the quality study) each get
+    their own, with no ValueError."""
+    from accelerate.state import AcceleratorState
+
+    for i, mp in enumerate(("no", "bf16", "no")):
+        cfg = make_cfg(
+            tmp_path / f"r{i}", tiny_causal_dir, "train.steps=1", f"train.mixed_precision={mp}"
+        )
+        trainer.train(cfg)
+        assert AcceleratorState._shared_state["_mixed_precision"] == mp
+
+
 def test_mixed_precision_auto_follows_accelerate_launch_else_float32_on_cpu(monkeypatch):
     cfg = load_config(REPO / "launch/configs/tiny_cpu.yaml")
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)

@@ -370,6 +370,9 @@ def _convert(
         return None
     if origin is Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no unquoted as booleans
+            words = ("on", "yes", "true") if value else ("off", "no", "false")
+            value = next((w for w in words if w in choices), value)
         if value not in choices:
             problems.append(
                 loc.problem(

@@ -152,6 +152,19 @@ def _end_distributed() -> None:
             dist.destroy_process_group()
 
 
+def _fresh_accelerator_state(mixed: str) -> None:
+    """Let a second run in the same single process train with another precision: accelerate keeps
+    one process-wide state whose mixed precision cannot change (a ValueError at `Accelerator()`),
+    so a notebook or a benchmark that trains a float32 run and then a bf16 one would fail. Only a
+    single process: under a launcher the state is the launcher's and is never reset."""
+    from accelerate.state import AcceleratorState
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or not AcceleratorState._shared_state:
+        return
+    if str(AcceleratorState._shared_state.get("_mixed_precision", mixed)) != mixed:
+        AcceleratorState._reset_state()
+
+
 class _Trainer:
     """One training run: the prepared model and everything that lives across stages.
 
@@ -191,10 +204,12 @@ class _Trainer:
             self.tr.report_to, Path(self.cfg.output_dir).expanduser()
         )
         preflight.deepspeed_launch_env(self.cfg)
+        mixed = preflight.mixed_precision(self.cfg)
+        _fresh_accelerator_state(mixed)
         self.acc = Accelerator(
             gradient_accumulation_steps=self.tr.grad_accum,
             cpu=preflight.cpu_processes(),
-            mixed_precision=preflight.mixed_precision(self.cfg),
+            mixed_precision=mixed,
             kwargs_handlers=_ddp_kwargs(self.cfg),
             log_with=log_with or None,
             project_config=project,
