@@ -112,7 +112,12 @@ SYSTEMS: tuple[System, ...] = (
         "multi, each task's token-mean loss weighted equally",
         overrides=(("train.loss_balancing", "equal"),),
     ),
-    System("bf16", "ours", "multi, bf16 autocast", overrides=(("train.mixed_precision", "bf16"),)),
+    System(
+        "fp32",
+        "ours",
+        "multi in float32 (multi trains in bf16 where auto picks it: GPUs, CPUs with AMX-BF16)",
+        overrides=(("train.mixed_precision", "no"),),
+    ),
     # Against interference in joint training (issue 16's joint table: none = multi).
     System(
         "uncertainty",
@@ -140,13 +145,20 @@ SYSTEMS: tuple[System, ...] = (
         eval_of="multi",
         constrained=True,
     ),
+    System(
+        "fp32_constrained",
+        "ours",
+        "fp32's runs, constrained decoding (eval_mode: constrained)",
+        eval_of="fp32",
+        constrained=True,
+    ),
 )
 BY_NAME = {s.name: s for s in SYSTEMS}
 DEFAULT_SYSTEMS = {
     "validation": ("base", "multi", "trl_hand", "trl_ours")
     + tuple(f"single_{t}" for t in TASKS)
     + ("multi_equal",),
-    "dev": ("multi", "trl_ours", "no_packing", "once_each", "no_dropout", "bf16"),
+    "dev": ("multi", "trl_ours", "no_packing", "once_each", "no_dropout", "fp32"),
 }
 
 

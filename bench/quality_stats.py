@@ -60,12 +60,14 @@ def study_stats(results: dict, pairs: list[tuple[str, str]] | None = None) -> di
         systems["single"] = single
     # An evaluation setting of another system's runs (`eval_of`) scores the same trained models:
     # its seeds are drawn together with theirs when both have the same seeds.
-    linked = {}
+    linked, sources = {}, {}
     for name, runs in results["runs"].items():
         src = next((i.get("eval_of") for i in runs.values() if i.get("eval_of")), None)
-        if src in systems and name in systems and seeds_of.get(src) == seeds_of.get(name):
-            linked[name] = src
-    return bootstrap(systems, pairs or default_pairs(list(systems)), linked=linked)
+        if src in systems and name in systems:
+            sources[name] = src  # compared with the system whose runs it evaluates
+            if seeds_of.get(src) == seeds_of.get(name):
+                linked[name] = src
+    return bootstrap(systems, pairs or default_pairs(list(systems), sources), linked=linked)
 
 
 def bootstrap(
@@ -139,14 +141,16 @@ def bootstrap(
     return out
 
 
-def default_pairs(names: list[str]) -> list[tuple[str, str]]:
-    """The differences the study reports: ours against each baseline and each ablation."""
+def default_pairs(names: list[str], sources: dict[str, str] | None = None) -> list[tuple[str, str]]:
+    """The differences the study reports: ours against each baseline and each ablation; an
+    evaluation setting of another system's runs (`sources`: setting -> that system) against it."""
+    sources = sources or {}
     pairs = [("multi", x) for x in ("trl_hand", "trl_ours", "base") if x in names]
     pairs += [("trl_ours", "trl_hand")] if {"trl_ours", "trl_hand"} <= set(names) else []
     if "multi_equal" in names:
         pairs.append(("multi_equal", "single"))
     pairs += [
-        (x, "multi")
+        (x, sources.get(x, "multi"))
         for x in names
         if x not in ("multi", "base", "single")
         and not x.startswith(("trl", "single_", "multi_equal"))

@@ -85,7 +85,8 @@ def test_eval_rank_scores_match_old_code(old):
     before = jsonl(run / "eval" / "old-rank.predictions.jsonl")
     assert len(new) == len(before) == 8
     for a, b in zip(new, before):
-        assert {k: v for k, v in a.items() if k != "scores"} == {
+        assert a["source"].endswith(".jsonl:" + str(int(a["row_id"]) + 1))  # added since: file:line
+        assert {k: v for k, v in a.items() if k not in ("scores", "source")} == {
             k: v for k, v in b.items() if k != "scores"
         }
         assert a.get("scores", {}).keys() == b.get("scores", {}).keys()

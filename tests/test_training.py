@@ -1222,10 +1222,22 @@ def test_runs_of_another_precision_train_one_after_another_in_one_process(
         assert AcceleratorState._shared_state["_mixed_precision"] == mp
 
 
-def test_mixed_precision_auto_follows_accelerate_launch_else_float32_on_cpu(monkeypatch):
+def test_mixed_precision_auto_follows_accelerate_launch_else_the_hardware(monkeypatch, tmp_path):
     cfg = load_config(REPO / "launch/configs/tiny_cpu.yaml")
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
-    assert preflight.mixed_precision(cfg) == ("bf16" if torch.cuda.is_available() else "no")
+    if not torch.cuda.is_available():  # a CPU: bf16 where it has bf16 matrix units
+        for flag, want in (("1", "bf16"), ("0", "no")):
+            monkeypatch.setenv(preflight.CPU_BF16_ENV, flag)
+            assert preflight.mixed_precision(cfg) == want
+        monkeypatch.delenv(preflight.CPU_BF16_ENV)
+        flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+        amx = any(ln.startswith("flags") and "amx_bf16" in ln.split() for ln in flags.splitlines())
+        assert preflight.mixed_precision(cfg) == ("bf16" if amx else "no")
+        monkeypatch.setenv(preflight.CPU_BF16_ENV, "0")
+    else:
+        assert preflight.mixed_precision(cfg) == (
+            "bf16" if torch.cuda.is_bf16_supported() else "no"
+        )
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     assert preflight.mixed_precision(cfg) == "bf16"
     cfg.train.mixed_precision = "no"  # an explicit setting wins over the launcher

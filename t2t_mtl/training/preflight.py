@@ -27,10 +27,12 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
 __all__ = [
+    "CPU_BF16_ENV",
     "backend_problems",
     "check_run",
     "configure_deepspeed",
     "configure_fsdp",
+    "cpu_bf16_matmul",
     "cpu_processes",
     "deepspeed_launch_env",
     "deepspeed_zero3",
@@ -292,19 +294,39 @@ def layer_range_problems(cfg: RunConfig, n_blocks: int) -> list[Problem]:
     return out
 
 
+CPU_BF16_ENV = "T2T_MTL_CPU_BF16"
+
+
+def cpu_bf16_matmul() -> bool:
+    """True on a CPU with bf16 matrix units (AMX-BF16, the `amx_bf16` flag of /proc/cpuinfo), where
+    bf16 autocast trains ~2.5x faster than float32 (docs/benchmarks.md, "CPU precision") with no
+    measured loss of quality ("Quality ablations (dev split)"). `T2T_MTL_CPU_BF16=0` (or 1) decides
+    instead, whatever the CPU (the tests set 0, so they do not depend on the machine)."""
+    env = os.environ.get(CPU_BF16_ENV)
+    if env is not None:
+        return env.strip().lower() not in ("0", "no", "false", "off", "")
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "amx_bf16" in line.split()
+    except OSError:
+        pass
+    return False
+
+
 def mixed_precision(cfg: RunConfig) -> str:
     """The autocast dtype a run trains with: `train.mixed_precision` when set; for `auto`, what
-    `accelerate launch` was told (ACCELERATE_MIXED_PRECISION), else bf16 on a GPU that supports it,
-    else "no". CPUs stay in float32 under `auto`: bf16 is faster there but is a choice the user makes
-    (docs/training.md has the measurements)."""
+    `accelerate launch` was told (ACCELERATE_MIXED_PRECISION), else bf16 on a GPU that supports it
+    or on a CPU with bf16 matrix units (`cpu_bf16_matmul`), else "no" (float32)."""
     if cfg.train.mixed_precision != "auto":
         return cfg.train.mixed_precision
     launched = os.environ.get("ACCELERATE_MIXED_PRECISION")
     if launched:
         return launched
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "no"
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    return "bf16" if cpu_bf16_matmul() else "no"
 
 
 def cpu_processes() -> bool:
