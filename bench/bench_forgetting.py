@@ -14,7 +14,8 @@ buffer of --per-task stage-1 records per task that makes up the share s of stage
 budget stays the same, so replay displaces new-task examples). `--settings` adds named settings
 (`NAMED`): `none`; `replay` / `replay_balanced` (a buffer making up --share of stage 2; balanced: one
 reservoir per label for label tasks); `ewc` (stage 2 sets `ewc: {lambda: --ewc-lambda, samples:
---ewc-samples}`); `replay_ewc` (both); `freeze` (stage 2 trains only blocks --freeze-layers,
+--ewc-samples}`); `replay_ewc` (both; at a lambda other than 1000 both are keyed `ewc_lam<lambda>`, so a sweep keeps
+every lambda's results); `freeze` (stage 2 trains only blocks --freeze-layers,
 `stages[1].train_layers`). `--seeds` runs every setting once per seed (run seed = the seed; results
 keyed `<setting>_s<seed>`, and the doc gets a mean-over-seeds table); without it the recipe's seed
 runs once, keyed as before. Every stage's adapter is scored on all
@@ -49,6 +50,9 @@ STAGE1 = ["sentiment_sst2", "nli_3way", "qa_squad"]
 STAGE2 = ["ner_conll2003", "summarization"]
 SECTION = "## Forgetting"
 TARGET = 2.0  # average forgetting on stage-1 tasks with replay: at most 2 points (scores are 0–100)
+EWC_LAMBDA = (
+    1000.0  # --ewc-lambda's default; EWC settings run at another lambda get '_lam<lambda>' keys
+)
 
 
 def log(msg: str) -> None:
@@ -67,11 +71,18 @@ NAMED = {
 
 
 def setting_key(
-    share: float, stage2_lr: float | None, setting: str | None = None, seed: int | None = None
+    share: float,
+    stage2_lr: float | None,
+    setting: str | None = None,
+    seed: int | None = None,
+    ewc_lambda: float = EWC_LAMBDA,
 ) -> str:
     """Results key (and run-folder suffix) of one setting: '10', or '10_lr0.0001' with a stage-2 LR,
-    or a named setting ('ewc', 'replay_ewc_lr0.0001'); '_s<seed>' is added with --seeds."""
+    or a named setting ('ewc', 'replay_ewc_lr0.0001'; an EWC setting at a lambda other than
+    EWC_LAMBDA: 'ewc_lam10000'); '_s<seed>' is added with --seeds."""
     base = setting if setting is not None else f"{round(100 * share)}"
+    if setting in ("ewc", "replay_ewc") and ewc_lambda != EWC_LAMBDA:
+        base += f"_lam{ewc_lambda:g}"
     return (
         base
         + (f"_lr{stage2_lr:g}" if stage2_lr else "")
@@ -88,9 +99,10 @@ def split_key(key: str) -> tuple[str, str, str]:
 
 def setting_label(key: str) -> str:
     """'10' -> '10 %'; '10_lr0.0001' -> '10 %, stage-2 LR 0.0001'; 'replay_ewc_s2' -> 'replay + EWC,
-    seed 2'."""
+    seed 2'; 'ewc_lam10000' -> 'EWC (lambda 10000)'."""
     base, lr, seed = split_key(key)
-    label = NAMED.get(base, f"{base} %")
+    name, _, lam = base.partition("_lam")
+    label = NAMED.get(name, f"{name} %") + (f" (lambda {lam})" if lam else "")
     return label + (f", stage-2 LR {lr}" if lr else "") + (f", seed {seed}" if seed else "")
 
 
@@ -106,7 +118,7 @@ def run_config(args, data: Path, share: float, setting: str | None = None, seed:
     from t2t_mtl.core.config import load_config
 
     d = common.default_recipe()
-    key = setting_key(share, args.stage2_lr, setting, seed)
+    key = setting_key(share, args.stage2_lr, setting, seed, args.ewc_lambda)
     name = f"replay_{key}" if setting is None else key
     if setting is not None:
         share = args.share if "replay" in setting else 0.0
@@ -158,6 +170,7 @@ def one_setting(
     rep_path = run_dir / "eval" / f"forgetting-{args.limit}.json"
     if rep_path.is_file():
         return attach_rows(json.loads(rep_path.read_text(encoding="utf-8")))
+    borrow_stage_results(run_dir, seed)
     log(f"scoring every stage of {cfg.run_name}")
     rep, path = forgetting_run(
         run_dir, split="validation", limit=args.limit, progress=False, learned_only=True
@@ -173,6 +186,38 @@ def one_setting(
     attach_rows(rep)
     common.write_json(rep_path, rep)
     return rep
+
+
+def borrow_stage_results(run_dir: Path, seed: int | None) -> None:
+    """Copy, into `run_dir/eval`, the stage results of the same seed's other settings that it
+    lacks: every setting trains stage 1 alike, and `forgetting_run` reads a copied stage back only
+    when its fingerprint (weights, tasks, rows, settings) matches this run's bundle, else evaluates
+    it anew. Saves each setting after the first its stage-1 evaluation."""
+    if seed is None:
+        return
+    for other in sorted(run_dir.parent.glob(f"*_s{seed}")):
+        if other == run_dir:
+            continue
+        for src in (other / "eval").glob("stage-*-validation.json"):
+            dst = run_dir / "eval" / src.name
+            if not dst.exists():
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, dst)
+
+
+def relevant_settings(settings: dict, key: str) -> dict:
+    """The part of the benchmark's settings that shapes the run of results key `key`: a report
+    measured under other values of the rest (another EWC lambda for a replay run, say) still
+    stands."""
+    base = split_key(key)[0].partition("_lam")[0]
+    drop = set()
+    if "replay" not in base:
+        drop.add("share")
+    if "ewc" not in base:
+        drop |= {"ewc_lambda", "ewc_samples"}
+    if base != "freeze":
+        drop.add("freeze_layers")
+    return {k: v for k, v in settings.items() if k not in drop}
 
 
 def attach_rows(rep: dict) -> dict:
@@ -314,7 +359,8 @@ def section(results: dict, doc: Path) -> str:
         out.insert(
             4,
             f"Named settings: *replay* makes up {st.get('share')} of stage 2; *EWC*: stage 2 sets "
-            f"`ewc: {{lambda: {st['ewc_lambda']:g}, samples: {st.get('ewc_samples')}}}`; *frozen lower "
+            f"`ewc: {{lambda: {EWC_LAMBDA:g}, samples: {st.get('ewc_samples')}}}` (another lambda where "
+            "the setting names one); *frozen lower "
             f"blocks*: stage 2 trains only blocks {st.get('freeze_layers')} (`train_layers`).",
         )
     seeds_table = ci_table(results["settings_results"]) or seed_means(results["settings_results"])
@@ -467,7 +513,12 @@ def main(argv: list[str] | None = None) -> int:
         "--seeds", default="", help="comma-separated run seeds (default: the recipe's, once)"
     )
     ap.add_argument("--share", type=float, default=0.1, help="replay share of the named settings")
-    ap.add_argument("--ewc-lambda", type=float, default=1000.0)
+    ap.add_argument(
+        "--ewc-lambda",
+        type=float,
+        default=EWC_LAMBDA,
+        help=f"lambda of the EWC settings; another than {EWC_LAMBDA:g} keys them 'ewc_lam<lambda>'",
+    )
     ap.add_argument("--ewc-samples", type=int, default=100)
     ap.add_argument(
         "--freeze-layers",
@@ -556,8 +607,11 @@ def main(argv: list[str] | None = None) -> int:
     runs = [(share, None) for share in shares] + [(0.0, name) for name in settings]
     for seed in seeds:
         for share, name in runs:
-            key = setting_key(share, args.stage2_lr, name, seed)
-            if res.get(key, {}).get("bench_settings") == results["settings"]:
+            key = setting_key(share, args.stage2_lr, name, seed, args.ewc_lambda)
+            before = res.get(key, {}).get("bench_settings")
+            if before and relevant_settings(before, key) == relevant_settings(
+                results["settings"], key
+            ):
                 continue  # measured before with these settings (perhaps on another machine)
             res[key] = one_setting(args, data, share, name, seed)
             res[key]["bench_settings"] = dict(results["settings"])

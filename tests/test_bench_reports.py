@@ -251,6 +251,20 @@ def test_forgetting_named_settings_and_seeds(tmp_path):
     assert bench_forgetting.setting_label("replay_ewc_lr0.0001_s3") == (
         "replay + EWC, stage-2 LR 0.0001, seed 3"
     )
+    # Another lambda is another setting (its own key, folder and label); the other settings keep
+    # theirs, and a report stands when only what does not shape its run changed.
+    assert cfgs["ewc"].output_dir == str(tmp_path / "ewc_lam500_s2")
+    assert cfgs["freeze"].output_dir == str(tmp_path / "freeze_s2")
+    assert bench_forgetting.setting_key(0, None, "ewc", 1, 1000.0) == "ewc_s1"
+    assert bench_forgetting.setting_key(0, None, "replay", 1, 500.0) == "replay_s1"
+    assert bench_forgetting.setting_label("ewc_lam10000_s1") == "EWC (lambda 10000), seed 1"
+    before = {"limit": 300, "share": 0.1, "ewc_lambda": 1000.0, "freeze_layers": [-15, -1]}
+    now = dict(before, ewc_lambda=1e4)
+    rel = bench_forgetting.relevant_settings
+    assert rel(before, "replay_s1") == rel(now, "replay_s1")
+    assert rel(before, "freeze_s1") == rel(now, "freeze_s1")
+    assert rel(before, "replay_ewc_s1") != rel(now, "replay_ewc_s1")
+    assert rel(before, "none_s2") == {"limit": 300}
 
     def rep(f, bwt):
         return {
@@ -651,3 +665,19 @@ def test_every_trained_quality_system_has_a_valid_run_config(tmp_path):
             assert obj == value, (s.name, key)
     picked = {n: bench_quality.BY_NAME[n].overrides for n in ("uncertainty", "gradnorm", "pcgrad")}
     assert picked["pcgrad"] == (("train.gradient_surgery", "pcgrad"),)
+
+
+def test_forgetting_borrows_the_same_seeds_stage_results(tmp_path):
+    """Each setting after the first gets the same seed's stage results to check against its own
+    bundle (forgetting_run reads one back only when its fingerprint matches)."""
+    (tmp_path / "none_s1" / "eval").mkdir(parents=True)
+    (tmp_path / "none_s1" / "eval" / "stage-stage1-validation.json").write_text("{}")
+    (tmp_path / "none_s2" / "eval").mkdir(parents=True)
+    (tmp_path / "none_s2" / "eval" / "stage-stage1-validation.json").write_text('{"s": 2}')
+    (tmp_path / "ewc_s1" / "eval").mkdir(parents=True)
+    bench_forgetting.borrow_stage_results(tmp_path / "ewc_s1", 1)
+    assert (tmp_path / "ewc_s1" / "eval" / "stage-stage1-validation.json").read_text() == "{}"
+    bench_forgetting.borrow_stage_results(tmp_path / "freeze_s2", 2)
+    assert (tmp_path / "freeze_s2" / "eval" / "stage-stage1-validation.json").read_text() == (
+        '{"s": 2}'
+    )

@@ -465,6 +465,38 @@ def test_forgetting_cli_on_a_staged_run(run_dir, capsys):
     assert short["backward_transfer"] == rep["backward_transfer"]
 
 
+def test_forgetting_reuses_stages_evaluated_on_the_same_inputs(run_dir, tmp_path, monkeypatch):
+    """A stage evaluated before on the same inputs (weights, tasks, limit, settings) is read back,
+    also from a copy of the run under another name; other weights or another limit evaluate anew."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from t2t_mtl.evaluation import run_eval
+
+    first, _ = run_eval.forgetting_run(run_dir, limit=2, mode="rank", progress=False)
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    real, calls = run_eval.evaluate_bundle, []
+
+    def counting(run, bundle, *a, **k):
+        calls.append(bundle.parent.name)
+        return real(run, bundle, *a, **k)
+
+    monkeypatch.setattr(run_eval, "evaluate_bundle", counting)
+    again, _ = run_eval.forgetting_run(copy, limit=2, mode="rank", progress=False)
+    assert calls == [] and again["matrix"] == first["matrix"]
+    weights = next((copy / "stages" / "second" / "adapter").glob("*.safetensors"))
+    state = load_file(weights)
+    save_file({k: v + 0.01 for k, v in state.items()}, weights)
+    run_eval.forgetting_run(copy, limit=2, mode="rank", progress=False)
+    assert calls == ["second"]
+    run_eval.forgetting_run(copy, limit=1, mode="rank", progress=False)
+    assert calls == ["second", "first", "second"]
+    run_eval.forgetting_run(copy, limit=1, mode="rank", progress=False, reuse=False)
+    assert calls[3:] == ["first", "second"]
+
+
 # ------------------------------------------------------------------ forgetting math and reports
 
 

@@ -7,6 +7,8 @@ average forgetting, backward/forward transfer) as JSON, markdown and a heatmap P
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -123,6 +125,45 @@ def evaluate_run(
     return res, jpath
 
 
+def stage_fingerprint(
+    run: Run, bundle: Path, tasks: Sequence[EvalTask], split: str, limit: int | None
+) -> str:
+    """Digest of everything a stage's evaluation depends on: the bundle's weight and adapter-config
+    files and its prompt format (not its manifest's run names, so two runs that trained a stage
+    identically agree), each task's normalised template, source, mode, variant and row draw, the
+    split, limit, the run's eval settings, prompt budget and bad-row policy."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in bundle.rglob("*") if p.is_file()):
+        if f.suffix in (".safetensors", ".bin") or f.name == "adapter_config.json":
+            h.update(f.relative_to(bundle).as_posix().encode())
+            h.update(f.read_bytes())
+    manifest = read_manifest(bundle)
+    spec = {
+        "prompt_format": manifest.get("prompt_format"),
+        "model": manifest.get("model", {}).get("name"),
+        "tasks": [
+            [t.name, t.template.data, repr(t.source), t.mode, t.variant, t.sample_seed]
+            for t in tasks
+        ],
+        "split": split,
+        "limit": limit,
+        "eval": repr(run.cfg.eval),
+        "max_length": run.cfg.model.max_length,
+        "bad_rows": run.cfg.train.bad_rows,
+    }
+    h.update(json.dumps(spec, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def _read_json(path: Path) -> dict | None:
+    """The JSON object in `path`, or None when it is missing or unreadable (then evaluated anew)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def _remote_code_ok(bundles: Sequence[Path], trust_remote_code: bool) -> None:
     """Refuse, before any slow work, bundles whose model needs remote code the user did not allow."""
     for b in bundles:
@@ -169,6 +210,7 @@ def forgetting_run(
     progress: bool = True,
     trust_remote_code: bool = False,
     learned_only: bool = False,
+    reuse: bool = True,
 ) -> tuple[dict, Path]:
     """Forgetting report of a staged run: evaluate every `stages/<stage>/adapter` bundle on every task
     (and, `with_base`, the base model for forward transfer); write `RUN/eval/forgetting.{json,md,png}`
@@ -178,6 +220,12 @@ def forgetting_run(
     `learned_only`: a stage's bundle skips the tasks no stage up to it has trained (their cells stay
     empty): forgetting and backward transfer never read them, so a study that needs only those saves
     their evaluations; forward transfer (which does read them) is then not reported.
+
+    `reuse`: a stage whose `stage-<stage>-<split>.json` was written for the same inputs (its
+    `eval_fingerprint`: the bundle's weights and prompt format, the tasks' templates and sources,
+    split, limit and the run's eval settings) is read back instead of evaluated again, so an
+    interrupted report continues, and a stage copied from a run that trained it identically costs
+    nothing. Evaluation is deterministic (greedy), so a reused stage is what a new one would be.
     """
     run = Run.load(run_dir)
     split = split or run.cfg.eval.split
@@ -208,17 +256,25 @@ def forgetting_run(
             learned.setdefault(t, i)
     matrix, metric_names = [], {}
     for i, (s, bundle) in enumerate(bundles):
-        res = evaluate_bundle(
-            run,
-            bundle,
-            [t for t in ets if not learned_only or learned.get(t.name, 0) <= i],
-            split=split,
-            limit=limit,
-            progress=progress,
-            trust_remote_code=trust_remote_code,
-        )
-        res["title"] = f"{run.name}: after stage {s} ({split})"
-        write_results(res, run.eval_dir, f"stage-{s}-{split}{suffix}")
+        todo = [t for t in ets if not learned_only or learned.get(t.name, 0) <= i]
+        fp = stage_fingerprint(run, bundle, todo, split, limit)
+        path = run.eval_dir / f"stage-{s}-{split}{suffix}.json"
+        res = _read_json(path) if reuse else None
+        if res is None or res.get("eval_fingerprint") != fp:
+            res = evaluate_bundle(
+                run,
+                bundle,
+                todo,
+                split=split,
+                limit=limit,
+                progress=progress,
+                trust_remote_code=trust_remote_code,
+            )
+            res["title"] = f"{run.name}: after stage {s} ({split})"
+            res["eval_fingerprint"] = fp
+            write_results(res, run.eval_dir, path.stem)
+        else:
+            logger.info("stage %s: reusing %s (same bundle, tasks and settings)", s, path)
         matrix.append([res["tasks"].get(n, {}).get("primary") for n in names])
         metric_names.update(
             {
