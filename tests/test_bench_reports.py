@@ -612,7 +612,7 @@ def test_forgetting_intervals_over_examples_and_seeds(tmp_path):
                 "final_average": float(np.mean(matrix[1])),
                 "run": str(run),
                 "split": "validation",
-                "train_seconds": 100.0 if name.startswith("none") else 110.0,
+                "stage2_step_seconds": 1.0 if name.startswith("none") else 1.1,
             }
         )
 
@@ -681,3 +681,42 @@ def test_forgetting_borrows_the_same_seeds_stage_results(tmp_path):
     assert (tmp_path / "freeze_s2" / "eval" / "stage-stage1-validation.json").read_text() == (
         '{"s": 2}'
     )
+
+
+def test_forgetting_settings_start_from_the_seeds_stage1_exactly(tmp_path, tiny_causal_dir):
+    """`borrow_stage1`: a setting started from another setting's checkpoint at the end of stage 1
+    (same seed) ends exactly as if it had trained stage 1 itself, with replay and EWC (both act
+    after stage 1: the buffer is filled and the Fisher estimated on resume), and is timed per
+    stage-2 step like one that trained it."""
+    from test_training import assert_close, make_cfg, trainable
+
+    from t2t_mtl.training import trainer
+
+    stages = (
+        "stages=[{name: s1, tasks: [toy_polarity, toy_copy], steps: 4}, "
+        "{name: s2, tasks: [toy_copy], steps: 4%s}]"
+    )
+    keep = ("train.save_steps=2", "train.save_total_limit=0", "train.logging_steps=1")
+    protect = (
+        stages % ", ewc: {lambda: 1000, samples: 6}",
+        "replay.enabled=true",
+        "replay.per_task=6",
+        "replay.share=0.25",
+        *keep,
+    )
+    trainer.train(make_cfg(tmp_path / "none_s1", tiny_causal_dir, stages % "", *keep), eval_fn=None)
+    full = trainer.train(make_cfg(tmp_path / "full", tiny_causal_dir, *protect), eval_fn=None)
+    run = tmp_path / "replay_ewc_s1"
+    assert bench_forgetting.borrow_stage1(run, 1, 4) == tmp_path / "none_s1"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-4"]
+    assert bench_forgetting.borrow_stage1(run, 1, 4) is None  # it has a checkpoint now
+    assert bench_forgetting.borrow_stage1(tmp_path / "x_s2", 2, 4) is None  # no such seed
+    trainer.train(make_cfg(run, tiny_causal_dir, *protect), eval_fn=None)
+    assert_close(trainable(full, 8), trainable(run, 8), 1e-7)
+    assert (full / "replay").is_dir() and (run / "replay").is_dir()
+    for sub in ("ewc", "replay"):
+        a = sorted(p.relative_to(full) for p in (full / sub).rglob("*") if p.is_file())
+        b = sorted(p.relative_to(run) for p in (run / sub).rglob("*") if p.is_file())
+        assert a == b and all((full / x).read_bytes() == (run / x).read_bytes() for x in a), sub
+    assert bench_forgetting.stage2_step_seconds(run, 4) > 0
+    assert bench_forgetting.stage2_step_seconds(tmp_path / "missing", 4) is None
