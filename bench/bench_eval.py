@@ -1,7 +1,7 @@
 """Evaluation speed: examples/s per task with the generation speed-ups off (as before) and on, same
 model, same rows, same process, and a check that every score and parsed prediction is unchanged.
 
-    .venv/bin/python bench/bench_eval.py [--run RUN [--base]] [--limit N] [--rounds 2] [--ablate] [--threads 1]
+    .venv/bin/python bench/bench_eval.py [--run RUN [--base]] [--limit N] [--rounds 2] [--ablate [KEY,...]] [--threads 1]
                                          [--out bench/results/eval_speed.json] [--doc docs/benchmarks.md] [--no-doc]
 
 Without --run it evaluates the embedded SmolLM2-135M-Instruct, untuned, on the tasks of
@@ -11,11 +11,12 @@ full `evaluator.evaluate` of one task (generation, parsing, scoring, intervals):
 
 - before: transformers' `generate` for every batch, one budget for all tasks (eval.max_new_tokens),
   rows run until their stop token or the budget (`task_budgets=False, line_stop=False,
-  compact=False, share_prefix=False`);
+  compact=False, share_prefix=False`), the LoRA adapter kept apart from the base weights;
 - after: the defaults: per-task budgets (not for a base model, as in `t2t-mtl eval --base`),
   label/span rows end with their first line, ended rows leave the batch, shared prompt prefixes
-  are prefilled once per batch (`evaluate`'s docstring);
-- with --ablate, also "after" minus one speed-up at a time.
+  are prefilled once per batch (`evaluate`'s docstring), the adapter merged into the float32 base
+  weights (`eval.merge_adapter`; nothing to merge for a base model);
+- with --ablate, also "after" minus one speed-up at a time (--ablate merge,compact: only those).
 
 The machine may be shared, so the settings run interleaved: every round evaluates each task under
 every setting back to back, the order of settings rotating from task to task and round to round, so
@@ -28,6 +29,7 @@ identical to "before". Writes --out and replaces the "Evaluation speed" section 
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import statistics
 import sys
@@ -41,20 +43,36 @@ sys.path.insert(0, str(ROOT / "bench"))
 import common  # noqa: E402
 
 SECTION = "## Evaluation speed"
-BEFORE = {"task_budgets": False, "line_stop": False, "compact": False, "share_prefix": False}
-AFTER = {"task_budgets": True, "line_stop": True, "compact": True, "share_prefix": True}
+BEFORE = {
+    "task_budgets": False,
+    "line_stop": False,
+    "compact": False,
+    "share_prefix": False,
+    "merge": False,
+}
+AFTER = {
+    "task_budgets": True,
+    "line_stop": True,
+    "compact": True,
+    "share_prefix": True,
+    "merge": True,
+}
+# Not an `evaluate` argument: which model object the setting evaluates (the LoRA adapter merged into
+# the base weights, `loading.merge_lora_for_inference`, or not).
+MODEL_KEYS = ("merge",)
 SCORE_KEYS = ("primary", "metrics", "invalid_rate", "per_example", "ci_low", "ci_high")
 
 
-def settings(ablate: bool, base: bool) -> dict[str, dict[str, bool]]:
+def settings(ablate: str | None, base: bool) -> dict[str, dict[str, bool]]:
     """The compared settings. A base model gets no per-task budgets in "after", as `t2t-mtl eval
     --base` (run_eval): the budgets fit answers fine-tuning taught, and an untuned model was taught
     none."""
     after = {**AFTER, "task_budgets": not base}
     out = {"before": BEFORE, "after": after}
     if ablate:
+        keys = set(after) if ablate == "all" else {k.strip() for k in ablate.split(",")}
         for k in after:
-            if after[k]:
+            if after[k] and k in keys:
                 out[f"after, no {k}"] = {**after, k: False}
     return out
 
@@ -88,6 +106,27 @@ def load(args):
     return cfg, eval_tasks(cfg), model, tok, fmt, what
 
 
+def load_words(load: list | None) -> str:
+    """The machine's load while the benchmark ran, in words ("" when not recorded)."""
+    if not load:
+        return ""
+    return (
+        f"Load average (1 min) on the machine while it ran: {min(load):.1f} to {max(load):.1f} "
+        "(other jobs share its cores). "
+    )
+
+
+def merged_copy(model):
+    """A copy of `model` with its adapter merged where `eval.merge_adapter` would merge it (the
+    model itself when there is nothing to merge)."""
+    import copy
+
+    from t2t_mtl.model.loading import merge_lora_for_inference
+
+    from_peft = hasattr(model, "merge_and_unload")
+    return merge_lora_for_inference(copy.deepcopy(model)) if from_peft else model
+
+
 def parsed(entry: dict) -> list:
     return [(p["prediction"], p["valid"]) for p in entry["predictions"]]
 
@@ -98,7 +137,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base", action="store_true", help="with --run: its untuned base model")
     ap.add_argument("--limit", type=int, help="rows per task (default: the whole eval split)")
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--ablate", action="store_true", help="also 'after' minus each speed-up")
+    ap.add_argument(
+        "--ablate",
+        nargs="?",
+        const="all",
+        help="also 'after' minus each speed-up (or only the comma-separated ones named: "
+        + ", ".join(AFTER)
+        + ")",
+    )
     ap.add_argument(
         "--threads",
         type=int,
@@ -112,6 +158,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--section", default=SECTION, help="the `## ...` section of --doc to replace")
     ap.add_argument("--note", help="a line for the doc section (e.g. how the run was trained)")
     args = ap.parse_args(argv)
+    if args.ablate and args.ablate != "all":
+        unknown = [k for k in args.ablate.split(",") if k.strip() not in AFTER]
+        if unknown:
+            return common.report_errors(
+                [
+                    f"error: --ablate: unknown speed-up {k!r} (choose from {', '.join(AFTER)})"
+                    for k in unknown
+                ]
+            )
     if args.base and not args.run:
         return common.report_errors(["error: --base needs --run (without --run the base is used)"])
 
@@ -124,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t_start = time.perf_counter()
     cfg, tasks, model, tok, fmt, what = load(args)
+    models = {False: model, True: merged_copy(model)}
     ev = cfg.eval
     kw = dict(
         split=ev.split,
@@ -145,15 +201,18 @@ def main(argv: list[str] | None = None) -> int:
     times: dict[str, dict[str, list[float]]] = {t.name: {s: [] for s in names} for t in tasks}
     cpu: dict[str, dict[str, list[float]]] = {t.name: {s: [] for s in names} for t in tasks}
     results: dict[str, dict[str, list[dict]]] = {t.name: {s: [] for s in names} for t in tasks}
+    loads: list[float] = []
     for r in range(args.rounds):
         for k, t in enumerate(tasks):
             shift = (r + k) % len(names)
             for s in names[shift:] + names[:shift]:
                 t0, c0 = time.perf_counter(), time.process_time()
-                res = evaluate(model, tok, fmt, [t], **kw, **setups[s])
+                opts = {k: v for k, v in setups[s].items() if k not in MODEL_KEYS}
+                res = evaluate(models[setups[s]["merge"]], tok, fmt, [t], **kw, **opts)
                 times[t.name][s].append(time.perf_counter() - t0)
                 cpu[t.name][s].append(time.process_time() - c0)
                 results[t.name][s].append(res["tasks"][t.name])
+            loads.append(round(os.getloadavg()[0], 2))
             print(
                 f"round {r + 1} {t.name}: "
                 + ", ".join(f"{s} {times[t.name][s][-1]:.1f}s" for s in names),
@@ -214,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         "all_tasks_examples_per_s": totals,
         "all_tasks_examples_per_cpu_s": totals_cpu,
         "wall_seconds": round(time.perf_counter() - t_start, 1),
+        "load_average": loads,
     }
     common.write_json(args.out, out)
     body = markdown(out)
@@ -247,10 +307,18 @@ def markdown(out: dict) -> str:
         )
         + "label and span rows stop at the end of their first line, ended rows leave the batch "
         "(compact greedy decoding) and the prompt tokens a batch shares (chat header, system message, "
-        "instruction) are prefilled once per batch. Each cell is a whole `evaluate` of one task (generation, parsing, "
+        "instruction) are prefilled once per batch"
+        + (
+            ", and the LoRA adapter is merged into the float32 base weights (`eval.merge_adapter`)"
+            if out["settings"]["after"].get("merge")
+            and out["settings"]["before"].get("merge") is False
+            else ""
+        )
+        + ". Each cell is a whole `evaluate` of one task (generation, parsing, "
         f"scoring, 95 % intervals), the median over {out['rounds']} rounds; ex/CPU-s divides by the "
-        "process's CPU time instead of the wall clock. The machine was shared with other jobs (load "
-        "averages of 4 to 11 on its 2 cores during these runs), so the settings ran interleaved in one process (each task under "
+        "process's CPU time instead of the wall clock. "
+        + load_words(out.get("load_average"))
+        + "The settings ran interleaved in one process (each task under "
         "every setting back to back, the order rotating per task and round) and on one torch thread "
         "(two threads spin-wait when another process holds a core): load from elsewhere falls on both "
         "alike, but absolute rates vary between runs and CPU-time rates are the steadier measure.",

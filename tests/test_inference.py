@@ -431,3 +431,32 @@ def test_predict_accepts_rows_in_the_hub_schema(predictor):
         and problems[0].line == 3
         and "missing field 'text'" in problems[0].message
     )
+
+
+def test_inference_merges_lora_only_where_the_answers_stay(run_dir, predictor):
+    """eval.merge_adapter: a LoRA adapter on float32 weights is merged (no LoRA layers left, the
+    same logits and answers); on bf16 weights it is kept apart (the merge would round it away)."""
+    from peft import PeftModel
+
+    from t2t_mtl.model.loading import load_for_inference, merge_lora_for_inference
+
+    kept, tok, _, _ = load_for_inference(run_dir / "adapter")
+    merged, *_ = load_for_inference(run_dir / "adapter", merge=True)
+    assert isinstance(kept, PeftModel) and not isinstance(merged, PeftModel)
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
+    recs = [
+        predictor.render("sentiment_sst2", {"text": t}) for t in ("a fine film", "dull and long")
+    ]
+    recs.append(Record("free", "Name a city.", "", ""))
+    ids = torch.tensor([predictor.prompt_ids(recs[0])])
+    with torch.no_grad():
+        assert torch.allclose(kept(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-4)
+    answers = [
+        Predictor(m, tok, predictor.fmt, max_new_tokens=8, max_prompt_tokens=512).generate(recs)
+        for m in (kept, merged)
+    ]
+    assert answers[0] == answers[1] and answers[0] == predictor.generate(recs)
+    assert not isinstance(predictor.model, PeftModel)  # the run's eval.merge_adapter: true
+    half = kept.to(torch.bfloat16)
+    assert merge_lora_for_inference(half) is half
+    assert merge_lora_for_inference(merged) is merged  # nothing to merge

@@ -273,6 +273,9 @@ class EvalConfig:
     task_budgets: bool = True  # per-task budgets (evaluator.answer_budget; not for base models)
     ci_resamples: int = 1000  # bootstrap resamples of the 95 % intervals (0 = no intervals)
     ci_seed: int = 0
+    # Merge a LoRA adapter into float32 base weights before generating (faster, same answers;
+    # `loading.merge_lora_for_inference`); evaluation and `prompt` alike.
+    merge_adapter: bool = True
 
 
 @dataclass

@@ -52,7 +52,7 @@ def evaluate_bundle(
     `trust_remote_code`: the user's consent to run the model's remote code (a bundle that needs
     it is refused without; see `loading.remote_code_consent`)."""
     model, tokenizer, _family, manifest = load_for_inference(
-        bundle, base=base, trust_remote_code=trust_remote_code
+        bundle, base=base, trust_remote_code=trust_remote_code, merge=run.cfg.eval.merge_adapter
     )
     model = place(model)
     fmt = PromptFormat.from_dict(manifest["prompt_format"])

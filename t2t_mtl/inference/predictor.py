@@ -162,7 +162,10 @@ class Predictor:
             None,
             run=run,
             loader=lambda: loading.load_for_inference(
-                bundle, base=base, trust_remote_code=trust_remote_code
+                bundle,
+                base=base,
+                trust_remote_code=trust_remote_code,
+                merge=run.cfg.eval.merge_adapter,
             ),
             **opts,
         )
