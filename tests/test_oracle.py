@@ -19,6 +19,7 @@ from test_templates_engine import REAL  # shipped task -> (real data folder, spl
 
 from t2t_mtl.cli.main import main
 from t2t_mtl.core.config import SourceConfig, load_config
+from t2t_mtl.core.errors import T2TError
 from t2t_mtl.evaluation import metrics, oracle
 from t2t_mtl.tasks import catalogue, sources
 from t2t_mtl.tasks.schema import PARSE_KINDS
@@ -196,10 +197,43 @@ def test_oracle_catches_answer_choices_parsing_cannot_tell_apart(tmp_path):
         parse: label
         """,
     )
-    tpl = load_task_file(tpl_file)
-    (res,) = oracle.oracle_check(tpl, sources.load_rows(tpl, None, "validation"))
-    assert res.score == pytest.approx(50.0) and not res.ok
-    assert [(f.row, f.output, f.parsed) for f in res.failures] == [(2, "Yes", "yes")]
+    # The parser ignores case, so the template itself is refused before any row is scored.
+    with pytest.raises(T2TError) as e:
+        load_task_file(tpl_file)
+    assert "answer_choices differ only in case or spaces: 'yes' / 'Yes'" in str(e.value.problems)
+
+
+def test_validate_oracle_checks_templates_on_their_own_source_and_the_ones_named(tmp_path, capsys):
+    """A template without bundled samples is checked on its own source; with --config, the
+    templates named are checked (not the config's tasks)."""
+    data = tmp_path / "d"
+    write(data / "train.jsonl", '{"text": "a", "label": "yes"}\n{"text": "b", "label": "no"}\n')
+    tpl_file = write(
+        tmp_path / "own.yaml",
+        """\
+        name: own
+        task_type: classification
+        version: 1
+        source: {path: d}
+        fields: {text: str, label: label}
+        answer_choices: ["yes", "no"]
+        variants:
+          - {id: v, input: "{{ text }}", output: "{{ label }}"}
+        metric: accuracy
+        parse: label
+        """,
+    )
+    assert main(["validate", "--oracle", str(tpl_file)]) == 0
+    err = capsys.readouterr().err
+    assert "oracle own (train): accuracy 100.00, invalid 0.0 %, 2 rows" in err
+    assert "no rows to check" not in err
+    cfg = write(
+        tmp_path / "run.yaml",
+        f"template_dirs: [{ORACLE_FIXTURES}]\ntasks: [{{template: many_classes}}]\n",
+    )
+    assert main(["validate", "--oracle", "--config", str(cfg), str(tpl_file)]) == 0
+    err = capsys.readouterr().err
+    assert "oracle own (train)" in err and "oracle many_classes" not in err
 
 
 # ------------------------------------------------------------------ validate --oracle

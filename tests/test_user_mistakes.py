@@ -472,6 +472,26 @@ RENDER_MISTAKES = {
         "one tag per token",
         "answers",  # no QA hint on an NER row
     ),
+    "missing_subscript_key": (
+        SENTIMENT.replace("fields: {text: str}", "fields: {text: str, meta: dict}").replace(
+            '"{{ text }}"', '"{{ text }} {{ meta[\'source\'] }}"'
+        ),
+        {**OK_ROWS[0], "meta": {"source": "web"}},
+        {**OK_ROWS[1], "meta": {}},
+        "has no attribute 'source'",
+        "{% if meta['source'] is defined %}",
+        "answers",
+    ),
+    "empty_output": (
+        "name: titles\ntask_type: generation\nversion: 1\nfields: {body: str, meta: dict}\n"
+        'variants:\n  - {id: v, input: "{{ body }}", output: "{{ meta.title }}"}\n'
+        "metric: [rouge]\nparse: text\n",
+        {"body": "a long text", "meta": {"title": "A title"}},
+        {"body": "another text", "meta": {"title": " "}},
+        "output renders empty text for this row",
+        "fill in the field(s) the output uses",
+        "answers",
+    ),
     "missing_nested_key": (
         SENTIMENT.replace("fields: {text: str}", "fields: {text: str, meta: dict}").replace(
             '"{{ text }}"', '"{{ text }} {{ meta.source }}"'
@@ -694,6 +714,12 @@ CONFIG_MISTAKES = {
         [(8, "train.stepz: unknown key")],
     ),
     "wrong_type": (lambda c: c.replace("steps: 1,", "steps: one,"), [], [(8, "expected an integer")]),
+    "wrong_type_hides_nothing": (
+        lambda c: c.replace("steps: 1,", "steps: one,").replace("report_to: none", "report_to: tensorbord"),
+        [],
+        [(8, "expected an integer"), (8, "unknown tracker 'tensorbord' (did you mean 'tensorboard'?)")],
+    ),
+    "section_alias": (lambda c: c + "mixture: {temperature: 2}\n", [], [(9, "did you mean 'mixing'?")]),
     "bad_enum": (lambda c: c + "mixing: {unit: words}\n", [], [(9, "mixing.unit: invalid value")]),
     "bad_range": (lambda c: c + "mixing: {temperature: -1}\n", [], [(9, "must be > 0")]),
     "unknown_template": (
@@ -857,3 +883,47 @@ def test_max_examples_and_eval_limit_draw_a_seeded_sample_in_file_order(tmp_path
     assert member.size == 20
     texts = sorted(int(member.get(i, 0).input.split()[1]) + 1 for i in range(20))
     assert texts == a
+
+
+def test_jsonl_rows_tell_a_missing_key_from_a_null_and_name_a_renamed_column(tmp_path):
+    """A JSONL file `datasets` reads gives every row every column (missing ones as null); the
+    message still says which it was. A column renamed by `columns:` but absent is named."""
+    tpl = tmp_path / "sentiment.yaml"
+    tpl.write_text(SENTIMENT, encoding="utf-8")
+    (tmp_path / "_shared").mkdir()
+    data = tmp_path / "d"
+    data.mkdir()
+    rows = [
+        OK_ROWS[0],
+        {"txt": "no text key", "label": "positive"},
+        {"text": None, "label": "negative"},
+    ]
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    task = load_task_file(tpl)
+    got = sources.load_rows(task, SourceConfig(path=str(data)), "train")
+    msgs = {p.line: p.message for p in got.problems}
+    assert msgs[2].startswith("missing field 'text'") and "map one with columns: {txt: text}" in (
+        next(p.hint for p in got.problems if p.line == 2)
+    )
+    assert msgs[3] == "field 'text' is empty in this row"
+    renamed = SourceConfig(path=str(data), columns={"review": "text"})
+    got = sources.load_rows(task, renamed, "train")
+    assert got.problems[0].message == (
+        "missing field 'text': column 'review' (mapped to 'text' by columns) is not in this row"
+    )
+
+
+def test_a_single_source_file_serves_every_split_and_evaluation_says_so(tmp_path):
+    tpl = tmp_path / "sentiment.yaml"
+    tpl.write_text(SENTIMENT, encoding="utf-8")
+    (tmp_path / "_shared").mkdir()
+    f = tmp_path / "all.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in OK_ROWS), encoding="utf-8")
+    task = load_task_file(tpl)
+    assert sources.training_file_for(task, SourceConfig(path=str(f)), "validation") == f
+    assert sources.training_file_for(task, SourceConfig(path=str(f)), "train") is None
+    folder = tmp_path / "split"
+    folder.mkdir()
+    for split in ("train", "validation"):
+        (folder / f"{split}.jsonl").write_text(f.read_text(), encoding="utf-8")
+    assert sources.training_file_for(task, SourceConfig(path=str(folder)), "validation") is None

@@ -96,6 +96,9 @@ def _validate(args) -> int:
     if args.oracle:  # the trial render may have reported the same bad rows already
         problems += _oracle(args, cfg, broken)
     problems = list(dict.fromkeys(problems))
+    # Each file's problems in its line order (files in the order first reported).
+    first = {f: i for i, f in reversed(list(enumerate(p.file for p in problems)))}
+    problems.sort(key=lambda p: (first[p.file], p.line or 0))
     for prob in problems:
         print(prob.format(), file=sys.stderr)
     # which real rows each template was trial-rendered on
@@ -120,7 +123,7 @@ def _oracle(args, cfg=None, broken: bool = False) -> list[Problem]:
     problems: list[Problem] = []
     if args.limit is not None and args.limit < 1:
         raise T2TError(Problem("<cli>", None, "--limit must be >= 1"))
-    if cfg is not None:
+    if cfg is not None and not args.paths:
         try:
             reports, untried = oracle.oracle_config(cfg, limit=args.limit), []
         except T2TError as e:  # templates that do not load: check_config has said so
@@ -129,14 +132,18 @@ def _oracle(args, cfg=None, broken: bool = False) -> list[Problem]:
             if not broken:
                 raise
             return problems
-    else:
-        files, _ = catalogue.target_files(args.paths)
-        reports, untried = oracle.oracle_templates(files, limit=args.limit)
+    else:  # the templates named (their samples or source, else the config's sources for them)
+        extra = [cfg.resolve_path(d) for d in cfg.template_dirs] if cfg is not None else []
+        files, _ = catalogue.target_files(args.paths, extra)
+        reports, untried = oracle.oracle_templates(files, limit=args.limit, cfg=cfg)
     for r in reports:
         print(r.summary(), file=sys.stderr)
         problems += r.all_problems()
     if untried:
-        print(f"oracle: no bundled samples, not checked: {', '.join(untried)}", file=sys.stderr)
+        print(
+            f"oracle: no rows to check (no bundled samples or source): {', '.join(untried)}",
+            file=sys.stderr,
+        )
     return problems
 
 
@@ -331,7 +338,7 @@ def add_mix(sub) -> None:
     )
     p.add_argument("--config", required=True, help="run config YAML")
     p.add_argument(
-        "overrides", nargs="*", help="key=value config overrides, e.g. mixture.temperature=1"
+        "overrides", nargs="*", help="key=value config overrides, e.g. mixing.temperature=1"
     )
     p.add_argument("--stage", help="only this stage (earlier stages still feed the replay buffer)")
     p.add_argument("--split", default="train", help="split to mix (default: train)")

@@ -351,6 +351,14 @@ def _fmt_path(path: tuple) -> str:
     return out or "<root>"
 
 
+def _scalar(tp: Any) -> bool:
+    """Whether `tp` is one value (number, flag, text, choice), optional or not; not a section or list."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return len(args) == 1 and _scalar(args[0])
+    return tp in (int, float, bool, str) or typing.get_origin(tp) is Literal
+
+
 def _convert(
     value: Any, tp: Any, path: tuple, loc: yaml_lines.Located, problems: list[Problem]
 ) -> Any:
@@ -463,6 +471,10 @@ _ALIASES = {
     "output": "output_dir",
     "epochs": "steps",
     "datasets": "tasks",
+    "mixture": "mixing",
+    "mix": "mixing",
+    "training": "train",
+    "evaluation": "eval",
 }
 
 
@@ -490,7 +502,13 @@ def _build(
                 loc.problem(path + (key,), f"{_fmt_path(path + (key,))}: unknown key", hint)
             )
             continue
-        kwargs[fields[key]] = _convert(value, hints[fields[key]], path + (key,), loc, problems)
+        before = len(problems)
+        converted = _convert(value, hints[fields[key]], path + (key,), loc, problems)
+        if len(problems) > before and _scalar(hints[fields[key]]):
+            # Reported; the default stands in, so the checks across keys still run and every
+            # other problem is reported in the same pass (not only after this one is fixed).
+            continue
+        kwargs[fields[key]] = converted
     try:
         return cls(**kwargs)
     except TypeError as e:  # pragma: no cover - defaults cover every field
@@ -784,6 +802,8 @@ def load_config(
         pass
     cfg.config_path = str(path) if path is not None else None
     cfg.located = loc
+    # In the order of the file (overrides first), whichever check found them.
+    problems.sort(key=lambda p: (p.file != "<override>", p.file, p.line or 0))
     if collect is not None:
         collect.extend(problems)
     elif problems:

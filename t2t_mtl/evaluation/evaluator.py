@@ -473,6 +473,13 @@ def evaluate(
     data: dict[str, tuple] = {}
     out: dict[str, Any] = {"split": split, "limit": limit, "tasks": {}}
     for t in tasks:
+        same = sources.training_file_for(t.template, t.source, split)
+        if same is not None and log:
+            log(
+                f"note: {t.name}: split '{split}' is read from {same}, the file the task trains on "
+                "(a source.path that is one file serves every split); for a held-out score give a "
+                f"folder with train and {split} files"
+            )
         try:
             data[t.name] = load_examples(t, split, limit, bad_rows=bad_rows)
         except (

@@ -303,33 +303,35 @@ def _check_split(
 
 
 def oracle_templates(
-    files: Sequence[str | Path], limit: int | None = None
+    files: Sequence[str | Path], limit: int | None = None, cfg: RunConfig | None = None
 ) -> tuple[list[TaskOracle], list[str]]:
-    """The oracle on the bundled samples (every split, `limit` rows each) of each template file
-    that loads.
+    """The oracle on the rows `validate` trial-renders each template file that loads on
+    (`catalogue.trial_sources`: its bundled samples, else its own source, else the sources `cfg`'s
+    tasks give it; every split there, `limit` rows each).
 
-    Returns (one TaskOracle per checked template, names of templates without samples). Files that
-    do not load are left out: `validate` reports their problems.
+    Returns (one TaskOracle per checked template, names of templates with no rows to check).
+    Files that do not load are left out: `validate` reports their problems.
     """
     reports, untried = [], []
     for f in files:
         tpl, problems = read_task_file(f)
         if tpl is None or problems:
             continue
-        splits = catalogue.sample_splits(tpl)
-        if not splits:
+        trials = catalogue.trial_sources(tpl, cfg)
+        if not trials or tpl.source_missing is not None:
             untried.append(tpl.name)
             continue
         report = TaskOracle(tpl.name, tpl)
-        for split in splits:
-            try:
-                rows = sources.load_rows(
-                    tpl, None, split, bad_rows="skip", limit=limit, render=False
-                )
-            except T2TError as e:
-                report.problems += e.problems
-                continue
-            _check_split(tpl, rows, report)
+        for trial in trials:
+            for split in trial.splits:
+                try:
+                    rows = sources.load_rows(
+                        tpl, trial.source, split, bad_rows="skip", limit=limit, render=False
+                    )
+                except T2TError as e:
+                    report.problems += e.problems
+                    continue
+                _check_split(tpl, rows, report)
         reports.append(report)
     return reports, untried
 

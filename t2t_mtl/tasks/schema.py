@@ -57,6 +57,16 @@ TASK_TYPES = ("classification", "nli", "qa", "ner", "summarization", "generation
 LABEL_TASK_TYPES = ("classification", "nli")
 METRICS = ("accuracy", "macro_f1", "squad", "span_f1", "rouge")
 PARSE_KINDS = ("label", "span", "entities", "text")
+# What each metric compares (evaluation/metrics.py), so the parse kinds whose predictions it can
+# score: accuracy and macro_f1 compare labels; squad and rouge compare texts (a label is a text);
+# span_f1 compares IOB2 tag sequences, which only `parse: entities` recovers.
+METRIC_PARSES = {
+    "accuracy": ("label",),
+    "macro_f1": ("label",),
+    "squad": ("span", "text", "label"),
+    "rouge": ("text", "span", "label"),
+    "span_f1": ("entities",),
+}
 EVAL_MODES = ("generate", "rank", "constrained")  # see evaluation/evaluator.py
 POLICIES = ("round_robin", "random")
 FIELD_TYPES = ("str", "int", "float", "bool", "label", "list[str]", "list[label]", "list", "dict")
@@ -633,13 +643,33 @@ def check_data(
                 "the first one is the primary metric",
             )
         for i, m in enumerate(ms):
-            c.enum(
-                ("metric", i) if isinstance(data["metric"], list) else ("metric",),
-                m,
-                METRICS,
-                "metric",
-            )
+            where = ("metric", i) if isinstance(data["metric"], list) else ("metric",)
+            c.enum(where, m, METRICS, "metric")
+            kind = data.get("parse")
+            if (
+                isinstance(m, str)
+                and isinstance(kind, str)
+                and m in METRIC_PARSES
+                and kind in PARSE_KINDS
+                and kind not in METRIC_PARSES[m]
+            ):
+                fits = [x for x, ok in METRIC_PARSES.items() if kind in ok]
+                c.add(
+                    where,
+                    f"metric {m} cannot score parse: {kind} answers ({m} needs parse: "
+                    f"{' or '.join(METRIC_PARSES[m])})",
+                    f"for parse: {kind} use {', '.join(fits)}",
+                )
     fields = _check_fields(c, data.get("fields")) if "fields" in data else {}
+    if data.get("parse") == "entities" and isinstance(fields, dict) and fields:
+        if not any(getattr(f, "type", None) == "list[str]" for f in fields.values()):
+            c.add(
+                ("parse",),
+                "parse: entities needs the sentence's tokens: a field of type list[str] "
+                "(e.g. tokens), whose words the answer's entities are matched against",
+                "declare it under fields (e.g. fields: {tokens: list[str], tags: list[label]}) with the "
+                "tags as label_field, or use parse: text for free-text answers",
+            )
     choices = data.get("answer_choices")
     label_task = data.get("task_type") in LABEL_TASK_TYPES or data.get("parse") == "label"
     if choices is not None:
@@ -655,6 +685,21 @@ def check_data(
             )
         elif len(set(choices)) != len(choices):
             c.add(("answer_choices",), "answer_choices contains duplicates")
+        elif len({x.strip().casefold() for x in choices}) != len(choices):
+            seen: dict[str, str] = {}
+            for x in choices:
+                seen.setdefault(x.strip().casefold(), x)
+            pairs = [
+                f"'{seen[x.strip().casefold()]}' / '{x}'"
+                for x in choices
+                if seen[x.strip().casefold()] != x
+            ]
+            c.add(
+                ("answer_choices",),
+                "answer_choices differ only in case or spaces: " + ", ".join(pairs),
+                "generated answers are matched to the choices ignoring case, so these cannot be "
+                "told apart: give them distinct names",
+            )
     elif label_task or data.get("eval_mode") == "rank":
         c.add(
             (), "missing required key 'answer_choices' (needed by label tasks and eval_mode: rank)"

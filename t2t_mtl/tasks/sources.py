@@ -129,6 +129,21 @@ def resolve(template: Task, source: SourceConfig | None, split: str) -> Resolved
     )
 
 
+def training_file_for(template: Task, source: SourceConfig | None, split: str) -> Path | None:
+    """The file `split` is read from when it is the very file the `train` split is read from (a
+    `source.path` that is one file serves every split), else None. Evaluating such a split scores
+    the rows the task trained on."""
+    if split == "train":
+        return None
+    try:
+        a, b = resolve(template, source, split), resolve(template, source, "train")
+    except T2TError:
+        return None
+    if a.path is None or b.path is None or not a.path.is_file():
+        return None
+    return a.path if a.path.resolve() == b.path.resolve() else None
+
+
 def _find_split_file(folder: Path, stem: str, fmt: str | None) -> Path | None:
     if not folder.is_dir():
         return None
@@ -162,6 +177,7 @@ class _Backend:
         self.data, self.desc, self.kind, self.file = data, desc, kind, file
         # Line (row number) of each row; computed lazily for JSONL and CSV files read by datasets.
         self._lines = lines
+        self._offsets: array | None = None  # byte offset of each row's line (`written_keys`)
 
     def __len__(self) -> int:
         return len(self.data)
@@ -178,6 +194,30 @@ class _Backend:
             keys = list(batch)
             n = len(batch[keys[0]]) if keys else 0
             yield [{k: batch[k][j] for k in keys} for j in range(n)]
+
+    def written_keys(self, i: int) -> set[str] | None:
+        """The keys row `i` has in its file, for a JSONL file read by `datasets` (which gives every
+        row every column, a missing one as None); None for other sources or an unreadable line.
+        Tells "the row has no such key" from "the key is null"."""
+        if self.kind != "jsonl" or isinstance(self.data, list) or self.file is None:
+            return None
+        if self._offsets is None:
+            offsets, pos = array("q"), 0
+            with open(self.file, "rb") as f:
+                for ln in f:
+                    if ln.strip():
+                        offsets.append(pos)
+                    pos += len(ln)
+            self._offsets = offsets
+        if i >= len(self._offsets):
+            return None
+        with open(self.file, "rb") as f:
+            f.seek(self._offsets[i])
+            try:
+                obj = json.loads(f.readline().decode("utf-8").lstrip("\ufeff"))
+            except ValueError:
+                return None
+        return set(obj) if isinstance(obj, dict) else None
 
     def location(self, i: int) -> tuple[str, int]:
         if self._lines is None and self.kind == "jsonl":
@@ -730,7 +770,19 @@ def check_row(
                     (
                         f"field '{name}' is empty in this row"
                         + (f" (column '{src}')" if src != name else ""),
-                        "fill it in, or leave the row out (--bad-rows skip skips it)",
+                        "fill it in, or leave the row out (bad_rows: skip leaves such rows out)",
+                        name,
+                    )
+                )
+            elif spec.required and (renamed := [k for k, d in columns.items() if d == name]):
+                out.append(
+                    (
+                        f"missing field '{name}': column "
+                        + " / ".join(f"'{k}'" for k in renamed)
+                        + f" (mapped to '{name}' by columns) is not in this row",
+                        "columns in the row: "
+                        + ", ".join(map(str, raw))
+                        + "; correct the column's name in the columns: mapping",
                         name,
                     )
                 )
@@ -925,6 +977,11 @@ def load_rows(
             raw, res.columns, labels, template.label_field, template.fields, renames
         )
         found = check_row(raw, row, present, template, res.columns)
+        if found and any(v is None for v in raw.values()):
+            keys = backend.written_keys(index)  # a None from `datasets`: missing or null?
+            if keys is not None:
+                raw = {k: v for k, v in raw.items() if k in keys}
+                found = check_row(raw, row, present, template, res.columns)
         failure = None
         if not found and render:
             failure = _render_failure(template, row, str(len(keep)), split)

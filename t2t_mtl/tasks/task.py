@@ -199,6 +199,18 @@ class Task:
         ctx = dict(row)
         ctx["answer_choices"] = list(self.answer_choices)
         parts = {p: self._render_part(v, p, ctx) for p in PARTS if p != "output" or with_output}
+        if with_output and not parts["output"]:
+            # Nothing to learn or score against: the row is bad (skipped and counted, or failing,
+            # under bad_rows), the same rule in training, evaluation, render and validate.
+            file, line = v.lines["output"]
+            raise TemplateError(
+                Problem(
+                    file,
+                    line,
+                    f"variant '{v.id}' output renders empty text for this row",
+                    "fill in the field(s) the output uses, or leave the row out",
+                )
+            )
         meta = {
             "variant": v.id,
             "row_id": str(row_id),
@@ -277,8 +289,10 @@ def _render_error(e: BaseException, source_line: str, task: Task) -> tuple[str, 
                 f"row, or guard the template: {{% if {guard} %}}...{{% endif %}}"
             )
         if key:
-            m = re.search(rf"([A-Za-z_][\w.]*)\.{re.escape(key[1])}\b", source_line)
-            ref = f"{m[1]}.{key[1]}" if m else key[1]
+            k = re.escape(key[1])
+            m = re.search(rf"([A-Za-z_][\w.]*)\.{k}\b", source_line)
+            sub = re.search(rf"([A-Za-z_][\w.]*)\[\s*(['\"]){k}\2\s*\]", source_line)
+            ref = f"{m[1]}.{key[1]}" if m else (sub[0] if sub else key[1])
             return text, (
                 f"this row has no key '{key[1]}': fix the row, or guard the template: "
                 f"{{% if {ref} is defined %}}...{{% endif %}}"

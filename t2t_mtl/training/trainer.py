@@ -465,6 +465,12 @@ class _Trainer:
         # A stage may peak lower than train.learning_rate (a common guard against forgetting).
         peak = st.learning_rate if st.learning_rate is not None else tr.learning_rate
         sched = make_scheduler(self.optimizer, tr.scheduler, tr.warmup_steps, st.steps, peak)
+        if tr.warmup_steps >= st.steps and resume is None:
+            self.telemetry.write(
+                f"note: train.warmup_steps {tr.warmup_steps} >= the {st.steps} steps of "
+                + (f"stage {st.name}" if len(cfg.stage_list()) > 1 else "this run")
+                + f": the learning rate never reaches its peak {peak:g} (lower warmup_steps)"
+            )
         first = 0
         if resume is not None:
             batcher.load_state(resume["batcher"])
