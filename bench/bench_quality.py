@@ -423,7 +423,11 @@ def evaluate_system(args, system: System, cfg, out_dir: Path, ecfg, path: Path) 
     if system.kind == "ours":
         from t2t_mtl.runs.folder import Run
 
-        model, tok, _family, manifest = loading.load_for_inference(Run.load(out_dir).bundle_dir())
+        # Merged into the float32 base as `t2t-mtl eval` does (eval.merge_adapter): the same answers
+        # (bench_eval: every prediction identical), 1.17x faster.
+        model, tok, _family, manifest = loading.load_for_inference(
+            Run.load(out_dir).bundle_dir(), merge=True
+        )
         fmt = PromptFormat.from_dict(manifest["prompt_format"])
     else:
         model, tok, family = loading.load_model_and_tokenizer(cfg.model, None)
@@ -431,7 +435,9 @@ def evaluate_system(args, system: System, cfg, out_dir: Path, ecfg, path: Path) 
         if system.kind.startswith("trl"):
             from peft import PeftModel
 
-            model = PeftModel.from_pretrained(model, str(out_dir / "adapter"))
+            model = loading.merge_lora_for_inference(
+                PeftModel.from_pretrained(model, str(out_dir / "adapter"))
+            )
     model.eval()
     tasks = [t for t in evaluator.eval_tasks(ecfg) if t.name in system.tasks]
     out: dict[str, Any] = {"split": args.split, "rows": args.rows, "tasks": {}}
