@@ -361,7 +361,9 @@ def _load_lm_eval_yaml(path: Path) -> dict:
     return loader.load_yaml(path)
 
 
-def test_export_task_writes_an_lm_eval_task_whose_hooks_score_like_eval(run_dir, tmp_path):
+def test_export_task_writes_an_lm_eval_task_whose_hooks_score_like_eval(
+    run_dir, tmp_path, monkeypatch
+):
     out = tmp_path / "lm"
     for task in ("sentiment_sst2", "ner_conll2003"):
         argv = ["export-task", task, str(out), "--to", "lm-eval", "--run", str(run_dir)]
@@ -417,6 +419,18 @@ def test_export_task_writes_an_lm_eval_task_whose_hooks_score_like_eval(run_dir,
     index = json.loads((out / "t2t_tasks.json").read_text())
     assert sorted(index) == ["ner_conll2003", "sentiment_sst2"]
     assert (out / index["ner_conll2003"]["template_file"]).is_file()
+    # Moved where the templates' relative `samples:` folders do not exist (lm-eval run from
+    # another checkout or machine): the hooks still parse and score (the rows are the jsonl).
+    import shutil
+
+    from t2t_mtl.tasks import schema
+
+    moved = tmp_path / "elsewhere" / "lm"
+    shutil.copytree(out, moved)
+    monkeypatch.setattr(schema, "PROJECT_ROOT", tmp_path / "no_checkout")
+    monkeypatch.chdir(tmp_path)
+    far = _load_lm_eval_yaml(moved / "sentiment_sst2.yaml")
+    assert far["process_results"](docs[0], [" Positive."]) == process(docs[0], [" Positive."])
 
 
 def test_export_task_from_a_run_config_uses_its_base_models_tokenizer(tiny_causal_dir, tmp_path):

@@ -927,3 +927,25 @@ def test_a_single_source_file_serves_every_split_and_evaluation_says_so(tmp_path
     for split in ("train", "validation"):
         (folder / f"{split}.jsonl").write_text(f.read_text(), encoding="utf-8")
     assert sources.training_file_for(task, SourceConfig(path=str(folder)), "validation") is None
+
+
+def test_csv_cells_that_pandas_would_call_missing_stay_text(tmp_path):
+    """Only an empty CSV cell is missing: N/A, NA, null, None, nan, #N/A are text (a label named
+    N/A must not vanish), read by `datasets` and by the fallback reader alike."""
+    tpl = tmp_path / "sentiment.yaml"
+    tpl.write_text(
+        SENTIMENT.replace(
+            "answer_choices: [negative, positive]", 'answer_choices: ["N/A", NA, "null"]'
+        ),
+        encoding="utf-8",
+    )
+    good = tmp_path / "good.csv"
+    good.write_text("text,label\nN/A,N/A\nnull,NA\nnan,null\n", encoding="utf-8")
+    broken = tmp_path / "broken.csv"  # one malformed record: the plain-Python reader reads the rest
+    broken.write_text("text,label\nN/A,N/A\nnull,NA,extra\nnan,null\n", encoding="utf-8")
+    task = load_task_file(tpl)
+    for f, n in ((good, 3), (broken, 2)):
+        rows = sources.load_rows(task, SourceConfig(path=str(f)), "train")
+        got = [rows[i] for i in range(len(rows))]
+        assert len(got) == n and got[0] == {"text": "N/A", "label": "N/A"}, got
+        assert got[-1] == {"text": "nan", "label": "null"}

@@ -75,7 +75,8 @@ def _task(name):
     from t2t_mtl.tasks.task import load_task_file
 
     info = json.loads((HERE / "{tasks_file}").read_text(encoding="utf-8"))[name]
-    return info, load_task_file(HERE / info["template_file"])
+    # Only parsing and scoring: the rows are the exported jsonl, so the copy's data paths may be gone.
+    return info, load_task_file(HERE / info["template_file"], require_data=False)
 
 
 def _answer(info, results):

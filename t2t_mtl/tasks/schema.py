@@ -576,11 +576,14 @@ def check_data(
     *,
     snippet: bool = False,
     data_dirs: Sequence[Path] = (),
+    require_data: bool = True,
 ) -> tuple[dict, list]:
     """Judge merged template data; appends every problem, returns (fields, compiled variants).
 
     `snippet`: an include-only file, incomplete on purpose, so only its key names are judged.
     `data_dirs`: more folders relative data paths are looked up in (`data_path_candidates`).
+    `require_data=False`: a `samples` folder that is not there is no problem (a copy that only
+    parses and scores answers, e.g. in an lm-eval export, reads no rows).
     """
     c = _Checker(path, data, origins, problems)
     c.unknown_keys((), data, TOP_KEYS, "the template")
@@ -714,7 +717,7 @@ def check_data(
     if data.get("samples") is not None:
         if not isinstance(data["samples"], str):
             c.add(("samples",), "samples must be a folder path")
-        elif not resolve_data_path(data["samples"], path, data_dirs).is_dir():
+        elif require_data and not resolve_data_path(data["samples"], path, data_dirs).is_dir():
             c.add(
                 ("samples",),
                 f"samples folder not found: {data['samples']}",

@@ -459,7 +459,15 @@ def _read_csv(file: Path, problems: list[tuple[str, int, str]], ds_mod: Any) -> 
             starts.append(first)
     if not broken:
         try:
-            ds = ds_mod.load_dataset("csv", data_files=str(file), split="train")
+            # A cell is text: only an empty cell is missing (pandas would also read N/A, NA,
+            # null, None, nan, #N/A ... as missing, and a label named "N/A" would vanish).
+            ds = ds_mod.load_dataset(
+                "csv",
+                data_files=str(file),
+                split="train",
+                keep_default_na=False,
+                na_values=[""],
+            )
         except Exception:  # noqa: BLE001 - anything the CSV loader cannot read: read it here
             pass
         else:
@@ -485,6 +493,8 @@ def _read_csv(file: Path, problems: list[tuple[str, int, str]], ds_mod: Any) -> 
                 int(v)
             except ValueError:
                 try:
+                    if not any(ch.isdigit() for ch in v):
+                        raise ValueError(v)  # nan, inf, infinity: words, as pandas reads them here
                     float(v)
                     kind = "float"
                 except ValueError:

@@ -420,13 +420,14 @@ def is_snippet(path: Path) -> bool:
 
 
 def read_task_file(
-    path: str | Path, data_dirs: Sequence[Path] = ()
+    path: str | Path, data_dirs: Sequence[Path] = (), *, require_data: bool = True
 ) -> tuple[Task | None, list[Problem]]:
     """Load and statically check a template file; returns (template or None, every problem found).
 
     Include-only snippets (see `is_snippet`) are incomplete on purpose: only their YAML,
     includes and key names are checked, and no template is returned. `data_dirs`: more folders its
     relative `samples`/`source.path` are looked up in (a run folder's copy: the original's folder).
+    `require_data=False`: a missing `samples` folder is no problem (a copy that reads no rows).
     """
     path = Path(path)
     problems: list[Problem] = []
@@ -436,16 +437,24 @@ def read_task_file(
         return None, list(e.problems)
     snippet = is_snippet(path)
     fields, variants = check_data(
-        path, data, origins, problems, snippet=snippet, data_dirs=data_dirs
+        path,
+        data,
+        origins,
+        problems,
+        snippet=snippet,
+        data_dirs=data_dirs,
+        require_data=require_data,
     )
     if problems or snippet:
         return None, problems
     return Task(data, origins, path, files, fields, variants, data_dirs), problems
 
 
-def load_task_file(path: str | Path, data_dirs: Sequence[Path] = ()) -> Task:
+def load_task_file(
+    path: str | Path, data_dirs: Sequence[Path] = (), *, require_data: bool = True
+) -> Task:
     """Load a template file (`read_task_file`); raises TemplateError listing every static problem."""
-    tpl, problems = read_task_file(path, data_dirs)
+    tpl, problems = read_task_file(path, data_dirs, require_data=require_data)
     if problems or tpl is None:
         raise TemplateError(problems)
     return tpl
