@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from t2t_mtl.cli.main import main
-from t2t_mtl.core.errors import DataError
+from t2t_mtl.core.errors import DataError, Problem
 from t2t_mtl.core.records import Record
 from t2t_mtl.inference.predictor import Predictor
 from t2t_mtl.model import features
@@ -460,3 +460,74 @@ def test_inference_merges_lora_only_where_the_answers_stay(run_dir, predictor):
     half = kept.to(torch.bfloat16)
     assert merge_lora_for_inference(half) is half
     assert merge_lora_for_inference(merged) is merged  # nothing to merge
+
+
+def test_verb_option_mistakes_are_refused_before_any_work(run_dir, tmp_path, capsys):
+    """Outputs that cannot be written or would replace the input, options that need another one,
+    a budget of no tokens, a split no task has, a mode none of the tasks takes, a source given
+    twice: exit 2 with the option named, nothing written."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"text": "a fine film"}) + "\n")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    run = str(run_dir)
+    cases = [
+        (["predict", "--run", run, "--task", "sentiment_sst2", "--input", str(rows),
+          "--output", str(rows)], "--output: ", "is also the input"),
+        (["render", "--run", run, "--task", "sentiment_sst2", "--input", str(rows),
+          "--output", str(rows)], "--output: ", "is also the input"),
+        (["report", "--run", run, "--out", str(a_file / "r.html")], "--out: ", "is a file"),
+        (["export-task", "sentiment_sst2", str(a_file), "--to", "lm-eval", "--run", run],
+         "DIR: ", "is a file, not a folder"),
+        (["export-task", "sentiment_sst2", "", "--to", "lm-eval", "--run", run],
+         "DIR: ", "the path is empty"),
+        (["compare", run, run, "--out", str(tmp_path)], "--out: ", "is a folder"),
+        (["predict", "--run", run, "--task", "sentiment_sst2", "--input", str(rows),
+          "--output", str(tmp_path / "p.jsonl"), "--max-new-tokens", "0"],
+         "--max-new-tokens must be > 0", ""),
+        (["eval", "--run", run, "--with-base"], "--with-base adds the base model", ""),
+        (["export", "--run", run, "--out", str(tmp_path / "x"), "--private"],
+         "--private needs --push-to-hub", ""),
+        (["eval", "--run", run, "--tasks", "qa_squad", "--mode", "rank", "--limit", "2"],
+         "--mode rank applies to label tasks; 'qa_squad' (span) is not one", ""),
+        (["compare", run, f"again={run}"], "given twice", ""),
+    ]  # fmt: skip
+    for argv, fragment, more in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert fragment in err and more in err and "Traceback" not in err, (argv, err)
+    assert rows.read_text() == json.dumps({"text": "a fine film"}) + "\n"
+    assert a_file.read_text() == "keep me"
+    assert not (tmp_path / "p.jsonl").exists()
+
+
+def test_predict_answers_with_evals_budget_and_stop(run_dir):
+    """`predict`/`prompt` give a task's answers the budget and first-line stop eval gives them,
+    unless a budget is asked for."""
+    pred = Predictor.from_run(run_dir)
+    budget, first_line = pred.budget("sentiment_sst2")
+    assert first_line and 0 < budget <= pred.max_new_tokens
+    assert pred.budget("qa_squad")[1] and not pred.budget("ner_conll2003")[1]
+    fixed = Predictor.from_run(run_dir, max_new_tokens=5)
+    assert fixed.budget("sentiment_sst2") == (5, False)
+
+
+def test_eval_of_a_split_no_task_has_fails_before_the_model_and_writes_nothing(
+    run_dir, capsys, monkeypatch
+):
+    real = sources._open
+
+    def no_such_split(res, split, problems):  # as a local folder without that split file
+        if split == "Validation":
+            raise DataError(Problem("data", None, f"no Validation.jsonl for split '{split}'"))
+        return real(res, split, problems)
+
+    monkeypatch.setattr(sources, "_open", no_such_split)
+    monkeypatch.setattr(
+        "t2t_mtl.evaluation.run_eval.load_for_inference",
+        lambda *a, **k: pytest.fail("the model was loaded"),
+    )
+    assert main(["eval", "--run", str(run_dir), "--split", "Validation"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("no Validation.jsonl for split 'Validation'") == 3 and "Traceback" not in err
+    assert not (run_dir / "eval" / "Validation.json").exists()

@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+from t2t_mtl.cli import check_outputs
 from t2t_mtl.core.errors import ConfigError, Problem
 
 __all__ = ["add_export_task", "add_render", "add_report"]
@@ -49,6 +50,7 @@ def _report(args) -> int:
     from t2t_mtl.evaluation.run_report import write_report
     from t2t_mtl.runs.folder import Run
 
+    check_outputs(("--out", args.out, False, ()))
     path = write_report(args.run, args.out)
     print(f"wrote {path}", file=sys.stderr)
     if not args.no_card:
@@ -104,6 +106,7 @@ def _render(args) -> int:
     from t2t_mtl.core.files import atomic_write_text
     from t2t_mtl.inference.predictor import Predictor, render_file
 
+    check_outputs(("--output", args.output, False, (args.input,)))
     pred = Predictor.for_prompts(args.run, trust_remote_code=args.trust_remote_code)
     pred.template(args.task)  # unknown task: fail before reading the rows
     items, problems = render_file(
@@ -171,6 +174,7 @@ def _export_task(args) -> int:
 
     if args.limit is not None and args.limit <= 0:
         raise ConfigError(Problem("<cli>", None, "--limit must be > 0"))
+    check_outputs(("DIR", args.dir, True, ()))
     config, overrides = (args.config[0], args.config[1:]) if args.config else (None, None)
     path = export_lm_eval(
         args.task,

@@ -16,6 +16,7 @@ from pathlib import Path
 
 # The data-layer modules every light verb (validate, preview, mix) needs anyway; mixing (numpy),
 # matplotlib and torch & co. are imported inside the verbs that use them.
+from t2t_mtl.cli import check_outputs
 from t2t_mtl.cli.ecosystem_verbs import add_export_task, add_render, add_report
 from t2t_mtl.cli.model_verbs import add_compare, add_eval, add_export, add_predict, add_prompt
 from t2t_mtl.core.config import SourceConfig, load_config
@@ -375,6 +376,7 @@ def _cmd_mix(args) -> int:
                 )
             ]
         )
+    check_outputs(("--out", args.out, False, ()), ("--plot", args.plot, False, ()))
     # the config, its templates and sources: every problem at once, at its line or override
     cfg = catalogue.load_checked_config(args.config, args.overrides)
     stages = cfg.stage_list()

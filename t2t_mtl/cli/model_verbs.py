@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import yaml
 
+from t2t_mtl.cli import check_outputs
 from t2t_mtl.core.config import NAME_HINT, name_problem
 from t2t_mtl.core.errors import ConfigError, Problem, T2TError, did_you_mean
 from t2t_mtl.core.records import Record
@@ -103,6 +104,15 @@ def _eval(args) -> int:
     if args.limit is not None and args.limit <= 0:
         raise ConfigError(Problem("<cli>", None, "--limit must be > 0"))
     _check_names(("--name", args.name), ("--split", args.split))
+    if args.with_base and not args.forgetting:
+        raise ConfigError(
+            Problem(
+                "<cli>",
+                None,
+                "--with-base adds the base model to a --forgetting report",
+                "add --forgetting, or use --base to evaluate the base model alone",
+            )
+        )
     if args.forgetting:
         if args.base or args.name:
             raise ConfigError(
@@ -194,7 +204,12 @@ def add_predict(sub) -> None:
 def _predictor(args) -> Predictor:
     from t2t_mtl.inference.predictor import Predictor  # torch & co.
 
-    kw = {"max_new_tokens": args.max_new_tokens} if getattr(args, "max_new_tokens", None) else {}
+    budget = getattr(args, "max_new_tokens", None)
+    if budget is not None and budget <= 0:
+        raise ConfigError(
+            Problem("<cli>", None, f"--max-new-tokens must be > 0, got {budget}", "e.g. 32")
+        )
+    kw = {"max_new_tokens": budget} if budget is not None else {}
     return Predictor.from_run(
         args.run, base=args.base, trust_remote_code=args.trust_remote_code, **kw
     )
@@ -203,6 +218,7 @@ def _predictor(args) -> Predictor:
 def _predict(args) -> int:
     from t2t_mtl.inference.predictor import predict_file, read_rows  # torch & co.
 
+    check_outputs(("--output", args.output, False, (args.input,)))
     pred = _predictor(args)
     pred.template(args.task)  # unknown task: fail before reading anything else
     rows, _ = read_rows(args.input)
@@ -374,8 +390,16 @@ def _compare(args) -> int:
     from t2t_mtl.evaluation.reports import compare_table, load_results
 
     _check_names(("--name", args.name))  # read from RUN/eval/<name>.json: never outside it
-    loaded, problems = [], []
+    check_outputs(("--out", args.out, False, ()), ("--json", args.json, False, ()))
+    loaded, problems, seen = [], [], set()
     for spec in args.sources:
+        where = Path(spec.split("=", 1)[1] if "=" in spec else spec).expanduser().resolve()
+        if where in seen:
+            problems.append(
+                Problem("<cli>", None, f"{spec}: given twice", "name each run or file once")
+            )
+            continue
+        seen.add(where)
         try:
             loaded.append(load_results(spec, args.name))
         except T2TError as e:
@@ -435,6 +459,10 @@ def add_export(sub) -> None:
 def _export(args) -> int:
     from t2t_mtl.inference.predictor import export, push_to_hub  # torch & co.
 
+    if args.private and not args.push_to_hub:
+        raise ConfigError(
+            Problem("<cli>", None, "--private needs --push-to-hub", "add --push-to-hub OWNER/NAME")
+        )
     if args.push_to_hub:  # a bad repo id fails now, not after the slow merge
         from huggingface_hub.utils import HFValidationError, validate_repo_id
 

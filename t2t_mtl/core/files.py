@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import IO, Any
 
 __all__ = [
+    "output_path_problem",
     "atomic_open",
     "atomic_write_bytes",
     "atomic_write_json",
@@ -25,6 +26,36 @@ __all__ = [
     "swap_folder",
     "temp_folder_beside",
 ]
+
+
+def output_path_problem(
+    path: str | os.PathLike | None,
+    *,
+    folder: bool = False,
+    inputs: tuple[str | os.PathLike | None, ...] = (),
+) -> str:
+    """Why `path` cannot be written as an output file (`folder`: an output folder), or "" when it
+    can: an empty name; a folder where a file is meant or a file where a folder is; a file in the
+    way of a folder above it; one of `inputs` (writing would replace what is being read). Checked
+    before any work, so a user mistake costs nothing and destroys nothing."""
+    if path is None:
+        return ""
+    if str(path).strip() == "":
+        return "the path is empty"
+    p = Path(path).expanduser()
+    if not folder and p.is_dir():
+        return f"{p} is a folder; give a file name"
+    if folder and p.exists() and not p.is_dir():
+        return f"{p} is a file, not a folder"
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                return f"{parent} is a file, so nothing can be written inside it"
+            break
+    for src in inputs:
+        if src is not None and str(src).strip() and Path(src).expanduser().resolve() == p.resolve():
+            return f"{p} is also the input: writing would replace the rows being read"
+    return ""
 
 
 def _tmp_path(path: Path) -> Path:

@@ -123,7 +123,9 @@ def pick_variant(tpl: Task, variant: str | None) -> tuple[str | None, Problem | 
             str(tpl.path),
             None,
             f"task '{tpl.name}' has no variant '{variant}'",
-            did_you_mean(variant, ids + ["heldout"]),
+            did_you_mean(
+                variant, ids + (["heldout"] if any(v.heldout for v in tpl.variants) else [])
+            ),
         )
     return variant, None
 
@@ -182,6 +184,19 @@ def eval_tasks(
         # eval.limit / --limit draw a seeded random subset: the run seed and the task name
         seed = f"{cfg.seed}|{name}"
         out.append(EvalTask(name, tpl, resolved_source(cfg, t), m, vid, sample_seed=seed))
+    if mode in ("rank", "constrained") and out and all(t.mode != mode for t in out):
+        # Every task asked for keeps its own mode: the option did nothing, say so.
+        fits = "label tasks" if mode == "rank" else "label, span and entity tasks"
+        problems.append(
+            Problem(
+                "<cli>",
+                None,
+                f"--mode {mode} applies to {fits}; "
+                + ", ".join(f"'{t.name}' ({t.template.parse})" for t in out)
+                + (" is not one" if len(out) == 1 else " are none"),
+                "leave --mode out for these tasks",
+            )
+        )
     if problems:
         raise ConfigError(problems)
     return out

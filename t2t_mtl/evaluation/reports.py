@@ -395,7 +395,8 @@ def compare_table(sources: Sequence[tuple[str, dict[str, Any]]]) -> tuple[str, d
     shared_means = [_mean([c[t]["primary"] for t in shared]) for _, c in cols]
     lines.append(
         "| **mean (own tasks)** | | "
-        + " | ".join(cell(k, v, means[0]) for k, v in enumerate(means))
+        # values only: each column's own tasks may differ, so the means are not compared
+        + " | ".join(cell(k, v, None) for k, v in enumerate(means))
         + " |"
     )
     if len(cols) > 1:

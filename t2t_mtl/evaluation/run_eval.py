@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from t2t_mtl.core.config import NAME_HINT, name_problem
-from t2t_mtl.core.errors import ConfigError, Problem
+from t2t_mtl.core.errors import ConfigError, DataError, Problem, TemplateError
 from t2t_mtl.core.files import atomic_write_json
 from t2t_mtl.evaluation import metrics
-from t2t_mtl.evaluation.evaluator import EvalTask, eval_tasks, evaluate
+from t2t_mtl.evaluation.evaluator import EvalTask, eval_tasks, evaluate, load_examples
 from t2t_mtl.evaluation.reports import (
     forgetting,
     forgetting_heatmap,
@@ -109,6 +109,7 @@ def evaluate_run(
     ets = eval_tasks(
         run.cfg, names=tasks, template_dir=run.dir / "templates", mode=mode, variant=variant
     )
+    _refuse_without_rows(run, ets, split, limit)
     res = evaluate_bundle(
         run,
         run.bundle_dir(),
@@ -121,6 +122,15 @@ def evaluate_run(
     )
     res.update(mode=mode, variant=variant)
     res["title"] = f"{run.name}: {name}"
+    before = _read_json(run.eval_dir / f"{name}.json")
+    if before is not None and before.get("limit") != limit:
+        rows = {None: "every row"}
+        logger.warning(
+            "note: replacing %s (%s per task) with this evaluation (%s); --name NAME keeps both",
+            run.eval_dir / f"{name}.json",
+            rows.get(before.get("limit"), f"at most {before.get('limit')} rows"),
+            rows.get(limit, f"at most {limit} rows"),
+        )
     jpath, _ = write_results(res, run.eval_dir, name)
     return res, jpath
 
@@ -162,6 +172,22 @@ def _read_json(path: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def _refuse_without_rows(run: Run, ets: Sequence[EvalTask], split: str, limit: int | None) -> None:
+    """Before a model is loaded: when no task has rows of `split` (a split name mistyped, say),
+    a DataError naming each task's problem; nothing is written. When some have rows, the others
+    are reported in the results as skipped (evaluation goes on)."""
+    problems = []
+    for t in ets:
+        try:
+            load_examples(t, split, limit, bad_rows=run.cfg.train.bad_rows)  # cached for evaluate
+        except (DataError, TemplateError) as e:
+            problems += e.problems
+        else:
+            return
+    if problems:
+        raise DataError(problems)
 
 
 def _remote_code_ok(bundles: Sequence[Path], trust_remote_code: bool) -> None:
@@ -243,6 +269,7 @@ def forgetting_run(
     ets = eval_tasks(
         run.cfg, names=tasks, template_dir=run.dir / "templates", mode=mode, variant=variant
     )
+    _refuse_without_rows(run, ets, split, limit)
     names = [t.name for t in ets]
     suffix = "".join(f"-{x}" for x in (mode, variant) if x)
     for s, _ in bundles:

@@ -124,8 +124,13 @@ class Predictor:
         batch_size: int = 16,
         max_prompt_tokens: int | None = None,
         loader: Callable[[], Loaded] | None = None,
+        task_budgets: bool = False,
     ):
         self._model, self._tokenizer, self._fmt, self.run = model, tokenizer, fmt, run
+        # A task's answers get the budget and first-line stop `t2t-mtl eval` gives them
+        # (`evaluator.answer_budget`, at most max_new_tokens), so the same row gets the same answer.
+        self.task_budgets = task_budgets and run is not None
+        self._budgets: dict[str, tuple[int, bool]] = {}
         self._loader = loader  # () -> (model, tokenizer, family, manifest); called on first use
         self.manifest = manifest or {}
         self.max_new_tokens, self.batch_size, self.max_prompt_tokens = (
@@ -154,6 +159,8 @@ class Predictor:
             "max_new_tokens": run.cfg.eval.max_new_tokens,
             "batch_size": run.cfg.eval.batch_size,
             "max_prompt_tokens": run.cfg.model.max_length,
+            # as eval: fitted budgets for a tuned model unless a budget is given; none for the base
+            "task_budgets": run.cfg.eval.task_budgets and not base and "max_new_tokens" not in kw,
             **kw,
         }
         return cls(
@@ -362,18 +369,36 @@ class Predictor:
 
     # ------------------------------------------------------------------ answering
 
-    def generate(self, records: Sequence[Record], progress: Progress | None = None) -> list[str]:
-        """Greedy answers for records (batched)."""
+    def generate(
+        self, records: Sequence[Record], progress: Progress | None = None, task: str | None = None
+    ) -> list[str]:
+        """Greedy answers for records (batched); `task`: records of that task, answered with its
+        budget and stop as `t2t-mtl eval` answers them (`task_budgets`)."""
+        budget, first_line = self.budget(task) if task is not None else (self.max_new_tokens, False)
         return generate_texts(
             self.model,
             self.tokenizer,
             self.fmt,
             records,
-            max_new_tokens=self.max_new_tokens,
+            max_new_tokens=budget,
             batch_size=self.batch_size,
             max_prompt_tokens=self.max_prompt_tokens,
             progress=progress,
+            stop_after_line=first_line,
         )
+
+    def budget(self, task: str) -> tuple[int, bool]:
+        """(max new tokens, stop after the first line) for `task`'s answers: eval's fitted budget
+        and first-line stop with `task_budgets`, else max_new_tokens and no stop."""
+        if not self.task_budgets:
+            return self.max_new_tokens, False
+        if task not in self._budgets:
+            from t2t_mtl.evaluation.evaluator import FIRST_LINE_KINDS, answer_budget, eval_tasks
+
+            (et,) = eval_tasks(self.run.cfg, names=[task], template_dir=self.run.dir / "templates")
+            budget, _ = answer_budget(et, self.tokenizer, self.fmt, self.max_new_tokens)
+            self._budgets[task] = (budget, et.template.parse in FIRST_LINE_KINDS)
+        return self._budgets[task]
 
     def _answer(
         self,
@@ -383,7 +408,7 @@ class Predictor:
         progress: Progress | None = None,
     ) -> list[dict]:
         tpl = self.template(task)
-        texts = self.generate(recs, progress)
+        texts = self.generate(recs, progress, task=task)
         out = []
         for (_where, row), rec, text in zip(rows, recs, texts):
             parsed = (

@@ -154,7 +154,9 @@ def _unique_longest(cands: list[tuple[int, int, str]]) -> str | None:
 
 
 def parse_label(text: str, answer_choices: Sequence[str]) -> str | None:
-    """The answer choice `text` names, or None when it names none or several (see module docstring)."""
+    """The answer choice `text` names (see module docstring): the first line equal to a choice,
+    else the longest choice it starts with (its first answer: "2 stars or 3 stars" -> "2 stars"),
+    else the one choice it contains; None when it names none, or several without starting with one."""
     line = _first_line(text)
     if not line:
         return None
