@@ -356,6 +356,9 @@ def test_prompt_cli_mistakes(run_dir, capsys):
     assert main(["prompt", "--run", str(run_dir)]) == 2
     assert main(["prompt", "--run", str(run_dir), "--task", "sentimnt_sst2", "text=x"]) == 2
     assert "did you mean 'sentiment_sst2'" in capsys.readouterr().err
+    argv = ["prompt", "--run", str(run_dir), "--task", "sentiment_sst2", "text=a", "text=b"]
+    assert main(argv) == 2
+    assert "field 'text' is given twice" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ export

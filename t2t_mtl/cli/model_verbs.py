@@ -297,6 +297,11 @@ def field_values(tpl: Task, pairs: list[str]) -> dict:
                 Problem("<cli>", None, f"'{item}' is not FIELD=VALUE", "e.g. text='a fine film'")
             )
             continue
+        if key in out:
+            problems.append(
+                Problem("<cli>", None, f"field '{key}' is given twice", "give each field once")
+            )
+            continue
         spec = tpl.fields.get(key)
         if spec is None:
             problems.append(
