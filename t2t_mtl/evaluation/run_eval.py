@@ -144,9 +144,13 @@ def stage_fingerprint(
     split, limit, the run's eval settings, prompt budget and bad-row policy."""
     h = hashlib.sha256()
     for f in sorted(p for p in bundle.rglob("*") if p.is_file()):
-        if f.suffix in (".safetensors", ".bin") or f.name == "adapter_config.json":
+        if f.suffix in (".safetensors", ".bin"):
             h.update(f.relative_to(bundle).as_posix().encode())
             h.update(f.read_bytes())
+        elif f.name == "adapter_config.json":  # peft writes target_modules (a set) in any order
+            cfg = _read_json(f) or {}
+            canon = {k: sorted(v, key=str) if isinstance(v, list) else v for k, v in cfg.items()}
+            h.update(json.dumps(canon, sort_keys=True, default=str).encode())
     manifest = read_manifest(bundle)
     spec = {
         "prompt_format": manifest.get("prompt_format"),
