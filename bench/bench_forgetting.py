@@ -105,6 +105,8 @@ def setting_label(key: str) -> str:
     seed 2'; 'ewc_lam10000' -> 'EWC (lambda 10000)'."""
     base, lr, seed = split_key(key)
     name, _, lam = base.partition("_lam")
+    if not lam and name in ("ewc", "replay_ewc"):
+        lam = f"{EWC_LAMBDA:g}"
     label = NAMED.get(name, f"{name} %") + (f" (lambda {lam})" if lam else "")
     return label + (f", stage-2 LR {lr}" if lr else "") + (f", seed {seed}" if seed else "")
 

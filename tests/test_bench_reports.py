@@ -249,7 +249,7 @@ def test_forgetting_named_settings_and_seeds(tmp_path):
     assert plain.output_dir == str(tmp_path / "replay_10") and plain.seed == 42
     assert bench_forgetting.setting_key(0, 1e-4, "replay_ewc", 3) == "replay_ewc_lr0.0001_s3"
     assert bench_forgetting.setting_label("replay_ewc_lr0.0001_s3") == (
-        "replay + EWC, stage-2 LR 0.0001, seed 3"
+        "replay + EWC (lambda 1000), stage-2 LR 0.0001, seed 3"
     )
     # Another lambda is another setting (its own key, folder and label); the other settings keep
     # theirs, and a report stands when only what does not shape its run changed.
@@ -296,12 +296,12 @@ def test_forgetting_named_settings_and_seeds(tmp_path):
         },
     }
     text = bench_forgetting.section(results, tmp_path / "benchmarks.md")
-    assert "| EWC | 2 | 2.0 ± 1.4 | 2.0 ± 1.4 | -1.5 ± 0.7 | 50.0 ± 0.0 |" in text
+    assert "| EWC (lambda 1000) | 2 | 2.0 ± 1.4 | 2.0 ± 1.4 | -1.5 ± 0.7 | 50.0 ± 0.0 |" in text
     assert "| none | 1 | 9.0 ± 0.0 |" in text
-    assert "| EWC, seed 2 | – | 3.0 | 3.0 | -2.0 | 50.0 | **not met** / **not met** |" in text
+    assert "| EWC (lambda 1000), seed 2 | – | 3.0 | 3.0 | -2.0 | 50.0 | **not met** / **not met** |" in text
     assert "| none, seed 1 | – | 9.0 | 9.0 | 0.0 | 50.0 | – |" in text
     assert "`ewc: {lambda: 1000, samples: 100}`" in text
-    assert "**Setting: EWC, seed 1** — scores after each stage:" in text
+    assert "**Setting: EWC (lambda 1000), seed 1** — scores after each stage:" in text
 
 
 def _tiny_model_dir(tmp_path, kind: str) -> Path:
@@ -635,7 +635,7 @@ def test_forgetting_intervals_over_examples_and_seeds(tmp_path):
     assert none[f"vs_none:{TASKS[3]}"] == {"mean": 100.0, "low": 100.0, "high": 100.0}
     assert ewc[f"vs_none:{TASKS[3]}"]["high"] < 95  # EWC starves the new tasks here
     text = bench_forgetting.ci_table(reports)
-    assert "| EWC | 2 |" in text and "new tasks) | 1.10× |" in text
+    assert "| EWC (lambda 1000) | 2 |" in text and "new tasks) | 1.10× |" in text
     assert "| none | 3 |" in text and "| 100.0 % [100.0, 100.0] |" in text
     assert "| none | 3 |" in text
     # without rows (a report from before, or a lost run folder) the plain mean ± sd table is kept
