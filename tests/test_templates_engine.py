@@ -500,7 +500,10 @@ def test_preview_stdout_is_only_json_lines(capsys):
     recs = [json.loads(ln) for ln in out.splitlines()]
     assert len(recs) == 3 and {r["meta"]["variant"] for r in recs} == {"heldout_q"}
     assert recs[0]["input"] == "A WONDERFUL, WARM FILM"
-    assert err.strip() == "toy_sentiment/train: 0 bad rows skipped"
+    # the sample has more rows: the count says how many were looked at
+    assert err.strip() == (
+        "toy_sentiment/train: 0 bad rows skipped among the 3 rows read (reading stopped at the limit)"
+    )
 
 
 def test_preview_user_errors_exit_2(capsys, tmp_path):

@@ -881,8 +881,11 @@ class Rows(Sequence):
         label_skipped: int = 0,
         render_skipped: int = 0,
         render_first: Problem | None = None,
+        read: int | None = None,
     ):
         self._b, self._keep, self._res, self._t = backend, keep, res, template
+        # Rows looked at when reading stopped at a `limit` before the end (None: all of them).
+        self.read = read
         self.split, self.skipped, self.problems = split, skipped, problems
         self.label_skipped = label_skipped
         self.render_skipped, self.render_first = render_skipped, render_first
@@ -920,6 +923,8 @@ class Rows(Sequence):
     def summary(self) -> str:
         """One line for stderr: `task/split: N bad rows skipped (first: file:line: message)`."""
         text = f"{self.task}/{self.split}: {self.skipped} bad row{'s' if self.skipped != 1 else ''} skipped"
+        if self.read is not None:
+            text += f" among the {self.read} rows read (reading stopped at the limit)"
         return text + (f" (first: {self.problems[0].format()})" if self.problems else "")
 
 
@@ -982,7 +987,9 @@ def load_rows(
     render_first: Problem | None = None
     keep = array("q")
     labels, renames = label_maps(template, res.labels)
+    looked, stopped = 0, False
     for index, raw in _candidates(backend, template.name, limit, seed):
+        looked += 1
         row, present = map_row(
             raw, res.columns, labels, template.label_field, template.fields, renames
         )
@@ -1013,6 +1020,7 @@ def load_rows(
         else:
             keep.append(index)
             if limit is not None and len(keep) >= limit:
+                stopped = looked < len(backend)
                 break
     if seed is not None:
         keep = array("q", sorted(keep))  # a sample keeps the file's order
@@ -1042,6 +1050,7 @@ def load_rows(
         label_bad,
         render_bad,
         render_first,
+        read=looked if stopped else None,
     )
 
 
