@@ -298,7 +298,10 @@ def test_forgetting_named_settings_and_seeds(tmp_path):
     text = bench_forgetting.section(results, tmp_path / "benchmarks.md")
     assert "| EWC (lambda 1000) | 2 | 2.0 ± 1.4 | 2.0 ± 1.4 | -1.5 ± 0.7 | 50.0 ± 0.0 |" in text
     assert "| none | 1 | 9.0 ± 0.0 |" in text
-    assert "| EWC (lambda 1000), seed 2 | – | 3.0 | 3.0 | -2.0 | 50.0 | **not met** / **not met** |" in text
+    assert (
+        "| EWC (lambda 1000), seed 2 | – | 3.0 | 3.0 | -2.0 | 50.0 | **not met** / **not met** |"
+        in text
+    )
     assert "| none, seed 1 | – | 9.0 | 9.0 | 0.0 | 50.0 | – |" in text
     assert "`ewc: {lambda: 1000, samples: 100}`" in text
     assert "**Setting: EWC (lambda 1000), seed 1** — scores after each stage:" in text
