@@ -780,7 +780,7 @@ def check_row(
                     (
                         f"field '{name}' is empty in this row"
                         + (f" (column '{src}')" if src != name else ""),
-                        "fill it in, or leave the row out (bad_rows: skip leaves such rows out)",
+                        "fill it in, or leave the row out; bad_rows: skip leaves such rows out",
                         name,
                     )
                 )
