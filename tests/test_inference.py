@@ -263,6 +263,12 @@ def test_predict_cli_ner_and_qa_structured_output_matches_the_python_api(
             "qa_squad", [{"context": "x", "question": "y"}, {"question": "no context"}]
         )
     assert "<rows>:2: missing field 'context'" in str(e.value)
+    with pytest.raises(DataError) as e:
+        predictor.predict("qa_squad", [{"context": None, "question": "y"}])
+    assert "<rows>:1: field 'context' is null" in str(e.value)
+    with pytest.raises(DataError) as e:
+        predictor.predict("ner_conll2003", [{"tokens": []}])
+    assert "field 'tokens' is an empty list" in str(e.value)
 
 
 # ------------------------------------------------------------------ prompt

@@ -278,7 +278,7 @@ class Predictor:
             row, _ = map_row(raw, columns, labels, tpl.label_field, tpl.fields)
             extra = [str(k) for k in raw if k not in columns and k not in tpl.fields]
             bad = [
-                f"missing field '{f}'"
+                (f"field '{f}' is null" if _written(f, raw, columns) else f"missing field '{f}'")
                 + (f" (the row has '{c}': misspelt?)" if (c := _close(f, extra)) else "")
                 for f in needed
                 if row.get(f) is None and (f not in tpl.fields or tpl.fields[f].required)
@@ -303,6 +303,8 @@ class Predictor:
                 bad.append(
                     "missing field 'tokens' (the sentence's tokens, needed to align entities)"
                 )
+            elif tpl.parse == "entities" and not bad and not row["tokens"]:
+                bad.append("field 'tokens' is an empty list: the sentence has no words to tag")
             if bad:
                 problems.append(
                     Problem(*loc, "; ".join(bad), f"'{task}' prompts use: {', '.join(needed)}")
@@ -465,10 +467,17 @@ class Predictor:
 # ------------------------------------------------------------------ predict files
 
 
+def _written(field: str, raw: dict, columns: dict) -> bool:
+    """Whether the input row holds `field` (under its own name or a column mapped to it)."""
+    return field in raw or any(dst == field and src in raw for src, dst in columns.items())
+
+
 def read_rows(path: str | Path) -> tuple[list[tuple[str, Any]], list[Problem]]:
     """JSONL input rows as (`file:line`, object); lines that are not UTF-8 or not JSON become
     problems; a file without any row is a DataError."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(Problem(str(path), None, "is a folder", "give a JSONL file of rows"))
     if not path.is_file():
         raise DataError(Problem(str(path), None, "input file not found"))
     rows, problems = [], []
