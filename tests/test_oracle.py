@@ -208,6 +208,8 @@ def test_validate_oracle_checks_templates_on_their_own_source_and_the_ones_named
     templates named are checked (not the config's tasks)."""
     data = tmp_path / "d"
     write(data / "train.jsonl", '{"text": "a", "label": "yes"}\n{"text": "b", "label": "no"}\n')
+    write(data / "validation.jsonl", '{"text": "c", "label": "no"}\n')
+    write(data / "unlabeled.jsonl", '{"text": "d"}\n')  # not a usual split: not checked
     tpl_file = write(
         tmp_path / "own.yaml",
         """\
@@ -225,7 +227,7 @@ def test_validate_oracle_checks_templates_on_their_own_source_and_the_ones_named
     )
     assert main(["validate", "--oracle", str(tpl_file)]) == 0
     err = capsys.readouterr().err
-    assert "oracle own (train): accuracy 100.00, invalid 0.0 %, 2 rows" in err
+    assert "oracle own (train, validation): accuracy 100.00, invalid 0.0 %, 3 rows" in err
     assert "no rows to check" not in err
     cfg = write(
         tmp_path / "run.yaml",
@@ -233,7 +235,7 @@ def test_validate_oracle_checks_templates_on_their_own_source_and_the_ones_named
     )
     assert main(["validate", "--oracle", "--config", str(cfg), str(tpl_file)]) == 0
     err = capsys.readouterr().err
-    assert "oracle own (train)" in err and "oracle many_classes" not in err
+    assert "oracle own (train, validation)" in err and "oracle many_classes" not in err
 
 
 # ------------------------------------------------------------------ validate --oracle

@@ -202,15 +202,25 @@ class TrialSource:
 
 def trial_sources(tpl: Task, cfg: RunConfig | None = None) -> list[TrialSource]:
     """The real rows `validate` renders `tpl` on, the first of: its bundled samples (every split),
-    its own `source` (the splits it maps, else train), the sources a run config's tasks give it
+    its own `source` (the splits it maps and, for a folder, those of train/validation/test it has a file for;
+    else train), the sources a run config's tasks give it
     (train and `eval.split`, those a source folder has). Empty when there are none."""
     splits = sample_splits(tpl)
     if splits:
         return [TrialSource(None, splits, f"bundled samples {tpl.samples}", "samples")]
     if tpl.source.get("path") or tpl.source.get("hub"):
         where = tpl.source.get("path") or f"hub:{tpl.source['hub']}"
-        mapped = list(tpl.source.get("splits") or {}) or ["train"]
-        return [TrialSource(None, mapped, f"its source {where}", "source")]
+        mapped = list(tpl.source.get("splits") or {})
+        folder = Path(tpl.source["path"]) if tpl.source.get("path") else None
+        if folder is not None and folder.is_dir():  # every usual split the folder has a file for
+            stems = {
+                p.stem
+                for p in folder.iterdir()
+                if p.suffix[1:] in sources.FORMATS and p.stem in ("train", "validation", "test")
+            }
+            renamed = set((tpl.source.get("splits") or {}).values())
+            mapped = list(dict.fromkeys(mapped + sorted(stems - renamed)))
+        return [TrialSource(None, mapped or ["train"], f"its source {where}", "source")]
     out = []
     for i, t in enumerate(cfg.tasks if cfg is not None else []):
         if t.source is None or not _same_template(t.template, tpl, cfg):
