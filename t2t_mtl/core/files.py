@@ -19,6 +19,7 @@ from typing import IO, Any
 
 __all__ = [
     "output_path_problem",
+    "read_json_object",
     "atomic_open",
     "atomic_write_bytes",
     "atomic_write_json",
@@ -56,6 +57,15 @@ def output_path_problem(
         if src is not None and str(src).strip() and Path(src).expanduser().resolve() == p.resolve():
             return f"{p} is also the input: writing would replace the rows being read"
     return ""
+
+
+def read_json_object(path: str | os.PathLike) -> dict | None:
+    """The JSON object in `path`, or None when it is missing, unreadable or not an object."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _tmp_path(path: Path) -> Path:

@@ -16,7 +16,7 @@ from typing import Any
 
 from t2t_mtl.core.config import NAME_HINT, name_problem
 from t2t_mtl.core.errors import ConfigError, DataError, Problem, TemplateError
-from t2t_mtl.core.files import atomic_write_json
+from t2t_mtl.core.files import atomic_write_json, read_json_object
 from t2t_mtl.evaluation import metrics
 from t2t_mtl.evaluation.evaluator import EvalTask, eval_tasks, evaluate, load_examples
 from t2t_mtl.evaluation.reports import (
@@ -122,7 +122,7 @@ def evaluate_run(
     )
     res.update(mode=mode, variant=variant)
     res["title"] = f"{run.name}: {name}"
-    before = _read_json(run.eval_dir / f"{name}.json")
+    before = read_json_object(run.eval_dir / f"{name}.json")
     if before is not None and before.get("limit") != limit:
         rows = {None: "every row"}
         logger.warning(
@@ -148,7 +148,7 @@ def stage_fingerprint(
             h.update(f.relative_to(bundle).as_posix().encode())
             h.update(f.read_bytes())
         elif f.name == "adapter_config.json":  # peft writes target_modules (a set) in any order
-            cfg = _read_json(f) or {}
+            cfg = read_json_object(f) or {}
             canon = {k: sorted(v, key=str) if isinstance(v, list) else v for k, v in cfg.items()}
             h.update(json.dumps(canon, sort_keys=True, default=str).encode())
     manifest = read_manifest(bundle)
@@ -167,15 +167,6 @@ def stage_fingerprint(
     }
     h.update(json.dumps(spec, sort_keys=True, default=str).encode())
     return h.hexdigest()
-
-
-def _read_json(path: Path) -> dict | None:
-    """The JSON object in `path`, or None when it is missing or unreadable (then evaluated anew)."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def _refuse_without_rows(run: Run, ets: Sequence[EvalTask], split: str, limit: int | None) -> None:
@@ -290,7 +281,7 @@ def forgetting_run(
         todo = [t for t in ets if not learned_only or learned.get(t.name, 0) <= i]
         fp = stage_fingerprint(run, bundle, todo, split, limit)
         path = run.eval_dir / f"stage-{s}-{split}{suffix}.json"
-        res = _read_json(path) if reuse else None
+        res = read_json_object(path) if reuse else None
         if res is None or res.get("eval_fingerprint") != fp:
             res = evaluate_bundle(
                 run,

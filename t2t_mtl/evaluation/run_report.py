@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from t2t_mtl import __version__
 from t2t_mtl.core.errors import ConfigError, Problem
-from t2t_mtl.core.files import atomic_write_text
+from t2t_mtl.core.files import atomic_write_text, read_json_object
 from t2t_mtl.evaluation import metrics
 from t2t_mtl.evaluation.reports import forgetting_heatmap
 from t2t_mtl.runs.folder import MIXTURE_FILE, Run, read_metrics
@@ -81,14 +81,6 @@ code{background:#eef1f5;padding:0 3px;border-radius:3px}
 # ------------------------------------------------------------------ reading
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def _read_jsonl(path: Path) -> list[dict]:
     return [r for r in read_metrics(path) if isinstance(r, dict)]
 
@@ -102,7 +94,7 @@ def result_files(run: Run) -> list[Path]:
         p
         for p in sorted(run.eval_dir.glob("*.json"))
         if not p.stem.startswith(("stage-", "forgetting"))
-        and isinstance((_read_json(p) or {}).get("tasks"), dict)
+        and isinstance((read_json_object(p) or {}).get("tasks"), dict)
     ]
     main = run.eval_dir / f"{run.cfg.eval.split}.json"
     return sorted(found, key=lambda p: p != main)
@@ -292,8 +284,8 @@ def _section(anchor: str, title: str, body: str) -> str:
 
 def _summary(run: Run) -> str:
     cfg = run.cfg
-    summ = _read_json(run.dir / "train_summary.json") or {}
-    best = _read_json(run.dir / "best" / "best.json")
+    summ = read_json_object(run.dir / "train_summary.json") or {}
+    best = read_json_object(run.dir / "best" / "best.json")
     ad = cfg.adapter
     adapter = ad.method + (f" (r={ad.r}, alpha={ad.alpha})" if ad.method != "full" else "")
     stages = ", ".join(
@@ -345,7 +337,7 @@ def _summary(run: Run) -> str:
 
 
 def _mixture(run: Run, rows: list[dict]) -> str:
-    data = _read_json(run.dir / MIXTURE_FILE)
+    data = read_json_object(run.dir / MIXTURE_FILE)
     stages = (data or {}).get("stages") or []
     if not stages:
         return _missing(MIXTURE_FILE, "training writes it when a stage starts")
@@ -426,7 +418,7 @@ def _final(run: Run) -> str:
         return _missing("evaluation results", f"run <code>t2t-mtl eval --run {_e(run.dir)}</code>")
     parts = []
     for f in files:
-        res = _read_json(f) or {}
+        res = read_json_object(f) or {}
         lim = res.get("limit")
         what = f"split {res.get('split')}" + (f", at most {lim} rows per task" if lim else "")
         base = " (untuned base model)" if res.get("base") else ""
@@ -446,7 +438,7 @@ def _forgetting(run: Run) -> str:
     if len(run.cfg.stage_list()) < 2:
         return '<p class="note">One stage: nothing to forget.</p>'
     reps = sorted(run.eval_dir.glob("forgetting*.json")) if run.eval_dir.is_dir() else []
-    reps = [p for p in reps if isinstance((_read_json(p) or {}).get("matrix"), list)]
+    reps = [p for p in reps if isinstance((read_json_object(p) or {}).get("matrix"), list)]
     if not reps:
         return _missing(
             "forgetting report",
@@ -454,7 +446,7 @@ def _forgetting(run: Run) -> str:
         )
     parts = []
     for p in reps:
-        rep = _read_json(p) or {}
+        rep = read_json_object(p) or {}
         png = p.with_suffix(".png")
         if not png.is_file():  # written beside the JSON by eval --forgetting; redraw if lost
             with tempfile.TemporaryDirectory() as tmp:
