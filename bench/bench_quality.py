@@ -17,6 +17,14 @@ Two evaluation splits, so that defaults are never chosen on the rows they are re
   training file. The reported comparison runs here.
 The same rows are scored for every system and seed, so differences are paired.
 
+Zero-shot transfer (systems `transfer_*`): RTE and AG News, in no training run, scored for the untuned model
+and for multi's trained runs (same seeds) in three ways: through the task's template (first training
+variant), through a free instruction written for this benchmark (not a template variant, as
+`t2t-mtl prompt --instruction` sends it), and by ranked choices (`--mode rank`: the choice with the highest
+likelihood, so no answer can be unreadable). --rows rows per task drawn (seeded) from RTE's validation file
+(all 277) and AG News's test file (the slice has no validation split); both are disjoint from training.
+Their statistics are computed apart from the five trained tasks' (`stats.transfer`).
+
 Every run is a run folder under WORK/<split>/<system>/s<seed> (our trainer, `resume: auto`) or a TRL output
 folder. Every evaluation is kept in the repository, bench/results/quality/<split>-<rows>/<system>-s<seed>.json
 (each row's generated text and per-row statistics, a few hundred KB), so an interrupted invocation continues
@@ -45,7 +53,19 @@ sys.path.insert(0, str(ROOT / "bench"))
 import common  # noqa: E402
 
 TASKS = tuple(t for t, _ in common.SLICES)
+TRANSFER_TASKS = tuple(t for t, _, _ in common.HELDOUT_SLICES)
 SPLITS = ("dev", "validation")
+TRANSFER_MODES = ("template", "free", "rank")
+# Free instructions for the transfer tasks: plain requests a user could type, not template variants.
+FREE_INSTRUCTIONS = {
+    "nli_2way": (
+        "Read the two texts. Does the first text imply that the second one is true? "
+        "Reply with entailment or not_entailment."
+    ),
+    "topic_ag_news": (
+        "What is this news article about? Reply with one word: World, Sports, Business or Sci/Tech."
+    ),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +88,8 @@ class System:
     constrained: bool = (
         False  # eval_mode constrained for every task that has a form (label/span/NER)
     )
+    # Zero-shot transfer: scored on TRANSFER_TASKS (never trained) through "template", "free" or "rank".
+    transfer: str | None = None
 
 
 SYSTEMS: tuple[System, ...] = (
@@ -152,12 +174,38 @@ SYSTEMS: tuple[System, ...] = (
         eval_of="fp32",
         constrained=True,
     ),
+    # Zero-shot transfer to tasks no run trains on (evaluation settings only; see the module docstring).
+    *(
+        System(
+            f"transfer_{who}" + ("" if mode == "template" else f"_{mode}"),
+            kind,
+            f"{about}, RTE and AG News (never trained), "
+            + {
+                "template": "through their templates",
+                "free": "through a free instruction",
+                "rank": "by ranked choices",
+            }[mode],
+            tasks=TRANSFER_TASKS,
+            eval_of=eval_of,
+            transfer=mode,
+        )
+        for who, kind, about, eval_of in (
+            ("base", "base", "the untuned model", None),
+            ("multi", "ours", "multi's runs", "multi"),
+        )
+        for mode in TRANSFER_MODES
+    ),
 )
 BY_NAME = {s.name: s for s in SYSTEMS}
 DEFAULT_SYSTEMS = {
     "validation": ("base", "multi", "trl_hand", "trl_ours")
     + tuple(f"single_{t}" for t in TASKS)
-    + ("multi_equal",),
+    + ("multi_equal",)
+    + tuple(
+        f"transfer_{who}" + ("" if m == "template" else f"_{m}")
+        for who in ("base", "multi")
+        for m in TRANSFER_MODES
+    ),
     "dev": ("multi", "trl_ours", "no_packing", "once_each", "no_dropout", "fp32"),
 }
 
@@ -195,6 +243,22 @@ def split_data(data: Path, work: Path, split: str, rows: int) -> tuple[dict, dic
                 _write_lines(out / "validation.jsonl", [lines[i] for i in sorted(pick)])
             train[tpl], evals[tpl] = src, out
     return train, evals
+
+
+def transfer_data(data: Path, work: Path, rows: int) -> dict:
+    """Evaluation folders of the transfer tasks: WORK/data/transfer/<slice>/validation.jsonl = `rows`
+    seeded rows of the slice's validation file (AG News: its test file, the slice has no validation
+    split). The same rows for either --split: no run trains on these slices."""
+    out = {}
+    for tpl, folder, splits in common.HELDOUT_SLICES:
+        dst = work / "data" / "transfer" / folder
+        if not (dst / "validation.jsonl").is_file():
+            name = splits.get("validation", "validation")
+            lines = (data / folder / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()
+            pick = _draw(len(lines), rows, f"transfer:{folder}")
+            _write_lines(dst / "validation.jsonl", [lines[i] for i in sorted(pick)])
+        out[tpl] = dst
+    return out
 
 
 def _draw(n: int, k: int, key: str) -> list[int]:
@@ -276,12 +340,16 @@ def one_variant_tasks(out_dir: Path, tasks: list[dict]) -> list[dict]:
     return out
 
 
-def eval_config(args, eval_dirs: dict):
-    """A config naming the five tasks on the evaluation rows (for our evaluator's task list)."""
+def eval_config(args, eval_dirs: dict, transfer_dirs: dict | None = None):
+    """A config naming the five tasks (and the transfer tasks when `transfer_dirs` is given) on the
+    evaluation rows (for our evaluator's task list)."""
     from t2t_mtl.core.config import load_config
 
+    tasks = task_entries(eval_dirs, TASKS)
+    if transfer_dirs:
+        tasks += task_entries(transfer_dirs, TRANSFER_TASKS)
     d = common.default_recipe()
-    d.update(tasks=task_entries(eval_dirs, TASKS), output_dir=str(Path(args.work) / "_eval"))
+    d.update(tasks=tasks, output_dir=str(Path(args.work) / "_eval"))
     return load_config(data=d)
 
 
@@ -443,6 +511,21 @@ def evaluate_system(args, system: System, cfg, out_dir: Path, ecfg, path: Path) 
     out: dict[str, Any] = {"split": args.split, "rows": args.rows, "tasks": {}}
     for t in tasks:
         examples, rows = evaluator.load_examples(t, "validation", None)
+        if system.transfer:
+            texts = transfer_answers(system.transfer, model, tok, fmt, t, examples, cfg)
+            ranked = texts if system.transfer == "rank" else None
+            summary, _ = evaluator.score_task(
+                t.template, examples, None if ranked else texts, ranked=ranked
+            )
+            texts = [r.choice for r in ranked] if ranked else texts
+            out["tasks"][t.name] = {
+                "row_ids": [ex.record.meta.get("row_id") for ex in examples],
+                "texts": list(texts),
+                "primary": summary.get("primary"),
+                "invalid_rate": summary.get("invalid_rate"),
+                "per_example": summary.get("per_example"),
+            }
+            continue
         if system.kind == "trl_hand":
             prompts = [
                 hand_prompt(t.name, rows[int(ex.record.meta["row_id"])], tok) for ex in examples
@@ -477,6 +560,40 @@ def evaluate_system(args, system: System, cfg, out_dir: Path, ecfg, path: Path) 
     return out
 
 
+def transfer_answers(mode: str, model, tok, fmt, task, examples, cfg) -> list:
+    """A transfer task's answers: `rank` -> the ranked choices (`Ranked`), else generated texts for the
+    template's prompt (`template`) or the same input under FREE_INSTRUCTIONS (`free`).
+
+    Generation as `t2t-mtl eval` does it for label tasks: each answer ends at its first line (labels are
+    parsed from it), within eval.max_new_tokens (the transfer folders have no training file to fit a
+    budget on); the same for the untuned and the tuned model, so both are read alike."""
+    from t2t_mtl.model.generation import generate_texts, rank_choices
+
+    recs = [ex.record for ex in examples]
+    if mode == "rank":
+        return rank_choices(
+            model,
+            tok,
+            fmt,
+            recs,
+            task.template.answer_choices,
+            batch_size=cfg.eval.batch_size,
+            max_prompt_tokens=cfg.model.max_length,
+        )
+    if mode == "free":
+        recs = [dataclasses.replace(r, instruction=FREE_INSTRUCTIONS[task.name]) for r in recs]
+    return generate_texts(
+        model,
+        tok,
+        fmt,
+        recs,
+        max_new_tokens=cfg.eval.max_new_tokens,
+        batch_size=cfg.eval.batch_size,
+        max_prompt_tokens=cfg.model.max_length,
+        stop_after_line=True,
+    )
+
+
 def greedy(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
     """Plain greedy decoding of text prompts (left padding), up to EOS; the answer text only."""
     import torch
@@ -505,7 +622,8 @@ def greedy(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int)
 def run_one(args, system: System, seed: int, dirs: tuple[dict, dict], ecfg) -> dict:
     """Train (once) and evaluate (once) one system at one seed; its cached evaluation and times."""
     train_dirs, _ = dirs
-    trained = BY_NAME[system.eval_of] if system.eval_of else system
+    # an evaluation setting scores another system's runs; every setting of the untuned model, base's
+    trained = BY_NAME[system.eval_of or ("base" if system.kind == "base" else system.name)]
     out_dir = (
         Path(args.work)
         / args.split
@@ -521,6 +639,7 @@ def run_one(args, system: System, seed: int, dirs: tuple[dict, dict], ecfg) -> d
             "eval_seconds": res.get("seconds"),
             "eval": str(path.relative_to(ROOT)),
             **({"eval_of": system.eval_of} if system.eval_of else {}),
+            **({"transfer": system.transfer} if system.transfer else {}),
         }
     seconds = 0.0
     if system.kind == "ours":
@@ -536,6 +655,7 @@ def run_one(args, system: System, seed: int, dirs: tuple[dict, dict], ecfg) -> d
         "eval_seconds": res.get("seconds"),
         "eval": str(path.relative_to(ROOT)),
         **({"eval_of": system.eval_of} if system.eval_of else {}),
+        **({"transfer": system.transfer} if system.transfer else {}),
     }
 
 
@@ -558,12 +678,17 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.list:
         for s in SYSTEMS:
-            print(f"{s.name:14} {s.kind:9} {s.about}")
+            print(f"{s.name:20} {s.kind:9} {s.about}")
         return 0
     names = [x.strip() for x in (args.systems or ",".join(DEFAULT_SYSTEMS[args.split])).split(",")]
     data = Path(args.data_dir).resolve()
     errors = [f"error: unknown system '{n}' (see --list)" for n in names if n not in BY_NAME]
-    errors += common.check_data_dir(data, [f for _, f in common.SLICES])
+    transfer = any(BY_NAME[n].transfer for n in names if n in BY_NAME)
+    errors += common.check_data_dir(
+        data,
+        [f for _, f in common.SLICES]
+        + ([f for _, f, _ in common.HELDOUT_SLICES] if transfer else []),
+    )
     try:
         seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     except ValueError:
@@ -585,7 +710,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     runs = results.setdefault("runs", {})
     dirs = split_data(data, Path(args.work), args.split, args.rows)
-    ecfg = eval_config(args, dirs[1])
+    ecfg = eval_config(
+        args, dirs[1], transfer_data(data, Path(args.work), args.rows) if transfer else None
+    )
     t_start = time.time()
     # Seed-major order: after the first pass every system has one seed, so a partial study is usable.
     for seed in seeds:

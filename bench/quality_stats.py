@@ -42,10 +42,24 @@ def _cached_stats(results: dict, system: str) -> dict[str, dict[str, RowStats]]:
 
 def study_stats(results: dict, pairs: list[tuple[str, str]] | None = None) -> dict[str, Any]:
     """The study's statistics from its cached evaluations: `bootstrap` over every system with results
-    (plus "single": the five single-task runs as one column, each task scored by its own specialist)."""
+    (plus "single": the five single-task runs as one column, each task scored by its own specialist).
+
+    Zero-shot transfer systems (runs marked `transfer`) are scored on other tasks than the trained
+    ones; their statistics are computed apart, under `transfer`, so that every "mean" is a mean over
+    one set of tasks."""
+    runs = results["runs"]
+    transfer = [n for n, r in runs.items() if any(i.get("transfer") for i in r.values())]
+    out = _group_stats(results, [n for n in runs if n not in transfer], pairs, default_pairs)
+    if transfer:
+        out["transfer"] = _group_stats(results, transfer, None, transfer_pairs)
+    return out
+
+
+def _group_stats(results: dict, names: list[str], pairs, pair_fn) -> dict[str, Any]:
+    """`bootstrap` over the systems `names` (one set of tasks); pairs default to `pair_fn`."""
     systems: dict[str, dict[str, list[RowStats]]] = {}
     seeds_of: dict[str, list[str]] = {}
-    for name in results["runs"]:
+    for name in names:
         by_seed = _cached_stats(results, name)
         seeds_of[name] = sorted(by_seed)
         per_task: dict[str, list[RowStats]] = {}
@@ -59,15 +73,36 @@ def study_stats(results: dict, pairs: list[tuple[str, str]] | None = None) -> di
     if single:
         systems["single"] = single
     # An evaluation setting of another system's runs (`eval_of`) scores the same trained models:
-    # its seeds are drawn together with theirs when both have the same seeds.
-    linked, sources = {}, {}
-    for name, runs in results["runs"].items():
-        src = next((i.get("eval_of") for i in runs.values() if i.get("eval_of")), None)
-        if src in systems and name in systems:
+    # its seeds are drawn together with theirs when both have the same seeds. Where that system is
+    # not in this group (transfer), the first setting of the same runs anchors the others.
+    linked, sources, anchors = {}, {}, {}
+    for name in names:
+        src = next(
+            (i.get("eval_of") for i in results["runs"][name].values() if i.get("eval_of")), None
+        )
+        if src is None or name not in systems:
+            continue
+        if src in systems:
             sources[name] = src  # compared with the system whose runs it evaluates
-            if seeds_of.get(src) == seeds_of.get(name):
-                linked[name] = src
-    return bootstrap(systems, pairs or default_pairs(list(systems), sources), linked=linked)
+            anchor = src
+        else:
+            anchor = anchors.setdefault(src, name)
+        if anchor != name and seeds_of.get(anchor) == seeds_of.get(name):
+            linked[name] = anchor
+    return bootstrap(systems, pairs or pair_fn(list(systems), sources), linked=linked)
+
+
+def transfer_pairs(
+    names: list[str], sources: dict[str, str] | None = None
+) -> list[tuple[str, str]]:
+    """Transfer differences: the tuned runs against the untuned model, for each way of asking."""
+    out = []
+    for a in names:
+        if a.startswith("transfer_multi"):
+            b = a.replace("transfer_multi", "transfer_base", 1)
+            if b in names:
+                out.append((a, b))
+    return out
 
 
 def bootstrap(

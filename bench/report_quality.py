@@ -30,6 +30,16 @@ LABEL = {
     "topic_ag_news": "AG News (accuracy)",
     "mean": "**mean of the five**",
 }
+TRANSFER_TASKS = ("nli_2way", "topic_ag_news")
+TRANSFER_COLUMNS = {
+    "transfer_base": "base, template",
+    "transfer_multi": "**ours, multi-task, template**",
+    "transfer_base_free": "base, free instruction",
+    "transfer_multi_free": "ours, multi-task, free instruction",
+    "transfer_base_rank": "base, ranked choices",
+    "transfer_multi_rank": "ours, multi-task, ranked choices",
+}
+TRANSFER_SECTION = "## Zero-shot transfer with seeds"
 COLUMNS = {
     "base": "base, zero-shot",
     "multi": "**ours, multi-task**",
@@ -60,47 +70,53 @@ def diff_cell(d: dict | None) -> str:
     return f"{mark} {d['diff']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}]"
 
 
-def systems_table(stats: dict, columns: dict[str, str]) -> str:
+def _row_label(t: str, tasks: tuple[str, ...]) -> str:
+    if t == "mean" and tasks != TASKS:
+        return f"**mean of the {len(tasks)}**"
+    return LABEL[t]
+
+
+def systems_table(stats: dict, columns: dict[str, str], tasks: tuple[str, ...] = TASKS) -> str:
     """Per task and mean: each system's mean over seeds with its 95 % interval."""
     cols = {k: v for k, v in columns.items() if k in stats.get("systems", {})}
     if not cols:
         return ""
     lines = ["| task | " + " | ".join(cols.values()) + " |", "|---|" + "---:|" * len(cols)]
-    for t in (*TASKS, "mean"):
+    for t in (*tasks, "mean"):
         cells = [cell(stats["systems"][k].get(t)) for k in cols]
-        lines.append(f"| {LABEL[t]} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_row_label(t, tasks)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def pairs_table(stats: dict, pairs: list[str] | None = None) -> str:
+def pairs_table(stats: dict, pairs: list[str] | None = None, tasks: tuple[str, ...] = TASKS) -> str:
     """Per task and mean: each paired difference a − b with its 95 % interval and tie mark."""
     names = [p for p in (pairs or list(stats.get("pairs", {}))) if p in stats.get("pairs", {})]
     if not names:
         return ""
     lines = ["| task | " + " | ".join(f"{p.replace(' - ', ' − ')}" for p in names) + " |"]
     lines.append("|---|" + "---:|" * len(names))
-    for t in (*TASKS, "mean"):
+    for t in (*tasks, "mean"):
         lines.append(
-            f"| {LABEL[t]} | "
+            f"| {_row_label(t, tasks)} | "
             + " | ".join(diff_cell(stats["pairs"][p].get(t)) for p in names)
             + " |"
         )
     return "\n".join(lines)
 
 
-def seeds_table(stats: dict, names: list[str]) -> str:
+def seeds_table(stats: dict, names: list[str], tasks: tuple[str, ...] = TASKS) -> str:
     """Each seed's score per system and task (what the intervals are made of)."""
     names = [n for n in names if n in stats.get("systems", {})]
     lines = [
-        "| system | " + " | ".join(LABEL[t] for t in TASKS) + " |",
-        "|---|" + "---:|" * len(TASKS),
+        "| system | " + " | ".join(LABEL[t] for t in tasks) + " |",
+        "|---|" + "---:|" * len(tasks),
     ]
     for n in names:
         s = stats["systems"][n]
         lines.append(
             f"| {n} | "
             + " | ".join(
-                ", ".join(f"{x:.1f}" for x in s[t]["seeds"]) if t in s else "–" for t in TASKS
+                ", ".join(f"{x:.1f}" for x in s[t]["seeds"]) if t in s else "–" for t in tasks
             )
             + " |"
         )
@@ -173,7 +189,7 @@ def write(results: dict, doc: Path) -> None:
     split = st.get("split", "validation")
     seeds = st.get("seeds", [])
     runs = results.get("runs", {})
-    n_seeds = {k: len(v) for k, v in runs.items()}
+    n_seeds = {k: len(v) for k, v in runs.items() if k not in TRANSFER_COLUMNS}
     body = [
         f"Command: `{COMMAND} --split {split}` (one command; resumable: run folders under "
         f"`runs/bench_quality/{split}/`, every evaluation kept in `bench/results/quality/{split}-<rows>/`). "
@@ -193,7 +209,12 @@ def write(results: dict, doc: Path) -> None:
         + " Cells: mean over seeds [95 % bootstrap interval over rows and seeds], in points. Differences "
         "are paired over rows; ≈ marks a tie (the interval contains 0), ▲/▼ a clear win/loss.",
     ]
-    single = sorted(k for k, v in n_seeds.items() if v < 2)
+    # the untuned model has one evaluation by design (greedy decoding does not depend on a seed)
+    single = sorted(
+        k
+        for k, v in n_seeds.items()
+        if v < 2 and k not in ("base", "transfer_base") and not k.startswith("transfer_base_")
+    )
     if single:
         body.append(
             f"**Partial study: {', '.join(single)} "
@@ -223,6 +244,40 @@ def write(results: dict, doc: Path) -> None:
         ]
     body += ["Per-seed scores:", seeds_table(stats, list(stats.get("systems", {})))]
     common.update_doc(doc, SECTIONS[split], "\n\n".join(x for x in body if x))
+    if stats.get("transfer", {}).get("systems"):
+        write_transfer(results, doc)
+
+
+def write_transfer(results: dict, doc: Path) -> None:
+    """Rewrite the doc's "Zero-shot transfer with seeds" section from `results["stats"]["transfer"]`."""
+    st, m = results.get("settings", {}), results.get("machine", {})
+    stats = results["stats"]["transfer"]
+    runs = results.get("runs", {})
+    n_seeds = {k: len(v) for k, v in runs.items() if k in TRANSFER_COLUMNS}
+    body = [
+        f"Command: `{COMMAND} --split {st.get('split', 'validation')} --systems "
+        + ",".join(k for k in TRANSFER_COLUMNS if k in runs)
+        + "` (the tuned runs are the study's `multi` runs; their evaluations are kept in "
+        "`bench/results/quality/`).",
+        common.machine_line(m) if m else "",
+        "RTE and AG News are in no training run. *template*: the task's own template (first training "
+        "variant); *free instruction*: a plain instruction written for this benchmark (not a template "
+        "variant) over the same input, as `t2t-mtl prompt --instruction` sends it; both generated (first "
+        "line, greedy) and parsed by the task's verbalizer; *ranked choices*: the answer choice with the "
+        "highest likelihood under the template's prompt (`t2t-mtl eval --mode rank`: no answer can be "
+        f"unreadable). Rows: up to {st.get('rows')} per task drawn once with a fixed seed (RTE: its 277 "
+        "validation rows; AG News: test.jsonl, the slice has no validation split). Seeds per system: "
+        + ", ".join(f"{k} {v}" for k, v in n_seeds.items())
+        + " (the untuned model's greedy answers do not depend on a seed: its interval is over rows). "
+        "Accuracy in points; chance is 50 (RTE) and 25 (AG News). Cells: mean over seeds [95 % bootstrap "
+        "interval over rows and seeds].",
+        systems_table(stats, TRANSFER_COLUMNS, TRANSFER_TASKS),
+        "Tuned against untuned, paired over rows (≈: the interval contains 0):",
+        pairs_table(stats, tasks=TRANSFER_TASKS),
+        "Per-seed scores:",
+        seeds_table(stats, list(TRANSFER_COLUMNS), TRANSFER_TASKS),
+    ]
+    common.update_doc(doc, TRANSFER_SECTION, "\n\n".join(x for x in body if x))
 
 
 def main(argv: list[str] | None = None) -> int:

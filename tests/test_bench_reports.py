@@ -723,3 +723,68 @@ def test_forgetting_settings_start_from_the_seeds_stage1_exactly(tmp_path, tiny_
         assert a == b and all((full / x).read_bytes() == (run / x).read_bytes() for x in a), sub
     assert bench_forgetting.stage2_step_seconds(run, 4) > 0
     assert bench_forgetting.stage2_step_seconds(tmp_path / "missing", 4) is None
+
+
+def test_transfer_systems_score_heldout_tasks_three_ways_and_apart(
+    tiny_causal_dir, real_data_dir, tmp_path, monkeypatch
+):
+    """The zero-shot transfer settings at toy size: the untuned model on RTE and AG News through the
+    template, a free instruction and ranked choices, each kept as an evaluation with per-row statistics;
+    their statistics come out under `transfer`, apart from the five trained tasks (whose mean must stay
+    a mean over those five)."""
+    import argparse
+    import json
+
+    from t2t_mtl.tasks.catalogue import load_task
+
+    original = common.default_recipe
+
+    def tiny():
+        d = original()
+        d["model"].update(name=str(tiny_causal_dir), max_length=128)
+        d["eval"].update(max_new_tokens=4, batch_size=4)
+        return d
+
+    monkeypatch.setattr(common, "default_recipe", tiny)
+    monkeypatch.setattr(bench_quality, "ROOT", tmp_path)
+    monkeypatch.setattr(bench_quality, "EVALS", tmp_path / "evals")
+    monkeypatch.setattr(quality_stats, "ROOT", tmp_path)
+    work = tmp_path / "work"
+    args = argparse.Namespace(split="validation", rows=5, steps=1, batch_size=2, work=str(work))
+    dirs = bench_quality.transfer_data(real_data_dir, work, args.rows)
+    assert set(dirs) == set(bench_quality.TRANSFER_TASKS)
+    for d in dirs.values():  # seeded draw: the same rows every time, and only `rows` of them
+        assert len((d / "validation.jsonl").read_text().splitlines()) == 5
+    five = {t: real_data_dir / f for t, f in common.SLICES}
+    ecfg = bench_quality.eval_config(args, five, dirs)
+    runs = {}
+    for mode in bench_quality.TRANSFER_MODES:
+        name = "transfer_base" + ("" if mode == "template" else f"_{mode}")
+        system = bench_quality.BY_NAME[name]
+        info = bench_quality.run_one(args, system, 1, (five, five), ecfg)
+        assert info["transfer"] == mode
+        runs[name] = {"0": info}
+        ev = json.loads((tmp_path / info["eval"]).read_text())
+        assert set(ev["tasks"]) == set(bench_quality.TRANSFER_TASKS)
+        for task, e in ev["tasks"].items():
+            assert len(e["texts"]) == len(e["row_ids"]) == 5
+            assert e["per_example"] and e["primary"] is not None
+            if mode == "rank":  # no answer can be unreadable: every text is one of the choices
+                choices = load_task(task).answer_choices
+                assert set(e["texts"]) <= set(choices) and e["invalid_rate"] == 0
+    # one of the five trained tasks' systems next to them, from a fake cached evaluation
+    fake = {t: ev["tasks"]["nli_2way"] for t in TASKS}
+    (tmp_path / "evals" / "multi.json").write_text(json.dumps({"tasks": fake}))
+    runs["multi"] = {"1": {"eval": "evals/multi.json"}}
+    stats = quality_stats.study_stats({"runs": runs})
+    assert set(stats["systems"]) == {"multi"} and "mean" in stats["systems"]["multi"]
+    tr = stats["transfer"]["systems"]
+    assert set(tr) == {"transfer_base", "transfer_base_free", "transfer_base_rank"}
+    assert set(tr["transfer_base_rank"]) == {"nli_2way", "topic_ag_news", "mean"}
+    doc = tmp_path / "benchmarks.md"
+    report_quality.write_transfer(
+        {"settings": {"rows": 5}, "runs": runs, "stats": {"transfer": stats["transfer"]}}, doc
+    )
+    text = doc.read_text()
+    assert "## Zero-shot transfer with seeds" in text
+    assert "| RTE (accuracy) |" in text and "| **mean of the 2** |" in text
