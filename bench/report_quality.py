@@ -150,6 +150,29 @@ def targets(stats: dict) -> list[str]:
     return out
 
 
+def cost_table(runs: dict) -> str:
+    """What each system cost on this machine: minutes of training and of evaluation per seed (wall
+    clock of one process; an evaluation setting of another system's runs, `eval_of`, trains nothing of
+    its own), and the total of the study so far."""
+    lines = [
+        "| system | seeds | training, min per seed | evaluation, min per seed |",
+        "|---|---:|---:|---:|",
+    ]
+    total = 0.0
+    for name, by_seed in runs.items():
+        infos = list(by_seed.values())
+        own = not any(i.get("eval_of") for i in infos)
+        train = [float(i.get("train_seconds") or 0.0) for i in infos] if own else []
+        evals = [float(i["eval_seconds"]) for i in infos if i.get("eval_seconds")]
+        total += sum(train) + sum(evals)
+        t_cell = f"{sum(train) / len(train) / 60:.1f}" if train and any(train) else "–"
+        e_cell = f"{sum(evals) / len(evals) / 60:.1f}" if evals else "–"
+        lines.append(f"| {name} | {len(infos)} | {t_cell} | {e_cell} |")
+    if len(lines) == 2:
+        return ""
+    return f"Cost so far: {total / 3600:.1f} h of this machine in all.\n\n" + "\n".join(lines)
+
+
 def plot(stats: dict, columns: dict[str, str], path: Path, title: str) -> bool:
     """Bars per task and system with 95 % interval error bars; False when there is nothing to plot."""
     cols = [k for k in columns if k in stats.get("systems", {})]
@@ -243,6 +266,7 @@ def write(results: dict, doc: Path) -> None:
             pairs_table(stats),
         ]
     body += ["Per-seed scores:", seeds_table(stats, list(stats.get("systems", {})))]
+    body.append(cost_table({k: v for k, v in runs.items() if k not in TRANSFER_COLUMNS}))
     common.update_doc(doc, SECTIONS[split], "\n\n".join(x for x in body if x))
     if stats.get("transfer", {}).get("systems"):
         write_transfer(results, doc)
@@ -276,6 +300,7 @@ def write_transfer(results: dict, doc: Path) -> None:
         pairs_table(stats, tasks=TRANSFER_TASKS),
         "Per-seed scores:",
         seeds_table(stats, list(TRANSFER_COLUMNS), TRANSFER_TASKS),
+        cost_table({k: v for k, v in runs.items() if k in TRANSFER_COLUMNS}),
     ]
     common.update_doc(doc, TRANSFER_SECTION, "\n\n".join(x for x in body if x))
 

@@ -137,9 +137,22 @@ def test_quality_report_tables_plot_and_targets(tmp_path):
     assert "≥ 97 % of the single-task mean: **missed** (98.3 % [96.0, 100.5]" in text
     assert (doc.parent / "img" / "quality_seeds.png").stat().st_size > 1000
     assert "Partial study" not in text
+    assert "| multi | 3 | – | – |" in text  # no times recorded: dashes, not zeros
+    results["runs"]["multi"] = {
+        str(k): {"train_seconds": 600.0 * k, "eval_seconds": 300.0} for k in (1, 2, 3)
+    }
+    results["runs"]["multi_c"] = {
+        "1": {"train_seconds": 600.0, "eval_seconds": 120.0, "eval_of": "multi"}
+    }
+    report_quality.write(results, doc)
+    text = doc.read_text(encoding="utf-8")
+    assert "| multi | 3 | 20.0 | 5.0 |" in text and "| multi_c | 1 | – | 2.0 |" in text
+    assert "Cost so far: 1.3 h of this machine in all." in text  # (3600 + 900 + 120) s
     results["runs"]["bf16"] = {"1": {}}  # one seed so far: the report says the intervals lack it
     report_quality.write(results, doc)
-    assert "**Partial study: bf16 has one seed so far.**" in doc.read_text(encoding="utf-8")
+    text = doc.read_text(encoding="utf-8")
+    assert "**Partial study: bf16, multi_c have one seed so far.**" in text
+    assert "| bf16 | 1 | – | – |" in text
 
 
 class _WordTokenizer:
