@@ -482,9 +482,9 @@ def test_verb_option_mistakes_are_refused_before_any_work(run_dir, tmp_path, cap
     run = str(run_dir)
     cases = [
         (["predict", "--run", run, "--task", "sentiment_sst2", "--input", str(rows),
-          "--output", str(rows)], "--output: ", "is also the input"),
+          "--output", str(rows)], "--output: ", "is also an input"),
         (["render", "--run", run, "--task", "sentiment_sst2", "--input", str(rows),
-          "--output", str(rows)], "--output: ", "is also the input"),
+          "--output", str(rows)], "--output: ", "is also an input"),
         (["report", "--run", run, "--out", str(a_file / "r.html")], "--out: ", "is a file"),
         (["export-task", "sentiment_sst2", str(a_file), "--to", "lm-eval", "--run", run],
          "DIR: ", "is a file, not a folder"),
@@ -508,6 +508,49 @@ def test_verb_option_mistakes_are_refused_before_any_work(run_dir, tmp_path, cap
     assert rows.read_text() == json.dumps({"text": "a fine film"}) + "\n"
     assert a_file.read_text() == "keep me"
     assert not (tmp_path / "p.jsonl").exists()
+
+
+def test_outputs_never_replace_a_run_folders_parts_or_a_users_files(run_dir, tmp_path, capsys):
+    """A command that reads a run refuses an output over (or inside) what the run is made of;
+    export-task refuses a folder holding files it did not write (a template, a user's utils.py),
+    and exports again into its own folder."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"text": "a fine film"}) + "\n")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    mine = tmp_path / "proj"
+    mine.mkdir()
+    (mine / "utils.py").write_text("print('my code')\n")
+    cases = [
+        (["render", "--run", str(run), "--task", "sentiment_sst2", "--input", str(rows),
+          "--output", str(run / "config.yaml")], "--output: ", "is also an input"),
+        (["predict", "--run", str(run), "--task", "sentiment_sst2", "--input", str(rows),
+          "--output", str(run / "adapter" / "p.jsonl")], "--output: ", "which this command reads"),
+        (["report", "--run", str(run), "--out", str(run / "metrics.jsonl")], "--out: ", "is also an input"),
+        (["compare", str(run), f"b={run_dir}", "--json", str(run / "adapter" / "x.json")],
+         "--json: ", "which this command reads"),
+        (["export-task", "sentiment_sst2", str(run / "templates"), "--to", "lm-eval", "--run", str(run)],
+         "DIR ", "export-task did not write"),
+        (["export-task", "sentiment_sst2", str(mine), "--to", "lm-eval", "--run", str(run)],
+         "DIR ", "export-task did not write (utils.py)"),
+    ]  # fmt: skip
+    for argv, fragment, more in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert fragment in err and more in err and "Traceback" not in err, (argv, err)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert (mine / "utils.py").read_text() == "print('my code')\n"
+    # a user's own file beside the run's parts is theirs to replace; an export folder re-exports
+    assert main(["render", "--run", str(run), "--task", "sentiment_sst2", "--input", str(rows),
+                 "--output", str(run / "prompts.jsonl")]) == 0  # fmt: skip
+    out = tmp_path / "lm"
+    for _ in range(2):
+        assert main(["export-task", "sentiment_sst2", str(out), "--to", "lm-eval", "--run",
+                     str(run), "--limit", "2"]) == 0  # fmt: skip
+    capsys.readouterr()
 
 
 def test_predict_answers_with_evals_budget_and_stop(run_dir):

@@ -296,8 +296,12 @@ def test_validate_config_oracle_checks_the_run_sources(tmp_path, capsys):
     )
     assert "tag 0 in 'ner_tags' is not a tag of this task" in err
     assert f"{ints / 'validation.jsonl'}:1: tag 0 in 'ner_tags'" in err
-    # without --oracle, --config only adds template folders (unchanged behaviour)
-    assert main(["validate", "--config", str(cfg), "ner_custom_types"]) == 0
+    # without --oracle, --config still renders each template on the sources the run gives it:
+    # the labels map that leaves rows bad is found there too (the run would skip or fail on them)
+    assert main(["validate", "--config", str(cfg), "ner_custom_types"]) == 2
+    err = capsys.readouterr().err
+    assert f"{ints / 'validation.jsonl'}:1: tag 0 in 'ner_tags'" in err, err
+    assert "good" not in err.split("rendered on")[0]
 
 
 # ------------------------------------------------------------------ end to end

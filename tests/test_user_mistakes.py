@@ -145,7 +145,7 @@ TEMPLATE_MISTAKES = {
     "choices_duplicate": (
         lambda g: g.replace("[negative, positive]", "[negative, negative]"),
         11,
-        "duplicates",
+        "answer_choices lists 'negative' more than once",
     ),
     "choices_numbers": (lambda g: g.replace("[negative, positive]", "[1, 2]"), 11, "list of texts"),
     "choices_missing": (
@@ -273,6 +273,23 @@ TEMPLATE_MISTAKES = {
         lambda g: g.replace('output: "{{ label }}"', 'output: "{{ label | upper }}"'),
         16,
         "is not one of answer_choices",
+    ),
+    "yaml_tag": (
+        lambda g: g.replace("version: 1", "version: !int 1"),
+        3,
+        "unsupported YAML tag !int",
+    ),
+    "yaml_python_tag": (
+        lambda g: g.replace("version: 1", "version: !!python/object:os.system x"),
+        3,
+        "unsupported YAML tag",
+    ),
+    "labels_key_read_as_boolean": (
+        lambda g: g.replace(
+            "samples: data", "samples: data\nsource: {path: data, labels: {yes: positive}}"
+        ),
+        5,
+        "labels key True is what YAML makes of an unquoted yes",
     ),
 }
 
@@ -769,6 +786,27 @@ CONFIG_MISTAKES = {
         [(3, "model.max_length: 100000 is more than the model's 512 positions")],
     ),
     "yaml_syntax": (lambda c: c.replace("{steps: 1,", "{steps: 1"), [], [(8, "YAML syntax error")]),
+    "yaml_tag": (lambda c: c + "seed: !int 3\n", [], [(9, "unsupported YAML tag !int")]),
+    "max_examples_zero": (
+        lambda c: c.replace("max_examples: 10", "max_examples: 0"),
+        [],
+        [(6, "must be a positive number of rows, got 0")],
+    ),
+    "floor_above_ceiling": (
+        lambda c: c.replace("max_examples: 10", "max_examples: 10\n    floor: 0.5\n    ceiling: 0.2"),
+        [],
+        [(7, "floor 0.5 is above the task's ceiling 0.2")],
+    ),
+    "override_negative_loss_weight": (
+        lambda c: c,
+        ["tasks.1.loss_weight=-2"],
+        [("<override>", "tasks.1.loss_weight=-2: tasks[1].loss_weight: must be >= 0")],
+    ),
+    "override_nan_temperature": (
+        lambda c: c,
+        ["mixing.temperature=nan"],
+        [("<override>", "mixing.temperature=nan: mixing.temperature: must be > 0")],
+    ),
     "override_unknown_key": (lambda c: c, ["train.stepz=3"], [("<override>", "train.stepz=3: train.stepz: unknown key")]),
     "override_unknown_section": (lambda c: c, ["trian.steps=3"], [("<override>", "trian.steps=3: trian: unknown key (did you mean 'train'?)")]),
     "override_wrong_type": (lambda c: c, ["train.steps=abc"], [("<override>", "train.steps=abc: train.steps: expected an integer")]),
@@ -949,3 +987,97 @@ def test_csv_cells_that_pandas_would_call_missing_stay_text(tmp_path):
         got = [rows[i] for i in range(len(rows))]
         assert len(got) == n and got[0] == {"text": "N/A", "label": "N/A"}, got
         assert got[-1] == {"text": "nan", "label": "null"}
+
+
+def test_text_cells_feed_typed_fields_and_nulls_render_empty(tmp_path):
+    """A CSV cell is text: a dict field takes a JSON object, a bool field true/false, an int field
+    a number's text; a missing optional field or a null inside a dict renders as empty text, never
+    as the word None."""
+    tpl = tmp_path / "typed.yaml"
+    tpl.write_text(
+        GOOD.format(name="typed")
+        .replace("  meta: dict", "  meta: dict\n  flag: bool\n  who: {type: str, required: false}")
+        .replace(
+            'input: "{{ text }}"',
+            'input: "[{{ who }}] {{ text }} {{ n + 1 }} {{ flag }} {{ meta.k }}"',
+        ),
+        encoding="utf-8",
+    )
+    f = tmp_path / "rows.csv"
+    f.write_text(
+        "text,label,n,items,meta,flag,who\n"
+        'good film,positive,2,"[""a""]","{""k"": ""v""}",true,ann\n'
+        'bad film,negative,0,[],"{""k"": null}",FALSE,\n',
+        encoding="utf-8",
+    )
+    task = load_task_file(tpl)
+    rows = sources.load_rows(task, SourceConfig(path=str(f)), "train")
+    assert rows.skipped == 0 and len(rows) == 2
+    got = [task.render(rows[i], "v", row_id=str(i), split="train").input for i in range(2)]
+    assert got == ["[ann] good film 3 True v", "[] bad film 1 False"]
+
+
+def test_mix_never_writes_over_what_the_run_reads(tmp_path, capsys):
+    """`mix --dump --out` (and --plot) refuse the config, a template and the data of the run:
+    each stays as it was (exit 2); a tiny temperature mixes without overflow."""
+    (tmp_path / "data").mkdir()
+    data = tmp_path / "data" / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS), encoding="utf-8")
+    tpl = tmp_path / "mine.yaml"
+    tpl.write_text(GOOD.format(name="mine"), encoding="utf-8")
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"run_name: r\ntasks:\n  - template: {tpl}\n", encoding="utf-8")
+    before = {p: p.read_bytes() for p in (data, tpl, cfg)}
+    for out in (cfg, tpl, data, tmp_path / "data" / "mixed.jsonl"):
+        rc = main(["mix", "--config", str(cfg), "--dump", "2", "--out", str(out)])
+        err = capsys.readouterr().err
+        assert rc == 2 and "--out: " in err and "Traceback" not in err, err
+    rc = main(["mix", "--config", str(cfg), "--plot", str(tmp_path / "mix.txt")])
+    assert rc == 2 and "a chart is written as .png" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in before} == before
+    assert not (tmp_path / "data" / "mixed.jsonl").exists()
+    assert main(["mix", "--config", str(cfg), "mixing.temperature=0.001"]) == 0
+    capsys.readouterr()
+
+
+def test_a_reader_that_goes_away_stops_the_output_quietly():
+    """`t2t-mtl preview ... | head -1`: no BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    cmd = f"{sys.executable} -m t2t_mtl.cli preview sentiment_sst2 -n 40 | head -1"
+    res = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=300)
+    assert res.stdout.startswith("{") and "Traceback" not in res.stderr, res.stderr
+
+
+def test_validate_config_tries_the_runs_own_sources_and_skips_configs_beside_templates(
+    tmp_path, capsys
+):
+    """A run config kept in its template folder is no broken template; `validate --config` renders
+    a template on the source the run gives it (its own labels map), not only on the template's."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in ROWS), encoding="utf-8"
+    )
+    (tmp_path / "mine.yaml").write_text(GOOD.format(name="mine"), encoding="utf-8")
+    other = tmp_path / "other.jsonl"  # raw labels the run's labels map does not cover
+    other.write_text(
+        json.dumps({**ROWS[0], "label": "pos"})
+        + "\n"
+        + json.dumps({**ROWS[1], "label": "meh"})
+        + "\n",
+        encoding="utf-8",
+    )
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        f"run_name: r\ntemplate_dirs: [{tmp_path}]\ntasks:\n  - template: mine\n"
+        f"    source: {{path: {other}, labels: {{pos: positive}}}}\n",
+        encoding="utf-8",
+    )
+    rc = main(["validate", "--config", str(cfg)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err, err
+    assert f"{other}:2: label 'meh' not in answer_choices" in err, err
+    assert "run.yaml" not in err  # not checked as a template
+    assert main(["validate", str(cfg)]) == 2
+    assert "this is a run config (it has tasks:), not a task template" in capsys.readouterr().err

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from t2t_mtl.cli import check_outputs
 from t2t_mtl.core.errors import ConfigError, Problem
+from t2t_mtl.runs.folder import owned_paths
 
 __all__ = ["add_export_task", "add_render", "add_report"]
 
@@ -50,7 +51,7 @@ def _report(args) -> int:
     from t2t_mtl.evaluation.run_report import write_report
     from t2t_mtl.runs.folder import Run
 
-    check_outputs(("--out", args.out, False, ()))
+    check_outputs(("--out", args.out, False, owned_paths(args.run)))
     path = write_report(args.run, args.out)
     print(f"wrote {path}", file=sys.stderr)
     if not args.no_card:
@@ -106,7 +107,7 @@ def _render(args) -> int:
     from t2t_mtl.core.files import atomic_write_text
     from t2t_mtl.inference.predictor import Predictor, render_file
 
-    check_outputs(("--output", args.output, False, (args.input,)))
+    check_outputs(("--output", args.output, False, (args.input, *owned_paths(args.run))))
     pred = Predictor.for_prompts(args.run, trust_remote_code=args.trust_remote_code)
     pred.template(args.task)  # unknown task: fail before reading the rows
     items, problems = render_file(

@@ -201,22 +201,32 @@ def add_preview(sub) -> None:
     p.set_defaults(func=_preview)
 
 
+_PAIR_EXAMPLES = {  # what each KEY=VALUE option means, shown when one is miswritten
+    "--labels": "--labels 0=negative,1=positive (raw value=label name)",
+    "--columns": "--columns sentence=text,score=label (column=field)",
+    "--splits": "--splits validation=dev (split=the file stem or hub split)",
+}
+
+
 def _pairs(text: str | None, option: str) -> dict | None:
     if text is None:
         return None
     out, bad = {}, []
+    example = "e.g. " + _PAIR_EXAMPLES.get(option, f"{option} a=b,c=d")
     for item in (x.strip() for x in text.split(",")):
-        if "=" not in item or not item.split("=", 1)[0].strip():
-            bad.append(
-                Problem(
-                    "<cli>",
-                    None,
-                    f"{option}: '{item}' is not KEY=VALUE",
-                    f"e.g. {option} 0=negative,1=positive",
-                )
-            )
+        k, eq, v = item.partition("=")
+        why = ""
+        if not eq or not k.strip():
+            why = "is not KEY=VALUE"
+        elif not v.strip():
+            why = "has no value after '='"
+        elif k.strip() in out:
+            why = f"names '{k.strip()}' twice"
+        elif option == "--columns" and v.strip() in out.values():
+            why = f"maps a second column to field '{v.strip()}'"
+        if why:
+            bad.append(Problem("<cli>", None, f"{option}: '{item}' {why}", example))
             continue
-        k, v = item.split("=", 1)
         out[k.strip()] = v.strip()
     if bad:
         raise T2TError(bad)
@@ -376,9 +386,20 @@ def _cmd_mix(args) -> int:
                 )
             ]
         )
+    if args.plot and Path(args.plot).suffix.lower() not in PLOT_SUFFIXES:
+        raise ConfigError(
+            Problem(
+                "<cli>",
+                None,
+                f"--plot {args.plot}: a chart is written as {', '.join(PLOT_SUFFIXES)}",
+                f"e.g. --plot {Path(args.plot).with_suffix('.png').name}",
+            )
+        )
     check_outputs(("--out", args.out, False, ()), ("--plot", args.plot, False, ()))
     # the config, its templates and sources: every problem at once, at its line or override
     cfg = catalogue.load_checked_config(args.config, args.overrides)
+    read = tuple(catalogue.config_inputs(cfg))  # never written over, nor added to
+    check_outputs(("--out", args.out, False, read), ("--plot", args.plot, False, read))
     stages = cfg.stage_list()
     names = [s.name for s in stages]
     if args.stage and args.stage not in names:
@@ -465,6 +486,9 @@ def _print_mix_table(cfg, plan, realised, n) -> None:
         print(line + (f"{realised.get(m.name, 0.0):>10.2%}" if realised else ""))
 
 
+PLOT_SUFFIXES = (".png", ".svg", ".pdf", ".jpg", ".jpeg")  # what matplotlib writes by suffix
+
+
 def _plot_mix(plotted, path) -> None:
     import matplotlib  # slow to import; only --plot needs it
 
@@ -485,6 +509,7 @@ def _plot_mix(plotted, path) -> None:
         ax.set_ylabel("share of records")
         ax.legend()
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)  # as --out: its folder is made
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -575,6 +600,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (`t2t-mtl mix ... | head`): stop quietly, as a shell tool does;
+        # stdout is pointed at devnull so that Python's exit flush does not fail again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what the shell reports for a tool stopped this way
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -19,6 +19,7 @@ from t2t_mtl.cli import check_outputs
 from t2t_mtl.core.config import NAME_HINT, name_problem
 from t2t_mtl.core.errors import ConfigError, Problem, T2TError, did_you_mean
 from t2t_mtl.core.records import Record
+from t2t_mtl.runs.folder import owned_paths
 from t2t_mtl.tasks.schema import EVAL_MODES
 
 if TYPE_CHECKING:
@@ -218,7 +219,7 @@ def _predictor(args) -> Predictor:
 def _predict(args) -> int:
     from t2t_mtl.inference.predictor import predict_file, read_rows  # torch & co.
 
-    check_outputs(("--output", args.output, False, (args.input,)))
+    check_outputs(("--output", args.output, False, (args.input, *owned_paths(args.run))))
     pred = _predictor(args)
     pred.template(args.task)  # unknown task: fail before reading anything else
     rows, _ = read_rows(args.input)
@@ -395,7 +396,13 @@ def _compare(args) -> int:
     from t2t_mtl.evaluation.reports import compare_table, load_results
 
     _check_names(("--name", args.name))  # read from RUN/eval/<name>.json: never outside it
-    check_outputs(("--out", args.out, False, ()), ("--json", args.json, False, ()))
+    read: list[Path] = []  # what the sources are read from: no output may replace it
+    for spec in args.sources:
+        where = Path(spec.split("=", 1)[1] if "=" in spec else spec).expanduser()
+        read += owned_paths(where) if where.is_dir() else [where]
+    check_outputs(
+        ("--out", args.out, False, tuple(read)), ("--json", args.json, False, tuple(read))
+    )
     loaded, problems, seen = [], [], set()
     for spec in args.sources:
         where = Path(spec.split("=", 1)[1] if "=" in spec else spec).expanduser().resolve()

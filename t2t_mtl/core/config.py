@@ -553,8 +553,22 @@ def _check_values(cfg: RunConfig, loc: yaml_lines.Located, problems: list[Proble
             )
         if t.name is not None:
             safe_name(("tasks", i, "name"), t.name)
-        if t.weight is not None and t.weight < 0:
+        if t.weight is not None and not t.weight >= 0:
             bad(("tasks", i, "weight"), "must be >= 0")
+        if not t.loss_weight >= 0:
+            bad(("tasks", i, "loss_weight"), "must be >= 0", "0 trains nothing on the task")
+        if t.max_examples is not None and t.max_examples <= 0:
+            bad(
+                ("tasks", i, "max_examples"),
+                f"must be a positive number of rows, got {t.max_examples}",
+                "leave it out to read every row",
+            )
+        if t.floor is not None and t.ceiling is not None and t.floor > t.ceiling:
+            bad(
+                ("tasks", i, "floor"),
+                f"floor {t.floor:g} is above the task's ceiling {t.ceiling:g}",
+                "a floor at most the ceiling",
+            )
         for k in ("floor", "ceiling"):
             v = getattr(t, k)
             if v is not None and not 0 <= v <= 1:
@@ -563,10 +577,19 @@ def _check_values(cfg: RunConfig, loc: yaml_lines.Located, problems: list[Proble
             bad(("tasks", i, "source"), "needs 'hub' or 'path'")
         if t.source is not None and t.source.hub and t.source.path:
             bad(("tasks", i, "source"), "give either 'hub' or 'path', not both")
+        if t.source is not None and isinstance(t.source.labels, dict):
+            for raw in t.source.labels:
+                if isinstance(raw, bool) or raw is None:
+                    bad(
+                        ("tasks", i, "source", "labels", raw),
+                        f"labels key {raw!r} is what YAML makes of an unquoted "
+                        "yes/no/true/false/on/off/~",
+                        'quote the raw value as the data writes it, e.g. "yes": ... or "true": ...',
+                    )
     dupes = {n for n in names if names.count(n) > 1}
     for n in sorted(dupes):
         bad(("tasks",), f"task name '{n}' used twice", "give one of them a distinct 'name'")
-    if cfg.mixing.temperature <= 0:
+    if not cfg.mixing.temperature > 0:  # also NaN
         bad(("mixing", "temperature"), "must be > 0", "1 = proportional, larger = closer to equal")
     if cfg.mixing.cap is not None and cfg.mixing.cap <= 0:
         bad(("mixing", "cap"), "must be a positive number of examples (or null for no cap)")
@@ -586,7 +609,7 @@ def _check_values(cfg: RunConfig, loc: yaml_lines.Located, problems: list[Proble
         for j, tn in enumerate(s.tasks):
             if tn not in names:
                 bad(("stages", i, "tasks", j), f"unknown task '{tn}'", did_you_mean(tn, names))
-        if s.temperature is not None and s.temperature <= 0:
+        if s.temperature is not None and not s.temperature > 0:  # also NaN
             bad(("stages", i, "temperature"), "must be > 0")
         if s.learning_rate is not None and s.learning_rate <= 0:
             bad(

@@ -69,7 +69,7 @@ class DataError(T2TError):
 
 def did_you_mean(word: str, candidates: Iterable[str]) -> str:
     """Return a hint like "did you mean 'label'?" or "" when nothing is close."""
-    cands = [str(c) for c in candidates]
+    cands = [str(c) for c in candidates if str(c).strip()]  # an unnamed entry is no suggestion
     close = difflib.get_close_matches(str(word), cands, n=1, cutoff=0.6)
     if close:
         return f"did you mean '{close[0]}'?"

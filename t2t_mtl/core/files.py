@@ -37,7 +37,9 @@ def output_path_problem(
 ) -> str:
     """Why `path` cannot be written as an output file (`folder`: an output folder), or "" when it
     can: an empty name; a folder where a file is meant or a file where a folder is; a file in the
-    way of a folder above it; one of `inputs` (writing would replace what is being read). Checked
+    way of a folder above it; one of `inputs` or a path inside an input that is a folder (writing
+    would replace, or add to, what is being read: a config, template, data source or the parts of
+    a run folder, `runs.folder.owned_paths`). Checked
     before any work, so a user mistake costs nothing and destroys nothing."""
     if path is None:
         return ""
@@ -53,9 +55,18 @@ def output_path_problem(
             if not parent.is_dir():
                 return f"{parent} is a file, so nothing can be written inside it"
             break
+    target = p.resolve()
     for src in inputs:
-        if src is not None and str(src).strip() and Path(src).expanduser().resolve() == p.resolve():
-            return f"{p} is also the input: writing would replace the rows being read"
+        if src is None or not str(src).strip():
+            continue
+        q = Path(src).expanduser().resolve()
+        if q == target:
+            return f"{p} is also an input of this command: writing would replace what is being read"
+        if q.is_dir() and q in target.parents:
+            return (
+                f"{p} lies inside {q}, which this command reads: writing there could replace or "
+                "add to what is read"
+            )
     return ""
 
 

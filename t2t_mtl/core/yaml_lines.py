@@ -41,12 +41,53 @@ class Located:
         return Problem(self.file, self.line(path), message, hint)
 
 
+_PLAIN_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq", "tag:yaml.org,2002:omap")
+
+
+def _construct(node: yaml.Node, problems: list, file: str, ctor) -> Any:
+    """The Python value of a scalar node; a tag the safe loader does not know (`!custom x`,
+    `!!python/object`, lm-eval's `!function`) is a problem at its line, and the value None."""
+    try:
+        return ctor.construct_object(node, deep=True)
+    except yaml.MarkedYAMLError:
+        problems.append(
+            Problem(
+                file,
+                node.start_mark.line + 1,
+                f"unsupported YAML tag {node.tag}",
+                "remove the tag: t2t-mtl reads plain YAML, and a string that starts with '!' must be quoted",
+            )
+        )
+        return None
+
+
 def _walk(node: yaml.Node, path: KeyPath, lines: dict, problems: list, file: str, ctor) -> Any:
     lines.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)) and node.tag not in _PLAIN_TAGS:
+        problems.append(  # `!custom {a: 1}`: the tag would decide what this is; plain YAML only
+            Problem(
+                file,
+                node.start_mark.line + 1,
+                f"unsupported YAML tag {node.tag}",
+                "t2t-mtl reads plain YAML: remove the tag",
+            )
+        )
     if isinstance(node, yaml.MappingNode):
         out: dict = {}
         for knode, vnode in node.value:
-            key = ctor.construct_object(knode, deep=True)
+            key = _construct(knode, problems, file, ctor)
+            try:
+                hash(key)
+            except TypeError:  # a list or mapping used as a key (`? [a, b]`)
+                problems.append(
+                    Problem(
+                        file,
+                        knode.start_mark.line + 1,
+                        "a key must be a name",
+                        "write the key as plain text",
+                    )
+                )
+                continue
             if key in out:
                 problems.append(
                     Problem(
@@ -64,7 +105,7 @@ def _walk(node: yaml.Node, path: KeyPath, lines: dict, problems: list, file: str
         return [
             _walk(v, path + (i,), lines, problems, file, ctor) for i, v in enumerate(node.value)
         ]
-    return ctor.construct_object(node, deep=True)
+    return _construct(node, problems, file, ctor)
 
 
 def loads(text: str, file: str = "<string>") -> Located:

@@ -35,7 +35,7 @@ import yaml
 
 from t2t_mtl.core.config import RunConfig, load_config
 from t2t_mtl.core.errors import ConfigError, Problem
-from t2t_mtl.core.files import atomic_write_json, atomic_write_text
+from t2t_mtl.core.files import atomic_write_json, atomic_write_text, read_json_object
 from t2t_mtl.core.records import Record
 from t2t_mtl.evaluation.evaluator import answer_budget, eval_tasks, load_examples
 from t2t_mtl.inference.predictor import Predictor
@@ -180,6 +180,32 @@ def _predictor_for(
     return pred, cfg, None
 
 
+_YAML_MARK = "# lm-evaluation-harness task written by `t2t-mtl export-task"
+
+
+def export_folder_problem(out: Path, task: str) -> str:
+    """Why exporting `task` into `out` could destroy a file export-task did not write ("" when it
+    cannot): the folder must be new, empty, or an earlier export folder (its t2t_tasks.json index),
+    where the task's YAML and utils.py, if present, are the ones an export wrote."""
+    if not out.is_dir() or not any(out.iterdir()):
+        return ""
+    index = read_json_object(out / TASKS_FILE)
+    if index is None or not all(
+        isinstance(v, dict) and "template_file" in v for v in index.values()
+    ):
+        names = sorted(p.name for p in out.iterdir())
+        shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+        return (
+            f"holds files export-task did not write ({shown}): exporting there would write "
+            "task YAML, utils.py and templates/ over them"
+        )
+    for name, mark in ((f"{task}.yaml", _YAML_MARK), ("utils.py", UTILS[:60])):
+        f = out / name
+        if f.is_file() and not f.read_text(encoding="utf-8", errors="replace").startswith(mark):
+            return f"{f} was not written by export-task: exporting would replace it"
+    return ""
+
+
 def export_lm_eval(
     task: str,
     out_dir: str | Path,
@@ -202,6 +228,16 @@ def export_lm_eval(
     pred, cfg, copies = _predictor_for(run_dir, config, overrides, trust_remote_code)
     (et,) = eval_tasks(cfg, names=[task], template_dir=copies, mode=mode, variant=variant)
     split = split or cfg.eval.split
+    why = export_folder_problem(Path(out_dir).expanduser(), task)
+    if why:
+        raise ConfigError(
+            Problem(
+                "<cli>",
+                None,
+                f"DIR {out_dir}: {why}",
+                "give a new or empty folder, or one an earlier export-task wrote",
+            )
+        )
     examples, rows = load_examples(et, split, limit, bad_rows=cfg.train.bad_rows)
     if not examples:
         raise ConfigError(
@@ -286,7 +322,7 @@ def export_lm_eval(
     ]
     conf["metadata"] = {"version": float(tpl.version), "t2t_mtl_variant": et.variant_id()}
     head = (
-        f"# lm-evaluation-harness task written by `t2t-mtl export-task {task} --to lm-eval`:\n"
+        f"{_YAML_MARK} {task} --to lm-eval`:\n"
         f"# {len(docs)} rows of split '{split}' of task '{task}' (template {tpl.name} v{tpl.version}, "
         f"variant {et.variant_id()}, {et.mode}).\n"
         f"# Run: lm_eval --model hf --model_args pretrained=MODEL --include_path {out} "

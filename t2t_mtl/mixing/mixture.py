@@ -27,6 +27,7 @@ Imports: numpy, core, the replay buffer, and tasks (catalogue, sources) for the 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -174,7 +175,7 @@ def mixing_rates(
     problems = []
     if not names:
         problems.append(Problem.at("<mixing>", "no tasks to mix"))
-    if temperature <= 0:
+    if not temperature > 0:  # also NaN
         problems.append(Problem.at("<mixing>", f"temperature must be > 0, got {temperature}"))
     fixed_mass = sum(shares.values())
     if any(v < 0 for v in shares.values()) or fixed_mass > 1 + _EPS:
@@ -223,10 +224,14 @@ def mixing_rates(
         p.update({k: rest * w for k, w in weights.items()})
         others = [k for k in free if k not in weights]
         exp = 1.0 / temperature
-        scores = {
-            k: (min(sizes[k], cap) if cap is not None else sizes[k]) ** exp if sizes[k] > 0 else 0.0
+        # n^(1/T) in log space, scaled by the largest: a small T (0.001) would overflow a float
+        logs = {
+            k: exp * math.log(min(sizes[k], cap) if cap is not None else sizes[k])
             for k in others
+            if sizes[k] > 0
         }
+        top = max(logs.values(), default=0.0)
+        scores = {k: math.exp(logs[k] - top) if k in logs else 0.0 for k in others}
         total = sum(scores.values())
         if total <= 0:
             raise ConfigError(

@@ -56,6 +56,29 @@ logger = logging.getLogger(__name__)
 CONFIG_FILE = "config.yaml"
 MIXTURE_FILE = "mixture.json"
 TRACKERS_FILE = "trackers.json"  # experiment trackers' run ids, to continue them on resume
+# What training, evaluation and export make a run folder of; a command that reads a run refuses
+# to write over any of it (`owned_paths`), while a user's own file beside them stays theirs.
+RUN_FILES = (
+    CONFIG_FILE,
+    MIXTURE_FILE,
+    TRACKERS_FILE,
+    "metrics.jsonl",
+    "loss_curves.png",
+    "train_summary.json",
+    "run_id",
+    "README.md",
+)
+RUN_DIRS = (
+    "adapter",
+    "best",
+    "checkpoints",
+    "eval",
+    "ewc",
+    "logs",
+    "replay",
+    "stages",
+    "templates",
+)
 MANIFEST = "t2t_manifest.json"  # a model bundle's manifest (written by model.loading)
 
 
@@ -385,3 +408,13 @@ def clear_previous(run_dir: Path) -> None:
         shutil.rmtree(Path(run_dir) / name, ignore_errors=True)
     for name in ("metrics.jsonl", MIXTURE_FILE, "loss_curves.png", TRACKERS_FILE):
         (Path(run_dir) / name).unlink(missing_ok=True)
+
+
+def owned_paths(run_dir: str | Path | None) -> tuple[Path, ...]:
+    """The files and folders of the run folder `run_dir` that t2t-mtl writes (RUN_FILES, RUN_DIRS):
+    the inputs an output path of a command reading the run must not replace or lie inside
+    (`core.files.output_path_problem`). Empty for None."""
+    if run_dir is None or not str(run_dir).strip():
+        return ()
+    root = Path(run_dir).expanduser()
+    return tuple(root / n for n in (*RUN_FILES, *RUN_DIRS))

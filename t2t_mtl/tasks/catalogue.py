@@ -64,13 +64,30 @@ def template_dirs(extra_dirs: Iterable[str | Path] = ()) -> list[Path]:
     return out
 
 
+_CONFIG_KEY = re.compile(r"^tasks\s*:", re.M)
+_TEMPLATE_KEY = re.compile(r"^variants\s*:", re.M)
+
+
+def looks_like_run_config(path: Path) -> bool:
+    """True for a YAML file with a top-level `tasks:` and no `variants:`: a run config kept next
+    to the templates (a common layout), which is no template to list or check."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return bool(_CONFIG_KEY.search(text)) and not _TEMPLATE_KEY.search(text)
+
+
 def _template_files(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted(
         p
         for p in folder.iterdir()
-        if p.suffix in (".yaml", ".yml") and p.is_file() and not p.name.startswith("_")
+        if p.suffix in (".yaml", ".yml")
+        and p.is_file()
+        and not p.name.startswith("_")
+        and not looks_like_run_config(p)
     )
 
 
@@ -201,10 +218,20 @@ class TrialSource:
 
 
 def trial_sources(tpl: Task, cfg: RunConfig | None = None) -> list[TrialSource]:
-    """The real rows `validate` renders `tpl` on, the first of: its bundled samples (every split),
-    its own `source` (the splits it maps and, for a folder, those of train/validation/test it has a file for;
-    else train), the sources a run config's tasks give it
-    (train and `eval.split`, those a source folder has). Empty when there are none."""
+    """The real rows `validate` renders `tpl` on: the first of its bundled samples (every split)
+    and its own `source` (the splits it maps and, for a folder, those of train/validation/test it
+    has a file for; else train); then every source a run config's tasks give it (train and
+    `eval.split`, those a source folder has), which is what that run reads (its own columns and
+    labels maps; a hub source only when the template has no rows of its own). Empty when there
+    are none."""
+    own = _own_trial(tpl)
+    config = _config_trials(tpl, cfg)
+    if own:  # a hub source would be a download (or a wait, offline) for rows already tried
+        config = [t for t in config if t.source is None or t.source.path]
+    return own + config
+
+
+def _own_trial(tpl: Task) -> list[TrialSource]:
     splits = sample_splits(tpl)
     if splits:
         return [TrialSource(None, splits, f"bundled samples {tpl.samples}", "samples")]
@@ -221,6 +248,10 @@ def trial_sources(tpl: Task, cfg: RunConfig | None = None) -> list[TrialSource]:
             renamed = set((tpl.source.get("splits") or {}).values())
             mapped = list(dict.fromkeys(mapped + sorted(stems - renamed)))
         return [TrialSource(None, mapped or ["train"], f"its source {where}", "source")]
+    return []
+
+
+def _config_trials(tpl: Task, cfg: RunConfig | None) -> list[TrialSource]:
     out = []
     for i, t in enumerate(cfg.tasks if cfg is not None else []):
         if t.source is None or not _same_template(t.template, tpl, cfg):
@@ -228,6 +259,8 @@ def trial_sources(tpl: Task, cfg: RunConfig | None = None) -> list[TrialSource]:
         src = t.source
         if src.path:
             src = dataclasses.replace(src, path=str(cfg.resolve_path(src.path)))
+            if not Path(src.path).exists():
+                continue  # the config's check reports it, at the config's line
         wanted = list(dict.fromkeys(["train", cfg.eval.split]))
         have = [s for s in wanted if _has_split(src, s)]
         what = f"tasks[{i}].source of {cfg.config_path or 'the run config'}"
@@ -401,10 +434,23 @@ def target_files(
     for t in targets:
         p = Path(t)
         if p.is_dir():  # a folder named explicitly: its snippets are checked too (as snippets)
-            found = sorted(f for f in p.iterdir() if f.suffix in (".yaml", ".yml") and f.is_file())
+            found = sorted(
+                f
+                for f in p.iterdir()
+                if f.suffix in (".yaml", ".yml") and f.is_file() and not looks_like_run_config(f)
+            )
             if not found:
                 problems.append(Problem(str(p), None, "no template files (*.yaml) here"))
             files += found
+        elif p.is_file() and looks_like_run_config(p):
+            problems.append(
+                Problem(
+                    str(p),
+                    1,
+                    "this is a run config (it has tasks:), not a task template",
+                    f"check it with: t2t-mtl validate --config {p}",
+                )
+            )
         elif p.is_file():
             files.append(p)
         else:
@@ -437,6 +483,35 @@ def load_checked_config(path: str | Path, overrides: list[str] | None = None) ->
     if problems:
         raise ConfigError(problems)
     return cfg
+
+
+def config_inputs(cfg: RunConfig) -> list[Path]:
+    """Every file or folder a run config reads: the config file, its tasks' template files (with
+    their includes) and each task's data (a source file or folder, bundled samples, for every split
+    it resolves to). An output of a command on the config must not replace or lie inside any of
+    them (`core.files.output_path_problem`). Tasks that do not load are left out: the config's
+    check reports them."""
+    out: list[Path] = [Path(cfg.config_path)] if cfg.config_path else []
+    extra = [cfg.resolve_path(d) for d in cfg.template_dirs]
+    for tc in cfg.tasks:
+        if not tc.template:
+            continue
+        try:
+            tpl = load_task(tc.template, extra)
+        except T2TError:
+            continue
+        out += [Path(f) for f in tpl.files]
+        src = tc.source
+        if src is not None and src.path:
+            src = dataclasses.replace(src, path=str(cfg.resolve_path(src.path)))
+        for split in ("train", "validation", "test"):
+            try:
+                res = sources.resolve(tpl, src, split)
+            except T2TError:
+                continue
+            if res.path is not None:
+                out.append(res.path)
+    return list(dict.fromkeys(out))
 
 
 def config_cross_problems(cfg: RunConfig, broken: bool) -> list[Problem]:

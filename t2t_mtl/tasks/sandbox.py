@@ -187,7 +187,10 @@ def _plain(v: Any, where: str, *, iterables: bool = False) -> Any:
 
 
 def _finalize(v: Any) -> Any:
-    """Every `{{ ... }}` value passes here before it becomes text."""
+    """Every `{{ ... }}` value passes here before it becomes text. None (a missing optional field,
+    a null inside a row's dict) is empty text, never the word "None"."""
+    if v is None:
+        return ""
     return _plain(v, "{{ }}")
 
 

@@ -254,6 +254,16 @@ def _check_source(c: _Checker, d: dict, fields: dict) -> None:
             c.add(("source", k), f"source.{k} must be a mapping")
     if src.get("format") is not None:
         c.enum(("source", "format"), src["format"], ("jsonl", "csv", "parquet"), "source.format")
+    if isinstance(src.get("columns"), dict):
+        seen_dst: dict[str, Any] = {}
+        for col, dst in src["columns"].items():
+            if str(dst) in seen_dst:
+                c.add(
+                    ("source", "columns", col),
+                    f"columns maps '{seen_dst[str(dst)]}' and '{col}' both to field '{dst}'",
+                    "map one column to each field",
+                )
+            seen_dst.setdefault(str(dst), col)
     if isinstance(src.get("columns"), dict) and fields:
         for col, dst in src["columns"].items():
             if str(dst) not in fields:
@@ -262,6 +272,13 @@ def _check_source(c: _Checker, d: dict, fields: dict) -> None:
                     f"columns maps '{col}' to '{dst}', which is not a declared field",
                     did_you_mean(str(dst), fields),
                 )
+    for raw in src.get("labels") or {} if isinstance(src.get("labels"), dict) else ():
+        if isinstance(raw, bool) or raw is None:  # `yes:` / `on:` / `~:`: never a raw label's text
+            c.add(
+                ("source", "labels", raw),
+                f"labels key {raw!r} is what YAML makes of an unquoted yes/no/true/false/on/off/~",
+                'quote the raw value as the data writes it, e.g. "yes": ... or "true": ...',
+            )
     choices = d.get("answer_choices")
     tagging = d.get("parse") == "entities"  # tag maps are judged by _check_entity_types
     if isinstance(src.get("labels"), dict) and isinstance(choices, list) and choices:
@@ -687,7 +704,12 @@ def check_data(
                 "quote yes/no/numbers",
             )
         elif len(set(choices)) != len(choices):
-            c.add(("answer_choices",), "answer_choices contains duplicates")
+            twice = sorted({str(x) for x in choices if choices.count(x) > 1})
+            c.add(
+                ("answer_choices",),
+                f"answer_choices lists {', '.join(repr(x) for x in twice)} more than once",
+                "each choice once",
+            )
         elif len({x.strip().casefold() for x in choices}) != len(choices):
             seen: dict[str, str] = {}
             for x in choices:

@@ -29,7 +29,9 @@ import csv
 import difflib
 import json
 import logging
+import math
 import random
+import re
 import warnings
 from array import array
 from collections.abc import Iterator, Sequence
@@ -449,8 +451,29 @@ def _read_csv(file: Path, problems: list[tuple[str, int, str]], ds_mod: Any) -> 
     the header; otherwise the bad records are problems at their line and the rest is read here
     (column types inferred as the CSV loader does: int, else float, else text)."""
     with open(file, "rb") as f:
-        if not f.read(1 << 16).strip():
-            raise _empty_file(file)
+        head = f.read(1 << 16)
+    if not head.strip():
+        raise _empty_file(file)
+    first = head.lstrip(b"\xef\xbb\xbf").lstrip().split(b"\n", 1)[0].decode("utf-8", "replace")
+    if first[:1] in ("{", "["):
+        raise DataError(
+            Problem(
+                str(file),
+                1,
+                "this .csv file holds JSON, not comma-separated values",
+                "rename it to .jsonl or .json, or set source.format: jsonl",
+            )
+        )
+    if "," not in first and any(sep in first for sep in (";", "\t", "|")):
+        sep = next(x for x in (";", "\t", "|") if x in first)
+        raise DataError(
+            Problem(
+                str(file),
+                1,
+                f"the header has no comma but {sep!r}: the file is not comma-separated",
+                "write it with commas, or as JSON lines in a .jsonl file",
+            )
+        )
     starts, broken = array("q"), []
     for first, _rec, why in _csv_records(file):
         if why:
@@ -615,6 +638,8 @@ def _open(res: Resolved, split: str, problems: list) -> _Backend:
 
 
 def _label_key(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"  # a JSON boolean, as a quoted labels key writes it
     if isinstance(v, float) and v.is_integer():
         return str(int(v))  # CSV/Parquet often store 1 as 1.0
     return str(v)
@@ -659,17 +684,37 @@ def map_row(
     return {k: row.get(k) for k in fields}, present
 
 
+_BOOL_TEXT = {"true": True, "false": False}
+
+
 def _coerced(v: Any, ftype: str) -> Any:
-    """`v` read as `ftype` where a file format cannot store that type: a list field's text that
-    holds a JSON array (CSV cells are text: `["EU", "rejects"]`), an int field's whole-number
-    float (pandas writes a nullable int column as float: 2.0). Anything else is left for the type
-    check to report."""
-    if ftype.startswith("list") and isinstance(v, str) and v.lstrip().startswith("["):
-        try:
-            parsed = json.loads(v)
-        except ValueError:
-            return v
-        return parsed if isinstance(parsed, list) else v
+    """`v` read as `ftype` where a file format cannot store that type: a list or dict field's text
+    that holds a JSON array or object (CSV cells are text: `["EU", "rejects"]`, `{"k": "v"}`), a
+    bool field's `true`/`false` text, an int or float field's number written as text (a CSV column
+    with one odd cell is read as text), an int field's whole-number float (pandas writes a nullable
+    int column as float: 2.0). Anything else is left for the type check to report."""
+    if isinstance(v, str):
+        text = v.strip()
+        if (ftype.startswith("list") and text.startswith("[")) or (
+            ftype == "dict" and text.startswith("{")
+        ):
+            try:
+                parsed = json.loads(text)
+            except ValueError:
+                return v
+            return parsed if isinstance(parsed, list if ftype != "dict" else dict) else v
+        if ftype == "bool" and text.lower() in _BOOL_TEXT:
+            return _BOOL_TEXT[text.lower()]
+        if ftype in ("int", "float"):
+            try:
+                num = float(text)
+            except ValueError:
+                return v
+            if ftype == "float" and math.isfinite(num):
+                return num
+            if ftype == "int" and re.fullmatch(r"[+-]?\d+", text):
+                return int(text)
+        return v
     if ftype == "int" and isinstance(v, float) and v.is_integer():
         return int(v)
     return v
