@@ -757,7 +757,7 @@ CONFIG_MISTAKES = {
     "same_task_twice": (
         lambda c: c.replace("template: qa_squad", "template: sentiment_sst2"),
         [],
-        [(4, "task name 'sentiment_sst2' used twice")],
+        [(7, "task name 'sentiment_sst2' used twice (tasks[0] and tasks[1])")],
     ),
     "source_missing_path": (
         lambda c: c.replace("template: qa_squad", "template: qa_squad\n    source: {path: nowhere}"),

@@ -586,9 +586,13 @@ def _check_values(cfg: RunConfig, loc: yaml_lines.Located, problems: list[Proble
                         "yes/no/true/false/on/off/~",
                         'quote the raw value as the data writes it, e.g. "yes": ... or "true": ...',
                     )
-    dupes = {n for n in names if names.count(n) > 1}
-    for n in sorted(dupes):
-        bad(("tasks",), f"task name '{n}' used twice", "give one of them a distinct 'name'")
+    for j, n in enumerate(names):
+        if names.index(n) != j:  # at the later entry, which is the one to rename
+            bad(
+                ("tasks", j),
+                f"task name '{n}' used twice (tasks[{names.index(n)}] and tasks[{j}])",
+                "give one of them a distinct 'name'",
+            )
     if not cfg.mixing.temperature > 0:  # also NaN
         bad(("mixing", "temperature"), "must be > 0", "1 = proportional, larger = closer to equal")
     if cfg.mixing.cap is not None and cfg.mixing.cap <= 0:
