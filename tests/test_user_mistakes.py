@@ -1081,3 +1081,22 @@ def test_validate_config_tries_the_runs_own_sources_and_skips_configs_beside_tem
     assert "run.yaml" not in err  # not checked as a template
     assert main(["validate", str(cfg)]) == 2
     assert "this is a run config (it has tasks:), not a task template" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("token", ["", " ", "a | b", "x;y", "two\nlines"])
+def test_an_entity_token_that_cannot_be_written_back_is_a_bad_row(token, tmp_path):
+    """NER targets are `TYPE: words | TYPE: words`: an entity token that is empty or holds a
+    separator would train on a target that parses back into other entities; outside entities the
+    token is harmless."""
+    from t2t_mtl.tasks.catalogue import load_task
+
+    tpl = load_task("ner_conll2003")
+    bad = tmp_path / "bad.jsonl"
+    rows = [
+        {"tokens": ["Ada", token, "wrote"], "ner_tags": ["B-PER", "I-PER", "O"]},
+        {"tokens": ["Ada", token, "wrote"], "ner_tags": ["B-PER", "O", "O"]},
+    ]
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    got = sources.load_rows(tpl, SourceConfig(path=str(bad)), "train", bad_rows="skip")
+    assert len(got) == 1 and got.skipped == 1
+    assert "cannot be written as an entity" in got.problems[0].message

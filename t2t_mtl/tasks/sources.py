@@ -886,15 +886,36 @@ def _tag_count_problem(row: dict, template: Task) -> list[tuple[str, str, str]]:
     name = next(
         (n for n in names if n != template.label_field and isinstance(row.get(n), list)), None
     )
-    if not isinstance(tags, list) or name is None or len(row[name]) == len(tags):
+    if not isinstance(tags, list) or name is None:
         return []
-    return [
-        (
-            f"'{name}' has {len(row[name])} items but '{template.label_field}' has {len(tags)}",
-            "a tagged row needs exactly one tag per token: fix the row",
-            template.label_field,
-        )
-    ]
+    if len(row[name]) != len(tags):
+        return [
+            (
+                f"'{name}' has {len(row[name])} items but '{template.label_field}' has {len(tags)}",
+                "a tagged row needs exactly one tag per token: fix the row",
+                template.label_field,
+            )
+        ]
+    for tok, tag in zip(row[name], tags):
+        # an entity's words are written `TYPE: words | TYPE: words`: an empty token or one holding
+        # a separator would make a target that parses back into other entities
+        if (
+            tag != OUTSIDE
+            and isinstance(tok, str)
+            and (not tok.strip() or _ENTITY_BREAK.search(tok))
+        ):
+            return [
+                (
+                    f"token {tok!r} of an entity ({tag}) in '{name}' cannot be written as an entity "
+                    "(empty, or holds | ; or a line break)",
+                    "fix the token, or tag it O",
+                    name,
+                )
+            ]
+    return []
+
+
+_ENTITY_BREAK = re.compile(r"[|;\n\r]")
 
 
 def label_maps(template: Task, labels: dict) -> tuple[dict, dict | None]:
