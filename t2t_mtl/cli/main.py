@@ -276,8 +276,7 @@ def _preview(args) -> int:
             )
         template, src, task_name = match[0].template, match[0].source, match[0].name
         config_at = (cfg.located, cfg.tasks.index(match[0]), src)
-        if src is not None and src.path:
-            src = dataclasses.replace(src, path=str(cfg.resolve_path(src.path)))
+        src = cfg.resolved_source(match[0])
     tpl = catalogue.load_task(template, extra)
     if args.variant:
         tpl.variant(args.variant)  # unknown id: fail before reading any data

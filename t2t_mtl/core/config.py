@@ -323,6 +323,13 @@ class RunConfig:
             return path
         return Path(self.config_path).parent / path
 
+    def resolved_source(self, task: TaskConfig) -> SourceConfig | None:
+        """`task.source` with a relative `path` resolved against the config's folder."""
+        src = task.source
+        if src is not None and src.path:
+            src = dataclasses.replace(src, path=str(self.resolve_path(src.path)))
+        return src
+
     def stage_list(self) -> list[StageConfig]:
         """Stages to run; with none configured, one stage of all tasks for `train.steps`."""
         if self.stages:

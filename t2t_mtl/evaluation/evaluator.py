@@ -45,7 +45,7 @@ from t2t_mtl.core.errors import (
 from t2t_mtl.core.records import Record
 from t2t_mtl.evaluation import confidence, metrics
 from t2t_mtl.model.prompt_format import PromptFormat
-from t2t_mtl.runs.folder import resolved_source, task_for
+from t2t_mtl.runs.folder import task_for
 from t2t_mtl.tasks import constraints, sources
 from t2t_mtl.tasks.parsing import FIRST_LINE_KINDS, ner_linearize
 from t2t_mtl.tasks.schema import EVAL_MODES
@@ -183,7 +183,7 @@ def eval_tasks(
             problems.append(prob)
         # eval.limit / --limit draw a seeded random subset: the run seed and the task name
         seed = f"{cfg.seed}|{name}"
-        out.append(EvalTask(name, tpl, resolved_source(cfg, t), m, vid, sample_seed=seed))
+        out.append(EvalTask(name, tpl, cfg.resolved_source(t), m, vid, sample_seed=seed))
     if mode in ("rank", "constrained") and out and all(t.mode != mode for t in out):
         # Every task asked for keeps its own mode: the option did nothing, say so.
         fits = "label tasks" if mode == "rank" else "label, span and entity tasks"

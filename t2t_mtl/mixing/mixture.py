@@ -615,9 +615,7 @@ def build_members(
             ]
             continue
         try:
-            src = tc.source
-            if src is not None and src.path:
-                src = dataclasses.replace(src, path=str(cfg.resolve_path(src.path)))
+            src = cfg.resolved_source(tc)
             rows = sources.load_rows(  # max_examples: a seeded random subset, not the first
                 tmpl,
                 src,

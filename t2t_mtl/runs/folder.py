@@ -44,7 +44,6 @@ __all__ = [
     "mixture_entry",
     "read_metrics",
     "resolved_config",
-    "resolved_source",
     "task_for",
     "task_manifest",
     "trim_metrics",
@@ -177,7 +176,7 @@ class Run:
 
     def source(self, name: str) -> SourceConfig | None:
         """The task's source override with its path resolved like training resolved it."""
-        return resolved_source(self.cfg, self.task_config(name))
+        return self.cfg.resolved_source(self.task_config(name))
 
 
 def task_for(cfg: RunConfig, task: TaskConfig, copies: Path | None = None) -> Task:
@@ -192,14 +191,6 @@ def task_for(cfg: RunConfig, task: TaskConfig, copies: Path | None = None) -> Ta
     if copies is not None and copies.is_dir():
         logger.warning("note: no copy of template '%s' in %s; using %s", stem, copies, tpl.path)
     return tpl
-
-
-def resolved_source(cfg: RunConfig, task: TaskConfig) -> SourceConfig | None:
-    """`task.source` with a relative `path` resolved against the config's folder."""
-    src = task.source
-    if src is not None and src.path:
-        src = dataclasses.replace(src, path=str(cfg.resolve_path(src.path)))
-    return src
 
 
 # ------------------------------------------------------------------ writing (training)

@@ -7,7 +7,6 @@ name starts with `_` are include-only snippets, never tasks. Template validation
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -256,9 +255,8 @@ def _config_trials(tpl: Task, cfg: RunConfig | None) -> list[TrialSource]:
     for i, t in enumerate(cfg.tasks if cfg is not None else []):
         if t.source is None or not _same_template(t.template, tpl, cfg):
             continue
-        src = t.source
+        src = cfg.resolved_source(t)
         if src.path:
-            src = dataclasses.replace(src, path=str(cfg.resolve_path(src.path)))
             if not Path(src.path).exists():
                 continue  # the config's check reports it, at the config's line
         wanted = list(dict.fromkeys(["train", cfg.eval.split]))
@@ -501,9 +499,7 @@ def config_inputs(cfg: RunConfig) -> list[Path]:
         except T2TError:
             continue
         out += [Path(f) for f in tpl.files]
-        src = tc.source
-        if src is not None and src.path:
-            src = dataclasses.replace(src, path=str(cfg.resolve_path(src.path)))
+        src = cfg.resolved_source(tc)
         for split in ("train", "validation", "test"):
             try:
                 res = sources.resolve(tpl, src, split)
