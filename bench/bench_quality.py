@@ -511,22 +511,14 @@ def evaluate_system(args, system: System, cfg, out_dir: Path, ecfg, path: Path) 
     out: dict[str, Any] = {"split": args.split, "rows": args.rows, "tasks": {}}
     for t in tasks:
         examples, rows = evaluator.load_examples(t, "validation", None)
+        ranked = None  # ranked choices (transfer "rank"): scored as picked, kept as their text
         if system.transfer:
-            texts = transfer_answers(system.transfer, model, tok, fmt, t, examples, cfg)
-            ranked = texts if system.transfer == "rank" else None
-            summary, _ = evaluator.score_task(
-                t.template, examples, None if ranked else texts, ranked=ranked
-            )
-            texts = [r.choice for r in ranked] if ranked else texts
-            out["tasks"][t.name] = {
-                "row_ids": [ex.record.meta.get("row_id") for ex in examples],
-                "texts": list(texts),
-                "primary": summary.get("primary"),
-                "invalid_rate": summary.get("invalid_rate"),
-                "per_example": summary.get("per_example"),
-            }
-            continue
-        if system.kind == "trl_hand":
+            answers = transfer_answers(system.transfer, model, tok, fmt, t, examples, cfg)
+            if system.transfer == "rank":
+                ranked, texts = answers, [r.choice for r in answers]
+            else:
+                texts = answers
+        elif system.kind == "trl_hand":
             prompts = [
                 hand_prompt(t.name, rows[int(ex.record.meta["row_id"])], tok) for ex in examples
             ]
@@ -547,7 +539,7 @@ def evaluate_system(args, system: System, cfg, out_dir: Path, ecfg, path: Path) 
                 max_prompt_tokens=cfg.model.max_length,
                 constraints=rules,
             )
-        summary, _ = evaluator.score_task(t.template, examples, texts)
+        summary, _ = evaluator.score_task(t.template, examples, texts, ranked=ranked)
         out["tasks"][t.name] = {
             "row_ids": [ex.record.meta.get("row_id") for ex in examples],
             "texts": list(texts),
