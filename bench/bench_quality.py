@@ -422,6 +422,15 @@ def trl_data(cfg, tok, fmt, hand: bool) -> list[dict]:
     ]
 
 
+_ELAPSED = "t2t_elapsed.json"  # training seconds up to a TRL checkpoint, kept inside it
+
+
+def _trl_elapsed(checkpoint: Path) -> float:
+    """Training seconds spent up to `checkpoint` (0 for a checkpoint written before they were kept)."""
+    f = checkpoint / _ELAPSED
+    return float(json.loads(f.read_text(encoding="utf-8"))["seconds"]) if f.is_file() else 0.0
+
+
 def train_trl(cfg, out_dir: Path, hand: bool) -> float:
     """Train a TRL SFTTrainer baseline once (adapter in out_dir/adapter); its training seconds.
 
@@ -432,7 +441,21 @@ def train_trl(cfg, out_dir: Path, hand: bool) -> float:
     if summary.is_file():
         return float(json.loads(summary.read_text(encoding="utf-8"))["seconds"])
     from datasets import Dataset
+    from transformers import TrainerCallback
+    from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTTrainer
+
+    class _ElapsedCallback(TrainerCallback):
+        """Writes the training seconds so far into each checkpoint TRL saves."""
+
+        def __init__(self, before: float, t0: float):
+            self.before, self.t0 = before, t0
+
+        def on_save(self, args, state, control, **kwargs):
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if ckpt.is_dir():
+                seconds = self.before + time.time() - self.t0
+                common.write_json(ckpt / _ELAPSED, {"seconds": round(seconds, 1)})
 
     from t2t_mtl.model import loading
     from t2t_mtl.model.prompt_format import PromptFormat
@@ -447,9 +470,19 @@ def train_trl(cfg, out_dir: Path, hand: bool) -> float:
         logging_steps=10,
         # ours: the stream's order is the point of the comparison; hand: the list is already shuffled
         train_sampling_strategy="sequential",
+        save_strategy="steps",
+        save_steps=20,
+        save_total_limit=1,
     )
     tr = cfg.train
-    log(f"training {out_dir.parent.name}/{out_dir.name} (TRL, {tr.steps} steps x {tr.batch_size})")
+    # Resumable like our runs (a TRL baseline is an hour of CPU): a checkpoint every 20 steps, and the
+    # training seconds up to it beside it, so a resumed run counts the redone steps once.
+    last = get_last_checkpoint(str(out_dir / "trainer")) if (out_dir / "trainer").is_dir() else None
+    before = _trl_elapsed(Path(last)) if last else 0.0
+    log(
+        f"training {out_dir.parent.name}/{out_dir.name} (TRL, {tr.steps} steps x {tr.batch_size})"
+        + (f", resuming from {Path(last).name}" if last else "")
+    )
     t0 = time.time()
     trainer = SFTTrainer(
         model=model,
@@ -457,10 +490,11 @@ def train_trl(cfg, out_dir: Path, hand: bool) -> float:
         train_dataset=Dataset.from_list(data),
         processing_class=tok,
         peft_config=lora,
+        callbacks=[_ElapsedCallback(before, t0)],
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=last)
     trainer.model.save_pretrained(str(out_dir / "adapter"))
-    seconds = round(time.time() - t0, 1)
+    seconds = round(before + time.time() - t0, 1)
     common.write_json(
         summary, {"seconds": seconds, "examples": len(data), "log": trainer.state.log_history}
     )

@@ -206,6 +206,7 @@ def trl_configs(cfg, output_dir: str, max_steps: int, **overrides: Any):
     accumulation, learning rate, warm-up, schedule, clipping, max length, checkpointing, LoRA
     settings and seed; completion-only loss, no packing, float32 unless `cfg` trains in bf16, no
     saving or reporting. `overrides` replace SFTConfig fields (packing, sampling order, logging)."""
+    import torch
     from peft import LoraConfig
     from trl import SFTConfig
 
@@ -226,6 +227,8 @@ def trl_configs(cfg, output_dir: str, max_steps: int, **overrides: Any):
         "packing": False,
         "completion_only_loss": True,
         "bf16": preflight.mixed_precision(cfg) == "bf16",
+        # transformers refuses bf16 without an accelerator unless told the run is on the CPU
+        "use_cpu": not torch.cuda.is_available(),
         "fp16": False,
         "gradient_checkpointing": bool(tr.gradient_checkpointing),  # TRL: all blocks or none
         "logging_steps": tr.logging_steps,
