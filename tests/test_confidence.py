@@ -99,6 +99,51 @@ def test_macro_f1_is_recomputed_on_each_resample_not_averaged():
     assert scores.std() > 1.0
 
 
+@pytest.mark.parametrize("metric", ["pearson", "spearman"])
+def test_correlations_are_recomputed_exactly_on_each_resample(metric):
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(4)
+    golds = [float(x) for x in rng.choice([1.0, 2.0, 3.5, 4.0, 5.0], 50)]
+    preds = [
+        None if k % 9 == 0 else float(round(g + rng.normal(0, 1))) for k, g in enumerate(golds)
+    ]
+    st = C.row_stats(metric, preds, golds)
+    assert st.point() == pytest.approx(getattr(M, metric)(preds, golds))
+    filled = np.array([np.mean(golds) if p is None else p for p in preds])
+    ref = stats.pearsonr if metric == "pearson" else stats.spearmanr
+    for idx in _resamples(50, 20):  # an example drawn k times counts as k tied copies
+        expected = 100 * ref(filled[idx], np.array(golds)[idx])[0]
+        assert st.score(_counts(idx, 50))[0] == pytest.approx(expected)
+    back = C.RowStats.from_json(json.loads(json.dumps(st.to_json())))
+    assert back.kind == metric and np.array_equal(
+        back.data, st.data
+    )  # floats kept, not cut to ints
+    lo, hi = C.interval(C.bootstrap(st, resamples=300, seed=1))
+    assert lo < st.point() < hi
+
+
+@pytest.mark.parametrize("metric", ["bleu", "chrf"])
+def test_sacrebleu_metrics_are_recomputed_exactly_on_each_resample(metric):
+    import sacrebleu
+
+    rng = np.random.default_rng(6)
+    words = "the a cat dog sat ran on under mat sofa quickly today".split()
+    refs = [" ".join(rng.choice(words, rng.integers(4, 9))) for _ in range(40)]
+    hyps = [
+        None if k % 11 == 0 else " ".join(w for w in r.split() if rng.random() < 0.8)
+        for k, r in enumerate(refs)
+    ]
+    st = C.row_stats(metric, hyps, refs)
+    assert st.point() == pytest.approx(getattr(M, metric)(hyps, refs))
+    corpus = sacrebleu.corpus_bleu if metric == "bleu" else sacrebleu.corpus_chrf
+    for idx in _resamples(40, 10):
+        plain = ["" if hyps[i] is None else hyps[i] for i in idx]
+        expected = corpus(plain, [[refs[i] for i in idx]]).score
+        assert st.score(_counts(idx, 40))[0] == pytest.approx(expected)
+    back = C.RowStats.from_json(json.loads(json.dumps(st.to_json())))
+    assert back.kind == metric and np.array_equal(back.data, st.data)
+
+
 def test_span_f1_is_recomputed_on_each_resample():
     golds = [
         ["B-PER", "I-PER", "O", "B-LOC"],
@@ -135,7 +180,7 @@ def test_mean_metrics_match_their_metric_functions():
             M.squad([preds[i] for i in idx], [refs[i] for i in idx])["f1"]
         )
     with pytest.raises(ValueError, match="no row statistics"):
-        C.row_stats("bleu", preds, refs)
+        C.row_stats("meteor", preds, refs)
     with pytest.raises(ValueError, match="not in the label set"):
         C.row_stats("macro_f1", ["a"], ["z"], ["a", "b"])
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from t2t_mtl.cli.main import main
-from t2t_mtl.core.config import load_config
+from t2t_mtl.core.config import SourceConfig, load_config
 from t2t_mtl.core.errors import ConfigError
 from t2t_mtl.core.records import Record
 from t2t_mtl.evaluation import metrics
@@ -33,6 +34,9 @@ from t2t_mtl.model.features import prompt_ids, target_ids
 from t2t_mtl.model.generation import generate_texts, rank_choices
 from t2t_mtl.model.prompt_format import PromptFormat
 from t2t_mtl.tasks.catalogue import load_task
+from t2t_mtl.tasks.task import load_task_file
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CHOICES = ["negative", "positive"]
 RECS = [
@@ -178,6 +182,80 @@ def test_scoring_label_task_counts_unparseable_answers_as_wrong_and_invalid():
     assert summary["primary"] == pytest.approx(300 / 6)
     assert summary["invalid_rate"] == pytest.approx(200 / 6)
     assert [r["valid"] for r in rows] == [True, True, True, False, True, False]
+
+
+def test_scoring_a_regression_task_reads_numbers_and_correlates(tmp_path):
+    """A user's `parse: number` task end to end without a model: golds are the rows' numbers, an
+    answer without a number is invalid, the primary metric is Pearson x 100 with an interval, and a
+    row whose output holds no number is a bad row (skipped, reported), not a crash."""
+    tpl = load_task_file(ROOT / "tests" / "fixtures" / "oracle" / "relatedness.yaml")
+    t = EvalTask("relatedness", tpl)
+    examples, _ = load_examples(t, "validation", None)
+    golds = [ex.gold for ex in examples]
+    assert golds == [4.0, 1.1, 4.6, 3.9, 1.0, 4.2, 4.9, 4.2]
+    texts = ["4", "Score: 1.5", "4,5", "I think 3", "1", "three", "5/5", "no idea\n4.0"]
+    summary, rows = score_task(tpl, examples, texts)
+    # the first line's number ("I think 3" -> 3), else invalid ("three", "no idea")
+    preds = [4.0, 1.5, 4.5, 3.0, 1.0, None, 5.0, None]
+    assert [r["prediction"] for r in rows] == preds
+    assert summary["metrics"] == metrics.compute(["pearson", "spearman"], preds, golds)
+    assert summary["primary"] == summary["metrics"]["pearson"] > 80.0
+    assert summary["invalid_rate"] == pytest.approx(200 / 8)
+    assert summary["per_example"]["kind"] == "pearson"
+
+    # scores kept as text: a row whose output holds no number is a bad row
+    data = tmp_path / "d"
+    data.mkdir()
+    lines = [
+        json.dumps({"sentence1": "a", "sentence2": "b", "score": v}) for v in ("4.5", "n/a", "2")
+    ]
+    (data / "validation.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    text = (ROOT / "tests" / "fixtures" / "oracle" / "relatedness.yaml").read_text(encoding="utf-8")
+    (tmp_path / "relatedness.yaml").write_text(
+        text.replace("score: float", "score: str")
+        .replace("samples: tests/fixtures/data/relatedness", "")
+        .replace("    output: \"{{ '%.2f' | format(score) }}\"", '    output: "{{ score }}"'),
+        encoding="utf-8",
+    )
+    loose = load_task_file(tmp_path / "relatedness.yaml")
+    examples, rows = load_examples(
+        EvalTask("relatedness", loose, SourceConfig(path=str(data))), "validation", None
+    )
+    assert [ex.gold for ex in examples] == [4.5, 2.0]
+    assert rows.skipped == 1 and "holds no number" in rows.problems[-1].message
+    assert rows.problems[-1].line == 2
+
+
+def test_scoring_a_translation_task_with_other_references(tmp_path):
+    """`references` (like `summaries`) adds correct alternatives: an answer matching any of them is
+    scored against all, as sacrebleu does with several references."""
+    data = tmp_path / "d"
+    data.mkdir()
+    rows = [
+        {"en": "The shop closes at seven.", "fr": "Le magasin ferme à sept heures.",
+         "references": ["La boutique ferme à sept heures."]},
+        {"en": "It rained all night long.", "fr": "Il a plu toute la nuit."},
+    ]  # fmt: skip
+    (data / "validation.jsonl").write_text(
+        "\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8"
+    )
+    text = (ROOT / "tests" / "fixtures" / "oracle" / "translation.yaml").read_text(encoding="utf-8")
+    text = text.replace(
+        "  fr: str\n", "  fr: str\n  references: {type: 'list[str]', required: false}\n"
+    )
+    (tmp_path / "translation.yaml").write_text(text, encoding="utf-8")
+    tpl = load_task_file(tmp_path / "translation.yaml")
+    examples, _ = load_examples(
+        EvalTask("translation", tpl, SourceConfig(path=str(data))), "validation", None
+    )
+    assert examples[0].gold == [rows[0]["fr"], rows[0]["references"][0]]
+    assert examples[1].gold == [rows[1]["fr"]]
+    texts = ["La boutique ferme à sept heures.", "Il a plu toute la nuit."]
+    summary, _ = score_task(tpl, examples, texts)
+    assert summary["metrics"] == {"bleu": pytest.approx(100.0), "chrf": pytest.approx(100.0)}
+    assert summary["per_example"]["kind"] == "bleu"
+    summary, _ = score_task(tpl, examples, ["Le chat dort.", "Il a plu toute la nuit."])
+    assert 0 < summary["metrics"]["chrf"] < 100
 
 
 def test_scoring_squad_uses_every_gold_answer():

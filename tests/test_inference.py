@@ -11,11 +11,12 @@ import torch
 from t2t_mtl.cli.main import main
 from t2t_mtl.core.errors import DataError, Problem
 from t2t_mtl.core.records import Record
-from t2t_mtl.inference.predictor import Predictor
+from t2t_mtl.inference.predictor import Predictor, structured
 from t2t_mtl.model import features
 from t2t_mtl.model.generation import _left_pad
 from t2t_mtl.model.prompt_format import PromptFormat
 from t2t_mtl.tasks import sources
+from t2t_mtl.tasks.task import load_task_file
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on one torch thread
 
@@ -269,6 +270,15 @@ def test_predict_cli_ner_and_qa_structured_output_matches_the_python_api(
     with pytest.raises(DataError) as e:
         predictor.predict("ner_conll2003", [{"tokens": []}])
     assert "field 'tokens' is an empty list" in str(e.value)
+
+
+def test_structured_prediction_of_a_number_and_a_translation(repo_root):
+    oracle = repo_root / "tests" / "fixtures" / "oracle"
+    rel = load_task_file(oracle / "relatedness.yaml")
+    assert structured(rel, rel.parse_output("Score: 4,5")) == {"value": 4.5}
+    assert structured(rel, rel.parse_output("no idea")) == {"value": None}
+    tr = load_task_file(oracle / "translation.yaml")
+    assert structured(tr, tr.parse_output(" Il pleut. \n")) == {"text": "Il pleut."}
 
 
 # ------------------------------------------------------------------ prompt

@@ -317,6 +317,84 @@ def test_rouge_matches_rouge_score_on_scitldr():
 # ---------------------------------------------------------------- dispatch
 
 
+# ---------------------------------------------------------------- BLEU / chrF (sacrebleu)
+
+
+def _streams(refs):
+    width = max(len(r) if isinstance(r, list) else 1 for r in refs)
+    rows = [r if isinstance(r, list) else [r] for r in refs]
+    return [[r[k] if k < len(r) else None for r in rows] for k in range(width)]
+
+
+def test_bleu_and_chrf_are_sacrebleus_corpus_scores_with_several_references():
+    import sacrebleu
+
+    hyps = ["The cat sat on the mat.", "A quick brown fox jumps.", None, "Bonjour le monde", ""]
+    refs = [
+        ["The cat is on the mat.", "There is a cat on the mat."],
+        "The fast brown fox jumps.",
+        "Hello there, general.",
+        "Bonjour tout le monde",
+        ["Nothing", "Nothing at all", "Really nothing"],
+    ]
+    plain = ["" if h is None else h for h in hyps]  # an unparsed answer scores as the empty one
+    assert M.bleu(hyps, refs) == pytest.approx(sacrebleu.corpus_bleu(plain, _streams(refs)).score)
+    assert M.chrf(hyps, refs) == pytest.approx(sacrebleu.corpus_chrf(plain, _streams(refs)).score)
+    assert M.compute(["chrf", "bleu"], hyps, refs) == {
+        "chrf": M.chrf(hyps, refs),
+        "bleu": M.bleu(hyps, refs),
+    }
+    assert M.primary_score(["chrf", "bleu"], M.compute(["chrf", "bleu"], hyps, refs)) == M.chrf(
+        hyps, refs
+    )
+    # a corpus is not the mean of its sentences: scores come from the summed statistics
+    per_row = [M.chrf([h], [r]) for h, r in zip(hyps, refs)]
+    assert M.chrf(hyps, refs) != pytest.approx(sum(per_row) / len(per_row))
+    assert M.bleu(["a b c d e"], ["a b c d e"]) == pytest.approx(100.0)
+    assert M.bleu(["Hi there"], ["Hi there"]) == 0.0  # no 4-grams: why short answers use chrF
+    assert M.chrf(["Hi there"], ["Hi there"]) == pytest.approx(100.0)
+    with pytest.raises(ValueError):
+        M.bleu(["x"], [[]])
+
+
+# ---------------------------------------------------------------- correlations (parse: number)
+
+
+def test_pearson_and_spearman_match_scipy_with_ties_and_unparsed_answers():
+    stats = pytest.importorskip("scipy.stats")
+    rng = random.Random(3)
+    golds = [rng.choice([1.0, 2.0, 2.5, 3.0, 4.0, 4.5, 5.0]) for _ in range(80)]  # many ties
+    preds = [round(g + rng.gauss(0, 1.2)) for g in golds]  # integer answers: ties too
+    assert M.pearson(preds, golds) == pytest.approx(100 * stats.pearsonr(preds, golds)[0])
+    assert M.spearman(preds, golds) == pytest.approx(100 * stats.spearmanr(preds, golds)[0])
+    # an unparsed answer stands at the mean of the golds
+    holes = [None if i % 7 == 0 else p for i, p in enumerate(preds)]
+    filled = [sum(golds) / len(golds) if p is None else p for p in holes]
+    assert M.pearson(holes, golds) == pytest.approx(100 * stats.pearsonr(filled, golds)[0])
+    assert M.spearman(holes, golds) == pytest.approx(100 * stats.spearmanr(filled, golds)[0])
+    assert M.compute(["pearson", "spearman"], holes, golds) == {
+        "pearson": M.pearson(holes, golds),
+        "spearman": M.spearman(holes, golds),
+    }
+
+
+def test_correlations_hand_computed_and_degenerate():
+    assert M.pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(100.0)
+    assert M.pearson([3, 2, 1], [1, 2, 3]) == pytest.approx(-100.0)
+    assert M.spearman([1, 10, 100], [1, 2, 3]) == pytest.approx(100.0)  # monotone, not linear
+    assert M.pearson([1, 10, 100], [1, 2, 3]) < 95.0
+    # no variation in the answers (or golds): no correlation, scored 0 rather than NaN
+    assert M.pearson([3, 3, 3], [1, 2, 3]) == 0.0
+    assert M.spearman([None, None, None], [1, 2, 3]) == 0.0
+    assert M.pearson([1, 2, 3], [4, 4, 4]) == 0.0
+    # large offsets do not cancel
+    assert M.pearson([1e9 + 1, 1e9 + 2, 1e9 + 4], [1, 2, 4]) == pytest.approx(100.0)
+    with pytest.raises(ValueError):
+        M.pearson([1.0], [float("nan")])
+    with pytest.raises(ValueError):
+        M.spearman([], [])
+
+
 def test_compute_dispatch_and_primary_score():
     res = M.compute(["accuracy", "macro_f1"], ["a", "b", None], ["a", "a", "b"], labels=["a", "b"])
     # accuracy 1/3; macro: a TP=1 FN=1 -> 2/3, b TP=0 FP=1 FN=1 -> 0 -> 1/3
@@ -348,6 +426,12 @@ def test_template_metric_names_are_all_computable():
     from t2t_mtl.tasks.schema import METRICS
 
     assert set(METRICS) == set(M.METRIC_NAMES)
+    from t2t_mtl.inference.lm_eval_task import RESULT_KEYS
+    from t2t_mtl.tasks.schema import METRIC_PARSES
+
+    assert set(RESULT_KEYS) == set(METRICS) == set(METRIC_PARSES)
+    for name in METRICS:  # the export names every key compute() returns, the main one included
+        assert M.MAIN_KEY[name] in RESULT_KEYS[name]
 
 
 def test_invalid_rate():

@@ -255,9 +255,11 @@ def test_validate_oracle_on_fixtures_exits_0_and_loads_no_model_library():
     )
     assert proc.returncode == 0, proc.stderr
     assert "HEAVY []" in proc.stdout
-    for name in ("many_classes", "ner_custom_types", "ner_tag_map"):
+    names = sorted(f.stem for f in ORACLE_FIXTURES.glob("*.yaml"))
+    assert {"many_classes", "ner_custom_types", "ner_tag_map", "relatedness"} <= set(names)
+    for name in names:
         assert f"oracle {name} (train, validation): " in proc.stderr
-    assert proc.stderr.count(": OK") == 3
+    assert proc.stderr.count(": OK") == len(names)
 
 
 def test_validate_config_oracle_checks_the_run_sources(tmp_path, capsys):
@@ -386,3 +388,58 @@ def test_oracle_config_reads_each_task_on_its_split(tmp_path):
     assert [r.task for r in reports] == ["many_classes", "tags"]
     assert all(r.ok and {x.split for x in r.results} == {"train"} for r in reports)
     assert reports[1].results[0].task == "tags"
+
+
+def test_oracle_explains_a_corpus_metric_that_misses_100_on_rows_that_read_back(tmp_path, capsys):
+    """Every row reads back, yet corpus BLEU of short answers is 0 and a correlation of constant
+    golds is undefined: FAIL with the reason at the variant, not 'the rows listed below' (none)."""
+    data = tmp_path / "d"
+    data.mkdir()
+    for split in ("train", "validation"):
+        rows = [
+            {"a": w, "b": t, "score": 3}
+            for w, t in (("yes", "ja"), ("no", "nein"), ("bye", "tschüß"))
+        ]
+        (data / f"{split}.jsonl").write_text(
+            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
+        )
+    short = write(
+        tmp_path / "short.yaml",
+        f"""\
+        name: short
+        task_type: generation
+        version: 1
+        samples: {data}
+        fields: {{a: str, b: str, score: int}}
+        variants:
+          - id: v
+            input: "{{{{ a }}}}"
+            output: "{{{{ b }}}}"
+        metric: [bleu, chrf]
+        parse: text
+        """,
+    )
+    flat = write(
+        tmp_path / "flat.yaml",
+        f"""\
+        name: flat
+        task_type: regression
+        version: 1
+        samples: {data}
+        fields: {{a: str, b: str, score: int}}
+        variants:
+          - id: v
+            input: "{{{{ a }}}}"
+            output: "On a 1-5 scale: {{{{ score }}}}"
+        metric: [spearman]
+        parse: number
+        """,
+    )
+    assert main(["validate", "--oracle", str(short), str(flat)]) == 2
+    err = capsys.readouterr().err
+    assert "oracle short (train, validation): bleu 0.00" in err and ": FAIL" in err
+    assert "corpus BLEU is 0 when no output has four words" in err and "put it first" in err
+    assert (
+        "a correlation needs at least two different gold numbers; every output parses as 1" in err
+    )
+    assert "rows listed below" not in err

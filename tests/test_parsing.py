@@ -15,6 +15,7 @@ from t2t_mtl.tasks.parsing import (
     ner_parse,
     parse,
     parse_label,
+    parse_number,
     parse_span,
     split_tag_map,
     tag_type,
@@ -382,6 +383,31 @@ def test_label_exact_match_beats_word_match():
 def test_span(text, expected):
     assert parse_span(text) == expected
     assert parse("span", text) == Parsed(expected, bool(expected))
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("4.2", 4.2),
+        ("  3\n5", 3.0),  # the first line only
+        ("Answer: 3,5 points", 3.5),  # decimal comma, prefix and unit
+        ("1,000", 1000.0),  # a comma before exactly three digits groups thousands
+        ("12,345.5 euros", 12345.5),
+        ("Score: 4/5", 4.0),
+        ("-1.5", -1.5),
+        ("−2", -2.0),  # the minus sign U+2212
+        (".5", 0.5),
+        ("1e-3", 0.001),
+        ("about 4.", 4.0),
+        ("x3 is not a number", None),  # digits inside a word are not a number
+        ("high", None),
+        ("", None),
+        ("\n\nnone\n4", None),
+    ],
+)
+def test_number(text, expected):
+    assert parse_number(text) == expected
+    assert parse("number", text) == Parsed(expected, expected is not None)
 
 
 def test_text_and_dispatch_errors():

@@ -277,6 +277,10 @@ def test_preview_refuses_a_map_that_fits_no_row(tmp_path, capsys):
     assert main(["preview", "tag_map_all_bad", "--config", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert f"{cfg}:6: all 2 rows of " in err and "are bad with this labels map" in err
+    for verb in (["mix", "--config", str(cfg)], ["validate", "--config", str(cfg)]):
+        assert main(verb) == 2  # every verb blames the same line: the map the run config gives
+        err = capsys.readouterr().err
+        assert f"{cfg}:6: all 2 rows of " in err, (verb, err)
     # and on the command line
     src = str(broken / "data" / "tag_map_all_bad")
     assert (
@@ -432,11 +436,15 @@ def test_name_clash_between_folders(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(catalogue.ENV_VAR, f"{a}{__import__('os').pathsep}{b}")
     with pytest.raises(TemplateError, match="clashes with"):
         catalogue.load_task("toy_sentiment")
+    clash = f"{b / 'toy_sentiment.yaml'}:1: task name 'toy_sentiment' clashes with {a / 'toy_sentiment.yaml'}"
     assert main(["validate"]) == 2
-    assert (
-        f"{b / 'toy_sentiment.yaml'}:1: task name 'toy_sentiment' clashes with {a / 'toy_sentiment.yaml'}"
-        in capsys.readouterr().err
-    )
+    assert clash in capsys.readouterr().err
+    assert main(["validate", "--no-trial", "toy_sentiment"]) == 2  # named alone, too
+    assert clash in capsys.readouterr().err
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("tasks:\n  - template: toy_sentiment\n", encoding="utf-8")
+    assert main(["mix", "--config", str(cfg)]) == 2
+    assert capsys.readouterr().err.count(clash) == 1  # once, though the run's task meets it too
 
 
 def test_check_config_reports_with_config_lines(tmp_path):
@@ -465,7 +473,10 @@ def test_check_config_reports_with_config_lines(tmp_path):
     text = "\n".join(probs)
     assert f"{cfg_file}:7: tasks[1].source.columns: 'txt' is not a field of 'toy_sentiment'" in text
     assert f"{cfg_file}:7: tasks[1].source.labels: 'good' is not a label of 'toy_sentiment'" in text
-    assert f"{cfg_file}:10: tasks[2].eval_mode: rank needs answer_choices" in text
+    assert (
+        f"{cfg_file}:10: tasks[2].eval_mode: rank needs a label task (parse: label, answer_choices)"
+        in text
+    )
     assert f"{cfg_file}:11: tasks[2].source.path: not found: missing_dir" in text
     assert len(probs) == 5
 

@@ -1017,6 +1017,51 @@ def test_text_cells_feed_typed_fields_and_nulls_render_empty(tmp_path):
     assert got == ["[ann] good film 3 True v", "[] bad film 1 False"]
 
 
+REGRESSION = """\
+name: {name}
+task_type: regression
+version: 1
+fields:
+  text: str
+  score: {score_type}
+variants:
+  - id: v
+    input: "{{{{ text }}}}"
+    output: "{{{{ score }}}}"
+metric: [pearson]
+parse: number
+"""
+
+
+def test_a_number_task_skips_rows_without_a_number_in_training_too(tmp_path, capsys):
+    """`parse: number`: an output without a number is a bad row everywhere (validate names it,
+    the training stream skips and counts it, never trains on 'n/a'); a decimal comma in a float
+    field is refused with the way out."""
+    tpl = tmp_path / "rating.yaml"
+    tpl.write_text(REGRESSION.format(name="rating", score_type="str"), encoding="utf-8")
+    data = tmp_path / "rows.csv"
+    data.write_text('text,score\ngood,4.5\nodd,n/a\nbad,1\nfine,"3,5"\n', encoding="utf-8")
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        f"run_name: r\ntasks:\n  - template: {tpl}\n    source: {{path: {data}}}\n",
+        encoding="utf-8",
+    )
+    out = tmp_path / "mix.jsonl"
+    assert main(["mix", "--config", str(cfg), "--dump", "40", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "1 bad row skipped" in err and f"{data}:3:" in err and "holds no number" in err
+    outputs = {json.loads(x)["output"] for x in out.read_text(encoding="utf-8").splitlines()}
+    assert outputs == {"4.5", "1", "3,5"}
+    assert main(["validate", str(tpl), "--config", str(cfg)]) == 2
+    assert "holds no number for this row" in capsys.readouterr().err
+
+    tpl.write_text(REGRESSION.format(name="rating", score_type="float"), encoding="utf-8")
+    assert main(["validate", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert f"{data}:5: field 'score' should be float, got str '3,5'" in err
+    assert "'.' decimal point" in err and "declare the field str" in err
+
+
 def test_mix_never_writes_over_what_the_run_reads(tmp_path, capsys):
     """`mix --dump --out` (and --plot) refuse the config, a template and the data of the run:
     each stays as it was (exit 2); a tiny temperature mixes without overflow."""

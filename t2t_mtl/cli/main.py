@@ -49,7 +49,8 @@ def add_validate(sub) -> None:
         "validate",
         help="check task templates (YAML, keys, Jinja, fields, trial render on samples)",
         description="Check template files, folders or task names (default: every template in task_templates/, "
-        "the folders in $T2T_MTL_TEMPLATES and the run config's template_dirs). Each problem is "
+        "the folders in $T2T_MTL_TEMPLATES and the run config's template_dirs, and the run's tasks "
+        "given as template files). Each problem is "
         "printed on stderr as `file:line: message (hint)`, then a summary line (also stderr); "
         "stdout stays empty. Exit 0 when everything is valid, 2 otherwise. --oracle also gives "
         "every row's own gold output back as the answer, through evaluation's parse and metric: "

@@ -125,7 +125,8 @@ def loads(text: str, file: str = "<string>") -> Located:
                     file,
                     line,
                     f"YAML syntax error: {e.problem or e}",
-                    "check indentation and quoting; Jinja with ':' or '{' must be quoted",
+                    "check indentation and quoting; Jinja with ':' or '{' must be quoted, and so "
+                    'must a list[...] type inside { } ({type: "list[str]", required: false})',
                 )
             ]
         ) from None

@@ -11,6 +11,13 @@ of `w @ stats` — exact for corpus-level metrics too, not an average of per-exa
 - `macro` (macro-F1): per example (predicted class, gold class), -1 for an unparsed prediction or
   one outside the label set; per-class F1 from the resample's counts, averaged over the classes that
   occur in the resample's golds or predictions, as `metrics.macro_f1` does.
+- `pearson`, `spearman` (correlations of `parse: number` answers): per example (prediction, gold),
+  an unparsed prediction at the golds' mean (`metrics.number_pairs`); Pearson r from the resample's
+  weighted sums, Spearman rho from its average ranks (an example drawn k times is k tied copies), by
+  `metrics.weighted_pearson` / `weighted_spearman` — exactly what scipy gives on the resampled rows.
+- `bleu`, `chrf` (sacrebleu corpus metrics): per example its n-gram statistics
+  (`metrics.sacrebleu_stats`); the score of the summed statistics, as sacrebleu's own paired
+  bootstrap computes it.
 
 `RowStats` holds these statistics (and travels in results JSON as `per_example`, so `t2t-mtl compare`
 can test differences later); `bootstrap` is the one resampling function: given several RowStats of
@@ -37,7 +44,7 @@ from t2t_mtl.evaluation import metrics
 RESAMPLES = 1000
 SEED = 0
 LEVEL = 0.95
-KINDS = ("mean", "span", "macro")
+KINDS = ("mean", "span", "macro", "pearson", "spearman", "bleu", "chrf")
 METHOD = "percentile bootstrap over examples"
 _CELLS_PER_CHUNK = 2_000_000  # resamples x examples held at once (16 MB of float64 weights)
 
@@ -47,7 +54,8 @@ class RowStats:
     """Per-example statistics of one task's primary metric (see the module docstring).
 
     `data`: `mean` -> shape (n,) values in points; `span` -> (n, 3) tp, fp, fn; `macro` -> (n, 2)
-    predicted and gold class indices into `labels`.
+    predicted and gold class indices into `labels`; `pearson`, `spearman` -> (n, 2) predicted and
+    gold numbers; `bleu`, `chrf` -> (n, k) sacrebleu statistics.
     """
 
     kind: str
@@ -59,7 +67,7 @@ class RowStats:
         if self.kind not in KINDS:
             raise ValueError(f"unknown row statistics kind {self.kind!r}")
         self.data = np.asarray(self.data, dtype=float)
-        want = {"mean": 1, "span": 2, "macro": 2}[self.kind]
+        want = 1 if self.kind == "mean" else 2
         if self.data.ndim != want or len(self.data) == 0:
             raise ValueError(f"{self.kind} row statistics need a non-empty {want}-D array")
 
@@ -72,6 +80,12 @@ class RowStats:
         w = np.atleast_2d(np.asarray(weights, dtype=float))
         if self.kind == "mean":
             return (w @ self.data) / w.sum(axis=1)
+        if self.kind == "pearson":
+            return metrics.weighted_pearson(self.data, w)
+        if self.kind == "spearman":
+            return metrics.weighted_spearman(self.data, w)
+        if self.kind in ("bleu", "chrf"):
+            return metrics.sacrebleu_scores(self.kind, self.data, w)
         if self.kind == "span":
             tp, fp, fn = (w @ self.data).T
             denom = 2 * tp + fp + fn
@@ -97,6 +111,8 @@ class RowStats:
         out: dict[str, Any] = {"kind": self.kind}
         if self.kind == "mean":
             out["values"] = [float(x) for x in self.data]
+        elif self.kind in ("pearson", "spearman"):  # numbers, not counts
+            out["rows"] = [[float(x) for x in r] for r in self.data]
         else:
             out["rows"] = [[int(x) for x in r] for r in self.data]
         if self.labels is not None:
@@ -134,6 +150,10 @@ def row_stats(
             "mean",
             np.array([100.0 * metrics.rouge_example(p, g)["rougeL"] for p, g in zip(preds, golds)]),
         )
+    if metric_name in ("pearson", "spearman"):
+        return RowStats(metric_name, metrics.number_pairs(preds, golds))
+    if metric_name in ("bleu", "chrf"):
+        return RowStats(metric_name, metrics.sacrebleu_stats(metric_name, preds, golds))
     if metric_name == "span_f1":
         return RowStats("span", np.array([metrics.span_counts(p, g) for p, g in zip(preds, golds)]))
     if metric_name == "macro_f1":

@@ -9,8 +9,10 @@ that does not apply to a task (`--mode rank` on QA, `constrained` on summaries) 
 
 Gold values per parse kind: `label` -> the rendered output (a choice); `span` -> the rendered
 output plus every alternative in the row's `answers` field (SQuAD's `{text: [...]}` or a list);
+`number` -> the rendered output's number (a row whose output has none does not render: a bad row);
 `entities` -> the row's tag list (its `label_field`) aligned to its `tokens`, else the rendered
-output parsed back; `text` -> the rendered output plus the row's `summaries` list when present.
+output parsed back; `text` -> the rendered output plus the row's `summaries` or `references` list
+when present.
 Metrics are the template's `metric` list (the first is primary), computed by `metrics.compute`;
 each task also reports the invalid (unparsed) rate. The combined score is the mean of the
 per-task primary scores. Each primary score (and the combined one) gets a 95 % confidence interval,
@@ -47,7 +49,7 @@ from t2t_mtl.evaluation import confidence, metrics
 from t2t_mtl.model.prompt_format import PromptFormat
 from t2t_mtl.runs.folder import task_for
 from t2t_mtl.tasks import constraints, sources
-from t2t_mtl.tasks.parsing import FIRST_LINE_KINDS, ner_linearize
+from t2t_mtl.tasks.parsing import CONSTRAINED_KINDS, FIRST_LINE_KINDS, ner_linearize, parse_number
 from t2t_mtl.tasks.schema import EVAL_MODES
 from t2t_mtl.tasks.task import Task
 
@@ -97,7 +99,8 @@ class Example:
     """A rendered eval record plus what scoring needs: gold value and (NER) the row's tokens."""
 
     record: Record
-    gold: str | list[str] | None  # label: the choice; span/text: alternatives; entities: tags
+    # label: the choice; span/text: alternatives; entities: tags; number: a float
+    gold: str | float | list[str] | None
     tokens: list[str] | None = None
     key: str | None = None  # fingerprint of the source row (`confidence.row_key`)
     source: str | None = None  # where the row is: "file:line" (JSONL/CSV) or "file-or-hub-id:row"
@@ -165,19 +168,19 @@ def eval_tasks(
             continue
         tpl = task_for(cfg, t, template_dir)
         m = mode or t.eval_mode or tpl.eval_mode
-        if m == "rank" and not tpl.answer_choices:
+        if m == "rank" and (tpl.parse != "label" or not tpl.answer_choices):
             if mode is None:
                 problems.append(
                     Problem(
                         str(tpl.path),
                         None,
-                        f"task '{name}': rank mode needs answer_choices",
+                        f"task '{name}': rank mode needs a label task (parse: label, answer_choices)",
                         "use eval_mode: generate",
                     )
                 )
             m = "generate"  # --mode rank on a run with QA/NER tasks: those still generate
-        if m == "constrained" and tpl.parse == "text":
-            m = "generate"  # --mode constrained: summaries have no form to constrain
+        if m == "constrained" and tpl.parse not in CONSTRAINED_KINDS:
+            m = "generate"  # --mode constrained: summaries and numbers have no form to constrain
         vid, prob = pick_variant(tpl, variant)
         if prob:
             problems.append(prob)
@@ -229,6 +232,8 @@ def gold_for(tpl: Task, row: dict, rec: Record, tokens: list[str] | None) -> str
     kind = tpl.parse
     if kind == "label":
         return rec.output
+    if kind == "number":
+        return parse_number(rec.output)  # a number: `Task.render` refuses an output without one
     if kind == "entities":
         tags = row.get(tpl.label_field) if tpl.label_field else None
         if (
@@ -238,9 +243,10 @@ def gold_for(tpl: Task, row: dict, rec: Record, tokens: list[str] | None) -> str
         ):
             return list(tags)
         return tpl.parse_output(rec.output, tokens=tokens).value
-    extra = (
-        _alternatives(row.get("answers")) if kind == "span" else _alternatives(row.get("summaries"))
-    )
+    if kind == "span":
+        extra = _alternatives(row.get("answers"))
+    else:  # text: other summaries, or other reference translations
+        extra = _alternatives(row.get("summaries")) + _alternatives(row.get("references"))
     return list(dict.fromkeys([rec.output] + extra))
 
 

@@ -1,15 +1,23 @@
-"""Task metrics on already-parsed predictions: accuracy, macro-F1, SQuAD EM/F1, entity span F1, ROUGE.
+"""Task metrics on already-parsed predictions: accuracy, macro-F1, SQuAD EM/F1, entity span F1, ROUGE,
+BLEU and chrF (translation), Pearson and Spearman correlation.
 
 Conventions shared by every function here:
 - Scores are on a 0..100 scale (percent), so `primary_score` can compare tasks directly.
 - A prediction of `None` means "the output could not be parsed"; it always counts as wrong
   (accuracy/EM/F1/ROUGE 0 for that example, no entities for span F1). `invalid_rate` reports how often
-  it happened, so a low score can be told apart from a format problem.
+  it happened, so a low score can be told apart from a format problem. For the correlations (numbers)
+  an unparsed prediction stands at the mean of the gold values: it carries no information, and
+  correlation has no "wrong" value to give it.
+- Correlations are reported ×100 (Pearson r = 0.873 -> 87.3), as GLUE reports STS-B; a constant
+  prediction (or gold) column has no correlation and scores 0.
 - `preds` and `golds` are parallel sequences; a length mismatch or an empty input is a programming error
   (ValueError), never silently scored.
 
-Span F1 and ROUGE delegate to the reference libraries (seqeval, rouge-score) so numbers match what
-papers report; they are imported lazily because each costs ~1.5 s and most commands never score.
+Span F1, ROUGE, BLEU and chrF delegate to the reference libraries (seqeval, rouge-score, sacrebleu
+with its default signatures: BLEU 13a tokenisation and exponential smoothing, chrF2 with character
+6-grams) so numbers match what papers report; they are imported lazily because each costs ~1.5 s and
+most commands never score. BLEU and chrF are corpus metrics: sums of per-row n-gram statistics
+(`sacrebleu_stats`), which is also what the bootstrap resamples.
 This module imports no torch / transformers (the `compare` verb and reports use it without them).
 """
 
@@ -22,6 +30,8 @@ from collections.abc import Hashable, Iterable, Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
+import numpy as np
+
 from t2t_mtl.core.errors import did_you_mean
 
 __all__ = [
@@ -29,15 +39,23 @@ __all__ = [
     "METRIC_NAMES",
     "ROUGE_TYPES",
     "accuracy",
+    "bleu",
+    "chrf",
     "compute",
     "invalid_rate",
     "macro_f1",
     "normalize_answer",
+    "number_pairs",
+    "pearson",
     "primary_score",
+    "reference_list",
     "rouge",
     "rouge_example",
+    "sacrebleu_scores",
+    "sacrebleu_stats",
     "span_counts",
     "span_f1",
+    "spearman",
     "squad",
     "squad_example",
 ]
@@ -49,6 +67,10 @@ MAIN_KEY: dict[str, str] = {
     "squad": "f1",
     "span_f1": "span_f1",
     "rouge": "rougeL",
+    "pearson": "pearson",
+    "spearman": "spearman",
+    "bleu": "bleu",
+    "chrf": "chrf",
 }
 METRIC_NAMES = tuple(MAIN_KEY)
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
@@ -128,9 +150,14 @@ def _token_f1(pred: str, gold: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def reference_list(golds: str | Sequence[str]) -> list[str]:
+    """A row's gold text or texts as a list (one string: one reference)."""
+    return [golds] if isinstance(golds, str) else list(golds)
+
+
 def _as_list(golds: str | Sequence[str], what: str) -> list[str]:
     """One gold string or a list of alternatives -> a non-empty list."""
-    out = [golds] if isinstance(golds, str) else list(golds)
+    out = reference_list(golds)
     if not out:
         raise ValueError(f"an example has no {what}")
     return out
@@ -284,6 +311,124 @@ def rouge(
     return {k: 100.0 * v / n for k, v in totals.items()}
 
 
+# ---------------------------------------------------------------- BLEU / chrF (sacrebleu)
+
+
+@lru_cache(maxsize=2)
+def _sacrebleu(name: str):
+    from sacrebleu.metrics import BLEU, CHRF
+
+    if name == "bleu":
+        return BLEU()
+    if name == "chrf":
+        return CHRF()
+    raise ValueError(f"no sacrebleu metric {name!r}")
+
+
+def sacrebleu_stats(
+    name: str, preds: Sequence[str | None], refs_or_ref_lists: Sequence[str | Sequence[str]]
+) -> np.ndarray:
+    """Per-row sufficient statistics (n, k) of `name` (bleu | chrf): n-gram matches and totals,
+    lengths. A row may have several references (its own number); None scores as the empty answer."""
+    n = _check_pair(preds, refs_or_ref_lists)
+    refs = [_as_list(r, name) for r in refs_or_ref_lists]
+    width = max(len(r) for r in refs)
+    # sacrebleu takes reference *streams*; None pads a row that has fewer references
+    streams = [[r[k] if k < len(r) else None for r in refs] for k in range(width)]
+    hyps = ["" if p is None else str(p) for p in preds]
+    stats = _sacrebleu(name)._extract_corpus_statistics(hyps, streams)
+    return np.asarray(stats, dtype=float).reshape(n, -1)
+
+
+def sacrebleu_scores(name: str, stats: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """`name`'s corpus score (0..100) for each row of `weights` (b, n): the metric of the weighted sum
+    of the per-row statistics, as sacrebleu's corpus_score (and its paired bootstrap) compute it."""
+    metric = _sacrebleu(name)
+    sums = np.atleast_2d(np.asarray(weights, dtype=float)) @ stats
+    return np.array([metric._compute_score_from_stats(list(row)).score for row in sums])
+
+
+def bleu(preds: Sequence[str | None], refs_or_ref_lists: Sequence[str | Sequence[str]]) -> float:
+    """Corpus BLEU (sacrebleu defaults), 0..100; a row's references may be several."""
+    stats = sacrebleu_stats("bleu", preds, refs_or_ref_lists)
+    return float(sacrebleu_scores("bleu", stats, np.ones(len(stats)))[0])
+
+
+def chrf(preds: Sequence[str | None], refs_or_ref_lists: Sequence[str | Sequence[str]]) -> float:
+    """Corpus chrF2 (sacrebleu defaults), 0..100; a row's references may be several."""
+    stats = sacrebleu_stats("chrf", preds, refs_or_ref_lists)
+    return float(sacrebleu_scores("chrf", stats, np.ones(len(stats)))[0])
+
+
+# ---------------------------------------------------------------- numbers (regression)
+
+
+def number_pairs(preds: Sequence[float | None], golds: Sequence[float]) -> np.ndarray:
+    """(n, 2) float array of (prediction, gold); an unparsed prediction (None) stands at the golds' mean."""
+    _check_pair(preds, golds)
+    gold = np.asarray(golds, dtype=float)
+    if not np.isfinite(gold).all():
+        raise ValueError("gold values of a correlation must be finite numbers")
+    mean = float(gold.mean())
+    pred = np.array([mean if p is None else float(p) for p in preds], dtype=float)
+    return np.stack([pred, gold], axis=1)
+
+
+def weighted_pearson(pairs: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Pearson r x 100 of the (prediction, gold) `pairs` (n, 2) for each row of `weights` (b, n):
+    example i counted weights[k, i] times (a bootstrap resample's draw counts; ones = as evaluated).
+    0 where either column is constant."""
+    w = np.atleast_2d(np.asarray(weights, dtype=float))
+    x, y = pairs[:, 0], pairs[:, 1]
+    # centred first (on the unweighted means) so the sums below do not cancel catastrophically
+    x, y = x - x.mean(), y - y.mean()
+    n = w.sum(axis=1)
+    sx, sy = w @ x, w @ y
+    sxx, syy, sxy = w @ (x * x), w @ (y * y), w @ (x * y)
+    vx, vy = n * sxx - sx * sx, n * syy - sy * sy
+    cov = n * sxy - sx * sy
+    ok = (vx > 1e-12 * np.maximum(n * sxx, 1e-300)) & (vy > 1e-12 * np.maximum(n * syy, 1e-300))
+    return np.where(ok, 100.0 * cov / np.sqrt(np.where(ok, vx * vy, 1.0)), 0.0)
+
+
+def _average_ranks(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Each example's rank (1-based, ties averaged) among the examples repeated by `weights` (b, n)."""
+    order = np.argsort(values, kind="stable")
+    ranked = values[order]
+    starts = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]])  # first position of each value
+    group = np.cumsum(np.r_[True, ranked[1:] != ranked[:-1]]) - 1  # sorted position -> value group
+    per_group = np.add.reduceat(
+        weights[:, order], starts, axis=1
+    )  # (b, groups) copies of each value
+    before = np.cumsum(per_group, axis=1) - per_group
+    avg = before + (per_group + 1.0) / 2.0  # copies fill ranks before+1 .. before+count
+    out = np.empty_like(weights, dtype=float)
+    out[:, order] = avg[:, group]
+    return out
+
+
+def weighted_spearman(pairs: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Spearman rho x 100 (Pearson r of average ranks) for each row of `weights`, as `weighted_pearson`."""
+    w = np.atleast_2d(np.asarray(weights, dtype=float))
+    rx, ry = _average_ranks(pairs[:, 0], w), _average_ranks(pairs[:, 1], w)
+    out = np.empty(len(w))
+    for k in range(len(w)):  # the ranks differ per resample
+        out[k] = weighted_pearson(np.stack([rx[k], ry[k]], axis=1), w[k])[0]
+    return out
+
+
+def pearson(preds: Sequence[float | None], golds: Sequence[float]) -> float:
+    """Pearson correlation x 100 of parsed numbers with the gold numbers (see module conventions)."""
+    pairs = number_pairs(preds, golds)
+    return float(weighted_pearson(pairs, np.ones(len(pairs)))[0])
+
+
+def spearman(preds: Sequence[float | None], golds: Sequence[float]) -> float:
+    """Spearman rank correlation x 100 (ties get their average rank), as `pearson`."""
+    pairs = number_pairs(preds, golds)
+    return float(weighted_spearman(pairs, np.ones(len(pairs)))[0])
+
+
 # ---------------------------------------------------------------- dispatch
 
 
@@ -309,7 +454,8 @@ def compute(
 
     Keys per metric: accuracy -> `accuracy`; macro_f1 -> `macro_f1` (uses `labels`); squad ->
     `exact_match`, `f1`; span_f1 -> `span_precision`, `span_recall`, `span_f1` (preds/golds are IOB2 tag
-    sequences); rouge -> `rouge1`, `rouge2`, `rougeL`. Gold values for squad/rouge may be a string or a
+    sequences); rouge -> `rouge1`, `rouge2`, `rougeL`; bleu -> `bleu`; chrf -> `chrf`; pearson -> `pearson`; spearman -> `spearman`
+    (preds are floats or None, golds floats). Gold values for squad/rouge may be a string or a
     list of alternatives. None in `preds` means unparsed (scored as wrong).
     """
     out: dict[str, float] = {}
@@ -325,6 +471,14 @@ def compute(
             out.update(span_precision=s["precision"], span_recall=s["recall"], span_f1=s["f1"])
         elif name == "rouge":
             out.update(rouge(preds, golds))
+        elif name == "bleu":
+            out["bleu"] = bleu(preds, golds)
+        elif name == "chrf":
+            out["chrf"] = chrf(preds, golds)
+        elif name == "pearson":
+            out["pearson"] = pearson(preds, golds)
+        elif name == "spearman":
+            out["spearman"] = spearman(preds, golds)
     return out
 
 

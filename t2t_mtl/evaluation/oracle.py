@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from t2t_mtl.core import yaml_lines
 from t2t_mtl.core.config import RunConfig
 from t2t_mtl.core.errors import Problem, T2TError
 from t2t_mtl.evaluation import metrics
@@ -56,6 +55,8 @@ _HINTS = {
     "(`{{ tokens | ner_linearize(tags) }}`), every type one of the task's entity types",
     "span": "the answer must be non-empty text on one line",
     "text": "the output must be non-empty text",
+    "number": "the output must start with the row's number (e.g. `{{ score }}`) so that `parse: number` "
+    "reads it back",
 }
 
 
@@ -76,7 +77,7 @@ class OracleFailure:
         """This failure as `file:row: message (hint)`."""
         where = f"oracle: task '{task}' variant '{variant}'"
         if self.error:
-            return Problem(self.file, self.row, f"{where}: the row does not render: {self.error}")
+            return Problem(self.file, self.row, f"{where}: {self.error}")
         msg = f"{where}: gold output {self.output!r} parsed as {self.parsed!r}"
         msg += "" if self.valid else " (invalid)"
         if self.expected != self.output and self.expected != [self.output]:
@@ -99,6 +100,8 @@ class OracleResult:
     invalid_rate: float | None
     failed: int = 0  # rows that do not score full marks (or do not render)
     failures: list[OracleFailure] = field(default_factory=list)  # the first MAX_FAILURES
+    # why the score misses 100 although every row reads back (a corpus metric's blind spot)
+    why: str = ""
 
     @property
     def ok(self) -> bool:
@@ -173,11 +176,17 @@ class TaskOracle:
                 file, line = v.lines.get("output", (file, line))
         score = "no score" if r.score is None else f"{r.primary_metric} {r.score:.2f}"
         invalid = f"{r.invalid_rate or 0.0:.1f} %"
+        scored = f" (the {r.n} that render)" if r.n < r.rows else ""
+        head = (
+            f"oracle: task '{self.task}' variant '{r.variant}' scores {score} with {invalid} invalid "
+            f"on its own gold outputs{scored}; {r.failed} of {r.rows} {r.split} rows fail"
+        )
+        if r.why:
+            return Problem(file, line, f"{head}: {r.why[0]}", r.why[1])
         return Problem(
             file,
             line,
-            f"oracle: task '{self.task}' variant '{r.variant}' scores {score} with {invalid} invalid "
-            f"on its own gold outputs ({r.failed} of {r.rows} {r.split} rows fail)",
+            head,
             "no model can score 100 on rows its template cannot express: fix the variant's output, "
             "the parse kind or answer choices/entity types, or the rows listed below",
         )
@@ -196,6 +205,10 @@ def _row_ok(metric: str, pred: Any, ex: Example) -> bool:
         return fp == 0 and fn == 0
     if metric == "rouge":
         return metrics.rouge_example(pred, ex.gold)["rougeL"] >= 1.0 - 1e-9
+    if metric in ("bleu", "chrf"):  # the answer is one of the references, as written
+        return str(pred) in metrics.reference_list(ex.gold)
+    if metric in ("pearson", "spearman"):  # correlation 100 over the rows: each number read back
+        return abs(float(pred) - float(ex.gold)) <= 1e-9 * max(1.0, abs(ex.gold))
     raise ValueError(f"no per-example form of metric {metric!r}")
 
 
@@ -276,9 +289,31 @@ def oracle_check(
                 summary.get("invalid_rate"),
                 failed,
                 failures[:max_failures],
+                _blind_spot(primary, summary.get("primary"), examples) if not failed else ("", ""),
             )
         )
     return out
+
+
+def _blind_spot(metric: str, score: float | None, examples: Sequence[Example]) -> tuple[str, str]:
+    """(why, hint) when every row reads back yet a corpus metric stays below 100, else ("", "")."""
+    if score is None or score >= _FULL:
+        return "", ""
+    if metric == "bleu":
+        return (
+            "corpus BLEU is 0 when no output has four words (no 4-gram to match)",
+            "score short answers with chrf: put it first in metric",
+        )
+    if metric in ("pearson", "spearman"):
+        values = sorted({float(ex.gold) for ex in examples})
+        if len(values) < 2:
+            seen = f"every output parses as {values[0]:g}" if values else "no output has a number"
+            return (
+                f"a correlation needs at least two different gold numbers; {seen}",
+                "check that the output's first number is the score (text before it may hold "
+                "another number), and that the split holds rows with different scores",
+            )
+    return "", ""
 
 
 def _tags(row: dict, ex: Example, tpl: Task) -> list[str]:
@@ -346,21 +381,11 @@ def oracle_config(
     map when the config gives it, else at the template's.
     """
     split = split or cfg.eval.split
-    loc = None
-    if cfg.config_path:
-        try:
-            loc = yaml_lines.load(cfg.config_path)
-        except T2TError:
-            loc = None
     reports = []
-    for i, (tc, et) in enumerate(zip(cfg.tasks, eval_tasks(cfg))):
+    for i, (_tc, et) in enumerate(zip(cfg.tasks, eval_tasks(cfg))):
         report = TaskOracle(et.name, et.template)
         reports.append(report)
-
-        def source_at(key: str, i=i, tc=tc, tpl=et.template) -> tuple[str, int | None]:
-            if loc is not None and tc.source is not None and getattr(tc.source, key) is not None:
-                return loc.file, loc.line(("tasks", i, "source", key))
-            return tpl.where(("source", key))
+        source_at = catalogue.config_source_at(cfg, i, et.template)
 
         try:
             rows = sources.load_rows(

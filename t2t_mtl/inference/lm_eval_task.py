@@ -51,6 +51,10 @@ RESULT_KEYS = {
     "squad": ["exact_match", "f1"],
     "span_f1": ["span_precision", "span_recall", "span_f1"],
     "rouge": ["rouge1", "rouge2", "rougeL"],
+    "bleu": ["bleu"],
+    "chrf": ["chrf"],
+    "pearson": ["pearson"],
+    "spearman": ["spearman"],
 }
 _ALL_KEYS = [k for keys in RESULT_KEYS.values() for k in keys] + ["invalid_rate"]
 

@@ -637,13 +637,7 @@ def build_members(
             ]
             continue
         if rows.all_bad:
-
-            def source_at(key: str, i=i, tc=tc, tmpl=tmpl) -> tuple[str, int | None]:
-                if tc.source is not None and getattr(tc.source, key) is not None:
-                    p = cfg.problem(("tasks", i, "source", key), "")
-                    return p.file, p.line
-                return tmpl.where(("source", key))
-
+            source_at = catalogue.config_source_at(cfg, i, tmpl)
             problems += [catalogue.all_bad_rows_problem(tmpl, rows, source_at)]
             problems += rows.problems[:3]
             continue

@@ -18,7 +18,7 @@ from t2t_mtl.core.config import RunConfig, SourceConfig, load_config
 from t2t_mtl.core.errors import ConfigError, Problem, T2TError, TemplateError, did_you_mean
 from t2t_mtl.core.records import Record
 from t2t_mtl.tasks import sources
-from t2t_mtl.tasks.parsing import OUTSIDE, tag_type, type_name_problem
+from t2t_mtl.tasks.parsing import CONSTRAINED_KINDS, OUTSIDE, tag_type, type_name_problem
 from t2t_mtl.tasks.task import Task, load_task_file, read_task_file
 
 __all__ = [
@@ -105,8 +105,11 @@ def find_task_files(extra_dirs: Iterable[str | Path] = ()) -> dict[str, Path]:
     return _catalogue(extra_dirs)[0]
 
 
-def catalogue_problems(extra_dirs: Iterable[str | Path] = ()) -> list[Problem]:
-    """Task names defined by more than one file (a user file shadowing a shipped one, say)."""
+def catalogue_problems(
+    extra_dirs: Iterable[str | Path] = (), only: str | None = None
+) -> list[Problem]:
+    """Task names defined by more than one file (a user file shadowing a shipped one, say);
+    `only`: just this name's."""
     return [
         Problem(
             str(fs[1]),
@@ -115,6 +118,7 @@ def catalogue_problems(extra_dirs: Iterable[str | Path] = ()) -> list[Problem]:
             "rename one of the files (and its name:) so each task name is unique",
         )
         for n, fs in sorted(_catalogue(extra_dirs)[1].items())
+        if only is None or n == only
     ]
 
 
@@ -205,6 +209,21 @@ def all_bad_rows_problem(
     return Problem(file, line, f"{count}: {first.message}", first.hint)
 
 
+def config_source_at(cfg: RunConfig, i: int, tpl: Task) -> Callable[[str], tuple[str, int | None]]:
+    """Where the `source.<key>` map (labels, columns) in effect for the run's task i is written:
+    the run config's line (or override) when its `tasks[i].source` sets the key, else the
+    template's line (`all_bad_rows_problem`'s `source_at`)."""
+    tc = cfg.tasks[i]
+
+    def source_at(key: str) -> tuple[str, int | None]:
+        if tc.source is not None and getattr(tc.source, key, None) is not None:
+            p = cfg.problem(("tasks", i, "source", key), "")
+            return p.file, p.line
+        return tpl.where(("source", key))
+
+    return source_at
+
+
 @dataclass
 class TrialSource:
     """Rows `validate` trial-renders a template on: a source (None: the template's own bundled
@@ -214,6 +233,8 @@ class TrialSource:
     splits: list[str]
     what: str  # "bundled samples", "its source", "tasks[0].source of run.yaml"
     kind: str  # "samples", "source" or "config": how the summary groups it
+    # where a map that spoils every row is written (`config_source_at`; None: the template)
+    source_at: Callable[[str], tuple[str, int | None]] | None = None
 
 
 def trial_sources(tpl: Task, cfg: RunConfig | None = None) -> list[TrialSource]:
@@ -262,7 +283,9 @@ def _config_trials(tpl: Task, cfg: RunConfig | None) -> list[TrialSource]:
         wanted = list(dict.fromkeys(["train", cfg.eval.split]))
         have = [s for s in wanted if _has_split(src, s)]
         what = f"tasks[{i}].source of {cfg.config_path or 'the run config'}"
-        out.append(TrialSource(src, have or wanted[:1], what, "config"))
+        out.append(
+            TrialSource(src, have or wanted[:1], what, "config", config_source_at(cfg, i, tpl))
+        )
     return out
 
 
@@ -314,7 +337,7 @@ def trial_render(
             except T2TError as e:
                 problems.extend(e.problems)
                 continue
-            every = all_bad_rows_problem(tpl, rows)
+            every = all_bad_rows_problem(tpl, rows, trial.source_at)
             problems.extend(([every] if every else []) + rows.problems)
             for i in range(len(rows)):
                 row, (dfile, dline) = rows[i], rows.location(i)
@@ -397,13 +420,22 @@ def check_targets(
     trial: bool = True,
     cfg: RunConfig | None = None,
 ) -> tuple[int, list[Problem], dict[str, list[str]]]:
-    """Validate files, folders or task names (default: the whole catalogue).
+    """Validate files, folders or task names (default: the whole catalogue, and with `cfg` the run's
+    templates given as file paths).
 
     Returns (number of files checked, problems, which rows the templates were trial-rendered on:
     {"rendered on bundled samples" | "... own source" | "... run config sources": [names]}).
     `cfg`: a run config whose tasks' sources serve templates without samples or a source.
     """
     files, problems = target_files(targets, extra_dirs)
+    if not targets and cfg is not None:
+        # the whole catalogue, and the run's own templates named by file path (in no folder)
+        seen = {f.resolve() for f in files}
+        for t in cfg.tasks:
+            p = Path(t.template or "")
+            if str(p).endswith((".yaml", ".yml")) and p.is_file() and p.resolve() not in seen:
+                files.append(p)
+                seen.add(p.resolve())
     used: dict[str, list[str]] = {}
     names = {
         "samples": "rendered on bundled samples",
@@ -454,6 +486,8 @@ def target_files(
         else:
             try:
                 files.append(find_task_files(extra_dirs)[t])
+                # a name that several files define: which one is meant is the problem
+                problems += catalogue_problems(extra_dirs, only=t)
             except KeyError:
                 problems.append(
                     Problem(
@@ -552,20 +586,22 @@ def check_config(cfg: RunConfig) -> list[Problem]:
                     else p
                 )
             continue
-        if t.eval_mode == "rank" and not tpl.answer_choices:
+        if t.eval_mode == "rank" and (tpl.parse != "label" or not tpl.answer_choices):
             problems.append(
                 bad(
                     ("tasks", i, "eval_mode"),
-                    f"tasks[{i}].eval_mode: rank needs answer_choices",
-                    f"template '{tpl.name}' has none; use generate",
+                    f"tasks[{i}].eval_mode: rank needs a label task (parse: label, answer_choices)",
+                    f"template '{tpl.name}' has parse: {tpl.parse}"
+                    + ("" if tpl.answer_choices else " and no answer_choices")
+                    + "; use generate",
                 )
             )
-        if t.eval_mode == "constrained" and tpl.parse == "text":
+        if t.eval_mode == "constrained" and tpl.parse not in CONSTRAINED_KINDS:
             problems.append(
                 bad(
                     ("tasks", i, "eval_mode"),
                     f"tasks[{i}].eval_mode: constrained needs an answer of fixed form",
-                    f"template '{tpl.name}' parses free text; use generate",
+                    f"template '{tpl.name}' has parse: {tpl.parse}; use generate",
                 )
             )
         src = t.source
@@ -626,4 +662,4 @@ def check_config(cfg: RunConfig) -> list[Problem]:
                         did_you_mean(name, allowed),
                     )
                 )
-    return problems
+    return list(dict.fromkeys(problems))  # a name clash is met by the catalogue and the task alike

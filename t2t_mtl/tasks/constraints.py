@@ -46,6 +46,7 @@ FORM = {
     "span": "text copied from the input, ending at a word end",
     "entities": "`TYPE: words` items of the task's types, words from the sentence, none repeated",
     "text": "free text",
+    "number": "a number",
 }
 _BREAKS = ("\n", "\r", "\x0b", "\x0c", "\x85", "\u2028", "\u2029")
 # A byte-level tokenizer decodes the first bytes of a multi-byte character as U+FFFD each; the

@@ -1,6 +1,6 @@
 """Generated text -> structured prediction, and the canonical NER linearisation.
 
-Four parse kinds, named by a template's `parse:` key:
+Five parse kinds, named by a template's `parse:` key:
 
 - `label`: the answer choice the text names. Tolerant: first non-empty line, case and punctuation
   ignored (`Sci-Tech.` names `Sci/Tech`, `Not entailment` names `not_entailment`), then a unique
@@ -9,6 +9,11 @@ Four parse kinds, named by a template's `parse:` key:
 - `span`: the answer text of extractive QA: first non-empty line, stripped, without an `Answer:` prefix
   or wrapping quotes. Invalid when empty.
 - `text`: free text (summaries), stripped. Invalid when empty.
+- `number`: a real number (a regression target such as a 1-5 similarity score): the first number
+  on the first non-empty line (`4.2`, `-1`, `.5`, `3,5` with a decimal comma, `1,000` with a
+  thousands comma, `1e-3`; an `Answer:` prefix and a trailing unit or `/5` are ignored); `value` is a
+  float. Invalid when the line holds
+  no number.
 - `entities`: NER output in the canonical linearisation below, aligned back to the sentence's tokens;
   `value` is the list of BIO tags (one per token, what span F1 scores) and `detail` the recovered
   `(type, text)` entities.
@@ -48,6 +53,7 @@ __all__ = [
     "ner_parse",
     "parse",
     "parse_label",
+    "parse_number",
     "parse_span",
     "split_tag_map",
     "tag_type",
@@ -71,15 +77,23 @@ TYPE_ALIASES = {
     "GPE": "LOC",
     "MISCELLANEOUS": "MISC",
 }
-KINDS = ("label", "span", "text", "entities")
+KINDS = ("label", "span", "text", "entities", "number")
 # Kinds whose parser reads only the first non-empty line: once that line has ended, later text
 # cannot change the prediction (evaluation stops generating there).
-FIRST_LINE_KINDS = ("label", "span")
+FIRST_LINE_KINDS = ("label", "span", "number")
+# Kinds whose answers have a form that decoding can be held to (`eval_mode: constrained`,
+# tasks/constraints.py); free text and numbers have none.
+CONSTRAINED_KINDS = ("label", "span", "entities")
 
 _NON_ALNUM = re.compile(r"[^0-9a-z]+")
 _TYPE_FORBIDDEN = (":", "|", ";", "\n", "\r")  # the linearisation's own separators
 _ANSWER_PREFIX = re.compile(r"^(?:the\s+)?answer\s*(?:is\s*)?[:\-]\s*", re.I)
 _QUOTES = ('""', "''", "``", "“”", "‘’", "**", "`")
+# a decimal number: sign, digits with a decimal point or comma, exponent (`-3`, `4.25`, `.5`, `3,5`)
+# (a comma before exactly three digits groups thousands: `1,000` is 1000, `3,5` is 3.5)
+_NUMBER = re.compile(
+    r"(?<![\w.])[-+−]?(?:\d{1,3}(?:,\d{3})+(?!\d)(?:\.\d+)?|\d+(?:[.,]\d+)?|[.,]\d+)(?:[eE][-+]?\d+)?"
+)
 
 
 @dataclass(frozen=True)
@@ -89,7 +103,8 @@ class Parsed:
     `detail` carries extra structure for some kinds: the `(type, text)` entity list for `entities`.
     """
 
-    value: str | list[str] | None  # label/span/text: the text; entities: one BIO tag per token
+    value: str | float | list[str] | None  # label/span/text: the text; number: a float;
+    # entities: one BIO tag per token
     valid: bool
     detail: list[tuple[str, str]] | None = None
 
@@ -103,7 +118,8 @@ def parse(
     entity_types: Sequence[str] | None = ENTITY_TYPES,
     entity_aliases: Mapping[str, str] | None = None,
 ) -> Parsed:
-    """Parse generated `text` as `kind` (label | span | text | entities); see the module docstring.
+    """Parse generated `text` as `kind` (label | span | text | entities | number); see the module
+    docstring.
 
     `entity_types` / `entity_aliases`: the task's entity types and other spellings (alias -> type)
     for `entities`, as `ner_parse` takes them.
@@ -120,6 +136,9 @@ def parse(
     if kind == "text":
         value = text.strip()
         return Parsed(value, bool(value))
+    if kind == "number":
+        number = parse_number(text)
+        return Parsed(number, number is not None)
     if kind == "entities":
         if tokens is None:
             raise ValueError("parse('entities') needs the sentence's tokens")
@@ -195,6 +214,23 @@ def parse_span(text: str) -> str:
         if len(line) >= 2 and line.startswith(o) and line.endswith(c):
             line = line[1:-1].strip()
     return line
+
+
+# ---------------------------------------------------------------- number
+
+
+def parse_number(text: str) -> float | None:
+    """The first number on the first non-empty line of `text` (see module docstring), else None."""
+    line = _ANSWER_PREFIX.sub("", _first_line(text), count=1)
+    m = _NUMBER.search(line)
+    if m is None:
+        return None
+    digits = m.group(0).replace("−", "-")
+    digits = (
+        digits.replace(",", "") if re.search(r",\d{3}(?!\d)", digits) else digits.replace(",", ".")
+    )
+    value = float(digits)
+    return value if value == value and abs(value) != float("inf") else None
 
 
 # ---------------------------------------------------------------- entities

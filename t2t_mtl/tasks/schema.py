@@ -26,7 +26,8 @@ from jinja2 import meta, nodes
 from t2t_mtl.core import shipped
 from t2t_mtl.core.config import NAME_HINT, name_problem
 from t2t_mtl.core.errors import Problem, did_you_mean
-from t2t_mtl.tasks.parsing import OUTSIDE, tag_type, type_name_problem
+from t2t_mtl.tasks.parsing import CONSTRAINED_KINDS, OUTSIDE, tag_type, type_name_problem
+from t2t_mtl.tasks.parsing import KINDS as PARSE_KINDS
 from t2t_mtl.tasks.sandbox import make_env, prepare
 
 __all__ = [
@@ -53,19 +54,34 @@ __all__ = [
 # The shipped files' root (the checkout, or the installed package's data): `samples:` paths of the
 # shipped templates are relative to it (`core.shipped`).
 PROJECT_ROOT = shipped.ROOT
-TASK_TYPES = ("classification", "nli", "qa", "ner", "summarization", "generation")
+TASK_TYPES = ("classification", "nli", "qa", "ner", "summarization", "generation", "regression")
 LABEL_TASK_TYPES = ("classification", "nli")
-METRICS = ("accuracy", "macro_f1", "squad", "span_f1", "rouge")
-PARSE_KINDS = ("label", "span", "entities", "text")
+METRICS = (
+    "accuracy",
+    "macro_f1",
+    "squad",
+    "span_f1",
+    "rouge",
+    "bleu",
+    "chrf",
+    "pearson",
+    "spearman",
+)
 # What each metric compares (evaluation/metrics.py), so the parse kinds whose predictions it can
-# score: accuracy and macro_f1 compare labels; squad and rouge compare texts (a label is a text);
-# span_f1 compares IOB2 tag sequences, which only `parse: entities` recovers.
+# score: accuracy and macro_f1 compare labels; squad and rouge compare texts (a label is a text),
+# bleu and chrf translations or other free texts;
+# span_f1 compares IOB2 tag sequences, which only `parse: entities` recovers; pearson and spearman
+# correlate numbers, which only `parse: number` gives.
 METRIC_PARSES = {
     "accuracy": ("label",),
     "macro_f1": ("label",),
     "squad": ("span", "text", "label"),
     "rouge": ("text", "span", "label"),
     "span_f1": ("entities",),
+    "bleu": ("text", "span"),
+    "chrf": ("text", "span"),
+    "pearson": ("number",),
+    "spearman": ("number",),
 }
 EVAL_MODES = ("generate", "rank", "constrained")  # see evaluation/evaluator.py
 POLICIES = ("round_robin", "random")
@@ -637,11 +653,25 @@ def check_data(
     if "parse" in data:
         c.enum(("parse",), data["parse"], PARSE_KINDS, "parse")
     c.enum(("eval_mode",), data.get("eval_mode", "generate"), EVAL_MODES, "eval_mode")
-    if data.get("eval_mode") == "constrained" and data.get("parse") == "text":
+    if (
+        data.get("eval_mode") == "constrained"
+        and data.get("parse") in PARSE_KINDS
+        and data.get("parse") not in CONSTRAINED_KINDS
+    ):
         c.add(
             ("eval_mode",),
             "eval_mode: constrained needs an answer of fixed form (parse: label, span or entities)",
-            "free text has nothing to constrain; use eval_mode: generate",
+            f"parse: {data.get('parse')} has nothing to constrain; use eval_mode: generate",
+        )
+    if (
+        data.get("eval_mode") == "rank"
+        and data.get("parse") in PARSE_KINDS
+        and data["parse"] != "label"
+    ):
+        c.add(
+            ("eval_mode",),
+            "eval_mode: rank needs parse: label (it answers with the likeliest of answer_choices)",
+            f"parse: {data['parse']} answers are generated: use eval_mode: generate",
         )
     mnt = data.get("max_new_tokens")
     if mnt is not None and (isinstance(mnt, bool) or not isinstance(mnt, int) or mnt <= 0):
@@ -725,7 +755,7 @@ def check_data(
                 "generated answers are matched to the choices ignoring case, so these cannot be "
                 "told apart: give them distinct names",
             )
-    elif label_task or data.get("eval_mode") == "rank":
+    elif label_task:  # (eval_mode: rank on another parse kind is refused above)
         c.add(
             (), "missing required key 'answer_choices' (needed by label tasks and eval_mode: rank)"
         )

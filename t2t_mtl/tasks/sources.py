@@ -801,7 +801,16 @@ def _type_problem(
         "dict": lambda x: isinstance(x, dict),
     }
     if ftype in ok and not ok[ftype](v):
-        return f"field '{name}' should be {ftype}, got {type(v).__name__} {v!r:.40}", ""
+        hint = ""
+        if ftype in ("int", "float") and isinstance(v, str):
+            hint = (
+                "write it with a '.' decimal point (3.5, not 3,5), or declare the field str: "
+                "`parse: number` reads a number in text, decimal comma included"
+                if re.fullmatch(r"\s*[-+]?\d*,\d+\s*", v)
+                else f"give the row a number, or declare the field {{type: {ftype}, required: "
+                "false} and leave the cell empty"
+            )
+        return f"field '{name}' should be {ftype}, got {type(v).__name__} {v!r:.40}", hint
     return None
 
 

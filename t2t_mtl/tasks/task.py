@@ -21,7 +21,7 @@ from t2t_mtl.core import shipped, yaml_lines
 from t2t_mtl.core.errors import Problem, T2TError, TemplateError, did_you_mean
 from t2t_mtl.core.records import Record
 from t2t_mtl.tasks import sandbox
-from t2t_mtl.tasks.parsing import OUTSIDE, Parsed, parse
+from t2t_mtl.tasks.parsing import OUTSIDE, Parsed, parse, parse_number
 from t2t_mtl.tasks.sandbox import BudgetError, ObjectOutputError, render_part
 from t2t_mtl.tasks.schema import (
     ENV,
@@ -209,6 +209,18 @@ class Task:
                     line,
                     f"variant '{v.id}' output renders empty text for this row",
                     "fill in the field(s) the output uses, or leave the row out",
+                )
+            )
+        if with_output and self.parse == "number" and parse_number(parts["output"]) is None:
+            # The same rule for a number task's answer: no number, nothing to learn or correlate.
+            file, line = v.lines["output"]
+            raise TemplateError(
+                Problem(
+                    file,
+                    line,
+                    f"variant '{v.id}' output holds no number for this row (parse: number)",
+                    "give the row a number (a '.' or ',' decimal point; `{{ score }}` renders "
+                    "it); a row without one is skipped as a bad row",
                 )
             )
         meta = {
