@@ -122,6 +122,18 @@ def test_correlations_are_recomputed_exactly_on_each_resample(metric):
     assert lo < st.point() < hi
 
 
+def test_set_f1_is_recomputed_on_each_resample():
+    rng = np.random.default_rng(7)
+    labels = ["a", "b", "c", "d"]
+    golds = [[x for x in labels if rng.random() < 0.4] for _ in range(40)]
+    preds = [None if k % 7 == 0 else [x for x in labels if rng.random() < 0.4] for k in range(40)]
+    st = C.row_stats("set_f1", preds, golds)
+    assert st.kind == "span" and st.point() == pytest.approx(M.set_f1(preds, golds)["set_f1"])
+    for idx in _resamples(40, 15):
+        expected = M.set_f1([preds[i] for i in idx], [golds[i] for i in idx])["set_f1"]
+        assert st.score(_counts(idx, 40))[0] == pytest.approx(expected)
+
+
 @pytest.mark.parametrize("metric", ["bleu", "chrf"])
 def test_sacrebleu_metrics_are_recomputed_exactly_on_each_resample(metric):
     import sacrebleu

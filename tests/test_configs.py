@@ -84,3 +84,94 @@ def test_the_documented_words_work_unquoted_in_a_file_and_as_overrides(tmp_path)
     (tmp_path / "c.yaml").write_text(text, encoding="utf-8")
     cfg = load_config(tmp_path / "c.yaml")
     assert (cfg.train.packing, cfg.train.mixed_precision) == ("off", "no")
+
+
+def _problems(tmp_path, text: str, overrides: list[str] | None = None) -> list[str]:
+    from t2t_mtl.core.errors import ConfigError
+
+    (tmp_path / "run.yaml").write_text(text, encoding="utf-8")
+    try:
+        load_config(tmp_path / "run.yaml", overrides)
+    except ConfigError as e:
+        return [p.format() for p in e.problems]
+    return []
+
+
+def test_ranges_and_contradictions_are_refused_at_their_own_key(tmp_path):
+    """Values no run can use are refused before any data is read, each at its key's line."""
+    text = """\
+tasks:
+  - {template: sentiment_sst2, floor: 0.6}
+  - {template: qa_squad, floor: 0.7}
+adapter:
+  alpha: -2
+  layers: [10, 29]
+stages:
+  - {name: one, tasks: [sentiment_sst2, qa_squad], steps: 5}
+  - {name: two, tasks: [qa_squad], steps: 5, train_layers: [0, 5]}
+train:
+  warmup_steps: -1
+  resume: sometimes
+eval:
+  limit: -1
+  batch_size: 0
+"""
+    got = "\n".join(_problems(tmp_path, text))
+    f = tmp_path / "run.yaml"
+    for line, fragment in [
+        (5, "adapter.alpha: must be > 0"),
+        (8, "stages[0].tasks: stage 'one': floors of sentiment_sst2, qa_squad sum to 1.3"),
+        (9, "stages[1].train_layers: [0, 5] covers none of adapter.layers [10, 29]"),
+        (11, "train.warmup_steps: must be >= 0"),
+        (12, "train.resume: 'sometimes' is neither auto, never nor a checkpoint folder"),
+        (14, "eval.limit: must be >= 0 (0 scores every row)"),
+        (15, "eval.batch_size: must be > 0"),
+    ]:
+        assert f"{f}:{line}: {fragment}" in got, (fragment, got)
+    assert not _problems(tmp_path, "tasks: [sentiment_sst2]\n")
+
+
+def test_mixture_shares_are_checked_per_stage_and_name_the_override(tmp_path):
+    text = "tasks:\n  - {template: sentiment_sst2, ceiling: 0.3}\n  - {template: qa_squad, weight: 0.5}\n"
+    assert _problems(tmp_path, text) == []
+    got = _problems(tmp_path, text, ["tasks.1.ceiling=0.2"])
+    assert any("the ceilings of its tasks sum to 0.5, less than the whole" in p for p in got), got
+    got = _problems(tmp_path, text, ["tasks.1.weight=1.2"])
+    assert any("the tasks with a weight take 1.2 of the mixture" in p for p in got), got
+    every = (
+        "tasks:\n  - {template: sentiment_sst2, weight: 0}\n  - {template: qa_squad, weight: 0}\n"
+    )
+    assert any("every task's weight is 0" in p for p in _problems(tmp_path, every))
+    # with replay joining a later stage, its member fills what the ceilings leave
+    staged = text.replace("ceiling: 0.3", "ceiling: 0.1") + (
+        "stages:\n  - {name: a, tasks: [qa_squad], steps: 2}\n"
+        "  - {name: b, tasks: [sentiment_sst2], steps: 2}\nreplay: {enabled: true}\n"
+    )
+    assert _problems(tmp_path, staged) == []
+
+
+def test_config_shapes_users_write(tmp_path):
+    """A template name alone is a task; a template given as a config, an empty file, a list item
+    that is not there and an unquoted yes each get one clear line."""
+    cfg = _problems(tmp_path, "tasks: [sentiment_sst2, qa_squad]\n")
+    assert cfg == []
+    assert [t.template for t in load_config(tmp_path / "run.yaml").tasks] == [
+        "sentiment_sst2",
+        "qa_squad",
+    ]
+    tpl = REPO / "task_templates" / "sentiment_sst2.yaml"
+    from t2t_mtl.core.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        load_config(tpl)
+    assert len(e.value.problems) == 1
+    assert (
+        "this is a task template (it has variants:), not a run config"
+        in e.value.problems[0].message
+    )
+    assert _problems(tmp_path, "") == [f"{tmp_path / 'run.yaml'}:1: the run config is empty "
+                                       "(start from launch/configs/default.yaml)"]  # fmt: skip
+    staged = "tasks: [sentiment_sst2]\nstages: [{name: a, tasks: [sentiment_sst2], steps: 2}]\n"
+    got = _problems(tmp_path, staged, ["stages.5.steps=3", "train.mixed_precision=yes"])
+    assert "<override>: stages.5.steps=3: no list item '5'" in got[0]
+    assert "train.mixed_precision=yes" in got[1] and "YAML reads an unquoted" in got[1]

@@ -226,6 +226,30 @@ def test_scoring_a_regression_task_reads_numbers_and_correlates(tmp_path):
     assert rows.problems[-1].line == 2
 
 
+def test_scoring_a_multi_label_task_reads_sets_of_choices():
+    tpl = load_task_file(ROOT / "tests" / "fixtures" / "oracle" / "topics_multi.yaml")
+    examples, rows = load_examples(EvalTask("topics_multi", tpl), "validation", None)
+    assert [ex.gold for ex in examples] == [
+        ["sports"],
+        ["politics", "business", "tech"],
+        [],
+        ["politics", "sports", "business"],
+    ]  # in answer_choices order, whatever order the row lists them in
+    texts = ["Sports", "tech, politics", "none", "sports, politics, cooking"]
+    summary, out = score_task(tpl, examples, texts)
+    assert [r["prediction"] for r in out] == [
+        ["sports"],
+        ["politics", "tech"],
+        [],
+        ["politics", "sports"],
+    ]
+    assert [r["valid"] for r in out] == [True, True, True, False]
+    assert summary["metrics"]["set_f1"] == pytest.approx(200 * 5 / (2 * 5 + 0 + 2))
+    assert summary["metrics"]["accuracy"] == pytest.approx(50.0)
+    assert summary["invalid_rate"] == pytest.approx(25.0)
+    assert summary["per_example"]["kind"] == "span"
+
+
 def test_scoring_a_translation_task_with_other_references(tmp_path):
     """`references` (like `summaries`) adds correct alternatives: an answer matching any of them is
     scored against all, as sacrebleu does with several references."""

@@ -136,7 +136,11 @@ def test_first_line_done_fires_exactly_when_the_first_non_empty_line_ends(causal
     # the parsers that read only the first line see the same thing in the cut text
     cut = tok.decode(ids[:fired]).strip()
     for kind in FIRST_LINE_KINDS:
-        kw = {"answer_choices": ["positive", "negative", "Paris"]} if kind == "label" else {}
+        kw = (
+            {"answer_choices": ["positive", "negative", "Paris"]}
+            if kind in ("label", "labels")
+            else {}
+        )
         assert parse(kind, cut, **kw) == parse(kind, text, **kw)
 
 

@@ -317,6 +317,44 @@ def test_rouge_matches_rouge_score_on_scitldr():
 # ---------------------------------------------------------------- dispatch
 
 
+# ---------------------------------------------------------------- label sets (parse: labels)
+
+
+def test_set_f1_is_sklearns_micro_f1_on_binarised_labels():
+    sk = pytest.importorskip("sklearn.metrics")
+    rng = random.Random(5)
+    labels = ["politics", "sports", "business", "tech", "health"]
+    golds = [[x for x in labels if rng.random() < 0.35] for _ in range(60)]
+    preds = [
+        None if i % 13 == 0 else [x for x in labels if (x in g) == (rng.random() < 0.8)]
+        for i, g in enumerate(golds)
+    ]
+
+    def onehot(rows):
+        return [[int(x in (r or [])) for x in labels] for r in rows]
+
+    got = M.set_f1(preds, golds)
+    y, p = onehot(golds), onehot(preds)
+    assert got["set_f1"] == pytest.approx(100 * sk.f1_score(y, p, average="micro"))
+    assert got["set_precision"] == pytest.approx(100 * sk.precision_score(y, p, average="micro"))
+    assert got["set_recall"] == pytest.approx(100 * sk.recall_score(y, p, average="micro"))
+    assert M.compute(["set_f1", "accuracy"], preds, golds)["accuracy"] == pytest.approx(
+        100 * sum(p == g for p, g in zip(preds, golds)) / 60
+    )  # accuracy of label sets: the whole set right
+
+
+def test_set_f1_hand_computed():
+    assert M.set_counts(["a", "b"], ["b", "c"]) == (1, 1, 1)
+    assert M.set_counts(None, ["a"]) == (0, 0, 1)
+    got = M.set_f1([["a", "b"], [], None], [["b", "c"], [], ["a"]])
+    assert got == {
+        "set_precision": pytest.approx(50.0),
+        "set_recall": pytest.approx(100 / 3),
+        "set_f1": pytest.approx(200 / 5),
+    }
+    assert M.set_f1([[]], [[]])["set_f1"] == 0.0  # nothing to score, as span F1 without entities
+
+
 # ---------------------------------------------------------------- BLEU / chrF (sacrebleu)
 
 

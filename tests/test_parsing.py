@@ -11,10 +11,12 @@ import pytest
 from t2t_mtl.tasks import catalogue
 from t2t_mtl.tasks.parsing import (
     Parsed,
+    labels_linearize,
     ner_linearize,
     ner_parse,
     parse,
     parse_label,
+    parse_labels,
     parse_number,
     parse_span,
     split_tag_map,
@@ -385,6 +387,36 @@ def test_span(text, expected):
     assert parse("span", text) == Parsed(expected, bool(expected))
 
 
+TOPICS = ["politics", "sports", "business", "Sci/Tech"]
+
+
+@pytest.mark.parametrize(
+    "text, chosen, valid",
+    [
+        ("sports, business", ["sports", "business"], True),
+        ("Business; SPORTS.", ["sports", "business"], True),  # any order, case, separator
+        ("politics | sci-tech\nsports", ["politics", "Sci/Tech"], True),  # the first line only
+        ("none", [], True),
+        ("None.", [], True),
+        ("sports, sports,", ["sports"], True),  # repeats and a trailing separator
+        ("sports, cooking", ["sports"], False),  # an item naming no choice: invalid, partial credit
+        ("cooking", [], False),
+        ("", [], False),
+    ],
+)
+def test_labels(text, chosen, valid):
+    assert parse_labels(text, TOPICS) == (chosen, valid)
+    assert parse("labels", text, answer_choices=TOPICS) == Parsed(chosen, valid)
+
+
+def test_labels_linearize_round_trips():
+    for chosen in ([], ["sports"], ["Sci/Tech", "politics"], TOPICS):
+        text = labels_linearize(chosen, TOPICS)
+        assert parse_labels(text, TOPICS) == ([c for c in TOPICS if c in chosen], True)
+    assert labels_linearize(["business", "sports"], TOPICS) == "sports, business"
+    assert labels_linearize([], TOPICS) == "none"
+
+
 @pytest.mark.parametrize(
     "text, expected",
     [
@@ -415,7 +447,7 @@ def test_text_and_dispatch_errors():
     assert parse("text", "   ").valid is False
     assert parse("text", None) == Parsed("", False)
     with pytest.raises(ValueError):
-        parse("labels", "x", answer_choices=SENT)
+        parse("labelz", "x", answer_choices=SENT)
     with pytest.raises(ValueError):
         parse("label", "x")
     with pytest.raises(ValueError):

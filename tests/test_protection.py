@@ -496,14 +496,22 @@ def test_layer_ranges_are_checked_against_the_model(tmp_path, tiny_causal_dir):
     text = str(e.value)
     assert "adapter.layers: [0, 5] is outside the model's 2 blocks" in text
     assert "stages[1].train_layers: [-3, -1] is outside the model's 2 blocks" in text
-    # a stage range outside the blocks that have adapters trains nothing: refused before training
+    # a stage range outside the blocks that have adapters trains nothing: refused with the config
+    # when both count from the same end, else before training (when the model's depth is known)
+    with pytest.raises(ConfigError, match=r"stages\[0\].train_layers: \[0, 0\] covers none"):
+        make_cfg(
+            tmp_path / "r2",
+            tiny_causal_dir,
+            "adapter.layers=[1, 1]",
+            "stages=[{name: s1, tasks: [toy_polarity], steps: 1, train_layers: [0, 0]}]",
+        )
     cfg = make_cfg(
-        tmp_path / "r2",
+        tmp_path / "r3",
         tiny_causal_dir,
         "adapter.layers=[1, 1]",
-        "stages=[{name: s1, tasks: [toy_polarity], steps: 1, train_layers: [0, 0]}]",
+        "stages=[{name: s1, tasks: [toy_polarity], steps: 1, train_layers: [-2, -2]}]",
     )
-    with pytest.raises(ConfigError, match=r"stages\[0\].train_layers: \[0, 0\] covers none"):
+    with pytest.raises(ConfigError, match=r"stages\[0\].train_layers: \[-2, -2\] covers none"):
         trainer.train(cfg, eval_fn=None)
 
 

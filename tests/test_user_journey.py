@@ -5,6 +5,8 @@ classification, a sentence-pair task (both including the shipped `_shared/label_
 user folder) and an NER task with its own lower-case hyphenated entity types. On small JSONL files
 written here they validate (trial renders on their samples), preview, mix, train 2 steps on the
 tiny model, evaluate, and score 100 on the oracle check; their run folder is self-contained.
+The README's other task shapes (multiple choice with per-row options, multi-label, translation,
+regression) go through the same journey from their own YAML blocks.
 """
 
 from __future__ import annotations
@@ -144,3 +146,107 @@ def test_readme_tasks_validate_preview_mix_train_eval_and_score_100(
     assert set(res["tasks"]) == set(TASKS)
     assert all(res["tasks"][n]["n"] == 4 and "primary" in res["tasks"][n] for n in TASKS)
     assert main(["validate", "--oracle", "--config", str(cfg)]) == 0, capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ the other README task shapes
+
+SHAPES = ("science_mc", "topics", "to_french", "relatedness")
+
+
+def _shape_rows(name: str, n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    if name == "science_mc":
+        out = []
+        for i in range(n):
+            options = [f"option {j} of {i}" for j in range(rng.choice([3, 4]))]
+            out.append(
+                {
+                    "question": f"Question {i}?",
+                    "options": options,
+                    "answer": rng.randrange(len(options)),
+                }
+            )
+        return out
+    if name == "topics":
+        topics = ["politics", "sports", "business", "tech"]
+        return [
+            {"text": f"news item {i}", "topics": [t for t in topics if rng.random() < 0.4]}
+            for i in range(n)
+        ]
+    if name == "to_french":
+        pairs = [("Good morning.", "Bonjour."), ("Thank you very much.", "Merci beaucoup."),
+                 ("Where is the station?", "Où est la gare ?")]  # fmt: skip
+        return [
+            {"en": a, "fr": b} | ({"references": [b.upper()]} if i % 3 == 0 else {})
+            for i, (a, b) in enumerate(rng.choice(pairs) for _ in range(n))
+        ]
+    return [
+        {
+            "sentence1": f"first {i}",
+            "sentence2": f"second {i}",
+            "score": round(rng.uniform(1, 5), 1),
+        }
+        for i in range(n)
+    ]
+
+
+def test_readme_multiple_choice_multi_label_translation_and_regression_tasks_end_to_end(
+    tmp_path, tiny_causal_dir, capsys, monkeypatch
+):
+    """The README's other task shapes, each from its own YAML block: validate and score 100 on the
+    oracle, mix, train 2 steps on the tiny model together, and evaluate with an interval each."""
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "my_tasks"
+    for k, name in enumerate(SHAPES):
+        text = readme_template(name)
+        if name == "to_french":  # the README's optional other translations
+            text = text.replace(
+                "  fr: str\n", "  fr: str\n  references: {type: 'list[str]', required: false}\n"
+            )
+        (folder / "data").mkdir(parents=True, exist_ok=True)
+        (folder / f"{name}.yaml").write_text(text, encoding="utf-8")
+        for split, n in (("train", 16), ("validation", 8)):
+            data = folder / "data" / name / f"{split}.jsonl"
+            data.parent.mkdir(parents=True, exist_ok=True)
+            rows = _shape_rows(name, n, seed=10 * k + (split == "train"))
+            data.write_text(
+                "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
+            )
+    monkeypatch.setenv(catalogue.ENV_VAR, str(folder))
+    assert main(["validate", "--oracle", *SHAPES]) == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    for name in SHAPES:
+        assert re.search(
+            rf"oracle {name} \(train, validation\): \S+ 100\.00, invalid 0\.0 %", err
+        ), err
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        "output_dir: runs/shapes\n"
+        f"model: {{name: {tiny_causal_dir}, max_length: 128, max_target_length: 32}}\n"
+        "adapter: {r: 4, alpha: 8, dropout: 0.0}\n"
+        "tasks:\n"
+        + "".join(f"  - template: {n}\n" for n in SHAPES)
+        + "train: {steps: 2, batch_size: 2, warmup_steps: 0, report_to: none}\n"
+        "eval: {limit: 4, max_new_tokens: 8}\n",
+        encoding="utf-8",
+    )
+    assert main(["mix", "--config", str(cfg), "--dump", "12", "--out", "mix.jsonl"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--config", str(cfg)]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    run = tmp_path / "runs" / "shapes"
+    assert main(["eval", "--run", str(run), "--limit", "4", "--no-progress"]) == 0, (
+        capsys.readouterr().err
+    )
+    res = json.loads((run / "eval" / "validation.json").read_text(encoding="utf-8"))
+    primary = {
+        "science_mc": "accuracy",
+        "topics": "set_f1",
+        "to_french": "chrf",
+        "relatedness": "pearson",
+    }
+    for name, metric in primary.items():
+        entry = res["tasks"][name]
+        assert entry["primary_metric"] == metric and entry["n"] == 4, entry
+        assert entry["mode"] == ("rank" if name == "science_mc" else "generate")
+        assert entry["ci_low"] <= entry["primary"] <= entry["ci_high"]

@@ -121,7 +121,7 @@ TEMPLATE_MISTAKES = {
         2,
         "did you mean 'classification'?",
     ),
-    "parse_typo": (lambda g: g.replace("parse: label", "parse: labels"), 18, "parse: invalid"),
+    "parse_typo": (lambda g: g.replace("parse: label", "parse: lable"), 18, "parse: invalid"),
     "metric_unknown": (lambda g: g.replace("[accuracy]", "[acc]"), 17, "metric: invalid"),
     "metric_empty": (lambda g: g.replace("[accuracy]", "[]"), 17, "at least one metric"),
     "metric_mapping": (lambda g: g.replace("[accuracy]", "{a: 1}"), 17, "metric: invalid"),

@@ -260,7 +260,7 @@ def _preview(args) -> int:
     if args.n < 0:
         raise T2TError(Problem("<cli>", None, "-n must be >= 0"))
     extra, src, bad_rows, template, task_name = [], None, "skip", args.task, None
-    config_at: tuple | None = None  # (config file's lines, task index) when the source is its
+    in_config = None  # where the run config writes a map, when the source is its task's
     if args.config:  # its problems and cross-checks all at once
         cfg = catalogue.load_checked_config(args.config)
         extra = [cfg.resolve_path(d) for d in cfg.template_dirs]
@@ -276,9 +276,10 @@ def _preview(args) -> int:
                 )
             )
         template, src, task_name = match[0].template, match[0].source, match[0].name
-        config_at = (cfg.located, cfg.tasks.index(match[0]), src)
         src = cfg.resolved_source(match[0])
     tpl = catalogue.load_task(template, extra)
+    if args.config and not args.source:
+        in_config = catalogue.config_source_at(cfg, cfg.tasks.index(match[0]), tpl)
     if args.variant:
         tpl.variant(args.variant)  # unknown id: fail before reading any data
     if args.source:
@@ -310,11 +311,7 @@ def _preview(args) -> int:
         def source_at(key: str) -> tuple[str, int | None]:
             if key in mapping:
                 return f"<cli> --{key}", None
-            if config_at is not None and config_at[2] is not None:
-                if getattr(config_at[2], key) is not None:
-                    loc, idx = config_at[0], config_at[1]
-                    return loc.file, loc.line(("tasks", idx, "source", key))
-            return tpl.where(("source", key))
+            return in_config(key) if in_config is not None else tpl.where(("source", key))
 
         every = catalogue.all_bad_rows_problem(tpl, rows, source_at)
         raise DataError(([every] if every else []) + rows.problems[:5])
@@ -345,7 +342,10 @@ def add_mix(sub) -> None:
         "first N records of each shown stage and adds their realised shares. With replay, each "
         "stage after the first mixes in the buffer that training would build from the stages "
         "before it: they offer steps x batch_size x grad_accum x --processes records each, so "
-        "give the number of processes the run will train with.",
+        "give the number of processes the run will train with. The whole config is validated "
+        "and its data read; what needs the model or the device (its family, depth and length "
+        "limits; mixed precision and optimiser) is checked by `train` before any weights "
+        "load.",
     )
     p.add_argument("--config", required=True, help="run config YAML")
     p.add_argument(

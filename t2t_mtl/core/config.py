@@ -12,6 +12,7 @@ Cross-checks that need the template catalogue (does template X exist?) live in
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -392,15 +393,17 @@ def _convert(
             words = ("on", "yes", "true") if value else ("off", "no", "false")
             value = next((w for w in words if w in choices), value)
         if value not in choices:
-            problems.append(
-                loc.problem(
-                    path,
-                    f"{_fmt_path(path)}: invalid value {value!r}",
-                    did_you_mean(str(value), [str(c) for c in choices]),
+            hint = did_you_mean(str(value), [str(c) for c in choices])
+            if isinstance(value, bool):  # `yes`, `on`, `true` ... unquoted: YAML made it a boolean
+                hint = (
+                    f"YAML reads an unquoted yes/no/on/off/true/false as {value}; "
+                    f"expected one of {', '.join(map(str, choices))}"
                 )
-            )
+            problems.append(loc.problem(path, f"{_fmt_path(path)}: invalid value {value!r}", hint))
         return value
     if dataclasses.is_dataclass(tp):
+        if tp is TaskConfig and isinstance(value, str):  # `tasks: [sst2, qa]`: a template name
+            value = {"template": value}
         return _build(tp, value, path, loc, problems)
     if origin is list:
         (item_tp,) = typing.get_args(tp) or (Any,)
@@ -650,6 +653,42 @@ def _check_values(cfg: RunConfig, loc: yaml_lines.Located, problems: list[Proble
                     "online EWC's decay of older stages' Fisher: 1 keeps all, 0 only the latest",
                 )
         layer_range(("stages", i, "train_layers"), s.train_layers)
+    # What the mixture of each stage (or of the one implicit stage) needs of its tasks' floors,
+    # ceilings and weights, checked here, before any data is read (mixture.mixing_rates would
+    # find the same after reading it, without a line to point at).
+    by_name = {n: t for n, t in zip(names, cfg.tasks)}
+    groups = [(("stages", i, "tasks"), s.name, s.tasks, i > 0) for i, s in enumerate(cfg.stages)]
+    for where, stage, members, later in groups or [(("tasks",), None, names, False)]:
+        ts = [by_name[n] for n in dict.fromkeys(members) if n in by_name]
+        if not ts:
+            continue
+        label = f"stage '{stage}'" if stage is not None else "the mixture"
+        replayed = cfg.replay.enabled and later  # a replay member (no floor, no ceiling) joins
+        floors = [(t, t.floor) for t in ts if isinstance(t.floor, (int, float))]
+        if sum(f for _, f in floors) > 1 + 1e-9:
+            bad(
+                where,
+                f"{label}: floors of {', '.join(t.name or t.template for t, _ in floors)} sum to "
+                f"{sum(f for _, f in floors):g}, more than the whole",
+                "lower some task's floor",
+            )
+        ceilings = [t.ceiling if isinstance(t.ceiling, (int, float)) else 1.0 for t in ts]
+        if not replayed and sum(ceilings) < 1 - 1e-9:
+            bad(
+                where,
+                f"{label}: the ceilings of its tasks sum to {sum(ceilings):g}, less than the whole",
+                "raise some task's ceiling, or add a task without one",
+            )
+        weights = [t.weight for t in ts if isinstance(t.weight, (int, float))]
+        if weights and len(weights) == len(ts) and not replayed and sum(weights) <= 0:
+            bad(where, f"{label}: every task's weight is 0", "give at least one task a weight > 0")
+        elif weights and len(weights) < len(ts) and sum(weights) >= 1 - 1e-9:
+            bad(
+                where,
+                f"{label}: the tasks with a weight take {sum(weights):g} of the mixture, "
+                "leaving nothing for the tasks without one",
+                "give every task a weight (then they are relative), or weights summing below 1",
+            )
     if cfg.replay.share is not None and not 0 <= cfg.replay.share < 1:
         bad(("replay", "share"), "must be in [0, 1)")
     if cfg.replay.per_task < 0:
@@ -696,23 +735,80 @@ def _check_values(cfg: RunConfig, loc: yaml_lines.Located, problems: list[Proble
             "pcgrad cannot be combined with train.loss_balancing: gradnorm",
             "both steer per-task gradients: use pcgrad with none/equal/uncertainty",
         )
+    for k in ("warmup_steps", "save_total_limit"):
+        if getattr(tr, k) < 0:
+            bad(("train", k), "must be >= 0")
+    for k in ("weight_decay", "max_grad_norm"):
+        if not getattr(tr, k) >= 0:  # also NaN
+            bad(("train", k), "must be >= 0", "0 turns it off" if k == "max_grad_norm" else "")
+    if not tr.gradnorm_alpha > 0:
+        bad(("train", "gradnorm_alpha"), "must be > 0", "GradNorm's restoring force; 1.5 is usual")
+    if isinstance(tr.resume, str) and tr.resume not in ("auto", "never"):
+        if not re.search(r"(^|[/\\])step-\d+[/\\]?$", tr.resume.strip()):
+            bad(
+                ("train", "resume"),
+                f"{tr.resume!r} is neither auto, never nor a checkpoint folder",
+                "auto resumes from the run's latest checkpoint, never starts over, "
+                "RUN/checkpoints/step-N resumes from that one",
+            )
     layer_range(("adapter", "layers"), cfg.adapter.layers)
     if cfg.adapter.r <= 0:
         bad(("adapter", "r"), "must be > 0")
+    if cfg.adapter.alpha <= 0:
+        bad(
+            ("adapter", "alpha"),
+            "must be > 0",
+            "LoRA scales its update by alpha / r; 2 x r is usual",
+        )
     if not 0 <= cfg.adapter.dropout < 1:
         bad(("adapter", "dropout"), "must be in [0, 1)")
+    if cfg.adapter.layers is not None and all(isinstance(v, int) for v in cfg.adapter.layers):
+        first, last = (cfg.adapter.layers + [None, None])[:2]
+        for i, s in enumerate(cfg.stages):
+            tl = s.train_layers
+            if (
+                tl is None
+                or len(tl) != 2
+                or not all(isinstance(v, int) for v in tl)
+                or last is None
+            ):
+                continue
+            # comparable only when both count from the same end (the model's depth is not known here)
+            # (a partial overlap trains the blocks in both; none trains nothing)
+            if (tl[0] < 0) == (first < 0) and (tl[1] < 0) == (last < 0):
+                if tl[1] < first or tl[0] > last:
+                    bad(
+                        ("stages", i, "train_layers"),
+                        f"{tl} covers none of adapter.layers {cfg.adapter.layers}: the stage "
+                        "would train nothing",
+                        "a stage trains some of the blocks that have adapters: a range inside "
+                        "adapter.layers",
+                    )
     if cfg.model.max_length <= 8:
         bad(("model", "max_length"), "too small", "use at least 64 tokens")
-    if cfg.eval.limit < 0 or cfg.eval.every_steps < 0:
-        bad(("eval",), "limit and every_steps must be >= 0")
+    if cfg.model.max_target_length <= 0:
+        bad(("model", "max_target_length"), "must be > 0")
+    for k in ("limit", "every_steps"):
+        if getattr(cfg.eval, k) < 0:
+            bad(
+                ("eval", k),
+                "must be >= 0",
+                "0 scores every row" if k == "limit" else "0 evaluates only at the end",
+            )
+    if cfg.eval.batch_size <= 0:
+        bad(("eval", "batch_size"), "must be > 0")
     if cfg.eval.ci_resamples < 0:
         bad(("eval", "ci_resamples"), "must be >= 0", "0 turns the confidence intervals off")
     if cfg.eval.max_new_tokens <= 0:
         bad(("eval", "max_new_tokens"), "must be > 0")
 
 
-def _set_path(data: dict, dotted: str, value: Any, problems: list[Problem]) -> tuple | None:
-    """Set `dotted` (an override's key) in `data`; returns the key path set, or None on a problem."""
+def _set_path(
+    data: dict, dotted: str, value: Any, problems: list[Problem], ov: str = ""
+) -> tuple | None:
+    """Set `dotted` (an override's key) in `data`; returns the key path set, or None on a problem
+    (named by `ov`, the override as written)."""
+    ov = ov or dotted
     parts = dotted.split(".")
     cur: Any = data
     done: list = []
@@ -725,7 +821,7 @@ def _set_path(data: dict, dotted: str, value: Any, problems: list[Problem]) -> t
                     Problem(
                         "<override>",
                         None,
-                        f"{dotted}: no list item '{part}'",
+                        f"{ov}: no list item '{part}'",
                         f"the list has {len(cur)} item(s), numbered from 0",
                     )
                 )
@@ -738,7 +834,7 @@ def _set_path(data: dict, dotted: str, value: Any, problems: list[Problem]) -> t
             cur[key] = {}
         cur = cur[key]
         if not isinstance(cur, (dict, list)):
-            problems.append(Problem("<override>", None, f"{dotted}: '{part}' is not a section"))
+            problems.append(Problem("<override>", None, f"{ov}: '{part}' is not a section"))
             return None
     return None
 
@@ -812,6 +908,22 @@ def load_config(
         loc = yaml_lines.Located(dict(data or {}), {(): 1}, "<config>")
     if not isinstance(loc.data, dict):
         raise ConfigError([Problem(loc.file, 1, "a run config must be a YAML mapping")])
+    if path is not None and not loc.data:
+        raise ConfigError(
+            Problem(
+                loc.file, 1, "the run config is empty", "start from launch/configs/default.yaml"
+            )
+        )
+    if "variants" in loc.data and "tasks" not in loc.data:  # one line, not a key error per key
+        raise ConfigError(
+            Problem(
+                loc.file,
+                loc.lines.get(("variants",), 1),
+                "this is a task template (it has variants:), not a run config",
+                f"a run config names it under tasks: [{{template: {loc.data.get('name', 'NAME')}}}]; "
+                f"check the template with: t2t-mtl validate {loc.file}",
+            )
+        )
     overridden: dict[tuple, str] = {}
     for ov in overrides or []:
         if "=" not in ov:
@@ -824,7 +936,7 @@ def load_config(
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
-        where = _set_path(loc.data, key.strip(), value, problems)
+        where = _set_path(loc.data, key.strip(), value, problems, ov)
         if where is not None:
             overridden[where] = ov
     if overridden:

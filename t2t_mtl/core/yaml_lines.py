@@ -125,8 +125,10 @@ def loads(text: str, file: str = "<string>") -> Located:
                     file,
                     line,
                     f"YAML syntax error: {e.problem or e}",
-                    "check indentation and quoting; Jinja with ':' or '{' must be quoted, and so "
-                    'must a list[...] type inside { } ({type: "list[str]", required: false})',
+                    "indent with spaces, not tabs"
+                    if "\\t" in str(e.problem or "") or "\t" in str(e.problem or "")
+                    else "check indentation and quoting: a value holding ': ', '{', '[' or ' #' "
+                    "(Jinja, a list[...] type inside { }) must be quoted",
                 )
             ]
         ) from None

@@ -6,8 +6,9 @@ resample is a vector of draw counts `w` (how often each example was drawn) and i
 of `w @ stats` — exact for corpus-level metrics too, not an average of per-example scores:
 
 - `mean` (accuracy, SQuAD F1, ROUGE-L): one value per example in points; the metric is their mean.
-- `span` (seqeval span F1): per example the entity counts (tp, fp, fn) (`metrics.span_counts`);
-  micro F1 = 2tp / (2tp + fp + fn) of the summed counts, which is what seqeval computes.
+- `span` (seqeval span F1, label-set F1): per example the counts (tp, fp, fn) of entities
+  (`metrics.span_counts`) or labels (`metrics.set_counts`); micro F1 = 2tp / (2tp + fp + fn) of the
+  summed counts, which is what seqeval (and sklearn's micro average) computes.
 - `macro` (macro-F1): per example (predicted class, gold class), -1 for an unparsed prediction or
   one outside the label set; per-class F1 from the resample's counts, averaged over the classes that
   occur in the resample's golds or predictions, as `metrics.macro_f1` does.
@@ -154,6 +155,8 @@ def row_stats(
         return RowStats(metric_name, metrics.number_pairs(preds, golds))
     if metric_name in ("bleu", "chrf"):
         return RowStats(metric_name, metrics.sacrebleu_stats(metric_name, preds, golds))
+    if metric_name == "set_f1":
+        return RowStats("span", np.array([metrics.set_counts(p, g) for p, g in zip(preds, golds)]))
     if metric_name == "span_f1":
         return RowStats("span", np.array([metrics.span_counts(p, g) for p, g in zip(preds, golds)]))
     if metric_name == "macro_f1":

@@ -9,6 +9,7 @@ that does not apply to a task (`--mode rank` on QA, `constrained` on summaries) 
 
 Gold values per parse kind: `label` -> the rendered output (a choice); `span` -> the rendered
 output plus every alternative in the row's `answers` field (SQuAD's `{text: [...]}` or a list);
+`labels` -> the choices the rendered output names (in `answer_choices` order);
 `number` -> the rendered output's number (a row whose output has none does not render: a bad row);
 `entities` -> the row's tag list (its `label_field`) aligned to its `tokens`, else the rendered
 output parsed back; `text` -> the rendered output plus the row's `summaries` or `references` list
@@ -49,7 +50,13 @@ from t2t_mtl.evaluation import confidence, metrics
 from t2t_mtl.model.prompt_format import PromptFormat
 from t2t_mtl.runs.folder import task_for
 from t2t_mtl.tasks import constraints, sources
-from t2t_mtl.tasks.parsing import CONSTRAINED_KINDS, FIRST_LINE_KINDS, ner_linearize, parse_number
+from t2t_mtl.tasks.parsing import (
+    CONSTRAINED_KINDS,
+    FIRST_LINE_KINDS,
+    ner_linearize,
+    parse_labels,
+    parse_number,
+)
 from t2t_mtl.tasks.schema import EVAL_MODES
 from t2t_mtl.tasks.task import Task
 
@@ -99,7 +106,7 @@ class Example:
     """A rendered eval record plus what scoring needs: gold value and (NER) the row's tokens."""
 
     record: Record
-    # label: the choice; span/text: alternatives; entities: tags; number: a float
+    # label: the choice; labels: the choices; span/text: alternatives; entities: tags; number: a float
     gold: str | float | list[str] | None
     tokens: list[str] | None = None
     key: str | None = None  # fingerprint of the source row (`confidence.row_key`)
@@ -232,6 +239,8 @@ def gold_for(tpl: Task, row: dict, rec: Record, tokens: list[str] | None) -> str
     kind = tpl.parse
     if kind == "label":
         return rec.output
+    if kind == "labels":  # the choices the output names, in answer_choices order
+        return parse_labels(rec.output, tpl.answer_choices)[0]
     if kind == "number":
         return parse_number(rec.output)  # a number: `Task.render` refuses an output without one
     if kind == "entities":

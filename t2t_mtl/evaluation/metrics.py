@@ -1,5 +1,5 @@
-"""Task metrics on already-parsed predictions: accuracy, macro-F1, SQuAD EM/F1, entity span F1, ROUGE,
-BLEU and chrF (translation), Pearson and Spearman correlation.
+"""Task metrics on already-parsed predictions: accuracy, macro-F1, label-set F1 (multi-label), SQuAD
+EM/F1, entity span F1, ROUGE, BLEU and chrF (translation), Pearson and Spearman correlation.
 
 Conventions shared by every function here:
 - Scores are on a 0..100 scale (percent), so `primary_score` can compare tasks directly.
@@ -51,6 +51,8 @@ __all__ = [
     "reference_list",
     "rouge",
     "rouge_example",
+    "set_counts",
+    "set_f1",
     "sacrebleu_scores",
     "sacrebleu_stats",
     "span_counts",
@@ -67,6 +69,7 @@ MAIN_KEY: dict[str, str] = {
     "squad": "f1",
     "span_f1": "span_f1",
     "rouge": "rougeL",
+    "set_f1": "set_f1",
     "pearson": "pearson",
     "spearman": "spearman",
     "bleu": "bleu",
@@ -311,6 +314,36 @@ def rouge(
     return {k: 100.0 * v / n for k, v in totals.items()}
 
 
+# ---------------------------------------------------------------- label sets (multi-label)
+
+
+def set_counts(pred: Sequence[Hashable] | None, gold: Sequence[Hashable]) -> tuple[int, int, int]:
+    """(true positives, false positives, false negatives) of one row's predicted label set against
+    its gold set (a None prediction names no label)."""
+    p, g = set(pred or ()), set(gold)
+    tp = len(p & g)
+    return tp, len(p) - tp, len(g) - tp
+
+
+def set_f1(
+    preds: Sequence[Sequence[Hashable] | None], golds: Sequence[Sequence[Hashable]]
+) -> dict[str, float]:
+    """Micro-averaged precision, recall and F1 over every (row, label) decision of a multi-label
+    task: the summed `set_counts`, F1 = 2tp / (2tp + fp + fn) (sklearn's `average="micro"` on
+    binarised labels). Rows whose gold and predicted sets are both empty add nothing; with no label
+    anywhere there is nothing to score and F1 is 0, as seqeval's span F1 without entities."""
+    _check_pair(preds, golds)
+    tp = fp = fn = 0
+    for p, g in zip(preds, golds):
+        a, b, c = set_counts(p, g)
+        tp, fp, fn = tp + a, fp + b, fn + c
+    return {
+        "set_precision": 100.0 * tp / (tp + fp) if tp + fp else 0.0,
+        "set_recall": 100.0 * tp / (tp + fn) if tp + fn else 0.0,
+        "set_f1": 200.0 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0,
+    }
+
+
 # ---------------------------------------------------------------- BLEU / chrF (sacrebleu)
 
 
@@ -454,7 +487,8 @@ def compute(
 
     Keys per metric: accuracy -> `accuracy`; macro_f1 -> `macro_f1` (uses `labels`); squad ->
     `exact_match`, `f1`; span_f1 -> `span_precision`, `span_recall`, `span_f1` (preds/golds are IOB2 tag
-    sequences); rouge -> `rouge1`, `rouge2`, `rougeL`; bleu -> `bleu`; chrf -> `chrf`; pearson -> `pearson`; spearman -> `spearman`
+    sequences); rouge -> `rouge1`, `rouge2`, `rougeL`; set_f1 -> `set_precision`, `set_recall`, `set_f1` (preds/golds are label lists);
+    bleu -> `bleu`; chrf -> `chrf`; pearson -> `pearson`; spearman -> `spearman`
     (preds are floats or None, golds floats). Gold values for squad/rouge may be a string or a
     list of alternatives. None in `preds` means unparsed (scored as wrong).
     """
@@ -471,6 +505,8 @@ def compute(
             out.update(span_precision=s["precision"], span_recall=s["recall"], span_f1=s["f1"])
         elif name == "rouge":
             out.update(rouge(preds, golds))
+        elif name == "set_f1":
+            out.update(set_f1(preds, golds))
         elif name == "bleu":
             out["bleu"] = bleu(preds, golds)
         elif name == "chrf":

@@ -34,6 +34,7 @@ from t2t_mtl.evaluation.evaluator import (
     score_task,
 )
 from t2t_mtl.tasks import catalogue, constraints, sources
+from t2t_mtl.tasks.parsing import OUTSIDE
 from t2t_mtl.tasks.task import Task, read_task_file
 
 __all__ = [
@@ -55,6 +56,8 @@ _HINTS = {
     "(`{{ tokens | ner_linearize(tags) }}`), every type one of the task's entity types",
     "span": "the answer must be non-empty text on one line",
     "text": "the output must be non-empty text",
+    "labels": "the output must name the row's labels, each one of answer_choices, joined by ', ' "
+    "(`{{ labels | join(', ') }}`), or be `none`",
     "number": "the output must start with the row's number (e.g. `{{ score }}`) so that `parse: number` "
     "reads it back",
 }
@@ -203,6 +206,9 @@ def _row_ok(metric: str, pred: Any, ex: Example) -> bool:
     if metric == "span_f1":
         _, fp, fn = metrics.span_counts(pred, ex.gold)
         return fp == 0 and fn == 0
+    if metric == "set_f1":
+        _, fp, fn = metrics.set_counts(pred, ex.gold)
+        return fp == 0 and fn == 0
     if metric == "rouge":
         return metrics.rouge_example(pred, ex.gold)["rougeL"] >= 1.0 - 1e-9
     if metric in ("bleu", "chrf"):  # the answer is one of the references, as written
@@ -303,6 +309,15 @@ def _blind_spot(metric: str, score: float | None, examples: Sequence[Example]) -
         return (
             "corpus BLEU is 0 when no output has four words (no 4-gram to match)",
             "score short answers with chrf: put it first in metric",
+        )
+    nothing = (metric == "set_f1" and not any(ex.gold for ex in examples)) or (
+        metric == "span_f1" and all(tag == OUTSIDE for ex in examples for tag in ex.gold or [])
+    )
+    if nothing:
+        return (
+            "no row of this split has a label (or entity), so there is nothing to score",
+            "check that the output renders the row's labels; a split of all-empty answers "
+            "cannot test F1",
         )
     if metric in ("pearson", "spearman"):
         values = sorted({float(ex.gold) for ex in examples})

@@ -51,6 +51,7 @@ RESULT_KEYS = {
     "squad": ["exact_match", "f1"],
     "span_f1": ["span_precision", "span_recall", "span_f1"],
     "rouge": ["rouge1", "rouge2", "rougeL"],
+    "set_f1": ["set_precision", "set_recall", "set_f1"],
     "bleu": ["bleu"],
     "chrf": ["chrf"],
     "pearson": ["pearson"],

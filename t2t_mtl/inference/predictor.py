@@ -8,7 +8,7 @@ only the fields the variant's instruction and input use are required (no answer 
 
 Structured predictions by parse kind: label -> `{"label"}`; span -> `{"answer"}`; entities ->
 `{"entities": [[TYPE, text], ...], "tags": [BIO, ...]}`; text -> `{"summary"}` (summarization)
-or `{"text"}`; number -> `{"value"}` (a float). `None` values mean the output could not be parsed (`valid: false`).
+or `{"text"}`; number -> `{"value"}` (a float); labels -> `{"labels": [...]}`. `None` values mean the output could not be parsed (`valid: false`).
 
 `export` merges a LoRA adapter into a full-precision copy of the base model (never into 4-bit
 weights) and saves a plain transformers model folder with the tokenizer and the manifest.
@@ -107,6 +107,8 @@ def structured(tpl: Task, parsed: Parsed) -> dict[str, Any]:
         return {"entities": [list(e) for e in parsed.detail or []], "tags": list(parsed.value)}
     if tpl.parse == "number":
         return {"value": parsed.value}
+    if tpl.parse == "labels":
+        return {"labels": list(parsed.value or [])}
     key = "summary" if tpl.task_type == "summarization" else "text"
     return {key: parsed.value or None}
 

@@ -18,7 +18,13 @@ from t2t_mtl.core.config import RunConfig, SourceConfig, load_config
 from t2t_mtl.core.errors import ConfigError, Problem, T2TError, TemplateError, did_you_mean
 from t2t_mtl.core.records import Record
 from t2t_mtl.tasks import sources
-from t2t_mtl.tasks.parsing import CONSTRAINED_KINDS, OUTSIDE, tag_type, type_name_problem
+from t2t_mtl.tasks.parsing import (
+    CONSTRAINED_KINDS,
+    OUTSIDE,
+    parse_labels,
+    tag_type,
+    type_name_problem,
+)
 from t2t_mtl.tasks.task import Task, load_task_file, read_task_file
 
 __all__ = [
@@ -365,7 +371,22 @@ def trial_render(
                                     f"variant '{v.id}' {part} renders empty text ({where})",
                                 ),
                             )
-                    if tpl.is_label_task and choices and rec.output not in choices:
+                    if tpl.parse == "labels" and choices:
+                        named, ok = parse_labels(rec.output, tpl.answer_choices)
+                        if not ok:
+                            f, ln = v.lines["output"]
+                            note(
+                                (v.id, "output", "labels"),
+                                Problem(
+                                    f,
+                                    ln,
+                                    f"variant '{v.id}' output {rec.output!r} is not answer_choices "
+                                    f"joined by ', ' (or none) ({where})",
+                                    "render the row's labels, e.g. {{ labels | join(', ') }}, "
+                                    "each one of answer_choices",
+                                ),
+                            )
+                    elif tpl.is_label_task and choices and rec.output not in choices:
                         f, ln = v.lines["output"]
                         note(
                             (v.id, "output", "choice"),
@@ -617,6 +638,27 @@ def check_config(cfg: RunConfig) -> list[Problem]:
             continue
         if src.path:
             rp = cfg.resolve_path(src.path)
+            resolved = cfg.resolved_source(t)
+            # a split the config maps to a file stem must have that file (a split left unmapped
+            # may be missing: training reports a missing train file, evaluation skips the task)
+            for split in dict.fromkeys(["train", cfg.eval.split]):
+                if (
+                    split not in (src.splits or {})
+                    or not rp.is_dir()
+                    or _has_split(resolved, split)
+                ):
+                    continue
+                stem = src.splits[split]
+                stems = sorted({f.stem for f in rp.iterdir() if f.suffix[1:] in sources.FORMATS})
+                problems.append(
+                    bad(
+                        ("tasks", i, "source", "splits", split),
+                        f"tasks[{i}].source.splits.{split}: {src.path} has no "
+                        f"{stem}.jsonl/.csv/.parquet",
+                        (did_you_mean(stem, stems) or f"files there: {', '.join(stems) or 'none'}")
+                        + f"; map it with splits: {{{split}: <file stem>}}",
+                    )
+                )
             if not rp.exists():
                 tried = [Path(src.path).expanduser().resolve()]
                 if cfg.config_path and not Path(src.path).expanduser().is_absolute():

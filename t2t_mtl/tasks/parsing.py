@@ -1,11 +1,16 @@
 """Generated text -> structured prediction, and the canonical NER linearisation.
 
-Five parse kinds, named by a template's `parse:` key:
+Six parse kinds, named by a template's `parse:` key:
 
 - `label`: the answer choice the text names. Tolerant: first non-empty line, case and punctuation
   ignored (`Sci-Tech.` names `Sci/Tech`, `Not entailment` names `not_entailment`), then a unique
   choice the text starts with, then a unique choice it contains as whole words. `value` is the choice
   as spelled in `answer_choices`, or None (invalid) when no choice or more than one is named.
+- `labels`: several answer choices at once (multi-label classification): the first non-empty line
+  split at `,`, `;` or `|`, each item read as `label` reads one; `value` is the named choices in
+  `answer_choices` order without repeats, `[]` for the word `none`. Invalid (the items it could
+  read are kept, for partial credit) when an item names no choice or the line is empty. Canonical
+  form (`labels_linearize`): the choices in `answer_choices` order joined by `, `, or `none`.
 - `span`: the answer text of extractive QA: first non-empty line, stripped, without an `Answer:` prefix
   or wrapping quotes. Invalid when empty.
 - `text`: free text (summaries), stripped. Invalid when empty.
@@ -52,7 +57,9 @@ __all__ = [
     "ner_linearize",
     "ner_parse",
     "parse",
+    "labels_linearize",
     "parse_label",
+    "parse_labels",
     "parse_number",
     "parse_span",
     "split_tag_map",
@@ -77,10 +84,11 @@ TYPE_ALIASES = {
     "GPE": "LOC",
     "MISCELLANEOUS": "MISC",
 }
-KINDS = ("label", "span", "text", "entities", "number")
+KINDS = ("label", "labels", "span", "text", "entities", "number")
 # Kinds whose parser reads only the first non-empty line: once that line has ended, later text
 # cannot change the prediction (evaluation stops generating there).
-FIRST_LINE_KINDS = ("label", "span", "number")
+FIRST_LINE_KINDS = ("label", "labels", "span", "number")
+LABELS_SEPARATORS = (",", ";", "|")  # between the choices of a `labels` answer
 # Kinds whose answers have a form that decoding can be held to (`eval_mode: constrained`,
 # tasks/constraints.py); free text and numbers have none.
 CONSTRAINED_KINDS = ("label", "span", "entities")
@@ -104,7 +112,7 @@ class Parsed:
     """
 
     value: str | float | list[str] | None  # label/span/text: the text; number: a float;
-    # entities: one BIO tag per token
+    # entities: one BIO tag per token; labels: the choices named
     valid: bool
     detail: list[tuple[str, str]] | None = None
 
@@ -118,8 +126,8 @@ def parse(
     entity_types: Sequence[str] | None = ENTITY_TYPES,
     entity_aliases: Mapping[str, str] | None = None,
 ) -> Parsed:
-    """Parse generated `text` as `kind` (label | span | text | entities | number); see the module
-    docstring.
+    """Parse generated `text` as `kind` (label | labels | span | text | entities | number); see the
+    module docstring.
 
     `entity_types` / `entity_aliases`: the task's entity types and other spellings (alias -> type)
     for `entities`, as `ner_parse` takes them.
@@ -130,6 +138,11 @@ def parse(
             raise ValueError("parse('label') needs answer_choices")
         value = parse_label(text, answer_choices)
         return Parsed(value, value is not None)
+    if kind == "labels":
+        if not answer_choices:
+            raise ValueError("parse('labels') needs answer_choices")
+        chosen, ok = parse_labels(text, answer_choices)
+        return Parsed(chosen, ok)
     if kind == "span":
         value = parse_span(text)
         return Parsed(value, bool(value))
@@ -201,6 +214,32 @@ def parse_label(text: str, answer_choices: Sequence[str]) -> str | None:
         if out[i : i + len(w)] == w
     ]
     return _unique_longest(contains) if contains else None
+
+
+def parse_labels(text: str, answer_choices: Sequence[str]) -> tuple[list[str], bool]:
+    """(the choices the first line names, in `answer_choices` order; whether every item named one):
+    see the module docstring. `none` (any case, trailing punctuation) names no choice, validly."""
+    line = _first_line(text)
+    if not line:
+        return [], False
+    if line.casefold().rstrip(".!?,;: \t") == NO_ENTITIES:
+        return [], True
+    named, ok = set(), True
+    for item in re.split("|".join(map(re.escape, LABELS_SEPARATORS)), line):
+        if not item.strip():
+            continue  # "a, b," : a trailing separator
+        choice = parse_label(item, answer_choices)
+        if choice is None:
+            ok = False
+        else:
+            named.add(choice)
+    return [c for c in answer_choices if c in named], ok and bool(named)
+
+
+def labels_linearize(labels: Sequence[str], answer_choices: Sequence[str]) -> str:
+    """The canonical `labels` answer: the choices in `answer_choices` order joined by `, `, or `none`."""
+    chosen = set(labels)
+    return ", ".join(c for c in answer_choices if c in chosen) or NO_ENTITIES
 
 
 # ---------------------------------------------------------------- span

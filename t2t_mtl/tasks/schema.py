@@ -26,7 +26,13 @@ from jinja2 import meta, nodes
 from t2t_mtl.core import shipped
 from t2t_mtl.core.config import NAME_HINT, name_problem
 from t2t_mtl.core.errors import Problem, did_you_mean
-from t2t_mtl.tasks.parsing import CONSTRAINED_KINDS, OUTSIDE, tag_type, type_name_problem
+from t2t_mtl.tasks.parsing import (
+    CONSTRAINED_KINDS,
+    LABELS_SEPARATORS,
+    OUTSIDE,
+    tag_type,
+    type_name_problem,
+)
 from t2t_mtl.tasks.parsing import KINDS as PARSE_KINDS
 from t2t_mtl.tasks.sandbox import make_env, prepare
 
@@ -62,22 +68,24 @@ METRICS = (
     "squad",
     "span_f1",
     "rouge",
+    "set_f1",
     "bleu",
     "chrf",
     "pearson",
     "spearman",
 )
 # What each metric compares (evaluation/metrics.py), so the parse kinds whose predictions it can
-# score: accuracy and macro_f1 compare labels; squad and rouge compare texts (a label is a text),
+# score: accuracy and macro_f1 compare labels (accuracy also whole label sets, set_f1 their items); squad and rouge compare texts (a label is a text),
 # bleu and chrf translations or other free texts;
 # span_f1 compares IOB2 tag sequences, which only `parse: entities` recovers; pearson and spearman
 # correlate numbers, which only `parse: number` gives.
 METRIC_PARSES = {
-    "accuracy": ("label",),
+    "accuracy": ("label", "labels"),
     "macro_f1": ("label",),
     "squad": ("span", "text", "label"),
     "rouge": ("text", "span", "label"),
     "span_f1": ("entities",),
+    "set_f1": ("labels",),
     "bleu": ("text", "span"),
     "chrf": ("text", "span"),
     "pearson": ("number",),
@@ -721,7 +729,10 @@ def check_data(
                 "tags as label_field, or use parse: text for free-text answers",
             )
     choices = data.get("answer_choices")
-    label_task = data.get("task_type") in LABEL_TASK_TYPES or data.get("parse") == "label"
+    label_task = data.get("task_type") in LABEL_TASK_TYPES or data.get("parse") in (
+        "label",
+        "labels",
+    )
     if choices is not None:
         if (
             not isinstance(choices, list)
@@ -755,6 +766,20 @@ def check_data(
                 "generated answers are matched to the choices ignoring case, so these cannot be "
                 "told apart: give them distinct names",
             )
+        elif data.get("parse") == "labels":
+            clash = [
+                x
+                for x in choices
+                if any(sep in x for sep in LABELS_SEPARATORS) or x.strip().casefold() == "none"
+            ]
+            if clash:
+                c.add(
+                    ("answer_choices",),
+                    "parse: labels joins choices with ', ' and reads 'none' as no label: "
+                    + ", ".join(repr(x) for x in clash)
+                    + " cannot be told apart",
+                    "rename them without , ; | (and not 'none')",
+                )
     elif label_task:  # (eval_mode: rank on another parse kind is refused above)
         c.add(
             (), "missing required key 'answer_choices' (needed by label tasks and eval_mode: rank)"

@@ -116,8 +116,9 @@ class Task:
 
     @property
     def is_label_task(self) -> bool:
-        """True when outputs must be one of `answer_choices` (classification, NLI, parse: label)."""
-        return self.task_type in LABEL_TASK_TYPES or self.parse == "label"
+        """True when outputs are made of `answer_choices`: one of them (classification, NLI, parse:
+        label) or several (parse: labels)."""
+        return self.task_type in LABEL_TASK_TYPES or self.parse in ("label", "labels")
 
     @property
     def tagging(self) -> bool:
@@ -447,6 +448,16 @@ def read_task_file(
         data, origins, files = _load_merged(path, (), problems)
     except T2TError as e:
         return None, list(e.problems)
+    if isinstance(data, dict) and "tasks" in data and "variants" not in data:
+        return None, [  # one line, not a key error per key of the config
+            Problem(
+                str(path),
+                1,
+                "this is a run config (it has tasks:), not a task template",
+                f"use it with --config {path} (e.g. t2t-mtl validate --config {path}, "
+                f"t2t-mtl preview TASK --config {path})",
+            )
+        ]
     snippet = is_snippet(path)
     fields, variants = check_data(
         path,
