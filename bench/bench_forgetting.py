@@ -23,7 +23,8 @@ five tasks (first --limit validation rows, primary metric) by `t2t-mtl eval --fo
 the forgetting matrix, average forgetting (mean over stage-1 tasks of best earlier score − final score)
 and backward transfer (final − just-learned). Each report keeps the per-example statistics of every
 stage's evaluation (`rows`), so settings run with --seeds get 95 % intervals bootstrapped over examples
-and seeds (`forgetting_stats`) and the new tasks' scores as a percentage of the "none" setting's. Every setting trains stage 1 alike, so a seed's
+and seeds (`forgetting_stats`) and the new tasks' scores as a percentage of the "none" setting's on
+the same seeds. Every setting trains stage 1 alike, so a seed's
 stage 1 is trained once: later settings of the seed start from the first one's checkpoint at the end
 of stage 1 (`borrow_stage1`, exact: tested) and reuse its stage-1 evaluation. Run folders and
 evaluations are cached under --work, so
@@ -315,8 +316,8 @@ def forgetting_stats(reports: dict, resamples: int | None = None) -> dict:
     seeds and a 95 % interval, bootstrapped over examples and seeds as in the quality study
     (quality_stats.py: per task, every run is resampled on the same row draws; per setting, its
     seeds are drawn with replacement), of average forgetting, losses only, BWT, the final mean and
-    each last-stage task's final score; and, against the "none" setting, each last-stage task's
-    final score as a percentage of none's (its interval from the same resamples)."""
+    each last-stage task's final score; and, against the "none" setting run with the same seeds,
+    each last-stage task's final score as a percentage of none's (paired by seed)."""
     import numpy as np
 
     from t2t_mtl.evaluation import confidence
@@ -378,13 +379,25 @@ def forgetting_stats(reports: dict, resamples: int | None = None) -> dict:
             lo, hi = confidence.interval(draws[g][k])
             res[g][k] = {"mean": float(v[runs].mean()), "low": lo, "high": hi}
     if "none" in groups:
+        # Paired by seed: a setting against the unprotected runs of *its own* seeds (the same
+        # stage-1 model and stage-2 order), both resampled on the same seed draws.
+        pair_rng = np.random.default_rng(confidence.SEED + 1)
+        at = {(o, seed): i for i, (o, seed) in enumerate(owners)}
         for g in groups:
+            common = [seed for seed in sorted(groups[g], key=int) if seed in groups["none"]]
+            if not common:
+                continue
+            mine = np.array([at[(g, seed)] for seed in common])
+            base = np.array([at[("none", seed)] for seed in common])
+            pick = pair_rng.integers(0, len(common), size=(resamples, len(common)))
+            cols = np.arange(resamples)[:, None]
             for t in new:
                 k = f"final:{t}"
-                ratio = 100.0 * draws[g][k] / np.maximum(draws["none"][k], 1e-9)
-                lo, hi = confidence.interval(ratio)
-                mean = 100.0 * res[g][k]["mean"] / max(res["none"][k]["mean"], 1e-9)
-                res[g][f"vs_none:{t}"] = {"mean": mean, "low": lo, "high": hi}
+                gv = m_boot[k][mine[pick], cols].mean(axis=1)
+                nv = m_boot[k][base[pick], cols].mean(axis=1)
+                lo, hi = confidence.interval(100.0 * gv / np.maximum(nv, 1e-9))
+                mean = 100.0 * m_point[k][mine].mean() / max(m_point[k][base].mean(), 1e-9)
+                res[g][f"vs_none:{t}"] = {"mean": mean, "low": lo, "high": hi, "seeds": len(common)}
     return {"resamples": resamples, "old_tasks": old, "new_tasks": new, "settings": res}
 
 
@@ -495,7 +508,7 @@ def ci_table(reports: dict) -> str:
     lines = [
         f"Means over seeds with 95 % intervals (bootstrap over the {st['resamples']} resamples of "
         "examples and seeds, as in the quality study), points; the new tasks' final scores as a "
-        "percentage of the no-protection run's:",
+        "percentage of the no-protection runs' of the same seeds (paired by seed):",
         "",
         "| setting | seeds | avg forgetting | losses only | BWT | final mean | "
         + " | ".join(f"{short(t)} vs none" for t in new)

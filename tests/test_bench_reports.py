@@ -633,7 +633,7 @@ def test_forgetting_intervals_over_examples_and_seeds(tmp_path):
         )
 
     reports = {
-        **{f"none_s{s}": rep(f"none_s{s}", 0.4, 0.7) for s in (1, 2, 3)},
+        **{f"none_s{s}": rep(f"none_s{s}", 0.4, 0.7 if s < 3 else 0.2) for s in (1, 2, 3)},
         **{f"replay_s{s}": rep(f"replay_s{s}", 0.0, 0.7) for s in (1, 2, 3)},
         **{f"ewc_s{s}": rep(f"ewc_s{s}", 0.0, 0.3) for s in (1, 2)},
     }
@@ -648,8 +648,19 @@ def test_forgetting_intervals_over_examples_and_seeds(tmp_path):
         for k in ("avg_forgetting", "losses_only", "bwt", "final_mean"):
             assert r[k]["low"] <= r[k]["mean"] <= r[k]["high"]
     assert none["avg_forgetting"]["low"] > 5 and none["bwt"]["high"] < 0  # 0.4 of SST-2 lost
-    assert none[f"vs_none:{TASKS[3]}"] == {"mean": 100.0, "low": 100.0, "high": 100.0}
+    assert none[f"vs_none:{TASKS[3]}"] == pytest.approx(
+        {"mean": 100.0, "low": 100.0, "high": 100.0, "seeds": 3}
+    )
     assert ewc[f"vs_none:{TASKS[3]}"]["high"] < 95  # EWC starves the new tasks here
+
+    # against the unprotected runs of its own seeds (1 and 2), not of seed 3 as well
+    def final(name, seeds):
+        return np.mean([reports[f"{name}_s{s}"]["matrix"][1][3] for s in seeds])
+
+    paired = 100 * final("ewc", (1, 2)) / final("none", (1, 2))
+    assert ewc[f"vs_none:{TASKS[3]}"]["mean"] == pytest.approx(paired)
+    assert abs(paired - 100 * final("ewc", (1, 2)) / final("none", (1, 2, 3))) > 3
+    assert ewc[f"vs_none:{TASKS[3]}"]["seeds"] == 2
     text = bench_forgetting.ci_table(reports)
     assert "| EWC (lambda 1000) | 2 |" in text and "new tasks) | 1.10× |" in text
     assert "| none | 3 |" in text and "| 100.0 % [100.0, 100.0] |" in text
