@@ -175,3 +175,23 @@ def test_config_shapes_users_write(tmp_path):
     got = _problems(tmp_path, staged, ["stages.5.steps=3", "train.mixed_precision=yes"])
     assert "<override>: stages.5.steps=3: no list item '5'" in got[0]
     assert "train.mixed_precision=yes" in got[1] and "YAML reads an unquoted" in got[1]
+
+
+def test_settings_that_do_nothing_get_a_note_not_an_error(tmp_path):
+    from t2t_mtl.core.config import config_notes
+
+    (tmp_path / "run.yaml").write_text(
+        "tasks: [sentiment_sst2, qa_squad]\nreplay: {enabled: true}\n", encoding="utf-8"
+    )
+    cfg = load_config(tmp_path / "run.yaml")
+    assert config_notes(cfg) == [
+        "note: replay.enabled does nothing with one stage (replay mixes earlier stages' records "
+        "into later ones)"
+    ]
+    staged = load_config(
+        tmp_path / "run.yaml",
+        ["stages=[{name: a, tasks: [qa_squad], steps: 2}]", "replay.enabled=false"],
+    )
+    assert config_notes(staged) == [
+        "note: task 'sentiment_sst2' is in no stage: evaluated, never trained"
+    ]

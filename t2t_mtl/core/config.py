@@ -803,6 +803,23 @@ def _check_values(cfg: RunConfig, loc: yaml_lines.Located, problems: list[Proble
         bad(("eval", "max_new_tokens"), "must be > 0")
 
 
+def config_notes(cfg: RunConfig) -> list[str]:
+    """Settings that are valid but do nothing in this config, as notes for the user (not errors:
+    an evaluation-only task, say, is a choice)."""
+    notes = []
+    if cfg.stages:
+        staged = {n for s in cfg.stages for n in s.tasks}
+        for n in cfg.task_names():
+            if n not in staged:
+                notes.append(f"note: task '{n}' is in no stage: evaluated, never trained")
+    if cfg.replay.enabled and len(cfg.stage_list()) < 2:
+        notes.append(
+            "note: replay.enabled does nothing with one stage (replay mixes earlier stages' "
+            "records into later ones)"
+        )
+    return notes
+
+
 def _set_path(
     data: dict, dotted: str, value: Any, problems: list[Problem], ov: str = ""
 ) -> tuple | None:

@@ -7,6 +7,7 @@ name starts with `_` are include-only snippets, never tasks. Template validation
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from t2t_mtl.core import shipped
-from t2t_mtl.core.config import RunConfig, SourceConfig, load_config
+from t2t_mtl.core.config import RunConfig, SourceConfig, config_notes, load_config
 from t2t_mtl.core.errors import ConfigError, Problem, T2TError, TemplateError, did_you_mean
 from t2t_mtl.core.records import Record
 from t2t_mtl.tasks import sources
@@ -26,6 +27,8 @@ from t2t_mtl.tasks.parsing import (
     type_name_problem,
 )
 from t2t_mtl.tasks.task import Task, load_task_file, read_task_file
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "ENV_VAR",
@@ -535,6 +538,8 @@ def load_checked_config(path: str | Path, overrides: list[str] | None = None) ->
     problems += [p for p in config_cross_problems(cfg, bool(problems)) if p not in problems]
     if problems:
         raise ConfigError(problems)
+    for note in config_notes(cfg):
+        logger.warning("%s", note)
     return cfg
 
 

@@ -109,8 +109,6 @@ def check_run(cfg: RunConfig) -> tuple[dict[str, mixture.Member], dict[str, Task
             )
         )
     problems += backend_problems(cfg)
-    if cfg.replay.enabled and len(cfg.stage_list()) < 2:
-        logger.warning("note: replay.enabled has no effect with a single stage")
     if problems:
         raise T2TError(problems)
     extra = [cfg.resolve_path(d) for d in cfg.template_dirs]

@@ -35,7 +35,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.optim.lr_scheduler import LRScheduler
 
-from t2t_mtl.core.config import RunConfig, config_to_dict
+from t2t_mtl.core.config import RunConfig, config_notes, config_to_dict
 from t2t_mtl.core.errors import Problem, T2TError
 from t2t_mtl.core.files import atomic_write_json
 from t2t_mtl.core.records import Record
@@ -119,6 +119,8 @@ def train(
     t0 = time.time()
     loading.quiet_library_noise()
     members, templates = preflight.check_run(cfg)
+    for note in config_notes(cfg):  # valid settings that do nothing in this run
+        logger.warning("%s", note)
     _log_bad_rows(members)
     if eval_fn == "auto":
         eval_fn = evaluator.training_eval_fn(cfg) if cfg.eval.every_steps else None
