@@ -155,9 +155,12 @@ class TaskOracle:
         rows = sum(r.rows for r in self.results if r.variant == first)
         variants = len({r.variant for r in self.results})
         skipped = f", {self.skipped_rows} bad rows skipped" if self.skipped_rows else ""
+        failed = sum(r.failed for r in self.results)  # the score is over the rows that render
+        failing = f", {failed} row check(s) fail" if failed else ""
         return (
             f"oracle {self.task} ({splits}): {metric} {worst.score:.2f}, "
-            f"invalid {invalid:.1f} %, {rows} rows x {variants} variant(s){skipped}: {status}"
+            f"invalid {invalid:.1f} %, {rows} rows x {variants} variant(s){skipped}{failing}: "
+            f"{status}"
         )
 
     def all_problems(self) -> list[Problem]:
