@@ -265,7 +265,7 @@ def test_every_documented_command_names_real_verbs_scripts_and_options():
             if script_at is None:
                 continue
             words = ["python", *words[script_at:]]
-        if words and words[0].endswith("python") or words and words[0].startswith("python"):
+        if words and Path(words[0]).name.startswith("python"):  # python, python3, .venv/bin/python
             script = words[1]
             if script not in scripts:
                 scripts[script] = script_options(ROOT, script)

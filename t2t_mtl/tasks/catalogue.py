@@ -374,33 +374,26 @@ def trial_render(
                                     f"variant '{v.id}' {part} renders empty text ({where})",
                                 ),
                             )
+                    # an output the parse kind cannot read back as the row's answer choice(s)
+                    off = None
                     if tpl.parse == "labels" and choices:
-                        named, ok = parse_labels(rec.output, tpl.answer_choices)
-                        if not ok:
-                            f, ln = v.lines["output"]
-                            note(
-                                (v.id, "output", "labels"),
-                                Problem(
-                                    f,
-                                    ln,
-                                    f"variant '{v.id}' output {rec.output!r} is not answer_choices "
-                                    f"joined by ', ' (or none) ({where})",
-                                    "render the row's labels, e.g. {{ labels | join(', ') }}, "
-                                    "each one of answer_choices",
-                                ),
+                        if not parse_labels(rec.output, tpl.answer_choices)[1]:
+                            off = (
+                                "labels",
+                                "is not answer_choices joined by ', ' (or none)",
+                                "render the row's labels, e.g. {{ labels | join(', ') }}, "
+                                "each one of answer_choices",
                             )
                     elif tpl.is_label_task and choices and rec.output not in choices:
-                        f, ln = v.lines["output"]
-                        note(
-                            (v.id, "output", "choice"),
-                            Problem(
-                                f,
-                                ln,
-                                f"variant '{v.id}' output {rec.output!r} is not one of "
-                                f"answer_choices ({where})",
-                                did_you_mean(rec.output, choices),
-                            ),
+                        off = (
+                            "choice",
+                            "is not one of answer_choices",
+                            did_you_mean(rec.output, choices),
                         )
+                    if off is not None:
+                        f, ln = v.lines["output"]
+                        msg = f"variant '{v.id}' output {rec.output!r} {off[1]} ({where})"
+                        note((v.id, "output", off[0]), Problem(f, ln, msg, off[2]))
     for prob, count in first.values():
         more = f" and {count - 1} more {'sample ' if '(sample ' in prob.message else ''}row(s)"
         more = more if count > 1 else ""

@@ -51,6 +51,7 @@ __all__ = [
     "ENTITY_SEP",
     "ENTITY_TYPES",
     "KINDS",
+    "LABEL_KINDS",
     "OUTSIDE",
     "NO_ENTITIES",
     "Parsed",
@@ -89,6 +90,8 @@ KINDS = ("label", "labels", "span", "text", "entities", "number")
 # cannot change the prediction (evaluation stops generating there).
 FIRST_LINE_KINDS = ("label", "labels", "span", "number")
 LABELS_SEPARATORS = (",", ";", "|")  # between the choices of a `labels` answer
+# Kinds whose answers are made of a template's answer_choices (a label task's)
+LABEL_KINDS = ("label", "labels")
 # Kinds whose answers have a form that decoding can be held to (`eval_mode: constrained`,
 # tasks/constraints.py); free text and numbers have none.
 CONSTRAINED_KINDS = ("label", "span", "entities")

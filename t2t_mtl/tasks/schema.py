@@ -28,6 +28,7 @@ from t2t_mtl.core.config import NAME_HINT, name_problem
 from t2t_mtl.core.errors import Problem, did_you_mean
 from t2t_mtl.tasks.parsing import (
     CONSTRAINED_KINDS,
+    LABEL_KINDS,
     LABELS_SEPARATORS,
     OUTSIDE,
     tag_type,
@@ -729,10 +730,7 @@ def check_data(
                 "tags as label_field, or use parse: text for free-text answers",
             )
     choices = data.get("answer_choices")
-    label_task = data.get("task_type") in LABEL_TASK_TYPES or data.get("parse") in (
-        "label",
-        "labels",
-    )
+    label_task = data.get("task_type") in LABEL_TASK_TYPES or data.get("parse") in LABEL_KINDS
     if choices is not None:
         if (
             not isinstance(choices, list)

@@ -21,7 +21,7 @@ from t2t_mtl.core import shipped, yaml_lines
 from t2t_mtl.core.errors import Problem, T2TError, TemplateError, did_you_mean
 from t2t_mtl.core.records import Record
 from t2t_mtl.tasks import sandbox
-from t2t_mtl.tasks.parsing import OUTSIDE, Parsed, parse, parse_number
+from t2t_mtl.tasks.parsing import LABEL_KINDS, OUTSIDE, Parsed, parse, parse_number
 from t2t_mtl.tasks.sandbox import BudgetError, ObjectOutputError, render_part
 from t2t_mtl.tasks.schema import (
     ENV,
@@ -118,7 +118,7 @@ class Task:
     def is_label_task(self) -> bool:
         """True when outputs are made of `answer_choices`: one of them (classification, NLI, parse:
         label) or several (parse: labels)."""
-        return self.task_type in LABEL_TASK_TYPES or self.parse in ("label", "labels")
+        return self.task_type in LABEL_TASK_TYPES or self.parse in LABEL_KINDS
 
     @property
     def tagging(self) -> bool:
