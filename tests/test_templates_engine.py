@@ -365,6 +365,13 @@ def test_missing_path_and_fail_policy_limit(tmp_path):
     write(tmp_path / "train.jsonl", "\n".join(lines) + "\n")
     with pytest.raises(DataError) as ei:
         sources.load_rows(t, SourceConfig(path=str(tmp_path)), "train", bad_rows="fail")
+    probs = ei.value.problems  # one cause on every row: three of its lines, the rest counted
+    assert [p.line for p in probs[:4]] == [1, 2, 3, 4] and "30 bad row(s)" in probs[-1].message
+    assert probs[3].message.startswith("the same on 27 more line(s) (lines 4-30): label 'meh'")
+    lines = [json.dumps({"sentence": f"s{i}", "label": f"meh{i}"}) for i in range(30)]
+    write(tmp_path / "train.jsonl", "\n".join(lines) + "\n")
+    with pytest.raises(DataError) as ei:  # 30 different problems: the first MAX_SHOWN listed
+        sources.load_rows(t, SourceConfig(path=str(tmp_path)), "train", bad_rows="fail")
     probs = ei.value.problems
     assert len(probs) == sources.MAX_SHOWN + 1 and "30 bad row(s)" in probs[-1].message
     assert "10 more problems not shown" in probs[-1].message

@@ -346,6 +346,12 @@ def _parquet(path: Path, table: dict) -> bytes:
     return path.read_bytes()
 
 
+def pa_empty():
+    """An empty string column (a valid Parquet file with a schema and no rows)."""
+    pa = pytest.importorskip("pyarrow")
+    return pa.array([], pa.string())
+
+
 def _jsonl(*lines: bytes) -> bytes:
     return b"".join(ln + b"\n" for ln in lines)
 
@@ -378,6 +384,7 @@ DATA_MISTAKES = {
     "parquet_wrong_type": ("train.parquet", lambda p: _parquet(p, {"text": ["ok", "x"], "label": ["positive", 3]}) if False else _parquet(p, {"text": [1, 2], "label": ["positive", "negative"]}), 2, (1, "should be text, got int")),
     "parquet_some_wrong": ("train.parquet", lambda p: _parquet(p, {"text": ["ok", None, "fine"], "label": ["positive", "negative", "negative"]}), 0, (2, "field 'text' is empty in this row")),
     "parquet_empty_file": ("train.parquet", b"", 2, (1, "the file is empty")),
+    "parquet_no_rows": ("train.parquet", lambda p: _parquet(p, {"text": pa_empty(), "label": pa_empty()}), 2, (1, "the file is empty")),
     "parquet_corrupt": ("train.parquet", b"PAR1 this is not parquet", 2, (None, "cannot read the Parquet file")),
     "parquet_truncated": ("train.parquet", lambda p: _parquet(p, {"text": ["a"] * 200, "label": ["positive"] * 200})[:300], 2, (None, "cannot read the Parquet file")),
     "folder_without_split": ("dev.jsonl", _jsonl(OK1), 2, (None, "no train.jsonl/.csv/.parquet for split 'train'")),
@@ -818,6 +825,8 @@ CONFIG_MISTAKES = {
     "override_no_such_item": (lambda c: c, ["tasks.5.template=x"], [("<override>", "no list item '5'")]),
     "override_not_a_section": (lambda c: c, ["run_name.x=3"], [("<override>", "'run_name' is not a section")]),
     "override_not_key_value": (lambda c: c, ["train.steps"], [("<override>", "is not key=value")]),
+    "override_unclosed_list": (lambda c: c, ["train.report_to=[tensorbord"], [("<override>", "train.report_to=[tensorbord: the value is not valid YAML")]),
+    "override_unclosed_mapping": (lambda c: c, ["tasks=[{template: x}"], [("<override>", "tasks=[{template: x}: the value is not valid YAML")]),
     "override_source_missing": (
         lambda c: c,
         ["tasks.1.source.path=gone"],
@@ -949,6 +958,37 @@ def test_jsonl_rows_tell_a_missing_key_from_a_null_and_name_a_renamed_column(tmp
     assert got.problems[0].message == (
         "missing field 'text': column 'review' (mapped to 'text' by columns) is not in this row"
     )
+
+
+def test_one_cause_on_every_row_is_listed_a_few_times_and_counted(tmp_path, capsys):
+    """A misnamed column fails all 40 rows alike: three of its lines, then one line counting the
+    rest with their line range (more rows than the 20 problems a skip keeps, still counted), when
+    rows are skipped, under --bad-rows fail and in preview. Different messages each keep their own lines."""
+    tpl = tmp_path / "sentiment.yaml"
+    tpl.write_text(SENTIMENT, encoding="utf-8")
+    (tmp_path / "_shared").mkdir()
+    data = tmp_path / "d"
+    data.mkdir()
+    rows = [{"txt": f"row {i}", "label": "positive"} for i in range(40)]
+    rows[7] = {"text": "odd label", "label": "maybe"}
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    task = load_task_file(tpl)
+    for mode in ("skip", "fail"):
+        try:
+            got = sources.load_rows(task, SourceConfig(path=str(data)), "train", bad_rows=mode)
+            problems = got.problems
+        except sources.DataError as e:
+            assert mode == "fail"
+            problems = e.problems
+        missing = [p for p in problems if "missing field 'text'" in p.message]
+        assert [p.line for p in missing] == [1, 2, 3, 4], [p.format() for p in problems]
+        assert missing[-1].message.startswith("the same on 36 more line(s) (lines 4-40): missing")
+        assert any(p.line == 8 and "'maybe'" in p.message for p in problems)
+    rc = main(["preview", str(tpl), "--source", str(data)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    # the count's own line, the all-rows-bad line, three rows and the rest counted
+    assert sum("missing field 'text'" in ln for ln in err.splitlines()) == 6, err
 
 
 def test_a_single_source_file_serves_every_split_and_evaluation_says_so(tmp_path):

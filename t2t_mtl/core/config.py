@@ -951,8 +951,20 @@ def load_config(
         key, raw = ov.split("=", 1)
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
+        except yaml.YAMLError as e:
+            if raw.lstrip()[:1] in ("[", "{", '"', "'"):  # meant as a list, mapping or quoted text
+                why = str(getattr(e, "problem", None) or e).splitlines()[0]
+                problems.append(
+                    Problem(
+                        "<override>",
+                        None,
+                        f"{ov}: the value is not valid YAML ({why})",
+                        "close every [ { and quote; quote the whole override for the shell: "
+                        "'train.report_to=[tensorboard]'",
+                    )
+                )
+                continue
+            value = raw  # plain text YAML cannot read (e.g. "a: b: c") is meant as text
         where = _set_path(loc.data, key.strip(), value, problems, ov)
         if where is not None:
             overridden[where] = ov

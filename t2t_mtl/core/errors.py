@@ -8,10 +8,19 @@ catches `T2TError` so the user never sees a traceback for their own mistake.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["ConfigError", "DataError", "Problem", "T2TError", "TemplateError", "did_you_mean"]
+__all__ = [
+    "ConfigError",
+    "DataError",
+    "Problem",
+    "T2TError",
+    "TemplateError",
+    "RepeatTally",
+    "did_you_mean",
+]
 
 
 @dataclass(frozen=True)
@@ -76,3 +85,49 @@ def did_you_mean(word: str, candidates: Iterable[str]) -> str:
     if cands and len(cands) <= 12:
         return "expected one of: " + ", ".join(sorted(cands))
     return ""
+
+
+class RepeatTally:
+    """Problems as they are found, keeping at most `keep` that share a file, message and hint and
+    counting the rest: one cause, such as a misnamed column, fails every row the same way, and a
+    user needs a few of its lines, not one per row. `cap` (None = no cap) bounds the problems kept
+    in all; beyond it they are only counted (`total`)."""
+
+    def __init__(self, keep: int = 3, cap: int | None = None):
+        self.keep, self.cap = keep, cap
+        self.kept: list[Problem] = []
+        self.total = 0
+        self._shown: dict[tuple, int] = {}  # group -> problems kept
+        self._extra: dict[tuple, list] = {}  # group -> [count, first, last line] of those not kept
+
+    def add(self, p: Problem) -> None:
+        self.total += 1
+        key = (p.file, p.message, p.hint)
+        if self._shown.get(key, 0) < self.keep and (self.cap is None or len(self.kept) < self.cap):
+            self._shown[key] = self._shown.get(key, 0) + 1
+            self.kept.append(p)
+            return
+        extra = self._extra.setdefault(key, [0, None, None])  # count, first and last line
+        extra[0] += 1
+        if p.line is not None:
+            extra[1] = p.line if extra[1] is None else min(extra[1], p.line)
+            extra[2] = p.line if extra[2] is None else max(extra[2], p.line)
+
+    def problems(self, order: Callable[[Problem], Any] | None = None) -> list[Problem]:
+        """The kept problems (sorted by `order` when given), each group's count of the rest on a
+        line after its last kept one: "file:5: the same on 14 more line(s) (lines 5-18): <message>"."""
+        kept = sorted(self.kept, key=order) if order is not None else list(self.kept)
+        last = {(p.file, p.message, p.hint): i for i, p in enumerate(kept)}
+        after = {i: key for key, i in last.items() if key in self._extra}
+        out: list[Problem] = []
+        for i, p in enumerate(kept):
+            out.append(p)
+            if i in after:
+                n, first, last = self._extra[after[i]]
+                where = f" (lines {first}-{last})" if first is not None and last != first else ""
+                out.append(
+                    Problem(
+                        p.file, first, f"the same on {n} more line(s){where}: {p.message}", p.hint
+                    )
+                )
+        return out

@@ -127,8 +127,9 @@ def loads(text: str, file: str = "<string>") -> Located:
                     f"YAML syntax error: {e.problem or e}",
                     "indent with spaces, not tabs"
                     if "\\t" in str(e.problem or "") or "\t" in str(e.problem or "")
-                    else "check indentation and quoting: a value holding ': ', '{', '[' or ' #' "
-                    "(Jinja, a list[...] type inside { }) must be quoted",
+                    else "check indentation and quoting: a value holding ': ' or ' #', or "
+                    "starting with '{' or '[', must be quoted (in a template: Jinja text, "
+                    "a list[...] type inside { })",
                 )
             ]
         ) from None

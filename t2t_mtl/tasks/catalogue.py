@@ -131,10 +131,29 @@ def catalogue_problems(
     ]
 
 
+def looks_like_path(s: str) -> bool:
+    """Whether a task argument names a file (a .yaml/.yml name, a path, an existing file) rather
+    than a catalogue name."""
+    return s.endswith((".yaml", ".yml")) or os.sep in s or "/" in s or Path(s).is_file()
+
+
+def missing_template_file(s: str) -> Problem:
+    """The problem for a template path that does not exist: the nearest template file beside it,
+    or the missing folder."""
+    p = Path(s)
+    if p.parent.is_dir():
+        near = [f.name for f in p.parent.iterdir() if f.suffix in (".yaml", ".yml")]
+        hint = did_you_mean(p.name, near) or "check the path"
+        return Problem(s, None, "file not found", hint)
+    return Problem(s, None, f"file not found: there is no folder {p.parent}", "check the path")
+
+
 def load_task(name_or_path: str | Path, extra_dirs: Iterable[str | Path] = ()) -> Task:
     """Load a task by catalogue name or by template file path; unknown names get "did you mean"."""
     s = str(name_or_path)
-    if s.endswith((".yaml", ".yml")) or os.sep in s or Path(s).is_file():
+    if looks_like_path(s):
+        if not Path(s).exists():
+            raise TemplateError(missing_template_file(s))
         return load_task_file(Path(s))
     cat, clashes = _catalogue(extra_dirs)
     if s in clashes:
@@ -500,6 +519,8 @@ def target_files(
             )
         elif p.is_file():
             files.append(p)
+        elif looks_like_path(str(t)) and "=" not in str(t):
+            problems.append(missing_template_file(str(t)))
         else:
             try:
                 files.append(find_task_files(extra_dirs)[t])

@@ -466,6 +466,19 @@ def _not_called(ast: nodes.Template, fields: dict) -> list[tuple[int, str, str]]
     return out
 
 
+def _syntax_hint(message: str) -> str:
+    """How to fix a Jinja syntax error, for the usual slips."""
+    if "end of template" in message or "unexpected end" in message:
+        return (
+            "a block is not closed: every {% if %} / {% for %} needs its {% endif %} / {% endfor %}"
+        )
+    if "unknown tag" in message:
+        return "statements are {% if %}, {% for %}, {% set %} and their {% end... %}; a value is {{ field }}"
+    return (
+        "a value is written {{ field }}, a statement {% if ... %}...{% endif %}: check the braces"
+    )
+
+
 def _compile_part(c: _Checker, kp: tuple, src: str, vid: str, part: str, names: set, fields: dict):
     """Parse + compile one Jinja part; report syntax, forbidden constructs, undefined variables and
     uncalled methods and functions."""
@@ -479,7 +492,7 @@ def _compile_part(c: _Checker, kp: tuple, src: str, vid: str, part: str, names: 
     try:
         ast = ENV.parse(src)
     except jinja2.TemplateSyntaxError as e:
-        bad(e.lineno, f"Jinja syntax error: {e.message}")
+        bad(e.lineno, f"Jinja syntax error: {e.message}", _syntax_hint(e.message or ""))
         return None
     for node in ast.find_all(tuple(_FORBIDDEN)):
         bad(

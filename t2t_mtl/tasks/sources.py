@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from t2t_mtl.core.config import SourceConfig
-from t2t_mtl.core.errors import DataError, Problem, T2TError, did_you_mean
+from t2t_mtl.core.errors import DataError, Problem, RepeatTally, T2TError, did_you_mean
 from t2t_mtl.core.records import Record
 from t2t_mtl.tasks.parsing import OUTSIDE, split_tag_map, tag_type, type_name_problem
 
@@ -557,6 +557,8 @@ def _read_file(res: Resolved, file: Path, ext: str, problems: list) -> _Backend:
         try:
             ds = ds_mod.load_dataset("parquet", data_files=str(file), split="train")
         except Exception as e:  # noqa: BLE001 - truncated, corrupt, not Parquet at all
+            if _parquet_rows(file) == 0:  # a valid file with a schema and no rows: datasets fails
+                raise _empty_file(file) from None
             raise DataError(
                 Problem(
                     str(file),
@@ -568,6 +570,16 @@ def _read_file(res: Resolved, file: Path, ext: str, problems: list) -> _Backend:
         if len(ds) == 0:
             raise _empty_file(file)
         return _Backend(ds, str(file), "parquet", file)
+
+
+def _parquet_rows(file: Path) -> int | None:
+    """The row count a Parquet file's footer states; None when it cannot be read."""
+    try:
+        import pyarrow.parquet as pq
+
+        return int(pq.ParquetFile(file).metadata.num_rows)
+    except Exception:  # noqa: BLE001 - not a readable Parquet file
+        return None
 
 
 def _first_line(e: BaseException) -> str:
@@ -1056,7 +1068,9 @@ def load_rows(
     res = resolve(template, source, split)
     read_problems: list[tuple[str, int, str]] = []
     backend = _open(res, split, read_problems)
-    problems = [Problem(f, n, msg) for f, n, msg in read_problems]
+    tally = RepeatTally(cap=None if bad_rows == "fail" else MAX_SHOWN)
+    for f, n, msg in read_problems:
+        tally.add(Problem(f, n, msg))
     bad = len(read_problems)
     label_bad = render_bad = 0
     render_first: Problem | None = None
@@ -1090,8 +1104,8 @@ def load_rows(
                     for _, _, f in found
                 )
                 new = [Problem(file, line, msg, hint) for msg, hint, _ in found[:3]]
-            if len(problems) < MAX_SHOWN or bad_rows == "fail":
-                problems.extend(new)
+            for p in new:
+                tally.add(p)
         else:
             keep.append(index)
             if limit is not None and len(keep) >= limit:
@@ -1100,7 +1114,7 @@ def load_rows(
     if seed is not None:
         keep = array("q", sorted(keep))  # a sample keeps the file's order
     # In the file's order: lines that cannot be read are found before the rows are checked.
-    problems.sort(key=lambda p: (p.file != backend.desc, p.line or 0))
+    problems = tally.problems(order=lambda p: (p.file != backend.desc, p.line or 0))
     if bad and bad_rows == "fail":
         shown = problems[:MAX_SHOWN]
         more = len(problems) - len(shown)

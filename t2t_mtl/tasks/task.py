@@ -243,7 +243,7 @@ class Task:
         except Exception as e:  # user template code: any failure is the template's, not ours
             at = _template_lineno(e)
             lines = str(getattr(v, part)).splitlines()
-            msg, hint = _render_error(e, lines[at - 1] if 0 < at <= len(lines) else "", self)
+            msg, hint = _render_error(e, lines[at - 1] if 0 < at <= len(lines) else "", self, ctx)
             line += at - 1
             timed_out = isinstance(e, BudgetError) and e.timed_out
         problem = Problem(file, line, f"variant '{v.id}' {part}: {msg}", hint)
@@ -270,9 +270,12 @@ _INDEXED = re.compile(
 )
 
 
-def _render_error(e: BaseException, source_line: str, task: Task) -> tuple[str, str]:
+def _render_error(
+    e: BaseException, source_line: str, task: Task, ctx: dict | None = None
+) -> tuple[str, str]:
     """(message, hint) for a part that failed to render, the hint fitting the cause; `source_line`
-    is the template line where it failed."""
+    is the template line where it failed, `ctx` the row it rendered (for a misspelt key: the
+    nearest key of the row's mappings)."""
     text = str(e)
     too_big = isinstance(e, SecurityError) and "too large" in text  # `*` and `**` limits
     if isinstance(e, BudgetError) or (isinstance(e, OverflowError) and "range" in text.lower()):
@@ -306,8 +309,10 @@ def _render_error(e: BaseException, source_line: str, task: Task) -> tuple[str, 
             m = re.search(rf"([A-Za-z_][\w.]*)\.{k}\b", source_line)
             sub = re.search(rf"([A-Za-z_][\w.]*)\[\s*(['\"]){k}\2\s*\]", source_line)
             ref = f"{m[1]}.{key[1]}" if m else (sub[0] if sub else key[1])
+            near = did_you_mean(key[1], _nested_keys(ctx or {}))
             return text, (
-                f"this row has no key '{key[1]}': fix the row, or guard the template: "
+                (f"{near} " if near.startswith("did you mean") else "")
+                + f"this row has no key '{key[1]}': fix the row, or guard the template: "
                 f"{{% if {ref} is defined %}}...{{% endif %}}"
             )
         return text, "fields: " + ", ".join(task.fields)
@@ -324,6 +329,20 @@ def _render_error(e: BaseException, source_line: str, task: Task) -> tuple[str, 
             "against fields: (" + ", ".join(f"{n}: {f.type}" for n, f in task.fields.items()) + ")"
         )
     return msg, ""
+
+
+def _nested_keys(value: object, depth: int = 0) -> set[str]:
+    """The keys of the mappings inside a row's values (lists and mappings, a few levels deep)."""
+    out: set[str] = set()
+    if depth > 4:
+        return out
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    if isinstance(value, dict) and depth > 0:
+        out |= {str(k) for k in value}
+    for v in list(items)[:50]:
+        if isinstance(v, (dict, list)):
+            out |= _nested_keys(v, depth + 1)
+    return out
 
 
 def _template_lineno(exc: BaseException) -> int:
