@@ -195,3 +195,26 @@ def test_settings_that_do_nothing_get_a_note_not_an_error(tmp_path):
     assert config_notes(staged) == [
         "note: task 'sentiment_sst2' is in no stage: evaluated, never trained"
     ]
+
+
+def test_a_template_given_by_path_is_named_by_its_file(tmp_path):
+    """`template: my_tasks/x.yaml` names the task by the `name:` the file declares (logs, metrics
+    and stages say `tickets`); a stage may still list it by that path; two files declaring one
+    name clash like two tasks named alike."""
+    folder = tmp_path / "my_tasks"
+    folder.mkdir()
+    src = (REPO / "task_templates" / "sentiment_sst2.yaml").read_text(encoding="utf-8")
+    (folder / "a.yaml").write_text(src.replace("name: sentiment_sst2", "name: tickets"), "utf-8")
+    (folder / "b.yaml").write_text(src, encoding="utf-8")
+    text = (
+        "tasks: [{template: my_tasks/a.yaml}, {template: my_tasks/b.yaml, name: other}]\n"
+        "stages: [{name: one, tasks: [my_tasks/a.yaml], steps: 2},"
+        " {name: two, tasks: [tickets, other], steps: 2}]\n"
+    )
+    assert _problems(tmp_path, text) == []
+    cfg = load_config(tmp_path / "run.yaml")
+    assert cfg.task_names() == ["tickets", "other"]
+    assert [s.tasks for s in cfg.stages] == [["tickets"], ["tickets", "other"]]
+    clash = "tasks: [{template: my_tasks/b.yaml}, {template: sentiment_sst2}]\n"
+    got = _problems(tmp_path, clash)
+    assert any("task name 'sentiment_sst2' used twice" in p for p in got), got

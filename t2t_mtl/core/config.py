@@ -279,6 +279,49 @@ class EvalConfig:
     merge_adapter: bool = True
 
 
+def _stage_tasks_by_path(cfg: RunConfig) -> None:
+    """A stage may list a task by the template path the run config gives it (as `tasks:` does):
+    such an entry becomes the task's name."""
+    try:
+        alias = {
+            t.template: cfg.task_name(t)
+            for t in cfg.tasks
+            if isinstance(t.template, str) and not t.name and template_is_path(t.template)
+        }
+        for s in cfg.stages:
+            if isinstance(s.tasks, list):
+                s.tasks = [alias.get(x, x) if isinstance(x, str) else x for x in s.tasks]
+    except (AttributeError, TypeError):  # a malformed tasks/stages entry: reported by the checks
+        return
+
+
+def template_is_path(template: str) -> bool:
+    """Whether a task's `template` names a file (a .yaml/.yml name or a path), not a catalogue name."""
+    return template.endswith((".yaml", ".yml")) or "/" in template or "\\" in template
+
+
+_DECLARED: dict[tuple[str, float], str] = {}
+
+
+def declared_name(path: Path | None) -> str:
+    """The `name:` a template file declares at its top level, else the file's stem (cached by path
+    and modification time)."""
+    if path is None:
+        return ""
+    try:
+        key = (str(path), path.stat().st_mtime)
+    except OSError:
+        return path.stem
+    if key not in _DECLARED:
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            data = None
+        name = data.get("name") if isinstance(data, dict) else None
+        _DECLARED[key] = name if isinstance(name, str) and name.strip() else path.stem
+    return _DECLARED[key]
+
+
 @dataclass
 class RunConfig:
     """The whole run. See launch/configs/*.yaml for complete examples."""
@@ -308,8 +351,19 @@ class RunConfig:
         return Problem(self.config_path or "<config>", None, message, hint)
 
     def task_names(self) -> list[str]:
-        """Task names as used in stages, logs and metrics."""
-        return [t.name or t.template for t in self.tasks]
+        """Task names as used in stages, logs and metrics (`task_name` of each task)."""
+        return [self.task_name(t) for t in self.tasks]
+
+    def task_name(self, t: TaskConfig) -> str:
+        """A task's name: its `name`, else its template's. A template given by file path is named
+        by the `name:` its file declares (the path's file stem when the file has none or cannot be
+        read yet: the catalogue reports that file), so logs, metrics and stages say `tickets`,
+        not `my_tasks/tickets.yaml`."""
+        if t.name:
+            return t.name
+        if not template_is_path(t.template):
+            return t.template
+        return declared_name(self.resolve_path(t.template))
 
     def resolve_path(self, p: str | None) -> Path | None:
         """Resolve a path from the config relative to the config file's folder.
@@ -668,7 +722,7 @@ def _check_values(cfg: RunConfig, loc: yaml_lines.Located, problems: list[Proble
         if sum(f for _, f in floors) > 1 + 1e-9:
             bad(
                 where,
-                f"{label}: floors of {', '.join(t.name or t.template for t, _ in floors)} sum to "
+                f"{label}: floors of {', '.join(cfg.task_name(t) for t, _ in floors)} sum to "
                 f"{sum(f for _, f in floors):g}, more than the whole",
                 "lower some task's floor",
             )
@@ -971,11 +1025,12 @@ def load_config(
     if overridden:
         loc = _OverrideLocated(loc, overridden)
     cfg = _build(RunConfig, loc.data, (), loc, problems)
+    cfg.config_path = str(path) if path is not None else None  # relative paths resolve from here
+    _stage_tasks_by_path(cfg)
     try:
         _check_values(cfg, loc, problems)
     except TypeError:  # a value of the wrong type was already reported above
         pass
-    cfg.config_path = str(path) if path is not None else None
     cfg.located = loc
     # In the order of the file (overrides first), whichever check found them.
     problems.sort(key=lambda p: (p.file != "<override>", p.file, p.line or 0))

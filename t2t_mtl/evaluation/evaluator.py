@@ -170,7 +170,7 @@ def eval_tasks(
         raise ConfigError(problems)
     out = []
     for t in cfg.tasks:
-        name = t.name or t.template
+        name = cfg.task_name(t)
         if names and name not in names:
             continue
         tpl = task_for(cfg, t, template_dir)

@@ -155,7 +155,7 @@ class Run:
     def task_config(self, name: str) -> TaskConfig:
         """The config entry of task `name`; unknown names get "did you mean"."""
         for t in self.cfg.tasks:
-            if (t.name or t.template) == name:
+            if self.cfg.task_name(t) == name:
                 return t
         raise ConfigError(
             Problem(
