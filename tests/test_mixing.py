@@ -475,3 +475,38 @@ def test_zero_rate_and_empty_members_are_never_drawn():
     assert {r.task for r in s.take(5000)} == {"a"}
     with pytest.raises(DataError, match="has no records"):
         MixedStream(ms, {"a": 0.5, "empty": 0.5}, seed=0)
+
+
+def test_a_task_trains_on_the_variants_the_run_names(tmp_path):
+    """`tasks[i].variants` restricts training to those variants (in that order) and makes the
+    first the one evaluation asks with; an unknown or heldout id is a config error at the key."""
+    from t2t_mtl.evaluation.evaluator import eval_tasks
+    from t2t_mtl.mixing import mixture
+    from t2t_mtl.tasks import catalogue
+
+    run = tmp_path / "run.yaml"
+    run.write_text(
+        "tasks:\n  - {template: qa_squad, variants: [question_first]}\n"
+        "  - {template: sentiment_sst2}\n",
+        encoding="utf-8",
+    )
+    cfg = catalogue.load_checked_config(run)
+    members = mixture.build_members(cfg)
+    seen = {members["qa_squad"].get(i, e).meta["variant"] for i in range(6) for e in range(3)}
+    assert seen == {"question_first"}
+    assert len({members["sentiment_sst2"].get(i, 0).meta["variant"] for i in range(6)}) > 1
+    (squad,) = eval_tasks(cfg, names=["qa_squad"])
+    assert squad.variant_id() == "question_first"
+    run.write_text(
+        "tasks:\n  - {template: qa_squad, variants: [question_frist, extract_heldout]}\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(ConfigError) as e:
+        catalogue.load_checked_config(run)
+    got = [p.format() for p in e.value.problems]
+    assert any(
+        ":2: tasks[0].variants: template 'qa_squad' has no variant 'question_frist'" in g
+        and "did you mean 'question_first'?" in g
+        for g in got
+    ), got
+    assert any("variant 'extract_heldout' is heldout" in g for g in got), got

@@ -265,7 +265,7 @@ def _preview(args) -> int:
         cfg = catalogue.load_checked_config(args.config)
         extra = [cfg.resolve_path(d) for d in cfg.template_dirs]
         bad_rows = cfg.train.bad_rows
-        match = [t for t in cfg.tasks if args.task in (t.name, t.template)]
+        match = [t for t in cfg.tasks if args.task in (cfg.task_name(t), t.template)]
         if not match:
             raise ConfigError(
                 Problem(
@@ -275,9 +275,11 @@ def _preview(args) -> int:
                     did_you_mean(args.task, cfg.task_names()),
                 )
             )
-        template, src, task_name = match[0].template, match[0].source, match[0].name
+        template, task_name = match[0].template, cfg.task_name(match[0])
         src = cfg.resolved_source(match[0])
     tpl = catalogue.load_task(template, extra)
+    if args.config:  # the variants the run trains on
+        tpl = tpl.trained_on(match[0].variants)
     if args.config and not args.source:
         in_config = catalogue.config_source_at(cfg, cfg.tasks.index(match[0]), tpl)
     if args.variant:

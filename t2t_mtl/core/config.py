@@ -118,6 +118,10 @@ class TaskConfig:
     max_examples: int | None = None  # cap on training rows read from the source
     # default from the template; rank: label tasks; constrained: label, span and entity tasks
     eval_mode: Literal["generate", "rank", "constrained"] | None = None
+    # The template's variants this task trains on (ids, in order; the template's variant_policy
+    # turns over them); the first is also the one evaluation and prompting use. None: every
+    # training variant of the template.
+    variants: list[str] | None = None
 
 
 @dataclass

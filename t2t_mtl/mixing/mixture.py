@@ -605,7 +605,7 @@ def build_members(
         if names is not None and name not in names or not tc.template:
             continue  # no template: the config's own check reports it
         try:
-            tmpl = catalogue.load_task(tc.template, extra_dirs=extra)
+            tmpl = catalogue.load_task(tc.template, extra_dirs=extra).trained_on(tc.variants)
         except T2TError as e:  # an unknown name: at the config's template key
             problems += [
                 cfg.problem(("tasks", i, "template"), f"tasks[{i}].template: {p.message}", p.hint)

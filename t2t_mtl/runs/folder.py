@@ -186,11 +186,11 @@ def task_for(cfg: RunConfig, task: TaskConfig, copies: Path | None = None) -> Ta
     if copies is not None:
         for cand in (copies / f"{stem}.yaml", copies / f"{stem}.yml", copies / f"{task.name}.yaml"):
             if cand.is_file():
-                return template_copy(cand)
+                return template_copy(cand).trained_on(task.variants)
     tpl = catalogue.load_task(task.template, [cfg.resolve_path(d) for d in cfg.template_dirs])
     if copies is not None and copies.is_dir():
         logger.warning("note: no copy of template '%s' in %s; using %s", stem, copies, tpl.path)
-    return tpl
+    return tpl.trained_on(task.variants)
 
 
 # ------------------------------------------------------------------ writing (training)

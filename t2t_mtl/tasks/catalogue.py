@@ -626,6 +626,17 @@ def check_config(cfg: RunConfig) -> list[Problem]:
                     else p
                 )
             continue
+        if t.variants is not None:
+            if not t.variants:
+                problems.append(
+                    bad(
+                        ("tasks", i, "variants"),
+                        f"tasks[{i}].variants: lists no variant",
+                        "leave it out to train on every variant, or name the ones to train on",
+                    )
+                )
+            for msg, hint in tpl.variant_problems(t.variants):
+                problems.append(bad(("tasks", i, "variants"), f"tasks[{i}].variants: {msg}", hint))
         if t.eval_mode == "rank" and (tpl.parse != "label" or not tpl.answer_choices):
             problems.append(
                 bad(

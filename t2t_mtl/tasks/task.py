@@ -8,6 +8,7 @@ with its `file:line`. Trial renders on the bundled samples need the sources and 
 
 from __future__ import annotations
 
+import copy
 import random
 import re
 import zlib
@@ -67,6 +68,7 @@ class Task:
             "label" if "label" in fields else labelled[0] if len(labelled) == 1 else None
         )
         self.variant_policy: str = data.get("variant_policy") or "round_robin"
+        self._train_ids: list[str] | None = None  # a run's choice of variants (`trained_on`)
         m = data["metric"]
         self.metric: list[str] = [m] if isinstance(m, str) else list(m)
         self.parse: str = data["parse"]
@@ -150,8 +152,42 @@ class Task:
         return (str(self.path), 1)
 
     def train_variants(self) -> list[Variant]:
-        """Variants used in training (heldout ones are for robustness evaluation only)."""
+        """Variants used in training (heldout ones are for robustness evaluation only), or the ones
+        a run chose (`trained_on`), in that order."""
+        if self._train_ids:
+            return [self.variant(vid) for vid in self._train_ids]
         return [v for v in self.variants if not v.heldout]
+
+    def trained_on(self, ids: Sequence[str] | None) -> Task:
+        """This task as a run with `tasks[i].variants: ids` uses it: training turns over those
+        variants only and evaluation asks with the first. None or empty: the task itself."""
+        if not ids:
+            return self
+        out = copy.copy(self)
+        out._train_ids = list(ids)
+        return out
+
+    def variant_problems(self, ids: Sequence[str]) -> list[tuple[str, str]]:
+        """(message, hint) for each id of a run's `variants` list that is not a training variant."""
+        known = [v.id for v in self.variants if not v.heldout]
+        out = []
+        for vid in ids:
+            if vid in known:
+                continue
+            if any(v.id == vid for v in self.variants):
+                out.append(
+                    (
+                        f"variant '{vid}' is heldout (kept out of training)",
+                        "train on " + ", ".join(known),
+                    )
+                )
+            else:
+                out.append(
+                    (f"template '{self.name}' has no variant '{vid}'", did_you_mean(vid, known))
+                )
+        if len(set(ids)) != len(ids):
+            out.append(("a variant is listed twice", "list each once"))
+        return out
 
     def variant(self, vid: str) -> Variant:
         """The variant with id `vid`; unknown ids raise TemplateError with "did you mean"."""
