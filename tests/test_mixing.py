@@ -479,7 +479,8 @@ def test_zero_rate_and_empty_members_are_never_drawn():
 
 def test_a_task_trains_on_the_variants_the_run_names(tmp_path):
     """`tasks[i].variants` restricts training to those variants (in that order) and makes the
-    first the one evaluation asks with; an unknown or heldout id is a config error at the key."""
+    first the one evaluation asks with; `train.prompt_variants: first` does so with each other
+    task's first variant; an unknown or heldout id is a config error at the key."""
     from t2t_mtl.evaluation.evaluator import eval_tasks
     from t2t_mtl.mixing import mixture
     from t2t_mtl.tasks import catalogue
@@ -497,6 +498,13 @@ def test_a_task_trains_on_the_variants_the_run_names(tmp_path):
     assert len({members["sentiment_sst2"].get(i, 0).meta["variant"] for i in range(6)}) > 1
     (squad,) = eval_tasks(cfg, names=["qa_squad"])
     assert squad.variant_id() == "question_first"
+    # train.prompt_variants: first -- every task without its own list trains on its first variant
+    first = catalogue.load_checked_config(run, ["train.prompt_variants=first"])
+    members = mixture.build_members(first)
+    sst2 = {members["sentiment_sst2"].get(i, e).meta["variant"] for i in range(6) for e in range(3)}
+    (sst2_eval,) = eval_tasks(first, names=["sentiment_sst2"])
+    assert sst2 == {sst2_eval.variant_id()}
+    assert {members["qa_squad"].get(i, 0).meta["variant"] for i in range(6)} == {"question_first"}
     run.write_text(
         "tasks:\n  - {template: qa_squad, variants: [question_frist, extract_heldout]}\n",
         encoding="utf-8",

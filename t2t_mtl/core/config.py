@@ -238,6 +238,9 @@ class TrainConfig:
     # out to CPU memory under GPU memory pressure; GPU only) AdamW
     optim: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = "adamw"
     packing: Literal["auto", "on", "off"] = "auto"
+    # Prompt variants a task trains on when its `variants` does not name them: all training
+    # variants in turn, or only the first (the one evaluation and prompting ask with).
+    prompt_variants: Literal["all", "first"] = "all"
     group_by_length: bool = True  # seq2seq batches
     loss_balancing: Literal["none", "equal", "uncertainty", "gradnorm"] = "none"
     gradnorm_alpha: float = 1.5

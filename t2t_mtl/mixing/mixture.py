@@ -585,6 +585,14 @@ def offer_stage_records(buffer: ReplayBuffer, plan: StagePlan, n: int) -> int:
     return kept
 
 
+def _default_variants(cfg: RunConfig, tmpl: Task) -> list[str] | None:
+    """The variants a task without `variants` trains on: None (all) or, with
+    `train.prompt_variants: first`, its first training variant."""
+    if cfg.train.prompt_variants == "first" and tmpl.train_variants():
+        return [tmpl.train_variants()[0].id]
+    return None
+
+
 def build_members(
     cfg: RunConfig,
     names: Sequence[str] | None = None,
@@ -605,7 +613,8 @@ def build_members(
         if names is not None and name not in names or not tc.template:
             continue  # no template: the config's own check reports it
         try:
-            tmpl = catalogue.load_task(tc.template, extra_dirs=extra).trained_on(tc.variants)
+            tmpl = catalogue.load_task(tc.template, extra_dirs=extra)
+            tmpl = tmpl.trained_on(tc.variants or _default_variants(cfg, tmpl))
         except T2TError as e:  # an unknown name: at the config's template key
             problems += [
                 cfg.problem(("tasks", i, "template"), f"tasks[{i}].template: {p.message}", p.hint)
