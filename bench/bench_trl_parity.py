@@ -51,25 +51,11 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(missing), file=sys.stderr)
         return 2
     import bench_quality
-    import peft
-    import torch
     from safetensors.torch import load_file
 
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)  # the bench's own folder: both runs start afresh
     work.mkdir(parents=True)
-    init: dict[str, torch.Tensor] = {}
-    make = peft.get_peft_model
-
-    def same_init(model, config, *a, **k):  # the first run's LoRA draw, copied into the second
-        m = make(model, config, *a, **k)
-        with torch.no_grad():
-            for n, p in m.named_parameters():
-                if p.requires_grad:
-                    p.copy_(init.setdefault(n, p.detach().clone()))
-        return m
-
-    peft.get_peft_model = same_init  # before TRL is imported: it binds the name at import
     system = bench_quality.System(
         "parity",
         "ours",
@@ -86,8 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     dirs = {t: data / f for t, f in common.SLICES}
     opts = SimpleNamespace(steps=args.steps, batch_size=8, rows=0, work=str(work))
     cfg = bench_quality.run_config(opts, system, 1, dirs, work / "ours")
-    ours_s = bench_quality.train_ours(cfg)
-    trl_s = bench_quality.train_trl(cfg, work / "trl", hand=False)
+    with common.same_lora_init() as init:  # our run's LoRA draw, copied into TRL's
+        ours_s = bench_quality.train_ours(cfg)
+        trl_s = bench_quality.train_trl(cfg, work / "trl", hand=False)
     ours = load_file(str(work / "ours" / "adapter" / "adapter_model.safetensors"))
     trl = load_file(str(work / "trl" / "adapter" / "adapter_model.safetensors"))
     start = {k.replace(".default", ""): v for k, v in init.items()}

@@ -6,6 +6,7 @@ root on sys.path and imports this module as `common`.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -247,3 +248,31 @@ def trl_configs(cfg, output_dir: str, max_steps: int, **overrides: Any):
         task_type="CAUSAL_LM",
     )
     return SFTConfig(**args), lora
+
+
+@contextlib.contextmanager
+def same_lora_init():
+    """Inside: every LoRA model peft builds (ours through `peft.get_peft_model`, TRL's
+    `SFTTrainer` through its own import of that name) starts from the first one's draw, so two
+    trainers can be compared from one initialisation. Yields {parameter name: initial value},
+    filled by the first model built; both names are restored on exit."""
+    import peft
+    import torch
+    import trl.trainer.sft_trainer as sft  # imported first: its binding is still peft's own
+
+    init: dict[str, torch.Tensor] = {}
+    make, theirs = peft.get_peft_model, sft.get_peft_model
+
+    def same_init(model, config, *args, **kwargs):
+        m = make(model, config, *args, **kwargs)
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if p.requires_grad:
+                    p.copy_(init.setdefault(n, p.detach().clone()))
+        return m
+
+    peft.get_peft_model = sft.get_peft_model = same_init
+    try:
+        yield init
+    finally:
+        peft.get_peft_model, sft.get_peft_model = make, theirs

@@ -1261,66 +1261,51 @@ def test_fp16_on_cpu_is_a_config_error(tmp_path, tiny_causal_dir, capsys):
     assert rc == 2 and "fp16 needs a GPU" in err and "Traceback" not in err
 
 
-def test_our_training_steps_equal_trl_sft_on_the_same_records(
-    tmp_path, tiny_causal_dir, monkeypatch
-):
+def test_our_training_steps_equal_trl_sft_on_the_same_records(tmp_path, tiny_causal_dir):
     """Our trainer and a plain TRL `SFTTrainer` (the script a user would write), from the same LoRA
     init on the same token sequences in the same order (float32, no dropout), end with the same
     adapter: our packing, per-token loss, optimiser and schedule are TRL's training, step for step. The quality
     benchmark's TRL-on-our-records baseline (bench/bench_quality.py `trl_ours`) relies on this: a
     gap between it and ours is then seed noise, not training (docs/benchmarks.md)."""
-    import peft
-
     sys.path.insert(0, str(REPO / "bench"))
-    import common  # bench/common.py: our stream's records as TRL prompt/completion rows
+    import common  # bench/common.py: our stream's records as TRL rows, one LoRA init for both
     from trl import SFTTrainer
 
     from t2t_mtl.model.prompt_format import PromptFormat
 
-    init: dict = {}
-    make = peft.get_peft_model
+    with common.same_lora_init() as init:  # TRL starts from our run's LoRA draw
+        steps = 3
+        cfg = make_cfg(
+            tmp_path / "ours",
+            tiny_causal_dir,
+            f"train.steps={steps}",
+            "train.mixed_precision=no",
+            "train.learning_rate=1e-3",
+        )
+        assert cfg.adapter.dropout == 0.0
+        ours = load_file(str(trainer.train(cfg) / "adapter" / "adapter_model.safetensors"))
 
-    def same_init(model, config, *args, **kwargs):
-        m = make(model, config, *args, **kwargs)
-        with torch.no_grad():
-            for n, p in m.named_parameters():
-                if p.requires_grad:
-                    p.copy_(init.setdefault(n, p.detach().clone()))
-        return m
+        from datasets import Dataset
 
-    monkeypatch.setattr(peft, "get_peft_model", same_init)
-    steps = 3
-    cfg = make_cfg(
-        tmp_path / "ours",
-        tiny_causal_dir,
-        f"train.steps={steps}",
-        "train.mixed_precision=no",
-        "train.learning_rate=1e-3",
-    )
-    assert cfg.adapter.dropout == 0.0
-    ours = load_file(str(trainer.train(cfg) / "adapter" / "adapter_model.safetensors"))
-
-    from datasets import Dataset
-
-    model, tok, family = loading.load_model_and_tokenizer(cfg.model, None, for_training=True)
-    fmt = PromptFormat.for_tokenizer(tok, family, cfg.model.prompt_format, cfg.model.truncation)
-    rows = common.stream_examples(cfg, tok, fmt, steps * cfg.train.batch_size)
-    args, lora = common.trl_configs(
-        cfg, str(tmp_path / "trl"), steps, train_sampling_strategy="sequential"
-    )
-    # Our token ids and labels as they are (TRL takes a tokenised dataset unchanged): the same
-    # sequences and targets, so only the training itself can differ.
-    trl = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_list(
-            [{"input_ids": r["ids"], "labels": r["labels"]} for r in rows]
-        ),
-        processing_class=tok,
-        peft_config=lora,
-    )
-    assert trl.train_dataset[0]["input_ids"] == rows[0]["ids"]
-    trl.train()
+        model, tok, family = loading.load_model_and_tokenizer(cfg.model, None, for_training=True)
+        fmt = PromptFormat.for_tokenizer(tok, family, cfg.model.prompt_format, cfg.model.truncation)
+        rows = common.stream_examples(cfg, tok, fmt, steps * cfg.train.batch_size)
+        args, lora = common.trl_configs(
+            cfg, str(tmp_path / "trl"), steps, train_sampling_strategy="sequential"
+        )
+        # Our token ids and labels as they are (TRL takes a tokenised dataset unchanged): the same
+        # sequences and targets, so only the training itself can differ.
+        trl = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list(
+                [{"input_ids": r["ids"], "labels": r["labels"]} for r in rows]
+            ),
+            processing_class=tok,
+            peft_config=lora,
+        )
+        assert trl.train_dataset[0]["input_ids"] == rows[0]["ids"]
+        trl.train()
     theirs = {
         k.replace(".default", ""): v.detach()
         for k, v in trl.model.state_dict().items()

@@ -91,17 +91,15 @@ class RepeatTally:
     """Problems as they are found, keeping at most `keep` that share a file, message and hint and
     counting the rest: one cause, such as a misnamed column, fails every row the same way, and a
     user needs a few of its lines, not one per row. `cap` (None = no cap) bounds the problems kept
-    in all; beyond it they are only counted (`total`)."""
+    in all; beyond it they are only counted, with their group."""
 
     def __init__(self, keep: int = 3, cap: int | None = None):
         self.keep, self.cap = keep, cap
         self.kept: list[Problem] = []
-        self.total = 0
         self._shown: dict[tuple, int] = {}  # group -> problems kept
         self._extra: dict[tuple, list] = {}  # group -> [count, first, last line] of those not kept
 
     def add(self, p: Problem) -> None:
-        self.total += 1
         key = (p.file, p.message, p.hint)
         if self._shown.get(key, 0) < self.keep and (self.cap is None or len(self.kept) < self.cap):
             self._shown[key] = self._shown.get(key, 0) + 1

@@ -15,7 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from t2t_mtl.core import shipped
-from t2t_mtl.core.config import RunConfig, SourceConfig, config_notes, load_config
+from t2t_mtl.core.config import (
+    RunConfig,
+    SourceConfig,
+    config_notes,
+    load_config,
+    template_is_path,
+)
 from t2t_mtl.core.errors import ConfigError, Problem, T2TError, TemplateError, did_you_mean
 from t2t_mtl.core.records import Record
 from t2t_mtl.tasks import sources
@@ -132,9 +138,9 @@ def catalogue_problems(
 
 
 def looks_like_path(s: str) -> bool:
-    """Whether a task argument names a file (a .yaml/.yml name, a path, an existing file) rather
-    than a catalogue name."""
-    return s.endswith((".yaml", ".yml")) or os.sep in s or "/" in s or Path(s).is_file()
+    """Whether a task argument names a file (what a run config's `template` treats as one, or an
+    existing file) rather than a catalogue name."""
+    return template_is_path(s) or Path(s).is_file()
 
 
 def missing_template_file(s: str) -> Problem:

@@ -68,7 +68,7 @@ class Task:
             "label" if "label" in fields else labelled[0] if len(labelled) == 1 else None
         )
         self.variant_policy: str = data.get("variant_policy") or "round_robin"
-        self._train_ids: list[str] | None = None  # a run's choice of variants (`trained_on`)
+        self._chosen: list[Variant] | None = None  # a run's choice of variants (`trained_on`)
         m = data["metric"]
         self.metric: list[str] = [m] if isinstance(m, str) else list(m)
         self.parse: str = data["parse"]
@@ -154,17 +154,18 @@ class Task:
     def train_variants(self) -> list[Variant]:
         """Variants used in training (heldout ones are for robustness evaluation only), or the ones
         a run chose (`trained_on`), in that order."""
-        if self._train_ids:
-            return [self.variant(vid) for vid in self._train_ids]
+        if self._chosen:
+            return list(self._chosen)
         return [v for v in self.variants if not v.heldout]
 
     def trained_on(self, ids: Sequence[str] | None) -> Task:
         """This task as a run with `tasks[i].variants: ids` uses it: training turns over those
-        variants only and evaluation asks with the first. None or empty: the task itself."""
+        variants only and evaluation asks with the first. None or empty: the task itself. An
+        unknown id raises TemplateError (`variant`); `variant_problems` reports them all first."""
         if not ids:
             return self
         out = copy.copy(self)
-        out._train_ids = list(ids)
+        out._chosen = [self.variant(vid) for vid in ids]
         return out
 
     def variant_problems(self, ids: Sequence[str]) -> list[tuple[str, str]]:
